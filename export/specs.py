@@ -1,0 +1,232 @@
+"""One declaration per submodel: names, dtypes, symbolic axes and shape profiles.
+
+Export (dynamic axes, sample inputs, validation), calibration (capture shapes), engines
+(TensorRT / ONNX Runtime profiles, buffer shapes) and the Triton configs all read these;
+no shape is written down anywhere else.
+
+Axis symbols: `B` is images per request, `H`/`W` the image size in pixels. Every other
+size is derived by a factor that comes from the model folder's configs: classifier-free
+guidance runs the text encoder and UNet at `2B`; latents are `H/8` when the VAE
+downsamples by 8.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic axis: `mul * symbol / div`, e.g. Axis("B", mul=2) is "2B", Axis("H", div=8) is "H/8"."""
+    symbol: str
+    mul: int = 1
+    div: int = 1
+
+    @property
+    def name(self) -> str:
+        return (f"{self.mul}" if self.mul != 1 else "") + self.symbol + (f"/{self.div}" if self.div != 1 else "")
+
+    def value(self, sizes: dict[str, int]) -> int:
+        whole, rest = divmod(sizes[self.symbol] * self.mul, self.div)
+        if rest:
+            raise ValueError(f"{self.symbol}={sizes[self.symbol]} is not a multiple of {self.div} (axis {self.name})")
+        return whole
+
+
+Dim = int | Axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """dtype "float" follows the engine precision (fp32 / fp16 I/O); any other dtype is fixed."""
+    name: str
+    dtype: str
+    dims: tuple[Dim, ...]
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d.value(sizes) if isinstance(d, Axis) else d for d in self.dims)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d.name for i, d in enumerate(self.dims) if isinstance(d, Axis)}
+
+    def numpy_dtype(self, io_precision: str = "fp32") -> np.dtype:
+        if self.dtype == "float":
+            return np.dtype(np.float16 if io_precision == "fp16" else np.float32)
+        return np.dtype(self.dtype)
+
+    def triton_dims(self) -> list[int]:
+        return [-1 if isinstance(d, Axis) else d for d in self.dims]
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """min/opt/max of the request sizes every profile is built for."""
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 4
+    min_image: int = 256
+    opt_image: int = 512
+    max_image: int = 768
+    image_step: int = 64
+
+    def __post_init__(self):
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"batch limits must satisfy 1 <= min <= opt <= max, got "
+                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        if not 0 < self.min_image <= self.opt_image <= self.max_image:
+            raise ValueError(f"image limits must satisfy 0 < min <= opt <= max, got "
+                             f"{self.min_image}/{self.opt_image}/{self.max_image}")
+        for value in (self.min_image, self.opt_image, self.max_image):
+            if value % self.image_step:
+                raise ValueError(f"image size {value} is not a multiple of the image step {self.image_step}")
+
+    def sizes(self, level: str) -> dict[str, int]:
+        """Symbol values at "min", "opt" or "max"."""
+        batch = getattr(self, f"{level}_batch")
+        image = getattr(self, f"{level}_image")
+        return {"B": batch, "H": image, "W": image}
+
+    def check_request(self, batch: int, height: int, width: int) -> None:
+        """Raise ValueError naming the offending value, the built range and how to widen it."""
+        if not self.min_batch <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} is outside the built range {self.min_batch}..{self.max_batch}; "
+                             f"rebuild with a wider --max-batch (make export / make engine)")
+        for label, value in (("width", width), ("height", height)):
+            if value % self.image_step or not self.min_image <= value <= self.max_image:
+                raise ValueError(f"{label} {value} must be a multiple of {self.image_step} in "
+                                 f"{self.min_image}..{self.max_image} (the built engine profile); "
+                                 f"rebuild with other --min-image/--max-image to serve it")
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PipelineDims:
+    """The sizes a diffusers folder fixes, read from its configs."""
+    text_length: int          # tokenizer / text encoder positions (77 for CLIP)
+    text_hidden: int          # text encoder width = UNet cross-attention width
+    latent_channels: int
+    vae_scale: int            # image pixels per latent pixel
+    vae_scaling_factor: float  # latents are scaled by this before the UNet (0.18215 for SD-1.5)
+    in_channels: int = 3
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "PipelineDims":
+        folder = Path(folder)
+        configs = {}
+        for part in ("text_encoder", "unet", "vae", "tokenizer"):
+            name = "tokenizer_config.json" if part == "tokenizer" else "config.json"
+            path = folder / part / name
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{folder} is not a diffusers text-to-image folder: {part}/{name} is missing "
+                    f"(expected text_encoder/, unet/, vae/, tokenizer/, scheduler/ as saved by save_pretrained)")
+            try:
+                configs[part] = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+        text, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+        if text.get("hidden_size") != unet.get("cross_attention_dim"):
+            raise ValueError(f"text encoder width {text.get('hidden_size')} differs from the UNet's "
+                             f"cross_attention_dim {unet.get('cross_attention_dim')}: not one pipeline")
+        return cls(text_length=int(text.get("max_position_embeddings", 77)),
+                   text_hidden=int(text["hidden_size"]),
+                   latent_channels=int(unet.get("in_channels", 4)),
+                   vae_scale=2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1),
+                   vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+                   in_channels=int(vae.get("in_channels", 3)))
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class SubmodelSpec:
+    name: str                  # folder and Triton model name
+    source: str                # diffusers component it is exported from
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Parity vs the PyTorch module on the same inputs: max |diff| allowed relative to max |reference|,
+    # and the lowest cosine similarity, per precision.
+    max_rel_error: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2})
+    min_cosine: dict[str, float] = field(default_factory=lambda: {"fp32": 0.99999, "fp16": 0.999})
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx / optimum style: {tensor name: {axis index: axis name}}."""
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs}
+
+    def profile(self, limits: ShapeLimits) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """{input name: (min shape, opt shape, max shape)}: one TensorRT optimization profile."""
+        return {t.name: tuple(t.shape(limits.sizes(level)) for level in ("min", "opt", "max"))
+                for t in self.inputs}
+
+    def shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Every input and output shape for concrete sizes (runtime buffers)."""
+        return {t.name: t.shape(sizes) for t in self.inputs + self.outputs}
+
+    def sample_inputs(self, sizes: dict[str, int], io_precision: str = "fp32", seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of the declared shapes and dtypes (token ids in range, timesteps in 0..999)."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape, dtype = t.shape(sizes), t.numpy_dtype(io_precision)
+            if np.issubdtype(dtype, np.integer):
+                feeds[t.name] = rng.integers(0, 49407, size=shape).astype(dtype)
+            elif t.name == "timestep":
+                feeds[t.name] = np.asarray(rng.integers(0, 1000), dtype=dtype).reshape(shape)
+            else:
+                feeds[t.name] = rng.standard_normal(shape).astype(dtype)
+        return feeds
+
+
+def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
+    """The four submodels of a SD-1.5/2.1-style pipeline, in data-flow order."""
+    batch, cfg_batch = Axis("B"), Axis("B", mul=2)
+    lat_h, lat_w = Axis("H", div=dims.vae_scale), Axis("W", div=dims.vae_scale)
+    img_h, img_w = Axis("H"), Axis("W")
+    latents = (dims.latent_channels, lat_h, lat_w)
+    return {
+        "text_encoder": SubmodelSpec(
+            "text_encoder", "text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", (cfg_batch, dims.text_length)),),
+            # optimum also exports pooler_output; export prunes it (SD conditions on the last hidden state only).
+            outputs=(TensorSpec("last_hidden_state", "float", (cfg_batch, dims.text_length, dims.text_hidden)),),
+        ),
+        "unet": SubmodelSpec(
+            "unet", "unet",
+            inputs=(TensorSpec("sample", "float", (cfg_batch,) + latents),
+                    TensorSpec("timestep", "float32", ()),
+                    TensorSpec("encoder_hidden_states", "float", (cfg_batch, dims.text_length, dims.text_hidden))),
+            outputs=(TensorSpec("out_sample", "float", (cfg_batch,) + latents),),
+            max_rel_error={"fp32": 1e-4, "fp16": 2e-2},
+        ),
+        "vae_decoder": SubmodelSpec(
+            "vae_decoder", "vae",
+            inputs=(TensorSpec("latent_sample", "float", (batch,) + latents),),
+            outputs=(TensorSpec("sample", "float", (batch, dims.in_channels, img_h, img_w)),),
+            max_rel_error={"fp32": 1e-4, "fp16": 2e-2},
+        ),
+        "vae_encoder": SubmodelSpec(
+            "vae_encoder", "vae",
+            inputs=(TensorSpec("sample", "float", (batch, dims.in_channels, img_h, img_w)),),
+            outputs=(TensorSpec("latent_parameters", "float", (batch, 2 * dims.latent_channels, lat_h, lat_w)),),
+        ),
+    }
+
+
+# The submodels a text-to-image request runs; vae_encoder is exported for image-to-image users.
+SERVED_SUBMODELS = ("text_encoder", "unet", "vae_decoder")
