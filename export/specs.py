@@ -230,3 +230,32 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
 
 # The submodels a text-to-image request runs; vae_encoder is exported for image-to-image users.
 SERVED_SUBMODELS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What `make export` fixed for a build folder: the model's sizes and the profile limits.
+    Written to OUT/pipeline/toonark.json; every later stage starts from `BuildInfo.read(OUT)`."""
+    dims: PipelineDims
+    limits: ShapeLimits
+
+    @property
+    def specs(self) -> dict[str, SubmodelSpec]:
+        return submodel_specs(self.dims)
+
+    def write(self, build_dir: Path) -> None:
+        from toonark.files import write_json
+        from toonark.layout import BuildLayout
+        write_json(BuildLayout(build_dir).pipeline_info, {"dims": self.dims.to_json(), "limits": self.limits.to_json()})
+
+    @classmethod
+    def read(cls, build_dir: Path) -> "BuildInfo":
+        from toonark.files import read_json
+        from toonark.layout import BuildLayout
+        data = read_json(BuildLayout(build_dir).pipeline_info, "build info",
+                         f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first.")
+        try:
+            return cls(PipelineDims(**data["dims"]), ShapeLimits(**data["limits"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"build info in {build_dir} is from another toonark version ({err}); "
+                             f"re-run `make export OUT={build_dir}`") from None
