@@ -1,0 +1,424 @@
+"""Kid-safe prompts: safety rules (refusals, look-alikes, obfuscations), template, negative
+prompt, presets and validation of the two data files. Pure CPU, well under a second."""
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toonark.prompts import PolicyFileError, PromptPolicy, PromptRefused, normalize
+
+DATA = Path(__file__).resolve().parents[1] / "toonark" / "data"
+TEMPLATE_TAIL = ", cute cartoon style, big eyes, soft fur, pastel colors, children's book illustration, white background"
+
+
+@pytest.fixture(scope="module")
+def policy() -> PromptPolicy:
+    return PromptPolicy.load()
+
+
+def _json(name: str) -> dict:
+    return json.loads((DATA / name).read_text(encoding="utf-8"))
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+REFUSED = [
+    # violence
+    ("a knight who wants to kill the dragon", "violence"),
+    ("K1LL the monster", "violence"),
+    ("k.i.l.l", "violence"),
+    ("a murderer in the woods", "violence"),
+    ("stabbing a teddy bear", "violence"),
+    ("a robot torturing a cat", "violence"),
+    ("they blow up the school", "violence"),
+    ("the bridge blew up", "violence"),
+    ("a terrorist with a flag", "violence"),
+    ("killer whale killing a seal", "violence"),  # the allow phrase excuses only its own words
+    ("a k i l l e r clown", "violence"),           # article glued to the spelled-out word
+    # weapons
+    ("a cowboy with a gun", "weapons"),
+    ("G U N", "weapons"),
+    ("a g-u-n", "weapons"),
+    ("gún", "weapons"),
+    ("ｇｕｎ", "weapons"),                          # fullwidth letters (NFKC)
+    ("g\u200bun", "weapons"),                       # zero-width space inside the word
+    ("gսn", "weapons"),                             # Armenian look-alike u
+    ("a guuuun", "weapons"),                        # stretched letters
+    ("two guns!!!", "weapons"),
+    ("a fox with a hunting rifle", "weapons"),
+    ("a bunny throwing a gr3nade", "weapons"),
+    ("an ak-47", "weapons"),
+    ("ar15", "weapons"),
+    ("a b0mb in a box", "weapons"),
+    ("a kitten with a knife", "weapons"),
+    ("a water gun and a real pistol", "weapons"),
+    # gore
+    ("a puppy covered in blood", "gore"),
+    ("a bloody unicorn", "gore"),
+    ("a gory scene", "gore"),
+    ("a dead body in the park", "gore"),
+    ("b l o o d everywhere", "gore"),
+    # sexual
+    ("a sexy cat", "sexual"),
+    ("s3xy", "sexual"),
+    ("$ex", "sexual"),
+    ("nude fairy", "sexual"),
+    ("n.a.k.e.d princess", "sexual"),
+    ("pornographic cartoon", "sexual"),             # inside_words: matches inside longer words
+    ("s1ut", "sexual"),                             # 1 read as l
+    ("NSFW   bunny", "sexual"),
+    # drugs
+    ("a bear drinking beer", "drugs"),
+    ("a fox smoking a cigarette", "drugs"),
+    ("cocaine", "drugs"),
+    ("a drunk pirate", "drugs"),
+    ("smoking weed", "drugs"),
+    # self-harm
+    ("i want to kill myself", "self-harm"),         # longest match wins over "kill"
+    ("self-harm", "self-harm"),
+    ("selfharm", "self-harm"),
+    ("s u i c i d e", "self-harm"),
+    ("a bunny with a noose", "self-harm"),
+    # hate
+    ("a nazi flag", "hate"),
+    ("a neo-nazi", "hate"),
+    ("a swastika drawing", "hate"),
+    ("k k k rally", "hate"),
+    ("white power", "hate"),
+    # profanity
+    ("what the fuck", "profanity"),
+    ("a f_u_c_k sign", "profanity"),
+    ("a dumb @ss", "profanity"),
+]
+
+
+@pytest.mark.parametrize("text,category", REFUSED, ids=[t for t, _ in REFUSED])
+def test_refuses_with_category(policy, text, category):
+    with pytest.raises(PromptRefused) as info:
+        policy.check(text)
+    assert info.value.category == category, str(info.value)
+    assert info.value.category in policy.reasons
+    assert str(info.value) == f'prompt refused ({category}): "{info.value.term}" is not allowed in kids\' pictures'
+
+
+def test_refused_prompt_count_and_categories():
+    assert len(REFUSED) >= 40
+    assert {c for _, c in REFUSED} >= {"violence", "weapons", "gore", "sexual", "drugs", "self-harm", "hate"}
+
+
+def test_refusal_message_names_category_and_term(policy):
+    with pytest.raises(PromptRefused) as info:
+        policy.check("a cowboy with a gun")
+    exc = info.value
+    assert isinstance(exc, ValueError)
+    assert (exc.category, exc.term) == ("weapons", "gun")
+    assert str(exc) == 'prompt refused (weapons): "gun" is not allowed in kids\' pictures'
+    # Obfuscated spellings are reported by their rule, not echoed back.
+    with pytest.raises(PromptRefused) as info:
+        policy.check("G.U.N")
+    assert info.value.term == "gun"
+
+
+def test_refusal_survives_pickling(policy):
+    exc = PromptRefused("weapons", "gun")
+    again = pickle.loads(pickle.dumps(exc))
+    assert (again.category, again.term, str(again)) == ("weapons", "gun", str(exc))
+
+
+# --- harmless look-alikes -----------------------------------------------------------------
+
+HARMLESS = [
+    "a bat hanging upside down",
+    "a fox hunting for berries",            # hunting alone is fine; "hunting rifle" is not
+    "a pig in a blanket",
+    "a shooting star",
+    "a sword-billed hummingbird",           # swords are fairy-tale props: not blocked
+    "a knight with a sword and a shield",
+    "grapes",
+    "a cocktail of fruit juice",            # cocktail alone is not alcohol
+    "skills",
+    "a skilled juggler",
+    "an assassin bug on a leaf",            # real insect, on the allow list
+    "a killer whale jumping",
+    "kitten with a ball of yarn",
+    "a dragon blowing bubbles",
+    "a girl blowing up balloons",
+    "a skunk",
+    "Scunthorpe",
+    "grass",
+    "a class of kittens",
+    "a helpful assistant robot",
+    "a friendly therapist owl",
+    "a bass guitar",
+    "a brave heroine",
+    "a pistol shrimp",
+    "a blood orange",
+    "a warm-blooded mammal",
+    "a bath bomb",
+    "a water gun at the pool",
+    "root beer float",
+    "a bomber jacket",
+    "spiced apple cider",
+    "Sussex and Essex",
+    "a sextant on a ship",
+    "shiitake mushrooms",
+    "3 little pigs",
+    "101 dalmatians",
+    "a T-rex",
+    "a cat's toy",
+    "mp3 player",
+    "alphabet a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    "a pillow fight",
+    "a pirate ship with cannons",
+    "I'm a happy bunny!!!",
+    "un gâteau au chocolat",
+    "猫と犬",
+]
+
+
+@pytest.mark.parametrize("text", HARMLESS)
+def test_harmless_lookalikes_pass(policy, text):
+    policy.check(text)  # no exception
+
+
+def test_harmless_count():
+    assert len(HARMLESS) >= 25
+
+
+def test_negative_prompt_is_not_checked(policy):
+    prompt, negative = policy.compose("a happy otter", negative="gun, blood, gore")
+    assert negative.endswith(", gun, blood, gore")
+
+
+# --- normalisation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,expected", [
+    ("  Big  G.U.N!!  for  Gún-Fights ", "big gun for gun fights"),
+    ("K1LL", "kill"),
+    ("s3xy", "sexy"),
+    ("$ex", "sex"),
+    ("ｈｅｌｌｏ", "hello"),
+    ("crème brûlée", "creme brulee"),
+    ("Straße", "strasse"),
+    ("a\tcat\nand\u00a0dog", "a cat and dog"),
+    ("3 little pigs", "3 little pigs"),
+    ("cat's toy", "cats toy"),
+    ("sword-billed", "sword billed"),
+    ("", ""),
+])
+def test_normalize(raw, expected):
+    assert normalize(raw) == expected
+
+
+def test_normalize_rejects_non_str():
+    with pytest.raises(TypeError, match="needs a str"):
+        normalize(b"gun")
+
+
+# --- template and negative prompt -----------------------------------------------------------
+
+def test_compose_wraps_subject_in_template(policy):
+    prompt, negative = policy.compose("a happy otter")
+    assert prompt == "a happy otter" + TEMPLATE_TAIL
+    assert negative == policy.negative_prompt
+    for word in ("scary", "horror", "violent", "blood", "gore", "realistic", "photo", "text",
+                 "watermark", "signature", "deformed"):
+        assert word in negative
+
+
+def test_template_off_only_when_asked(policy):
+    assert policy.compose("a happy otter", use_template=False)[0] == "a happy otter"
+    for not_a_bool in ("false", 0, None, "no"):
+        with pytest.raises(TypeError, match="use_template must be True or False"):
+            policy.compose("a happy otter", use_template=not_a_bool)
+
+
+def test_template_off_still_checks_safety(policy):
+    with pytest.raises(PromptRefused):
+        policy.compose("a gun", use_template=False)
+
+
+def test_numpy_bool_accepted_for_use_template(policy):
+    np = pytest.importorskip("numpy")
+    assert policy.compose("a cat", use_template=np.bool_(False))[0] == "a cat"
+
+
+@pytest.mark.parametrize("subject", ["{subject}", "a {cat}", "{0}", "{}", "{{x}}", "{__class__}", "50% {off"])
+def test_braces_in_subject_stay_text(policy, subject):
+    prompt, _ = policy.compose(subject)
+    assert prompt == subject + TEMPLATE_TAIL
+
+
+@pytest.mark.parametrize("subject", ["", "   ", "\n\t", " ,. "])
+def test_empty_subject_refused(policy, subject):
+    with pytest.raises(ValueError, match="subject is empty; describe what to draw"):
+        policy.compose(subject)
+
+
+def test_subject_whitespace_and_trailing_separators_tidied(policy):
+    assert policy.compose("  a   cat\nwith a hat,  ", use_template=False)[0] == "a cat with a hat"
+
+
+def test_subject_too_long(policy):
+    with pytest.raises(ValueError, match=rf"subject is 201 characters long; keep it to {policy.max_subject_chars}"):
+        policy.compose("a" * 201)
+
+
+def test_subject_must_be_str(policy):
+    with pytest.raises(TypeError, match="subject must be a str, got int"):
+        policy.compose(5)
+
+
+def test_extra_negative_appended_never_replaces(policy):
+    _, negative = policy.compose("a cat", negative="  dogs,  ")
+    assert negative == policy.negative_prompt + ", dogs"
+    assert policy.compose("a cat", negative="")[1] == policy.negative_prompt
+
+
+def test_refusal_happens_before_composing(policy):
+    with pytest.raises(PromptRefused) as info:
+        policy.compose("a puppy with a g u n")
+    assert info.value.category == "weapons"
+
+
+# --- presets --------------------------------------------------------------------------------
+
+def test_presets(policy):
+    assert policy.steps_for("fast") == 15
+    assert policy.steps_for("standard") == 20
+    assert policy.steps_for("hq") == 30
+    assert policy.steps_for() == 20
+    assert policy.steps_for("") == 20
+    assert policy.steps_for(" HQ ") == 30
+    assert policy.default_preset == "standard"
+
+
+def test_explicit_steps_override(policy):
+    assert policy.steps_for(steps=42) == 42
+    assert policy.steps_for("fast", steps=7) == 7
+
+
+def test_numpy_steps(policy):
+    np = pytest.importorskip("numpy")
+    assert policy.steps_for(steps=np.int32(12)) == 12
+
+
+def test_unknown_preset_lists_presets(policy):
+    with pytest.raises(ValueError, match=r"unknown preset 'ultra'; choose one of: fast \(15 steps\), "
+                                         r"standard \(20 steps\), hq \(30 steps\)"):
+        policy.steps_for("ultra")
+    with pytest.raises(ValueError, match="unknown preset"):  # a typo is not hidden by steps=
+        policy.steps_for("hgq", steps=30)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 101, 20.5, "20", True])
+def test_bad_steps(policy, steps):
+    with pytest.raises(ValueError, match="steps must be"):
+        policy.steps_for(steps=steps)
+
+
+def test_presets_are_read_only(policy):
+    with pytest.raises(TypeError):
+        policy.presets["fast"] = 1
+
+
+# --- data files ----------------------------------------------------------------------------
+
+def test_reasons_are_the_rule_categories(policy):
+    assert policy.reasons == ("violence", "weapons", "gore", "sexual", "drugs", "self-harm", "hate", "profanity")
+
+
+def _load(tmp_path, rules=None, prompt=None):
+    rules_path = tmp_path / "rules.json"
+    policy_path = tmp_path / "policy.json"
+    rules_path.write_text(rules if isinstance(rules, str) else json.dumps(rules or _json("safety_rules.json")))
+    policy_path.write_text(prompt if isinstance(prompt, str) else json.dumps(prompt or _json("prompt_policy.json")))
+    return PromptPolicy.load(policy_path, rules_path)
+
+
+def test_custom_rules_file(tmp_path):
+    rules = {"version": 1, "categories": {"sweets": {"terms": ["candy floss"]}}, "allow": ["candy floss machine"]}
+    p = _load(tmp_path, rules=rules)
+    assert p.reasons == ("sweets",)
+    with pytest.raises(PromptRefused, match=r'\(sweets\): "candy floss"'):
+        p.check("pink candy-floss")
+    p.check("a candy floss machine")
+    p.check("a gun")  # only the custom rules apply
+
+
+def _rules_with(mutate):
+    rules = copy.deepcopy(_json("safety_rules.json"))
+    mutate(rules)
+    return rules
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.pop("allow"), 'missing key "allow"'),
+    (lambda r: r.update(allowlist=[]), 'unknown key "allowlist"; allowed keys: version, categories, allow'),
+    (lambda r: r.update(version=2), "version: expected 1, got 2"),
+    (lambda r: r.update(categories=[]), "categories: must be an object"),
+    (lambda r: r["categories"].update(weapons=["gun"]), "categories.weapons: must be an object"),
+    (lambda r: r["categories"]["weapons"].update(words=[]), 'categories.weapons: unknown key "words"'),
+    (lambda r: r["categories"]["weapons"].update(terms="gun"), "categories.weapons.terms: must be a list"),
+    (lambda r: r["categories"]["weapons"]["terms"].insert(3, 5), r"categories.weapons.terms\[3\]: must be a non-empty string, got 5"),
+    (lambda r: r["categories"]["weapons"]["terms"].append("x"), "too short"),
+    (lambda r: r["categories"]["drugs"]["terms"].append("G-U-N"), r'categories.drugs.terms\[\d+\]: "gun" is already listed at .*categories.weapons.terms\[0\]'),
+    (lambda r: r["categories"].update({"Self Harm": {"terms": ["ouch"]}}), "category names are metrics labels"),
+    (lambda r: r["categories"]["sexual"].update(inside_words=["ass"]), "too short"),
+    (lambda r: r["allow"].append("shooting star"), r"allow\[\d+\]: 'shooting star' contains no blocked term"),
+])
+def test_malformed_rules_file(tmp_path, mutate, message):
+    with pytest.raises(PolicyFileError, match=message):
+        _load(tmp_path, rules=_rules_with(mutate))
+
+
+def test_rules_file_json_errors(tmp_path):
+    with pytest.raises(PolicyFileError, match=r"rules.json: not valid JSON at line 1 column"):
+        _load(tmp_path, rules="{nope")
+    with pytest.raises(PolicyFileError, match="top level must be a JSON object, got list"):
+        _load(tmp_path, rules="[]")
+    with pytest.raises(PolicyFileError, match='key "version" appears twice'):
+        _load(tmp_path, rules='{"version": 1, "version": 1, "categories": {}, "allow": []}')
+    with pytest.raises(PolicyFileError, match="file not found"):
+        PromptPolicy.load(rules_path=tmp_path / "missing.json")
+
+
+def _policy_with(mutate):
+    data = copy.deepcopy(_json("prompt_policy.json"))
+    mutate(data)
+    return data
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(template="{subjct}, cute"), r"template: must contain \{subject\} exactly once"),
+    (lambda d: d.update(template="{subject} and {subject}"), "exactly once"),
+    (lambda d: d.update(template="{subject}, {style}"), "no other braces"),
+    (lambda d: d.update(negative_prompt=""), "negative_prompt: must be a non-empty string"),
+    (lambda d: d["presets"].update(hq="30"), r"presets.hq: must be a whole number between 1 and 100, got '30'"),
+    (lambda d: d["presets"].update(hq=1000), "presets.hq: must be a whole number between 1 and 100"),
+    (lambda d: d.update(default_preset="normal"), r"default_preset: 'normal' is not one of the presets \(fast, standard, hq\)"),
+    (lambda d: d.pop("max_steps"), 'missing key "max_steps"'),
+    (lambda d: d.update(steps=20), 'unknown key "steps"'),
+    (lambda d: d.update(presets={}), "presets: must be an object"),
+])
+def test_malformed_policy_file(tmp_path, mutate, message):
+    with pytest.raises(PolicyFileError, match=message):
+        _load(tmp_path, prompt=_policy_with(mutate))
+
+
+def test_custom_template(tmp_path):
+    p = _load(tmp_path, prompt=_policy_with(lambda d: d.update(template="storybook drawing of {subject}")))
+    assert p.compose("a cat {x}")[0] == "storybook drawing of a cat {x}"
+
+
+def test_import_is_light():
+    # The Triton preprocess model imports this module: it must not drag in torch or numpy.
+    code = "import sys, toonark.prompts; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
