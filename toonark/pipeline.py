@@ -1,0 +1,273 @@
+"""The numpy text-to-image pipeline over built engines: the offline reference the Triton server
+must match, the loop calibration captures UNet inputs from, and the loop the GPU bench times.
+
+Each piece is a small function (tokenize, initial_latents, unet_feeds, classifier_free_guidance,
+decode, to_uint8_hwc) so the Triton models call the very same code and compute exactly the same
+thing; `Text2ImagePipeline` only strings them together and times them.
+
+Torch-free at import and at run time: transformers imports torch as soon as it is imported
+(transformers.utils.import_utils), so the CLIP tokenizer is rebuilt with the `tokenizers` library
+from the vocab.json / merges.txt that diffusers' CLIPTokenizer reads (tests check equal ids).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from toonark.export.specs import SERVED_SUBMODELS, PipelineDims, ShapeLimits
+from toonark.scheduler import DPMSolverMultistep
+
+# CLIP's pre-tokenizer pattern (transformers' CLIPTokenizer / CLIPConverter): contractions,
+# letter runs, single digits, punctuation runs.
+_CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The slow CLIPTokenizer keeps this many merges (49152 - 256 - 2); later lines are ignored.
+_CLIP_MERGES = 49152 - 256 - 2
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+@dataclass(frozen=True)
+class ClipTokenizer:
+    """CLIP BPE with bos/eos/pad ids: what `tokenize` needs, nothing else."""
+    backend: object          # tokenizers.Tokenizer without special tokens, padding or truncation
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ClipTokenizer":
+        """From a diffusers tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json)."""
+        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        folder = Path(folder)
+        paths = {name: folder / name for name in ("vocab.json", "merges.txt")}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: {folder} is not a CLIP tokenizer folder "
+                                        f"(OUT/pipeline/tokenizer is copied from the model by `make export`)")
+        vocab = json.loads(paths["vocab.json"].read_text(encoding="utf-8"))
+        lines = paths["merges.txt"].read_text(encoding="utf-8").strip().split("\n")[1:_CLIP_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):   # the latter wins, as in transformers
+            if (folder / name).is_file():
+                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        tokens = {role: _token_text(config.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")}
+        tokens = {"bos": tokens["bos"] or "<|startoftext|>", "eos": tokens["eos"] or "<|endoftext|>",
+                  "pad": tokens["pad"] or "<|endoftext|>", "unk": tokens["unk"] or "<|endoftext|>"}
+        for role, token in tokens.items():
+            if token not in vocab:
+                raise ValueError(f"{role} token {token!r} of {folder} is not in its vocab.json; the tokenizer "
+                                 f"folder is inconsistent, copy it again from the diffusers model")
+
+        backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="</w>", fuse_unk=False, unk_token=tokens["unk"]))
+        # Same normalisation as transformers' CLIP fast tokenizer: NFC, collapse whitespace, lower case.
+        backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                   normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        return cls(backend, vocab[tokens["bos"]], vocab[tokens["eos"]], vocab[tokens["pad"]])
+
+
+def load_tokenizer(folder: Path) -> ClipTokenizer:
+    return ClipTokenizer.from_folder(folder)
+
+
+def tokenize(tokenizer: ClipTokenizer, prompts: Sequence[str], length: int) -> tuple[np.ndarray, list[bool]]:
+    """int64 ids (len(prompts), length): <bos> tokens <eos> padded with the pad id, as diffusers'
+    `tokenizer(..., padding="max_length", truncation=True)`. Also returns, per prompt, whether
+    tokens were cut off (CLIP sees at most length - 2 of them)."""
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; wrap it in a list")
+    if length < 2:
+        raise ValueError(f"text length {length} leaves no room for <bos> and <eos>")
+    ids = np.full((len(prompts), length), tokenizer.pad_id, dtype=np.int64)
+    truncated = []
+    for row, encoding in enumerate(tokenizer.backend.encode_batch(list(prompts), add_special_tokens=False)):
+        tokens = encoding.ids
+        truncated.append(len(tokens) > length - 2)
+        sequence = [tokenizer.bos_id] + tokens[:length - 2] + [tokenizer.eos_id]
+        ids[row, :len(sequence)] = sequence
+    return ids, truncated
+
+
+def latent_shape(batch: int, dims: PipelineDims, height: int, width: int) -> tuple[int, int, int, int]:
+    for label, value in (("height", height), ("width", width)):
+        if value <= 0 or value % dims.vae_scale:
+            raise ValueError(f"{label} {value} must be a positive multiple of {dims.vae_scale} (the VAE's "
+                             f"pixels per latent)")
+    return batch, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale
+
+
+def initial_latents(seed: int, batch: int, dims: PipelineDims, height: int, width: int, *,
+                    init_noise_sigma: float = 1.0) -> np.ndarray:
+    """The starting noise of a request: float32 (batch, C, H/scale, W/scale) from PCG64(seed),
+    times the scheduler's init_noise_sigma (1.0 for DPM-Solver++). The server and the offline
+    pipeline both call this, so one seed gives one image everywhere."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed {seed!r} must be a non-negative integer")
+    shape = latent_shape(batch, dims, height, width)
+    noise = np.random.Generator(np.random.PCG64(int(seed))).standard_normal(shape, dtype=np.float32)
+    return noise * np.float32(init_noise_sigma)
+
+
+def unet_feeds(latents: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """UNet inputs for classifier-free guidance (names of export/specs.py): the latents twice,
+    matching text_embeddings' [uncond x B, cond x B] rows, and the timestep as a float32 scalar."""
+    if text_embeddings.shape[0] != 2 * latents.shape[0]:
+        raise ValueError(f"text embeddings have {text_embeddings.shape[0]} rows for {latents.shape[0]} latents; "
+                         f"classifier-free guidance needs 2B rows ([uncond x B, cond x B])")
+    return {"sample": np.concatenate([latents, latents]),
+            "timestep": np.asarray(timestep, dtype=np.float32),
+            "encoder_hidden_states": text_embeddings}
+
+
+def classifier_free_guidance(noise_pred: np.ndarray, guidance: float) -> np.ndarray:
+    """uncond + guidance * (cond - uncond) over the UNet's [uncond x B, cond x B] output, in float32."""
+    noise_pred = noise_pred.astype(np.float32, copy=False)
+    uncond, cond = np.split(noise_pred, 2)
+    return uncond + np.float32(guidance) * (cond - uncond)
+
+
+def decode(vae_decoder, latents: np.ndarray, dims: PipelineDims) -> np.ndarray:
+    """Latents -> float32 images (B, 3, H, W) in about [-1, 1]."""
+    scaled = (latents / np.float32(dims.vae_scaling_factor)).astype(np.float32)
+    return vae_decoder.run({"latent_sample": scaled})["sample"].astype(np.float32, copy=False)
+
+
+def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) floats in [-1, 1] -> (B, H, W, 3) uint8: round(clip(x / 2 + 0.5, 0, 1) * 255)."""
+    pixels = np.clip(images.astype(np.float32) / 2 + 0.5, 0, 1)
+    return np.round(pixels * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+StepCallback = Callable[[int, int, dict, np.ndarray], None]
+
+
+@dataclass
+class Text2ImageResult:
+    images: np.ndarray          # uint8 (B, H, W, 3)
+    decoded: np.ndarray         # float32 (B, 3, H, W), the VAE output in [-1, 1]
+    timings: dict               # milliseconds: tokenize_ms, text_encoder_ms, unet_ms (one per step), ...
+    truncated: list[bool] = field(default_factory=list)   # per prompt: were tokens cut off
+    timesteps: np.ndarray | None = None
+
+
+class Text2ImagePipeline:
+    """Prompt -> images with the engines of one build (any backend / precision).
+
+    engines: {"text_encoder", "unet", "vae_decoder": Engine}; limits (optional): the build's
+    profile limits, checked per request so a bad size fails before any engine runs.
+    Classifier-free guidance always runs the text encoder and UNet at 2B (the engines' profiles
+    are built for 2B), also at guidance 1.0, where the result equals the conditional prediction.
+    """
+
+    def __init__(self, engines: dict, tokenizer: ClipTokenizer, scheduler: DPMSolverMultistep, dims: PipelineDims,
+                 limits: ShapeLimits | None = None):
+        missing = [name for name in SERVED_SUBMODELS if name not in engines]
+        if missing:
+            raise ValueError(f"engines {missing} are missing; the pipeline needs {list(SERVED_SUBMODELS)}")
+        self.engines, self.tokenizer, self.scheduler, self.dims, self.limits = engines, tokenizer, scheduler, dims, limits
+
+    @classmethod
+    def from_build(cls, build_dir: Path, backend: str = "ort-cpu", precision: str | dict[str, str] = "fp32",
+                   **engine_options) -> "Text2ImagePipeline":
+        """Tokenizer and scheduler from OUT/pipeline, engines via toonark.engines.load_engine.
+        precision may map submodels to precisions, e.g. {"unet": "int8", "text_encoder": "fp16", ...}."""
+        from toonark.engines import load_engine   # lazy: engine backends import heavy runtimes
+        from toonark.export.specs import BuildInfo
+        from toonark.layout import BuildLayout
+
+        info, layout = BuildInfo.read(build_dir), BuildLayout(build_dir)
+        precisions = precision if isinstance(precision, dict) else dict.fromkeys(SERVED_SUBMODELS, precision)
+        missing = [name for name in SERVED_SUBMODELS if name not in precisions]
+        if missing:
+            raise ValueError(f"precision mapping {precision!r} lacks {missing}; give one for each of "
+                             f"{list(SERVED_SUBMODELS)}")
+        engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options)
+                   for name in SERVED_SUBMODELS}
+        return cls(engines, load_tokenizer(layout.pipeline / "tokenizer"),
+                   DPMSolverMultistep.from_file(layout.pipeline / "scheduler"), info.dims, info.limits)
+
+    def _prompts(self, prompt: str | Sequence[str], batch: int, label: str) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt] * batch
+        prompts = list(prompt)
+        if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{label} must be a string or {batch} strings (batch={batch}), got {prompt!r}")
+        return prompts
+
+    def encode_text(self, prompts: list[str], negative_prompts: list[str]) -> tuple[np.ndarray, list[bool], dict]:
+        """[uncond x B, cond x B] text embeddings, per-prompt truncation, and the two timings."""
+        start = time.perf_counter()
+        ids, truncated = tokenize(self.tokenizer, negative_prompts + prompts, self.dims.text_length)
+        tokenized = time.perf_counter()
+        embeddings = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        encoded = time.perf_counter()
+        return (embeddings.astype(np.float32, copy=False), truncated[len(prompts):],
+                {"tokenize_ms": (tokenized - start) * 1e3, "text_encoder_ms": (encoded - tokenized) * 1e3})
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", seed: int = 0,
+                 steps: int = 20, guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                 batch: int = 1, step_callback: StepCallback | None = None,
+                 latents: np.ndarray | None = None) -> Text2ImageResult:
+        """Generate `batch` images. width/height default to the build's opt image size (512 without
+        limits). step_callback(step_index, timestep, unet_feeds, latents) runs before each UNet call
+        with its exact inputs (calibration capture). latents overrides the seeded starting noise."""
+        start = time.perf_counter()
+        default_size = self.limits.opt_image if self.limits else 512
+        width, height = width or default_size, height or default_size
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch {batch!r} must be a positive integer")
+        try:
+            scale = float(guidance)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance {guidance!r} must be a finite number (7.5 is SD-1.5's usual value)")
+        if self.limits is not None:
+            self.limits.check_request(batch, height, width)
+        prompts = self._prompts(prompt, batch, "prompt")
+        negatives = self._prompts(negative_prompt, batch, "negative_prompt")
+        schedule = self.scheduler.schedule(steps)
+        if latents is None:
+            latents = initial_latents(seed, batch, self.dims, height, width,
+                                      init_noise_sigma=self.scheduler.init_noise_sigma)
+        elif latents.shape != latent_shape(batch, self.dims, height, width):
+            raise ValueError(f"latents of shape {latents.shape} do not fit batch={batch} {height}x{width}; expected "
+                             f"{latent_shape(batch, self.dims, height, width)}")
+
+        text_embeddings, truncated, timings = self.encode_text(prompts, negatives)
+        state = self.scheduler.initial_state(schedule)
+        unet, unet_ms, scheduler_ms = self.engines["unet"], [], 0.0
+        while not state.done:
+            feeds = unet_feeds(self.scheduler.scale_model_input(latents, state), state.timestep, text_embeddings)
+            if step_callback is not None:
+                step_callback(state.step_index, state.timestep, feeds, latents)
+            before = time.perf_counter()
+            noise_pred = unet.run(feeds)["out_sample"]
+            after = time.perf_counter()
+            latents, state = self.scheduler.step(classifier_free_guidance(noise_pred, scale), latents, state)
+            unet_ms.append((after - before) * 1e3)
+            scheduler_ms += (time.perf_counter() - after) * 1e3   # guidance combine + solver step
+
+        before = time.perf_counter()
+        decoded = decode(self.engines["vae_decoder"], latents, self.dims)
+        decoded_at = time.perf_counter()
+        images = to_uint8_hwc(decoded)
+        timings.update(unet_ms=unet_ms, scheduler_ms=scheduler_ms, vae_decoder_ms=(decoded_at - before) * 1e3,
+                       total_ms=(time.perf_counter() - start) * 1e3)
+        return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated,
+                                timesteps=schedule.timesteps)
