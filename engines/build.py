@@ -1,0 +1,190 @@
+"""Engine stage: OUT/onnx (+ OUT/calibration for int8) -> OUT/engines/<backend>-<precision>/<submodel>/.
+
+    build_engines(OUT, "ort-cpu", "fp32")      # what `make engine` runs
+    engine = load_engine(OUT, "ort-cpu", "fp32", "unet")
+    engine.run(engine.spec.sample_inputs({"B": 1, "H": 512, "W": 512}))
+
+Each engine folder is written in a temporary sibling and renamed into place, engine.json last
+inside it, so a folder either holds a finished, recorded engine or nothing.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from toonark.engines.metadata import (ENGINE_JSON, EngineError, check_metadata, engine_file_name, make_command,
+                                      make_metadata, read_metadata)
+from toonark.export.specs import PRECISIONS, SERVED_SUBMODELS, BuildInfo
+from toonark.files import atomic_dir, read_json, sha256_onnx, write_json
+from toonark.layout import BACKENDS, BuildLayout
+
+OPTIONAL_SUBMODELS = ("vae_encoder",)  # built when its ONNX was exported (image-to-image users)
+
+
+def source_onnx(build_dir: Path, backend: str, precision: str, submodel: str) -> Path:
+    """The ONNX an engine is built from. int8: the calibrated QDQ UNet; the other submodels of an int8
+    build come from fp16 on GPUs and from fp32 on the CPU (ORT's CPU fp16 kernels are few)."""
+    layout = BuildLayout(build_dir)
+    if precision == "int8":
+        if submodel == "unet":
+            return layout.int8_unet
+        return layout.onnx_model("fp32" if backend == "ort-cpu" else "fp16", submodel)
+    return layout.onnx_model(precision, submodel)
+
+
+def check_int8_calibration(build_dir: Path) -> dict:
+    """Refuse an int8 build without a passing, current calibration; return the report."""
+    layout = BuildLayout(build_dir)
+    fix = f"run `make calibrate OUT={build_dir}` first"
+    report_path = layout.calibration / "report.json"
+    if not layout.int8_unet.is_file():
+        raise EngineError(f"no INT8 UNet: {layout.int8_unet} is missing; {fix}")
+    try:
+        report = read_json(report_path, "calibration report", f"R{fix[1:]}.")
+    except (FileNotFoundError, ValueError) as err:
+        raise EngineError(str(err)) from None
+    if not report.get("passed", False):
+        metrics, thresholds = report.get("metrics", {}), report.get("thresholds", {})
+        # `make calibrate` lists the missed thresholds in "failing" ("psnr_db 17.2 < 25"); older reports did not.
+        failing = ", ".join(report.get("failing") or [f"{name} {metrics.get(name)!r} vs threshold {limit!r}"
+                                                      for name, limit in thresholds.items()])
+        raise EngineError(f"INT8 calibration failed its quality gate ({report_path}): {failing or 'no metrics'}. "
+                          f"Advice: {report.get('advice') or 'none given'}. Adjust it and run "
+                          f"`make calibrate OUT={build_dir}` again, or build PRECISION=fp16.")
+    recorded = report.get("source_onnx_sha256")
+    current = {precision: sha256_onnx(layout.onnx_model(precision, "unet")) for precision in ("fp32", "fp16")
+               if layout.onnx_model(precision, "unet").is_file()}
+    if recorded not in current.values():
+        now = ", ".join(f"onnx/{p}/unet {h[:12]}" for p, h in current.items()) or "no UNet ONNX"
+        raise EngineError(f"INT8 calibration is stale: {report_path} was made from UNet ONNX sha256 "
+                          f"{str(recorded)[:12]}, the current export has {now}; run `make calibrate OUT={build_dir}` "
+                          f"again")
+    return report
+
+
+def select_submodels(build_dir: Path, backend: str, precision: str, specs: dict, submodels=None) -> list[str]:
+    if submodels is None:
+        optional = [name for name in OPTIONAL_SUBMODELS if source_onnx(build_dir, backend, precision, name).is_file()]
+        return list(SERVED_SUBMODELS) + optional
+    chosen = list(dict.fromkeys(submodels))
+    for name in chosen:
+        if name not in specs:
+            raise ValueError(f"unknown submodel {name!r}; choose from {', '.join(specs)}")
+    return chosen
+
+
+def _settings(backend: str, precision: str, spec, limits, build_dir: Path, threads, device_id, trt_options) -> dict:
+    if backend == "tensorrt":
+        options = {"timing_cache": str(BuildLayout(build_dir).timing_cache), **(trt_options or {})}
+        from toonark.engines.tensorrt import trt_build_plan
+        return {"device_id": device_id, "trt": trt_build_plan(spec, limits, precision, options).to_json()}
+    from toonark.engines.ort import ort_build_settings
+    return ort_build_settings(backend, threads=threads, device_id=device_id)
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings minus the timing cache's location (a moved build folder is still up to date)."""
+    if "trt" in settings:
+        return {**settings, "trt": {**settings["trt"], "timing_cache": None}}
+    return settings
+
+
+def _up_to_date(build_dir: Path, backend: str, precision: str, name: str, source: Path, settings: dict,
+                limits) -> dict | None:
+    try:
+        metadata = read_metadata(build_dir, backend, precision, name)
+        check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=name,
+                       source_onnx=source)
+    except (EngineError, RuntimeError):
+        return None
+    same = (_comparable(metadata.get("settings", {})) == _comparable(settings)
+            and metadata.get("limits") == limits.to_json())
+    return metadata if same else None
+
+
+def build_engines(build_dir, backend: str, precision: str, submodels=None, force: bool = False, *,
+                  threads: int | None = None, device_id: int = 0, trt_options: dict | None = None) -> dict:
+    """Build the engines of one backend and precision; return {submodel: engine.json content plus
+    "status": "built" | "up to date"}.
+
+    Engines whose engine.json still matches their source ONNX, settings and limits are kept
+    ("up to date") unless `force`. threads: ORT intra-op threads recorded as the load default
+    (0 = ONNX Runtime's choice). trt_options: see `trt_build_plan`.
+    """
+    build_dir = Path(build_dir)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    info = BuildInfo.read(build_dir)
+    specs = info.specs
+    names = select_submodels(build_dir, backend, precision, specs, submodels)
+    if backend == "tensorrt":
+        from toonark.engines.tensorrt import import_tensorrt
+        import_tensorrt()  # fail before any work, with the install hint
+    elif backend == "ort-cuda":
+        from toonark.engines.ort import check_cuda_available
+        check_cuda_available()
+    if precision == "int8" and "unet" in names:
+        check_int8_calibration(build_dir)
+    for name in names:
+        source = source_onnx(build_dir, backend, precision, name)
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: the {name} engine is built from it. Run `make export "
+                                    f"MODEL=<diffusers folder> OUT={build_dir}` first.")
+
+    layout = BuildLayout(build_dir)
+    results = {}
+    for name in names:
+        spec = specs[name]
+        source = source_onnx(build_dir, backend, precision, name)
+        settings = _settings(backend, precision, spec, info.limits, build_dir, threads, device_id, trt_options)
+        final = layout.engine_dir(backend, precision) / name
+        if not force and (current := _up_to_date(build_dir, backend, precision, name, source, settings, info.limits)):
+            print(f"{backend}-{precision}/{name}: up to date ({final})")
+            results[name] = {**current, "status": "up to date"}
+            continue
+        started = time.perf_counter()
+        with atomic_dir(final) as tmp:
+            if backend == "tensorrt":
+                from toonark.engines.tensorrt import TrtBuildPlan, build_trt_engine
+                io = build_trt_engine(source, tmp / engine_file_name(backend), TrtBuildPlan.from_json(settings["trt"]))
+            else:
+                from toonark.engines.ort import build_ort_engine
+                io = build_ort_engine(source, tmp, settings)
+            seconds = time.perf_counter() - started
+            metadata = make_metadata(submodel=name, backend=backend, precision=precision, source_onnx=source,
+                                     engine_dir=tmp, profile=spec.profile(info.limits), limits=info.limits,
+                                     settings=settings, io=io, build_seconds=seconds, build_dir=build_dir)
+            write_json(tmp / ENGINE_JSON, metadata)
+        print(f"{backend}-{precision}/{name}: built in {seconds:.1f} s ({final})")
+        results[name] = {**metadata, "status": "built"}
+    return results
+
+
+def load_engine(build_dir, backend: str, precision: str, submodel: str, *, verify: bool = True, **options):
+    """Open a built engine after checking it against its engine.json and its current source ONNX.
+
+    verify=False skips the two content hashes (engine file, source ONNX) for fast restarts of a
+    trusted build; the version / GPU checks of TensorRT plans always run.
+    options: ort-*: threads, cuda_graph, graph_sizes; tensorrt: device_id, stream.
+    """
+    build_dir = Path(build_dir)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    specs = BuildInfo.read(build_dir).specs
+    if submodel not in specs:
+        raise ValueError(f"unknown submodel {submodel!r}; choose from {', '.join(specs)}")
+    metadata = read_metadata(build_dir, backend, precision, submodel)
+    source = source_onnx(build_dir, backend, precision, submodel)
+    check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=submodel,
+                   source_onnx=source, verify_hashes=verify)
+    engine_path = BuildLayout(build_dir).engine_dir(backend, precision) / submodel / engine_file_name(backend)
+    if backend == "tensorrt":
+        from toonark.engines.tensorrt import TrtEngine
+        return TrtEngine(engine_path, specs[submodel], metadata, **options)
+    from toonark.engines.ort import OrtEngine
+    return OrtEngine(engine_path, specs[submodel], metadata, **options)
+
+
+__all__ = ["build_engines", "load_engine", "source_onnx", "check_int8_calibration", "make_command"]

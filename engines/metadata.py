@@ -1,0 +1,234 @@
+"""engine.json: what an engine was built from and with, and the checks that refuse a stale one.
+
+Every engine folder (OUT/engines/<backend>-<precision>/<submodel>/) holds the engine file and
+an engine.json written after it. `load_engine` trusts an engine only when that record still
+matches: the engine file's hash, the source ONNX's hash, and, for TensorRT, the library
+version and GPU the plan was built for.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+from toonark.files import read_json, sha256_file, sha256_onnx
+from toonark.layout import BACKENDS, BuildLayout
+
+ENGINE_JSON = "engine.json"
+# Bumped when the layout of engine.json or of the engine folder changes.
+METADATA_FORMAT = 1
+
+
+class EngineError(RuntimeError):
+    """An engine that must not be used (missing, corrupt, stale, built elsewhere); the message names the fix."""
+
+
+def make_command(build_dir: Path, backend: str, precision: str) -> str:
+    return f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision}"
+
+
+def engine_file_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return "model.plan" if backend == "tensorrt" else "model.onnx"
+
+
+def engine_files(engine_dir: Path, backend: str) -> list[Path]:
+    """The engine file plus, for ORT, its external-data file when there is one."""
+    main = Path(engine_dir) / engine_file_name(backend)
+    files = [main]
+    if backend != "tensorrt":
+        files += sorted(p for p in Path(engine_dir).iterdir() if p.name.startswith(main.name + ".") and p.is_file()) \
+            if Path(engine_dir).is_dir() else []
+    return files
+
+
+def engine_hash(engine_dir: Path, backend: str) -> str:
+    main = Path(engine_dir) / engine_file_name(backend)
+    return sha256_file(main) if backend == "tensorrt" else sha256_onnx(main)
+
+
+def toonark_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("toonark")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def library_info(backend: str) -> dict:
+    """Name and version of the runtime that builds and runs this backend's engines."""
+    if backend == "tensorrt":
+        from toonark.engines.tensorrt import import_tensorrt
+        return {"name": "tensorrt", "version": import_tensorrt().__version__}
+    import onnxruntime
+    return {"name": "onnxruntime", "version": onnxruntime.__version__}
+
+
+def device_name(backend: str, device_id: int = 0) -> str:
+    """"cpu" for ort-cpu, else the CUDA device's name (what a TensorRT plan is tied to)."""
+    if backend == "ort-cpu":
+        return "cpu"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(device_id)
+    except ImportError:
+        pass
+    try:  # No torch with CUDA: ask the driver through NVML, which the CUDA toolkit ships.
+        import pynvml
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(device_id))
+        return name.decode() if isinstance(name, bytes) else name
+    except Exception:  # noqa: BLE001 - any NVML failure means "unknown", never a crash
+        return "unknown-gpu"
+
+
+def profile_json(profile: dict) -> dict:
+    return {name: {"min": list(mn), "opt": list(opt), "max": list(mx)} for name, (mn, opt, mx) in profile.items()}
+
+
+def make_metadata(*, submodel: str, backend: str, precision: str, source_onnx: Path, engine_dir: Path,
+                  profile: dict, limits, settings: dict, io: dict, build_seconds: float, build_dir: Path) -> dict:
+    """The engine.json record (engine_dir must already hold the finished engine file)."""
+    files = engine_files(engine_dir, backend)
+    return {
+        "format": METADATA_FORMAT,
+        "submodel": submodel,
+        "backend": backend,
+        "precision": precision,
+        "engine_file": files[0].name,
+        "engine_files": [p.name for p in files],
+        "engine_sha256": engine_hash(engine_dir, backend),
+        "engine_bytes": sum(p.stat().st_size for p in files),
+        # Relative to the build folder, so a build folder can be moved or mounted elsewhere.
+        "source_onnx": _relative(source_onnx, build_dir),
+        "source_onnx_sha256": sha256_onnx(source_onnx),
+        "profile": profile_json(profile),
+        "limits": limits.to_json(),
+        "io": io,
+        "library": library_info(backend),
+        "device": device_name(backend, settings.get("device_id", 0)),
+        "host": platform.node(),
+        "toonark_version": toonark_version(),
+        "settings": settings,
+        "build_seconds": round(build_seconds, 3),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def read_metadata(build_dir: Path, backend: str, precision: str, submodel: str) -> dict:
+    engine_dir = BuildLayout(build_dir).engine_dir(backend, precision) / submodel
+    fix = f"Build it with `{make_command(build_dir, backend, precision)}`."
+    main = engine_dir / engine_file_name(backend)
+    if not main.is_file():
+        raise EngineError(f"no {backend} {precision} engine for {submodel}: {main} is missing. {fix}")
+    try:
+        return read_json(engine_dir / ENGINE_JSON, f"{submodel} engine metadata", fix)
+    except (FileNotFoundError, ValueError) as err:
+        raise EngineError(str(err)) from None
+
+
+def check_metadata(metadata: dict, *, build_dir: Path, backend: str, precision: str, submodel: str,
+                   source_onnx: Path, verify_hashes: bool = True) -> None:
+    """Raise EngineError when the engine in its folder no longer matches its engine.json or its source."""
+    engine_dir = BuildLayout(build_dir).engine_dir(backend, precision) / submodel
+    fix = f"Rebuild it with `{make_command(build_dir, backend, precision)}`."
+    where = engine_dir / ENGINE_JSON
+    if metadata.get("format") != METADATA_FORMAT or metadata.get("backend") != backend \
+            or metadata.get("precision") != precision or metadata.get("submodel") != submodel:
+        raise EngineError(f"{where} does not describe a {backend} {precision} {submodel} engine of this toonark "
+                          f"version (format {metadata.get('format')!r}). {fix}")
+    if backend == "tensorrt":
+        from toonark.engines.tensorrt import import_tensorrt
+        current = import_tensorrt().__version__
+        built = metadata.get("library", {}).get("version")
+        if built != current:
+            raise EngineError(f"{engine_dir / 'model.plan'} was built with TensorRT {built}, this machine has "
+                              f"TensorRT {current}; plans do not move between versions. {fix}")
+        gpu = device_name(backend, metadata.get("settings", {}).get("device_id", 0))
+        if metadata.get("device") != gpu:
+            raise EngineError(f"{engine_dir / 'model.plan'} was built for GPU {metadata.get('device')!r}, "
+                              f"this machine has {gpu!r}; plans are tuned per GPU. {fix}")
+    if not verify_hashes:
+        return
+    actual = engine_hash(engine_dir, backend)
+    if actual != metadata.get("engine_sha256"):
+        raise EngineError(f"{engine_dir / metadata.get('engine_file', engine_file_name(backend))} is corrupt: "
+                          f"sha256 {actual[:12]} differs from {metadata.get('engine_sha256', '')[:12]} "
+                          f"recorded in {where}. {fix}")
+    if not Path(source_onnx).is_file():
+        raise EngineError(f"the source ONNX of the {submodel} engine is missing: {source_onnx}. "
+                          f"Re-export, then `{make_command(build_dir, backend, precision)}`.")
+    current = sha256_onnx(source_onnx)
+    if current != metadata.get("source_onnx_sha256"):
+        raise EngineError(f"{engine_dir} is stale: it was built from {source_onnx} with sha256 "
+                          f"{metadata.get('source_onnx_sha256', '')[:12]}, which is now {current[:12]}. {fix}")
+
+
+# --- I/O contract shared by every runtime wrapper -------------------------------------------
+
+def onnx_type_to_numpy(onnx_type: str) -> str:
+    """'tensor(float16)' -> 'float16' (ORT's NodeArg.type); 'tensor(float)' -> 'float32'."""
+    inner = onnx_type[len("tensor("):-1] if onnx_type.startswith("tensor(") else onnx_type
+    return {"float": "float32", "double": "float64"}.get(inner, inner)
+
+
+def prepare_feeds(spec, metadata: dict, feeds: dict) -> dict:
+    """Check numpy feeds against the spec and the engine's recorded I/O and profile.
+
+    Float inputs are cast to the engine's float type (fp32 <-> fp16), so callers need not know
+    the engine precision; a wrong kind (int for float), a wrong rank or a shape outside the
+    profile the engine was built for raises ValueError naming the input.
+    """
+    import numpy as np
+    expected = spec.input_names
+    missing = [n for n in expected if n not in feeds]
+    extra = [n for n in feeds if n not in expected]
+    if missing or extra:
+        raise ValueError(f"{spec.name} engine takes inputs {expected}; got {sorted(feeds)} "
+                         f"(missing {missing}, unknown {extra})")
+    inputs = metadata.get("io", {}).get("inputs", {})
+    profile = metadata.get("profile", {})
+    out = {}
+    for tensor in spec.inputs:
+        value = np.asarray(feeds[tensor.name])
+        want = np.dtype(inputs.get(tensor.name, {}).get("dtype", tensor.numpy_dtype("fp32").name))
+        if value.dtype != want:
+            if value.dtype.kind == "f" and want.kind == "f":
+                value = value.astype(want)
+            else:
+                raise ValueError(f"{spec.name} input {tensor.name!r} has dtype {value.dtype}, the engine takes {want}")
+        if value.ndim != len(tensor.dims):
+            raise ValueError(f"{spec.name} input {tensor.name!r} has shape {list(value.shape)}, expected rank "
+                             f"{len(tensor.dims)} ({[d.name if hasattr(d, 'name') else d for d in tensor.dims]})")
+        if tensor.name in profile:
+            low, high = profile[tensor.name]["min"], profile[tensor.name]["max"]
+            if any(not lo <= v <= hi for v, lo, hi in zip(value.shape, low, high)):
+                raise ValueError(f"{spec.name} input {tensor.name!r} has shape {list(value.shape)}, outside the "
+                                 f"engine profile {low}..{high}; rebuild with wider limits "
+                                 f"(make export / make engine)")
+        # Not np.ascontiguousarray: it turns the 0-d timestep into shape (1,).
+        out[tensor.name] = value if value.flags.c_contiguous else value.copy(order="C")
+    return out
+
+
+def sizes_from_shapes(spec, shapes: dict) -> dict[str, int]:
+    """Recover the request sizes {B, H, W} from concrete input shapes (inverse of spec.shapes)."""
+    from toonark.export.specs import Axis
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        if tensor.name not in shapes:
+            continue
+        for dim, value in zip(tensor.dims, shapes[tensor.name]):
+            if isinstance(dim, Axis):
+                size = value * dim.div // dim.mul
+                if sizes.setdefault(dim.symbol, size) != size:
+                    raise ValueError(f"{spec.name} inputs disagree on {dim.symbol}: {sizes[dim.symbol]} vs {size} "
+                                     f"(from {tensor.name!r} axis {dim.name} = {value})")
+    return sizes

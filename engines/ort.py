@@ -1,0 +1,279 @@
+"""ONNX Runtime engines (CPU and CUDA execution providers).
+
+The artifact is the graph ORT optimized for the target EP, saved with
+`SessionOptions.optimized_model_filepath` (external data for big models), plus the session
+settings in engine.json. Loading it then skips the graph optimizers, so sessions start fast
+and run the exact graph that was built and checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toonark.engines.base import Engine
+from toonark.engines.metadata import onnx_type_to_numpy, prepare_feeds, sizes_from_shapes
+
+# Models whose source ONNX is at least this big get their optimized initializers in model.onnx.data
+# (protobuf cannot hold 2 GiB; SD-1.5's fp32 UNet is 3.4 GB).
+EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_DATA_NAME = "model.onnx.data"
+
+_LEVELS = ("disable_all", "basic", "extended", "all")
+
+
+def _ort():
+    import onnxruntime
+    return onnxruntime
+
+
+def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
+    """CUDA EP options that the GPU baseline measured (shared/gpu-baseline.md)."""
+    options = {
+        "device_id": str(device_id),
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1",
+    }
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return options
+
+
+def ort_build_settings(backend: str, *, threads: int | None = None, device_id: int = 0,
+                       optimization_level: str = "all", external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
+    """The session settings an ORT engine is built with; stored in engine.json and reused at load."""
+    if optimization_level not in _LEVELS:
+        raise ValueError(f"unknown ORT optimization level {optimization_level!r}; choose one of {', '.join(_LEVELS)}")
+    if threads is not None and threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 lets ONNX Runtime pick), got {threads}")
+    if backend == "ort-cpu":
+        providers = [["CPUExecutionProvider", {}]]
+    elif backend == "ort-cuda":
+        providers = [["CUDAExecutionProvider", cuda_provider_options(device_id)], ["CPUExecutionProvider", {}]]
+    else:
+        raise ValueError(f"{backend!r} is not an ONNX Runtime backend (ort-cpu, ort-cuda)")
+    return {
+        "providers": providers,
+        "device_id": device_id,
+        "graph_optimization_level": optimization_level,
+        # The saved graph is already optimized: loading it with the optimizers off is fast and runs it as built.
+        "load_optimization_level": "disable_all",
+        "intra_op_num_threads": 0 if threads is None else threads,  # 0: ORT uses the physical cores
+        "inter_op_num_threads": 1,
+        "execution_mode": "sequential",
+        "external_data_bytes": external_data_bytes,
+    }
+
+
+def check_cuda_available() -> None:
+    ort = _ort()
+    if hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu >= 1.21 finds the CUDA / cuDNN libraries of the nvidia-* wheels (or torch's) itself.
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - missing libraries surface below as a missing provider
+            pass
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise RuntimeError(f"onnxruntime-gpu with CUDA is needed for BACKEND=ort-cuda; this machine has providers "
+                           f"{providers}. Install onnxruntime-gpu on a CUDA machine, or build BACKEND=ort-cpu.")
+
+
+def _level(name: str):
+    ort = _ort()
+    return {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
+
+
+def make_session(model_path: Path, settings: dict, *, level: str, threads: int | None = None,
+                 save_to: Path | None = None, external_data: bool = False,
+                 free_dimensions: dict[str, int] | None = None, cuda_graph: bool = False):
+    """An InferenceSession with the recorded settings; `save_to` writes the optimized graph there."""
+    ort = _ort()
+    providers = [(name, dict(options)) for name, options in settings["providers"]]
+    if providers[0][0] == "CUDAExecutionProvider":
+        check_cuda_available()
+        if cuda_graph:
+            providers[0][1]["enable_cuda_graph"] = "1"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _level(level)
+    options.intra_op_num_threads = settings["intra_op_num_threads"] if threads is None else threads
+    options.inter_op_num_threads = settings["inter_op_num_threads"]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only; ORT warns about every Memcpy node and unused initializer
+    for name, value in (free_dimensions or {}).items():
+        options.add_free_dimension_override_by_name(name, value)
+    if save_to is not None:
+        options.optimized_model_filepath = str(save_to)
+        if external_data:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             EXTERNAL_DATA_NAME)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    wanted = providers[0][0]
+    if session.get_providers()[0] != wanted:
+        # ORT falls back to CPU silently when the CUDA EP fails to load (missing cuDNN, driver too old).
+        raise RuntimeError(f"ONNX Runtime could not start {wanted} for {model_path} (it fell back to "
+                           f"{session.get_providers()}); check the CUDA / cuDNN libraries onnxruntime-gpu needs "
+                           f"(onnxruntime.preload_dlls(), LD_LIBRARY_PATH)")
+    return session
+
+
+def session_io(session) -> dict:
+    """{"inputs"|"outputs": {name: {"dtype", "shape"}}} of a session; symbolic dims stay names."""
+    def describe(args):
+        return {a.name: {"dtype": onnx_type_to_numpy(a.type), "shape": list(a.shape)} for a in args}
+    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+
+
+def build_ort_engine(source_onnx: Path, out_dir: Path, settings: dict) -> dict:
+    """Optimize `source_onnx` for the settings' EP and save the result as out_dir/model.onnx
+    (+ model.onnx.data). Returns the session I/O. out_dir is a fresh temporary folder."""
+    source_bytes = sum(p.stat().st_size for p in Path(source_onnx).parent.iterdir() if p.is_file())
+    external = source_bytes >= settings["external_data_bytes"]
+    target = Path(out_dir) / "model.onnx"
+    make_session(source_onnx, settings, level=settings["graph_optimization_level"], save_to=target,
+                 external_data=external)
+    if not target.is_file():
+        raise RuntimeError(f"ONNX Runtime did not write the optimized model {target}")
+    # Reload it the way load_engine will, so a graph that only works with the optimizers on fails here, not at serve time.
+    return session_io(make_session(target, settings, level=settings["load_optimization_level"]))
+
+
+def _is_torch(value) -> bool:
+    return type(value).__module__.split(".")[0] == "torch"
+
+
+class OrtEngine(Engine):
+    """A built ORT engine. `run` takes and returns numpy; on ort-cuda, `run_device` keeps tensors on the GPU
+    (I/O binding) and `cuda_graph=True` with `graph_sizes={"B":..,"H":..,"W":..}` replays one captured CUDA graph."""
+
+    def __init__(self, model_path: Path, spec, metadata: dict, *, threads: int | None = None,
+                 cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None):
+        self.spec, self.metadata, self.model_path = spec, metadata, Path(model_path)
+        settings = metadata["settings"]
+        self.on_cuda = settings["providers"][0][0] == "CUDAExecutionProvider"
+        self.device_id = int(settings.get("device_id", 0))
+        self.cuda_graph = cuda_graph
+        free_dimensions = None
+        if cuda_graph:
+            if not self.on_cuda:
+                raise ValueError("cuda_graph=True needs an ort-cuda engine; ort-cpu has no CUDA graphs")
+            if not graph_sizes:
+                raise ValueError("cuda_graph=True needs graph_sizes={'B': .., 'H': .., 'W': ..}: a CUDA graph "
+                                 "replays one fixed shape")
+            free_dimensions = self._free_dimensions(graph_sizes)
+        self.session = make_session(self.model_path, settings, level=settings["load_optimization_level"],
+                                    threads=threads, free_dimensions=free_dimensions, cuda_graph=cuda_graph)
+        self._graph_buffers = self._allocate_graph_buffers(graph_sizes) if cuda_graph else None
+
+    # -- host path -------------------------------------------------------------------------
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = prepare_feeds(self.spec, self.metadata, feeds)
+        if self.cuda_graph:
+            outputs = self.run_device(feeds)
+            return {name: value.cpu().numpy() for name, value in outputs.items()}
+        values = self.session.run(self.spec.output_names, feeds)
+        return dict(zip(self.spec.output_names, values))
+
+    # -- device path (ort-cuda) ------------------------------------------------------------
+    def run_device(self, feeds: dict, outputs: dict | None = None) -> dict:
+        """Run with inputs and outputs on the GPU. Feeds: OrtValues, torch CUDA tensors or numpy arrays.
+        Returns OrtValues on the device, or `outputs` (preallocated torch tensors) filled in place.
+        In CUDA graph mode, returns the engine's persistent torch output buffers (copy before the next call)."""
+        if not self.on_cuda:
+            raise ValueError(f"run_device needs an ort-cuda engine; {self.model_path} runs on the CPU, use run()")
+        if self._graph_buffers is not None:
+            return self._run_graph(feeds)
+        if any(_is_torch(v) for v in list(feeds.values()) + list((outputs or {}).values())):
+            # ORT runs on its own CUDA stream: let the work that produced the torch tensors finish first.
+            import torch
+            torch.cuda.current_stream(self.device_id).synchronize()
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if _is_torch(value):
+                value = value.contiguous()
+                binding.bind_input(name, "cuda", self.device_id, _torch_to_numpy_dtype(value.dtype),
+                                   tuple(value.shape), value.data_ptr())
+            elif isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.spec.output_names:
+            if outputs and name in outputs:
+                tensor = outputs[name]
+                binding.bind_output(name, "cuda", self.device_id, _torch_to_numpy_dtype(tensor.dtype),
+                                    tuple(tensor.shape), tensor.data_ptr())
+            else:
+                binding.bind_output(name, "cuda", self.device_id)
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        if outputs:
+            return {name: outputs[name] for name in self.spec.output_names}
+        return dict(zip(self.spec.output_names, binding.get_outputs()))
+
+    def run_torch(self, feeds: dict) -> dict:
+        """torch CUDA tensors in, freshly allocated torch CUDA tensors out (sizes from the input shapes)."""
+        import torch
+        sizes = sizes_from_shapes(self.spec, {name: tuple(value.shape) for name, value in feeds.items()})
+        shapes = self.spec.shapes(sizes)
+        io = self.metadata["io"]["outputs"]
+        outputs = {name: torch.empty(shapes[name], dtype=getattr(torch, io[name]["dtype"]),
+                                     device=f"cuda:{self.device_id}") for name in self.spec.output_names}
+        return self.run_device(feeds, outputs)
+
+    # -- CUDA graph mode -------------------------------------------------------------------
+    def _free_dimensions(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Symbolic dim names of the ONNX graph -> values, read from the spec's shapes at `sizes`."""
+        shapes = self.spec.shapes(sizes)
+        fixed: dict[str, int] = {}
+        for group in ("inputs", "outputs"):
+            for name, info in self.metadata["io"][group].items():
+                for dim, value in zip(info["shape"], shapes.get(name, ())):
+                    if isinstance(dim, str) and fixed.setdefault(dim, value) != value:
+                        raise ValueError(f"ONNX dim {dim!r} would be both {fixed[dim]} and {value} at sizes {sizes}")
+        return fixed
+
+    def _allocate_graph_buffers(self, sizes: dict[str, int]) -> dict:
+        import torch
+        shapes = self.spec.shapes(sizes)
+        io = self.metadata["io"]
+        device = f"cuda:{self.device_id}"
+        buffers = {name: torch.zeros(shapes[name], dtype=getattr(torch, info["dtype"]), device=device)
+                   for group in ("inputs", "outputs") for name, info in io[group].items() if name in shapes}
+        binding = self.session.io_binding()
+        for group, bind in (("inputs", binding.bind_input), ("outputs", binding.bind_output)):
+            for name in io[group]:
+                if name in buffers:
+                    t = buffers[name]
+                    bind(name, "cuda", self.device_id, _torch_to_numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        self._graph_binding = binding
+        return buffers
+
+    def _run_graph(self, feeds: dict) -> dict:
+        import torch
+        for name, value in feeds.items():
+            buffer = self._graph_buffers[name]
+            if tuple(value.shape) != tuple(buffer.shape):
+                raise ValueError(f"CUDA graph engine {self.spec.name} was captured for {name!r} shape "
+                                 f"{list(buffer.shape)}, got {list(value.shape)}; load another with other graph_sizes")
+            buffer.copy_(value if _is_torch(value) else torch.from_numpy(np.asarray(value)))
+        torch.cuda.current_stream(self.device_id).synchronize()  # ORT replays on its own stream
+        self.session.run_with_iobinding(self._graph_binding)  # ORT synchronizes its stream at the end of a run
+        return {name: self._graph_buffers[name] for name in self.spec.output_names}
+
+
+_TORCH_TO_NUMPY = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64,
+                   "torch.int32": np.int32}
+
+
+def _torch_to_numpy_dtype(dtype) -> type:
+    try:
+        return _TORCH_TO_NUMPY[str(dtype)]
+    except KeyError:
+        raise ValueError(f"torch dtype {dtype} has no ONNX Runtime binding here; use float32, float16 or int64") from None

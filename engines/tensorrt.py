@@ -1,0 +1,243 @@
+"""TensorRT 10 engines: ONNX -> serialized plan (one optimization profile from the spec), and a
+small runtime wrapper over IExecutionContext with torch CUDA tensors as buffers.
+
+The pure part, `trt_build_plan`, decides every build setting (flags, profile shapes, workspace,
+optimization level, timing cache) without importing tensorrt, so it is tested everywhere and
+recorded in engine.json; `build_trt_engine` only applies it through the TensorRT Python API.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toonark.engines.base import Engine
+from toonark.engines.metadata import prepare_feeds
+from toonark.files import atomic_file
+
+DEFAULT_WORKSPACE_BYTES = 8 << 30   # SD-1.5's UNet tactics want a few GiB at 768x768; the pool is a cap, not a reservation
+DEFAULT_OPTIMIZATION_LEVEL = 3      # TensorRT's default; 4-5 search longer for a few % more
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as err:  # also catches the PyPI stub wheels that fail at import
+        raise RuntimeError(f"TensorRT is not installed (import tensorrt failed: {err}). Install the TensorRT Python "
+                           f"wheel for your CUDA on a GPU machine, or build BACKEND=ort-cuda / ort-cpu.") from None
+    return tensorrt
+
+
+@dataclass(frozen=True)
+class TrtBuildPlan:
+    """Everything that shapes a TensorRT plan; part of engine.json, so a changed setting rebuilds."""
+    submodel: str
+    precision: str
+    builder_flags: tuple[str, ...]          # trt.BuilderFlag member names
+    network_flags: tuple[str, ...]          # trt.NetworkDefinitionCreationFlag member names
+    profile: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]  # (input, min, opt, max)
+    workspace_bytes: int
+    optimization_level: int
+    timing_cache: str | None
+    refit: bool
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrtBuildPlan":
+        return cls(submodel=data["submodel"], precision=data["precision"],
+                   builder_flags=tuple(data["builder_flags"]), network_flags=tuple(data["network_flags"]),
+                   profile=tuple((name, tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
+                                 for name, v in data["profile"].items()),
+                   workspace_bytes=data["workspace_bytes"], optimization_level=data["optimization_level"],
+                   timing_cache=data["timing_cache"], refit=data["refit"])
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["profile"] = {name: {"min": list(mn), "opt": list(opt), "max": list(mx)}
+                           for name, mn, opt, mx in self.profile}
+        data["builder_flags"], data["network_flags"] = list(self.builder_flags), list(self.network_flags)
+        return data
+
+
+def trt_build_plan(spec, limits, precision: str, options: dict | None = None) -> TrtBuildPlan:
+    """Decide the build for one submodel.
+
+    options: workspace_bytes, optimization_level (0-5), timing_cache (path or None), refit (bool),
+    strongly_typed (bool: types come from the ONNX graph, no precision flags; TensorRT's preferred
+    mode for a QDQ or already-fp16 graph).
+
+    fp32 -> no precision flag (TF32 stays on, TensorRT's default); fp16 -> FP16; int8 -> INT8 + FP16:
+    the int8 UNet is an explicit QDQ graph (make calibrate), TensorRT runs the Q/DQ-wrapped ops in
+    int8 and is free to pick fp16 for the rest.
+    """
+    options = dict(options or {})
+    unknown = set(options) - {"workspace_bytes", "optimization_level", "timing_cache", "refit", "strongly_typed"}
+    if unknown:
+        raise ValueError(f"unknown TensorRT build options {sorted(unknown)}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    level = int(options.get("optimization_level", DEFAULT_OPTIMIZATION_LEVEL))
+    if not 0 <= level <= 5:
+        raise ValueError(f"TensorRT builder optimization level must be 0..5, got {level}")
+    workspace = int(options.get("workspace_bytes", DEFAULT_WORKSPACE_BYTES))
+    if workspace <= 0:
+        raise ValueError(f"TensorRT workspace must be positive bytes, got {workspace}")
+    refit = bool(options.get("refit", False))
+    strongly_typed = bool(options.get("strongly_typed", False))
+    if strongly_typed:
+        flags: tuple[str, ...] = ()
+        network_flags: tuple[str, ...] = ("STRONGLY_TYPED",)
+    else:
+        flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
+        network_flags = ()
+    if refit:
+        flags += ("REFIT",)
+    profile = tuple((name, tuple(mn), tuple(opt), tuple(mx)) for name, (mn, opt, mx) in spec.profile(limits).items())
+    cache = options.get("timing_cache")
+    return TrtBuildPlan(submodel=spec.name, precision=precision, builder_flags=flags, network_flags=network_flags,
+                        profile=profile, workspace_bytes=workspace, optimization_level=level,
+                        timing_cache=None if cache is None else str(cache), refit=refit)
+
+
+def _trt_logger(trt):
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def _io_record(trt, network) -> dict:
+    def describe(tensors):
+        return {t.name: {"dtype": np.dtype(trt.nptype(t.dtype)).name, "shape": list(t.shape)} for t in tensors}
+    return {"inputs": describe(network.get_input(i) for i in range(network.num_inputs)),
+            "outputs": describe(network.get_output(i) for i in range(network.num_outputs))}
+
+
+def build_trt_engine(source_onnx: Path, plan_path: Path, plan: TrtBuildPlan) -> dict:
+    """Parse `source_onnx`, build with `plan`, write the serialized engine to `plan_path` atomically and
+    merge the tactic timings into the shared timing cache. Returns the network I/O record."""
+    trt = import_tensorrt()
+    logger = _trt_logger(trt)
+    builder = trt.Builder(logger)
+    network_flags = 0
+    for name in plan.network_flags:
+        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves external data (model.onnx.data) relative to the model file.
+    if not parser.parse_from_file(str(source_onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {source_onnx}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    config.builder_optimization_level = plan.optimization_level
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+
+    profile = builder.create_optimization_profile()
+    declared = {name: (mn, opt, mx) for name, mn, opt, mx in plan.profile}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in declared:
+            raise RuntimeError(f"{source_onnx} has input {tensor.name!r}, which the {plan.submodel} spec does not "
+                               f"declare ({sorted(declared)}); re-export with `make export`")
+        if -1 in tuple(tensor.shape):  # static inputs (the 0-d timestep) need no profile entry
+            profile.set_shape(tensor.name, *declared[tensor.name])
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build {plan.submodel} from {source_onnx} (see the TensorRT log above)")
+    with atomic_file(plan_path) as handle:
+        handle.write(memoryview(serialized))
+    if cache_path is not None:
+        save_timing_cache(trt, config, cache_path)
+    return _io_record(trt, network)
+
+
+def save_timing_cache(trt, config, cache_path: Path) -> None:
+    """Merge this build's timings with what is on disk now (another build may have added some), then
+    replace the file atomically."""
+    cache = config.get_timing_cache()
+    if cache_path.is_file():
+        on_disk = config.create_timing_cache(cache_path.read_bytes())
+        cache.combine(on_disk, ignore_mismatch=False)  # skipped (False) for another TensorRT version: ours wins
+    with atomic_file(cache_path) as handle:
+        handle.write(memoryview(cache.serialize()))
+
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32",
+                 "int8": "int8", "bool": "bool", "bfloat16": "bfloat16"}
+
+
+class TrtEngine(Engine):
+    """A deserialized plan with one execution context. `run` takes and returns numpy; `run_device`
+    takes torch CUDA tensors and returns torch CUDA tensors (outputs allocated per call, or passed in)."""
+
+    def __init__(self, plan_path: Path, spec, metadata: dict, *, device_id: int = 0, stream=None):
+        import torch
+        trt = import_tensorrt()
+        self.spec, self.metadata, self.plan_path = spec, metadata, Path(plan_path)
+        self.device = torch.device("cuda", device_id)
+        self._trt, self._torch = trt, torch
+        self._logger = _trt_logger(trt)
+        self.runtime = trt.Runtime(self._logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {self.plan_path} (see the log above); rebuild it "
+                               f"with `make engine BACKEND=tensorrt`")
+        self.context = self.engine.create_execution_context()
+        self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: getattr(torch, _TORCH_DTYPES[np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name])
+                       for n in names}
+
+    def refit_from_onnx(self, onnx_path: Path) -> None:
+        """Swap in the weights of another ONNX with the same graph (engine built with refit=True)."""
+        trt = self._trt
+        refitter = trt.Refitter(self.engine, self._logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            raise RuntimeError(f"TensorRT could not read refit weights from {onnx_path}")
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError(f"refitting {self.plan_path} from {onnx_path} failed; was it built with refit=True?")
+
+    def run_device(self, feeds: dict, outputs: dict | None = None) -> dict:
+        torch = self._torch
+        keep = []
+        for name in self.input_names:
+            tensor = feeds[name]
+            if tensor.device != self.device or tensor.dtype != self.dtypes[name]:
+                tensor = tensor.to(self.device, self.dtypes[name])
+            tensor = tensor.contiguous()
+            keep.append(tensor)
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"{self.spec.name} input {name!r} shape {list(tensor.shape)} is outside the "
+                                 f"engine profile {self.metadata.get('profile', {}).get(name)}")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        result = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            tensor = outputs[name] if outputs and name in outputs else \
+                torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            result[name] = tensor
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        # Inputs may have been produced on another stream: order this stream after the current one.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.plan_path} failed (see the log above)")
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        del keep
+        return result
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        feeds = prepare_feeds(self.spec, self.metadata, feeds)
+        device_feeds = {name: torch.from_numpy(value).to(self.device) for name, value in feeds.items()}
+        outputs = self.run_device(device_feeds)
+        torch.cuda.current_stream(self.device).synchronize()
+        return {name: outputs[name].cpu().numpy() for name in self.spec.output_names}

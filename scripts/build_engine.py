@@ -1,0 +1,69 @@
+"""Build engines from the exported ONNX (`make engine OUT=dir BACKEND=... PRECISION=...`):
+OUT/engines/<backend>-<precision>/<submodel>/ with the engine file and engine.json. Engines whose
+engine.json still matches their source ONNX and settings are kept unless --force."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from toonark.export.specs import PRECISIONS, submodel_specs
+from toonark.layout import BACKENDS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="build folder (made by `make export`)")
+    parser.add_argument("--backend", choices=BACKENDS, required=True)
+    parser.add_argument("--precision", choices=PRECISIONS, required=True,
+                        help="int8 needs a passing `make calibrate` first")
+    parser.add_argument("--submodel", action="append",
+                        help="repeatable; default: the served submodels, plus vae_encoder when exported")
+    parser.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ORT intra-op threads recorded as the load default (default 0: ORT's choice)")
+    parser.add_argument("--device-id", type=int, default=0, help="CUDA device (ort-cuda, tensorrt)")
+    trt = parser.add_argument_group("TensorRT")
+    trt.add_argument("--workspace-mib", type=int, default=None, help="builder workspace cap (default 8192)")
+    trt.add_argument("--optimization-level", type=int, default=None, help="builder optimization level 0-5")
+    trt.add_argument("--refit", action="store_true", help="build refittable plans")
+    trt.add_argument("--strongly-typed", action="store_true",
+                     help="take layer precisions from the ONNX types (no FP16/INT8 flags)")
+    return parser.parse_args(argv)
+
+
+def format_table(results: dict, engine_root: Path) -> str:
+    rows = [("submodel", "file", "MiB", "build s", "status")]
+    for name, metadata in results.items():
+        rows.append((name, str(engine_root / name / metadata["engine_file"]),
+                     f"{metadata['engine_bytes'] / 2**20:.1f}", f"{metadata['build_seconds']:.1f}",
+                     metadata.get("status", "built")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from toonark.engines.build import build_engines
+    from toonark.layout import BuildLayout
+    trt_options = {}
+    if args.workspace_mib is not None:
+        trt_options["workspace_bytes"] = args.workspace_mib << 20
+    if args.optimization_level is not None:
+        trt_options["optimization_level"] = args.optimization_level
+    if args.refit:
+        trt_options["refit"] = True
+    if args.strongly_typed:
+        trt_options["strongly_typed"] = True
+    try:
+        results = build_engines(args.out, args.backend, args.precision, submodels=args.submodel, force=args.force,
+                                threads=args.threads, device_id=args.device_id, trt_options=trt_options or None)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_table(results, BuildLayout(args.out).engine_dir(args.backend, args.precision)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
