@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes 0700; the result is read by other users (a Triton server account), so honour umask.
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():
@@ -38,6 +46,7 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; see atomic_dir
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
