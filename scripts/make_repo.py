@@ -1,0 +1,42 @@
+"""Generate the Triton model repository for a build (`make repo OUT=dir BACKEND= PRECISION=`):
+OUT/triton_model_repo with the `toonark` ensemble (preprocess -> text_encoder -> denoise [unet by BLS]
+-> vae_decoder -> postprocess), every config.pbtxt written from the export specs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from toonark.layout import BACKENDS
+from toonark.triton_model_repo.generate import LAYOUTS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="build folder (engines built by `make engine`)")
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    parser.add_argument("--precision", default="fp32", help="engine precision: fp32, fp16 or int8")
+    parser.add_argument("--layout", choices=LAYOUTS, default="python",
+                        help="python: ONNX Runtime inside the Python backend (the pip server); onnxruntime_onnx / "
+                             "tensorrt_plan: native backends of NGC tritonserver images")
+    parser.add_argument("--repo", type=Path, help="where to write it (default OUT/triton_model_repo)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per engine (0: auto)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from toonark.triton_model_repo.generate import write_repo
+    try:
+        repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
+                          out=args.repo, intra_op_threads=args.threads)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
+          f"`make serve OUT={args.out}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

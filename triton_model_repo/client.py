@@ -1,0 +1,159 @@
+"""Client of the `toonark` ensemble over HTTP or gRPC (tritonclient), with a per-stage profile.
+
+    result = generate("127.0.0.1:8000", GenerateOptions(prompt="a happy robot", seed=3), protocol="http")
+    open("robot.png", "wb").write(result.images[0])
+
+Optional inputs left as None are not sent, so the server's defaults apply. The profile comes
+from Triton's statistics API: the per-model deltas of the success counters around the request
+(exact when this client is the server's only user).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toonark.triton_model_repo.generate import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS
+
+PROTOCOLS = ("http", "grpc")
+# Stages in request order; `unet` runs once per step, called by `denoise`.
+STAGES = ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "postprocess")
+
+_NUMPY = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+_WIRE = {"STRING": "BYTES"}
+
+
+class ServerError(RuntimeError):
+    """The server (or the connection to it) failed the request; the message is one line."""
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str | list[str]
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    preset: str | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        given = {"PROMPT": prompts, "NEGATIVE_PROMPT": self.negative_prompt, "SEED": self.seed, "STEPS": self.steps,
+                 "PRESET": self.preset, "GUIDANCE": self.guidance, "WIDTH": self.width, "HEIGHT": self.height,
+                 "FORMAT": self.format}
+        out = {}
+        for port in ENSEMBLE_INPUTS:
+            value = given[port.name]
+            if value is None:
+                if not port.optional:
+                    raise ValueError(f"{port.name} is required")
+                continue
+            values = value if isinstance(value, list) else [value]
+            if port.triton_type == "STRING":
+                values = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+            out[port.name] = np.array(values, dtype=_NUMPY[port.triton_type])
+        return out
+
+
+@dataclass
+class GenerateResult:
+    images: list[bytes]
+    seconds: float
+    stages_ms: dict[str, dict] = field(default_factory=dict)   # model -> {"calls", "total_ms", "per_call_ms"}
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _module(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return module
+
+
+def connect(url: str, protocol: str = "http", timeout_s: float = 600.0):
+    module = _module(protocol)
+    if protocol == "http":
+        return module.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return module.InferenceServerClient(url)
+
+
+def model_statistics(client, protocol: str) -> dict[str, dict]:
+    """{model: {"count": successful executions, "ns": their total time}} from the statistics API."""
+    stats = client.get_inference_statistics(**({"as_json": True} if protocol == "grpc" else {}))
+    out = {}
+    for entry in stats.get("model_stats", []):
+        success = entry.get("inference_stats", {}).get("success", {})
+        out[entry["name"]] = {"count": int(success.get("count", 0)), "ns": int(success.get("ns", 0))}
+    return out
+
+
+def stage_profile(before: dict, after: dict) -> dict[str, dict]:
+    profile = {}
+    for name in STAGES + (ENSEMBLE,):
+        if name not in after:
+            continue
+        calls = after[name]["count"] - before.get(name, {}).get("count", 0)
+        total = (after[name]["ns"] - before.get(name, {}).get("ns", 0)) / 1e6
+        profile[name] = {"calls": calls, "total_ms": round(total, 2),
+                         "per_call_ms": round(total / calls, 2) if calls else None}
+    return profile
+
+
+def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timings: bool = False,
+             timeout_s: float = 600.0) -> GenerateResult:
+    """One request to the `toonark` ensemble. Raises ServerError with a one-line message on any
+    server or connection failure, and when the response carries no image (gotcha 6: a cached
+    failure comes back as success without outputs)."""
+    import time
+    module = _module(protocol)
+    from tritonclient.utils import InferenceServerException
+    inputs = []
+    for name, value in options.inputs().items():
+        port = next(p for p in ENSEMBLE_INPUTS if p.name == name)
+        tensor = module.InferInput(name, list(value.shape), _WIRE.get(port.triton_type, port.triton_type))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    outputs = [module.InferRequestedOutput(p.name) for p in ENSEMBLE_OUTPUTS]
+    output_name = ENSEMBLE_OUTPUTS[0].name
+    client = None
+    try:
+        client = connect(url, protocol, timeout_s)
+        before = model_statistics(client, protocol) if timings else {}
+        start = time.perf_counter()
+        kwargs = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+        response = client.infer(ENSEMBLE, inputs, outputs=outputs, **kwargs)
+        seconds = time.perf_counter() - start
+        after = model_statistics(client, protocol) if timings else {}
+        images = response.as_numpy(output_name)
+    except InferenceServerException as err:
+        raise ServerError(one_line(err.message() or str(err))) from None
+    except (ConnectionError, OSError) as err:
+        raise ServerError(f"cannot reach the {protocol} endpoint {url}: {one_line(err)} "
+                          f"(is `make serve` running on that port?)") from None
+    finally:
+        if client is not None:
+            client.close()
+    if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
+        raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
+                          f"restart the server and check its log")
+    return GenerateResult([bytes(image) for image in images.reshape(-1)], seconds,
+                          stage_profile(before, after) if timings else {})
+
+
+def format_profile(result: GenerateResult) -> str:
+    lines = [f"{'stage':<14}{'calls':>6}{'total ms':>11}{'ms/call':>10}"]
+    for name, row in result.stages_ms.items():
+        per_call = f"{row['per_call_ms']:.1f}" if row["per_call_ms"] is not None else "-"
+        lines.append(f"{name:<14}{row['calls']:>6}{row['total_ms']:>11.1f}{per_call:>10}")
+    lines.append(f"{'client':<14}{1:>6}{result.seconds * 1e3:>11.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""toonark denoise: DPM-Solver++ 2M with classifier-free guidance, one BLS call to `unet` per step."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from toonark.triton_model_repo import runtime
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = runtime.model_parameters(config)
+        self.unet_model = params["unet_model"]
+        self.unet_output = params["unet_output"]
+        self.text_name = params["text_hidden_name"]
+        self.latent_name = params["latent_name"]
+        self.float_dtype = pb_utils.triton_string_to_numpy(params["unet_float_type"])
+        latent_config = pb_utils.get_output_config_by_name(config, self.latent_name)
+        self.latent_dtype = pb_utils.triton_string_to_numpy(latent_config["data_type"])
+        self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
+        self.logger = pb_utils.Logger
+
+    def _unet(self, feeds):
+        response = pb_utils.InferenceRequest(
+            model_name=self.unet_model, requested_output_names=[self.unet_output],
+            # Triton has no 0-d tensors: the timestep goes as [1]; the unet runner restores rank 0.
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value).reshape(value.shape or (1,)))
+                    for name, value in feeds.items()]).exec()
+        if response.has_error():
+            raise pb_utils.TritonModelException(response.error().message())
+        return pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy()
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            def scalar(name):
+                return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0].item()
+            text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+            try:
+                latents = self.denoiser.run(text, seed=int(scalar("seed")), steps=int(scalar("steps")),
+                                            guidance=float(scalar("guidance")), width=int(scalar("width")),
+                                            height=int(scalar("height")), unet=self._unet,
+                                            float_dtype=self.float_dtype)
+            except (runtime.RequestError, pb_utils.TritonModelException) as err:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+                continue
+            calls = self.denoiser.last_unet_seconds
+            self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
+                                    f"ms each")
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(self.latent_name, latents.astype(self.latent_dtype))]))
+        return responses

@@ -1,0 +1,292 @@
+"""Generate the Triton model repository for a build folder: `write_repo(OUT)` -> OUT/triton_model_repo.
+
+    toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT? -> IMAGE
+      preprocess    (python)  kid template + safety + CLIP tokenizer -> input_ids (2B, L), uncond first;
+                              resolves the defaults of every optional input (the one place they live)
+      text_encoder  (engine)  input_ids -> last_hidden_state
+      denoise       (python)  DPM-Solver++ 2M with classifier-free guidance; calls `unet` by BLS each step;
+                              returns latents / vae_scaling_factor (the only place that factor is applied)
+      unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
+      vae_decoder   (engine)  latent_sample -> sample
+      postprocess   (python)  sample (B, 3, H, W) in [-1, 1] -> one PNG / WebP per image
+
+Every config.pbtxt is written here: the ensemble I/O comes from ENSEMBLE_INPUTS / ENSEMBLE_OUTPUTS
+below, every submodel I/O block from the export specs (toonark.export.specs). Triton 2.51 ensembles
+accept `optional: true` inputs (checked on the bundled server) and hand "absent" on to the step that
+declares the same input optional, so `preprocess` declares them optional and fills in the defaults.
+
+Layouts (same generator):
+  python            engines run in a Python-backend ONNX Runtime runner (onnx_runner/1/model.py copied
+                    into each engine model); what the pip-bundled CPU server runs.
+  onnxruntime_onnx  platform onnxruntime_onnx + 1/model.onnx (NGC tritonserver images).
+  tensorrt_plan     platform tensorrt_plan + 1/model.plan, KIND_GPU (NGC images with the same TensorRT).
+
+Scalars: Triton has no 0-d tensors and 2.51 refuses an empty `reshape` when max_batch_size is 0, so
+the UNet's rank-0 `timestep` is declared dims [1]. The Python runner reshapes it back; the native
+onnxruntime_onnx / tensorrt_plan backends need an export whose timestep has shape [1].
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toonark.export.specs import SERVED_SUBMODELS, BuildInfo, SubmodelSpec, TensorSpec
+from toonark.files import atomic_dir
+from toonark.layout import BuildLayout
+
+LAYOUTS = ("python", "onnxruntime_onnx", "tensorrt_plan")
+ENSEMBLE = "toonark"
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Port:
+    """One tensor of a hand-written (non-spec) model: name, Triton type, dims."""
+    name: str
+    triton_type: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    reshape: tuple[int, ...] | None = None   # the shape the model sees, when it differs from dims
+
+
+# The served API, declared once. Defaults of the optional inputs are resolved in `preprocess`
+# (config parameters from `serving_defaults()`, template / negative prompt / presets from toonark.prompts).
+ENSEMBLE_INPUTS = (
+    Port("PROMPT", "STRING", (-1,)),                 # one prompt per image (B prompts -> B images)
+    Port("NEGATIVE_PROMPT", "STRING", (-1,), True),  # 1 or B strings, appended to the policy's negative prompt
+    Port("SEED", "INT64", (1,), True),               # noise seed of the whole request (default 0)
+    Port("STEPS", "INT32", (1,), True),              # DPM-Solver++ steps (default: the preset's)
+    Port("PRESET", "STRING", (1,), True),            # "fast" | "standard" | "hq" (toonark.prompts policy)
+    Port("GUIDANCE", "FP32", (1,), True),            # classifier-free guidance scale
+    Port("WIDTH", "INT32", (1,), True),              # pixels, a multiple of the build's image step
+    Port("HEIGHT", "INT32", (1,), True),
+    Port("FORMAT", "STRING", (1,), True),            # "png" | "webp"
+)
+ENSEMBLE_OUTPUTS = (Port("IMAGE", "STRING", (-1,)),)  # encoded image bytes, one per prompt
+
+# Request parameters after preprocess resolved the defaults: its outputs, denoise's/postprocess' inputs.
+RESOLVED = (Port("seed", "INT64", (1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
+            Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)))
+
+_TRITON_TYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+                 "float16": "FP16", "float32": "FP32", "float64": "FP64"}
+
+
+def triton_type(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in _TRITON_TYPES:
+        raise ValueError(f"no Triton type for numpy dtype {name!r}; extend _TRITON_TYPES in {__file__}")
+    return _TRITON_TYPES[name]
+
+
+def io_precision(precision: str) -> str:
+    """Float dtype at the engine boundary: fp16 engines take and return fp16, int8/fp32 engines fp32."""
+    return "fp16" if precision == "fp16" else "fp32"
+
+
+def spec_port(tensor: TensorSpec, precision: str, name: str | None = None, dtype=None) -> Port:
+    """A spec tensor as a Triton I/O entry. Triton has no 0-d tensors, and 2.51 refuses an empty
+    `reshape` in a model with max_batch_size 0, so a scalar (the UNet's timestep) is declared as
+    dims [1]; the Python runner reshapes it to the spec's rank 0 before ONNX Runtime."""
+    dims = tuple(tensor.triton_dims()) or (1,)
+    dtype = dtype or tensor.numpy_dtype(io_precision(precision))
+    return Port(name or tensor.name, triton_type(dtype), dims)
+
+
+def serving_defaults(info: BuildInfo) -> dict[str, str]:
+    """Defaults of the optional ensemble inputs (strings: Triton config parameters are strings).
+    Steps, the template and the negative prompt come from toonark.prompts' policy at serve time."""
+    return {"default_seed": "0", "default_guidance": "7.5", "default_width": str(info.limits.opt_image),
+            "default_height": str(info.limits.opt_image), "default_format": "png"}
+
+
+# --- config.pbtxt text ------------------------------------------------------------------------
+
+def _quote(value: str) -> str:
+    return json.dumps(str(value))  # pbtxt string literals accept JSON escapes for these characters
+
+
+def _io_block(kind: str, ports) -> str:
+    rows = []
+    for port in ports:
+        dims = ", ".join(str(d) for d in port.dims)
+        extra = " optional: true" if port.optional else ""
+        if port.reshape is not None:
+            extra += f" reshape: {{ shape: [ {', '.join(str(d) for d in port.reshape)} ] }}"
+        rows.append(f'  {{ name: {_quote(port.name)} data_type: TYPE_{port.triton_type} dims: [ {dims} ]{extra} }}')
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def _parameters(params: dict[str, str]) -> str:
+    return "".join(f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}\n"
+                   for k, v in sorted(params.items()))
+
+
+def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
+                 kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
+                 default_model_filename: str | None = None) -> str:
+    head = f"name: {_quote(name)}\n"
+    head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
+    if default_model_filename:
+        head += f"default_model_filename: {_quote(default_model_filename)}\n"
+    head += "max_batch_size: 0\n"
+    text = head + _io_block("input", inputs) + _io_block("output", outputs)
+    text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
+    return text + _parameters(params or {})
+
+
+def ensemble_config(steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> str:
+    """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
+    text = (f"name: {_quote(ENSEMBLE)}\nplatform: \"ensemble\"\nmax_batch_size: 0\n"
+            + _io_block("input", ENSEMBLE_INPUTS) + _io_block("output", ENSEMBLE_OUTPUTS))
+    rows = []
+    for model, inputs, outputs in steps:
+        maps = "".join(f" input_map {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in inputs.items())
+        maps += "".join(f" output_map {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in outputs.items())
+        rows.append(f"  {{ model_name: {_quote(model)} model_version: -1{maps} }}")
+    return text + "ensemble_scheduling { step [\n" + ",\n".join(rows) + "\n] }\n"
+
+
+def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
+    """Spec I/O with dtypes from engine.json when it records them (the engine's real boundary)."""
+    io = (metadata or {}).get("io", {})
+
+    def port(tensor: TensorSpec, side: str) -> Port:
+        recorded = io.get(side, {}).get(tensor.name, {}).get("dtype")
+        return spec_port(tensor, precision, dtype=np.dtype(recorded) if recorded else None)
+
+    return [port(t, "inputs") for t in spec.inputs], [port(t, "outputs") for t in spec.outputs]
+
+
+def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
+                 metadata: dict[str, dict] | None = None, intra_op_threads: int = 0) -> dict[str, str]:
+    """{model name: config.pbtxt text} for every model of the repository (no files touched)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "tensorrt_plan" and backend != "tensorrt":
+        raise ValueError(f"layout tensorrt_plan serves TensorRT plans, but backend is {backend!r}; "
+                         f"use --backend tensorrt (build it with `make engine BACKEND=tensorrt`)")
+    if layout != "tensorrt_plan" and backend == "tensorrt":
+        raise ValueError(f"backend tensorrt builds .plan files; serve them with --layout tensorrt_plan, not {layout!r}")
+    specs = info.specs
+    metadata = metadata or {}
+    te, unet, vae = (specs[n] for n in SERVED_SUBMODELS)
+    engine_kind = "KIND_CPU" if backend == "ort-cpu" else "KIND_GPU"
+    configs = {}
+    for spec in (te, unet, vae):
+        inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
+        if layout == "python":
+            configs[spec.name] = model_config(
+                spec.name, inputs, outputs, backend="python", kind="KIND_CPU",
+                params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
+                        "execution_provider": "CUDAExecutionProvider" if backend == "ort-cuda"
+                        else "CPUExecutionProvider"})
+        elif layout == "onnxruntime_onnx":
+            configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
+                                              kind=engine_kind, default_model_filename="model.onnx")
+        else:
+            configs[spec.name] = model_config(spec.name, inputs, outputs, platform="tensorrt_plan",
+                                              kind="KIND_GPU", default_model_filename="model.plan")
+    te_in, te_out = _engine_io(te, precision, metadata.get(te.name))
+    unet_in, _ = _engine_io(unet, precision, metadata.get(unet.name))
+    vae_in, vae_out = _engine_io(vae, precision, metadata.get(vae.name))
+    hidden = te_out[0]
+    configs["preprocess"] = model_config("preprocess", ENSEMBLE_INPUTS, [te_in[0], *RESOLVED],
+                                         backend="python", params=serving_defaults(info))
+    configs["denoise"] = model_config(
+        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *RESOLVED[:5]], [vae_in[0]],
+        backend="python",
+        params={"unet_model": unet.name, "unet_output": unet.output_names[0],
+                "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
+                "latent_name": vae_in[0].name})
+    configs["postprocess"] = model_config("postprocess", [vae_out[0], RESOLVED[5]], list(ENSEMBLE_OUTPUTS),
+                                          backend="python")
+    resolved = {p.name: p.name for p in RESOLVED}
+    configs[ENSEMBLE] = ensemble_config([
+        ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
+         {te_in[0].name: "input_ids", **resolved}),
+        (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
+        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in RESOLVED[:5]}},
+         {vae_in[0].name: "latents"}),
+        (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
+        ("postprocess", {vae_out[0].name: "decoded", "format": "format"}, {"IMAGE": "IMAGE"}),
+    ])
+    return configs
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # other filesystem, or links not allowed
+        shutil.copy2(source, target)
+
+
+def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
+    if not source.is_dir():
+        raise FileNotFoundError(f"{what} not found: {source}. {fix}")
+    shutil.copytree(source, target)
+
+
+def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
+               out: Path | None = None, intra_op_threads: int = 0) -> Path:
+    """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
+
+    The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
+    into <model>/1/, model.py sources are copied from this source tree, and the tokenizer,
+    scheduler config and toonark.json go into <model>/1/pipeline/ of the models that read them.
+    """
+    build_dir = Path(build_dir)
+    paths = BuildLayout(build_dir)
+    info = BuildInfo.read(build_dir)
+    fix_export = f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first."
+    engine_root = paths.engine_dir(backend, precision)
+    engine_name = "model.plan" if backend == "tensorrt" else "model.onnx"
+    metadata = {}
+    for name in SERVED_SUBMODELS:
+        engine = engine_root / name / engine_name
+        if not engine.is_file():
+            raise FileNotFoundError(f"no {backend} {precision} engine for {name}: {engine} is missing. Build it with "
+                                    f"`make engine OUT={build_dir} BACKEND={backend} PRECISION={precision}`.")
+        meta_path = engine_root / name / "engine.json"
+        metadata[name] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
+                           intra_op_threads=intra_op_threads)
+    target = Path(out) if out else paths.triton_repo
+    with atomic_dir(target) as tmp:
+        for name, text in configs.items():
+            (tmp / name / "1").mkdir(parents=True)
+            (tmp / name / "config.pbtxt").write_text(text)
+        for name in SERVED_SUBMODELS:
+            version = tmp / name / "1"
+            for source in sorted((engine_root / name).iterdir()):
+                if source.is_file() and (source.name == engine_name or source.name.startswith(engine_name + ".")
+                                         or source.name == "engine.json"):
+                    _link_or_copy(source, version / source.name)
+            if layout == "python":
+                shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
+        for name in ("preprocess", "denoise", "postprocess"):
+            shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
+        # What each Python model reads at initialize: <model>/1/pipeline/ is a BuildLayout pipeline folder,
+        # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
+        parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
+        if layout == "python":
+            parts.update({name: () for name in SERVED_SUBMODELS})
+        for name, folders in parts.items():
+            pipeline = tmp / name / "1" / "pipeline"
+            pipeline.mkdir()
+            shutil.copy2(paths.pipeline_info, pipeline / paths.pipeline_info.name)
+            for part in folders:
+                _copy_tree(paths.pipeline / part, pipeline / part, f"pipeline {part}", fix_export)
+        (tmp / "README.txt").write_text(
+            f"Generated by toonark.triton_model_repo.generate.write_repo from {build_dir.resolve()}\n"
+            f"backend {backend}, precision {precision}, layout {layout}. Do not edit: regenerate with "
+            f"`make repo OUT={build_dir} BACKEND={backend} PRECISION={precision}`.\n")
+    return target

@@ -1,0 +1,35 @@
+"""toonark engine runner: serves one built submodel (text_encoder, unet or vae_decoder) from <model>/1/
+with ONNX Runtime. The generator copies this file into each engine model; names and dtypes come from
+the config, which the generator wrote from the export spec."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from toonark.triton_model_repo import runtime
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+        self.engine = runtime.load_runner(args, runtime.model_parameters(config))
+        # Scalars travel as [1] (Triton has no 0-d tensors); the engine takes the spec's rank.
+        self.inputs = [(t.name, () if not t.dims else None) for t in self.engine.spec.inputs]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            feeds = {}
+            for name, shape in self.inputs:
+                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                feeds[name] = value if shape is None else value.reshape(shape)
+            try:
+                results = self.engine.run(feeds)
+            except ValueError as err:   # shape / dtype outside what the engine was built for
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+                continue
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, np.ascontiguousarray(results[name], dtype=dtype))
+                 for name, dtype in self.outputs]))
+        return responses

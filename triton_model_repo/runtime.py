@@ -1,0 +1,243 @@
+"""What the Triton Python-backend models of toonark do, importable and testable without Triton.
+
+Each `triton_model_repo/<name>/1/model.py` only parses its config (`model_parameters`), builds
+one object from here in `initialize`, and moves tensors in and out in `execute`:
+
+    preprocess   RequestPreparer.prepare   prompts + optional inputs -> input_ids (2B, L), resolved values
+    denoise      Denoiser.run              text embeddings -> latents / vae_scaling_factor (unet by callback)
+    postprocess  encode_images             decoded (B, 3, H, W) in [-1, 1] -> PNG / WebP bytes
+    engines      load_runner               the built engine in <model>/1/ (ONNX Runtime)
+
+The math is the offline pipeline's (toonark.pipeline, toonark.scheduler): same tokenizer,
+same seeded noise, same solver, same guidance, same uint8 conversion, so the server's image
+equals `Text2ImagePipeline`'s for the same seed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from toonark.export.specs import BuildInfo
+
+# Every config parameter a toonark model reads, with its type (config parameters are strings).
+PARAMETER_TYPES: dict[str, type] = {
+    "default_seed": int, "default_guidance": float,
+    "default_width": int, "default_height": int, "default_format": str,
+    "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
+    "engine_file": str, "intra_op_threads": int, "execution_provider": str,
+}
+
+IMAGE_FORMATS = ("png", "webp")
+
+
+class RequestError(ValueError):
+    """A bad request: sent back to the client as the response's error message, the server stays up."""
+
+
+def model_parameters(model_config: dict | str) -> dict:
+    """Typed values of a model config's `parameters` (the dict Triton passes as args["model_config"])."""
+    config = json.loads(model_config) if isinstance(model_config, str) else model_config
+    values = {}
+    for key, entry in config.get("parameters", {}).items():
+        if key not in PARAMETER_TYPES:
+            raise ValueError(f"model {config.get('name')!r}: unknown config parameter {key!r}; regenerate the "
+                             f"repository with `make repo` (known: {', '.join(sorted(PARAMETER_TYPES))})")
+        raw = entry["string_value"] if isinstance(entry, dict) else entry
+        try:
+            values[key] = PARAMETER_TYPES[key](raw)
+        except ValueError:
+            raise ValueError(f"model {config.get('name')!r}: parameter {key}={raw!r} is not a valid "
+                             f"{PARAMETER_TYPES[key].__name__}") from None
+    return values
+
+
+def version_dir(args: dict) -> Path:
+    """<repo>/<model>/<version>/: where the generator put the engine and pipeline files."""
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def pipeline_dir(args: dict) -> Path:
+    return version_dir(args) / "pipeline"
+
+
+def build_info(args: dict) -> BuildInfo:
+    return BuildInfo.read(version_dir(args))
+
+
+# --- preprocess -----------------------------------------------------------------------------------
+
+def _one(values, name: str, default):
+    """A scalar request input (absent -> default)."""
+    if values is None:
+        return default
+    flat = np.asarray(values).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got {flat.size}")
+    value = flat[0]
+    return value.item() if isinstance(value, np.generic) else value   # BYTES arrays hold bytes
+
+
+def _texts(values, name: str) -> list[str]:
+    out = []
+    for value in np.asarray(values, dtype=object).reshape(-1):
+        try:
+            out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        except UnicodeDecodeError:
+            raise RequestError(f"{name} is not valid UTF-8 text") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One request's parameters after defaults and checks (preprocess' outputs)."""
+    input_ids: np.ndarray        # (2B, L) int64, uncond rows first
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    format: str
+
+    def tensors(self, input_ids_name: str) -> dict[str, np.ndarray]:
+        return {input_ids_name: self.input_ids,
+                "seed": np.array([self.seed], np.int64), "steps": np.array([self.steps], np.int32),
+                "guidance": np.array([self.guidance], np.float32), "width": np.array([self.width], np.int32),
+                "height": np.array([self.height], np.int32),
+                "format": np.array([self.format.encode()], dtype=np.object_)}
+
+
+class RequestPreparer:
+    """Kid-safe prompt handling (toonark.prompts: template, safety check, default negative prompt,
+    step presets) and tokenization; the one place request defaults are applied."""
+
+    def __init__(self, pipeline: Path, info: BuildInfo, params: dict, policy=None):
+        from toonark import pipeline as offline
+        from toonark.prompts import PromptPolicy
+        self.info = info
+        self.params = params
+        self.policy = policy or PromptPolicy.load()
+        self.tokenizer = offline.load_tokenizer(Path(pipeline) / "tokenizer")
+        self._tokenize = offline.tokenize
+
+    def prepare(self, prompt, negative=None, seed=None, steps=None, guidance=None, width=None, height=None,
+                fmt=None, preset=None) -> Resolved:
+        p = self.params
+        subjects = _texts(prompt, "PROMPT")
+        if not subjects:
+            raise RequestError("PROMPT is empty: send one prompt per image")
+        extras = _texts(negative, "NEGATIVE_PROMPT") if negative is not None else [None]
+        if len(extras) not in (1, len(subjects)):
+            raise RequestError(f"NEGATIVE_PROMPT has {len(extras)} entries; send 1 or one per prompt "
+                               f"({len(subjects)})")
+        seed = int(_one(seed, "SEED", p["default_seed"]))
+        guidance = float(_one(guidance, "GUIDANCE", p["default_guidance"]))
+        width = int(_one(width, "WIDTH", p["default_width"]))
+        height = int(_one(height, "HEIGHT", p["default_height"]))
+        fmt = str(_text_or(fmt, "FORMAT", p["default_format"])).lower()
+        preset = _text_or(preset, "PRESET", None)
+        if fmt not in IMAGE_FORMATS:
+            raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
+        if not 0.0 <= guidance <= 30.0 or not np.isfinite(guidance):
+            raise RequestError(f"GUIDANCE {guidance} is out of range; use 0..30 (7.5 is typical)")
+        if not 0 <= seed < 2 ** 63:
+            raise RequestError(f"SEED {seed} is out of range; use 0..2**63-1")
+        try:
+            steps = self.policy.steps_for(preset, None if steps is None else int(_one(steps, "STEPS", None)))
+            self.info.limits.check_request(len(subjects), height, width)
+            pairs = [self.policy.compose(subject, extras[0 if len(extras) == 1 else i])
+                     for i, subject in enumerate(subjects)]
+        except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
+            raise RequestError(str(err)) from None
+        prompts, negatives = [a for a, _ in pairs], [b for _, b in pairs]
+        input_ids, _ = self._tokenize(self.tokenizer, negatives + prompts, self.info.dims.text_length)
+        return Resolved(np.ascontiguousarray(input_ids, dtype=np.int64), seed, steps, guidance, width, height, fmt)
+
+
+def _text_or(values, name: str, default):
+    value = _one(values, name, default)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+# --- denoise --------------------------------------------------------------------------------------
+
+UnetCall = Callable[[dict], np.ndarray]   # {sample, timestep, encoder_hidden_states} -> out_sample
+
+
+class Denoiser:
+    """DPM-Solver++ with classifier-free guidance over a UNet given as a callable
+    (the Triton model passes a BLS call to the `unet` model)."""
+
+    def __init__(self, pipeline: Path, info: BuildInfo):
+        from toonark.scheduler import DPMSolverMultistep
+        self.info = info
+        self.scheduler = DPMSolverMultistep.from_file(Path(pipeline) / "scheduler")
+        self.last_unet_seconds: list[float] = []
+
+    def run(self, text_embeddings: np.ndarray, *, seed: int, steps: int, guidance: float, width: int,
+            height: int, unet: UnetCall, float_dtype=np.float32) -> np.ndarray:
+        """Latents ready for the VAE decoder (already divided by vae_scaling_factor)."""
+        from toonark import pipeline as offline
+        if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
+            raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
+        batch = text_embeddings.shape[0] // 2
+        dims = self.info.dims
+        unet_spec = self.info.specs["unet"]
+        io = "fp16" if np.dtype(float_dtype) == np.float16 else "fp32"
+        latents = offline.initial_latents(seed, batch, dims, height, width,
+                                          init_noise_sigma=self.scheduler.init_noise_sigma)
+        self.last_unet_seconds = []
+        state = self.scheduler.initial_state(self.scheduler.schedule(steps))
+        # The offline Text2ImagePipeline's loop, step for step, with the UNet behind a callable.
+        while not state.done:
+            feeds = offline.unet_feeds(self.scheduler.scale_model_input(latents, state), state.timestep,
+                                       text_embeddings)
+            # Float inputs in the unet engine's I/O precision ("float" in the spec), fixed dtypes as declared.
+            feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs}
+            start = time.perf_counter()
+            noise_pred = unet(feeds)
+            self.last_unet_seconds.append(time.perf_counter() - start)
+            latents, state = self.scheduler.step(offline.classifier_free_guidance(noise_pred, guidance), latents,
+                                                 state)
+        return (latents / np.float32(dims.vae_scaling_factor)).astype(np.float32)
+
+
+# --- postprocess ----------------------------------------------------------------------------------
+
+def encode_images(decoded: np.ndarray, fmt: str) -> list[bytes]:
+    """(B, 3, H, W) VAE output in [-1, 1] -> one encoded image per batch item."""
+    from PIL import Image
+    from toonark import pipeline as offline
+    if fmt not in IMAGE_FORMATS:
+        raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
+    images = offline.to_uint8_hwc(np.asarray(decoded, dtype=np.float32))
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        if fmt == "png":
+            Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
+        else:
+            Image.fromarray(image).save(buffer, format="WEBP", quality=90, method=4)
+        out.append(buffer.getvalue())
+    return out
+
+
+# --- engines --------------------------------------------------------------------------------------
+
+def load_runner(args: dict, params: dict):
+    """The engine of a served submodel, from <model>/1/ (model.onnx + engine.json + pipeline/toonark.json)."""
+    from toonark.engines.ort import OrtEngine
+    folder = version_dir(args)
+    name = json.loads(args["model_config"])["name"]
+    spec = build_info(args).specs[name]
+    metadata_path = folder / "engine.json"
+    if not metadata_path.is_file():
+        raise FileNotFoundError(f"{metadata_path} is missing; regenerate the repository with `make repo`")
+    metadata = json.loads(metadata_path.read_text())
+    threads = params.get("intra_op_threads") or None
+    return OrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads)

@@ -1,0 +1,301 @@
+"""Launch the tritonserver bundled in nvidia-pytriton on this machine (CPU, loopback by default).
+
+Follows /work/shared/triton-cpu-recipe.md section 2: the Python-backend stub matching this
+interpreter is copied into the bundle's backends/python, the venv's bin/ goes first on PATH
+(so the stub runs this venv's python3 and site-packages, where toonark is installed),
+LD_LIBRARY_PATH starts with this interpreter's LIBDIR (the matching libpython), and every
+server gets its own shm-region prefix, removed again by `stop()`.
+
+    with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002) as server:
+        server.wait_ready(timeout=120)
+        ...
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import filecmp
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# Model names in the generated repository; the launcher loads every model folder it finds.
+ENSEMBLE_NAME = "toonark"
+
+
+def check_environment() -> None:
+    """Fail early on what breaks the Python backend silently (recipe gotchas 4 and 5)."""
+    import numpy
+    major = int(numpy.__version__.split(".")[0])
+    if major >= 2:
+        raise RuntimeError(
+            f"numpy {numpy.__version__} is installed in {sys.prefix}; the Triton Python backend returns empty "
+            f"tensors with numpy >= 2 (recipe gotcha 4). Install numpy<2 (`pip install 'numpy<2'`, pinned by "
+            f"`make setup`).")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        raise RuntimeError(f"{sys.executable} was built without --enable-shared; the Python backend stub needs "
+                           f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so (pyenv: "
+                           f"PYTHON_CONFIGURE_OPTS=--enable-shared)")
+
+
+def triton_bundle() -> Path:
+    """The tritonserver folder inside the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        raise RuntimeError("nvidia-pytriton is not installed; it bundles tritonserver. Run `make setup`.") from None
+    bundle = Path(pytriton.__file__).parent / "tritonserver"
+    if not (bundle / "bin" / "tritonserver").is_file():
+        raise RuntimeError(f"{bundle}/bin/tritonserver is missing; reinstall nvidia-pytriton==0.7.0 (`make setup`)")
+    return bundle
+
+
+def install_python_stub(bundle: Path) -> Path:
+    """Copy python_backend_stubs/<X.Y>/triton_python_backend_stub for this interpreter into
+    backends/python (recipe gotchas 1 and 2). Idempotent; returns the installed path."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    source = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not source.is_file():
+        raise RuntimeError(f"the Triton bundle has no Python backend stub for Python {version} ({source}); "
+                           f"use a Python the bundle supports (3.8-3.13)")
+    target = bundle / "backends" / "python" / "triton_python_backend_stub"
+    if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
+        tmp = target.with_name(f".stub.tmp-{os.getpid()}")
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def repo_models(repo: Path) -> list[str]:
+    """Every model folder (one with a config.pbtxt) in a model repository."""
+    return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
+
+
+@dataclass
+class ServerOptions:
+    repo: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    exit_timeout_s: int = 10
+    extra_args: tuple[str, ...] = ()
+
+
+class TritonServer:
+    """One tritonserver process. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, repo: Path, *, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, log_path: Path | None = None,
+                 log_verbose: int = 0, exit_timeout_s: int = 10, extra_args: tuple[str, ...] = ()):
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir():
+            raise FileNotFoundError(f"model repository {self.repo} does not exist; run `make repo OUT=<build>` first")
+        self.models = repo_models(self.repo)
+        if not self.models:
+            raise ValueError(f"{self.repo} holds no model folder with a config.pbtxt; regenerate it with `make repo`")
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.shm_prefix = f"toonark_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.log_verbose = log_verbose
+        self.exit_timeout_s = exit_timeout_s
+        self.extra_args = tuple(extra_args)
+        self._log_path = Path(log_path) if log_path else None
+        self._log_file = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._reader: threading.Thread | None = None
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after_s: float | None = None
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    # -- process -----------------------------------------------------------------------------
+    def command(self, bundle: Path) -> list[str]:
+        args = [str(bundle / "bin" / "tritonserver"),
+                f"--model-repository={self.repo}",
+                f"--backend-directory={bundle / 'backends'}",
+                f"--cache-directory={bundle / 'caches'}",
+                f"--http-address={self.host}", f"--http-port={self.http_port}",
+                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                "--model-control-mode=explicit",
+                "--exit-on-error=true",
+                "--strict-readiness=true",
+                f"--exit-timeout-secs={self.exit_timeout_s}",
+                f"--log-verbose={self.log_verbose}"]
+        args += [f"--load-model={name}" for name in self.models]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)   # the venv's bin/, not the resolved interpreter's
+        env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+        return env
+
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise RuntimeError("this TritonServer was already started; create a new one")
+        check_environment()
+        bundle = triton_bundle()
+        install_python_stub(bundle)
+        if self._log_path:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self._log_path, "w", encoding="utf-8")
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(self.command(bundle), env=self.environment(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                        errors="replace", start_new_session=True)
+        self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_log(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._tail.append(line.rstrip("\n"))
+            if self._log_file:
+                self._log_file.write(line)
+                self._log_file.flush()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Poll /v2/health/ready; return seconds since start. Raises RuntimeError with the server's
+        log tail when the process exits first, TimeoutError when it is not ready in time."""
+        if self.process is None:
+            raise RuntimeError("call start() before wait_ready()")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                if self._reader:
+                    self._reader.join(timeout=2)
+                raise RuntimeError(f"tritonserver exited with code {code} before it was ready "
+                                   f"(repo {self.repo}); last log lines:\n{self.log_tail()}")
+            if self.is_ready():
+                self.ready_after_s = time.monotonic() - self.started_at
+                return self.ready_after_s
+            time.sleep(0.1)
+        raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s (repo {self.repo}); "
+                           f"last log lines:\n{self.log_tail()}")
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL of the process group after `timeout`; remove this server's shm regions."""
+        code = None
+        if self.process is not None:
+            timeout = self.exit_timeout_s + 5 if timeout is None else timeout
+            if self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait(timeout=10)
+            # Stubs are in the server's session; kill any left behind (only ours: same process group id).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            code = self.process.returncode
+            if self._reader:
+                self._reader.join(timeout=5)
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+        self.remove_shm()
+        return code
+
+    def remove_shm(self) -> list[str]:
+        removed = []
+        for path in glob.glob(os.path.join("/dev/shm", glob.escape(self.shm_prefix) + "*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return removed
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.stdout) -> int:
+    """Run a server in the foreground until Ctrl-C / SIGTERM; stop it cleanly. Returns the exit code."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    # Both set explicitly: a shell starting this in the background leaves SIGINT ignored.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(options.repo, host=options.host, http_port=options.http_port,
+                          grpc_port=options.grpc_port, metrics_port=options.metrics_port,
+                          log_verbose=options.log_verbose, exit_timeout_s=options.exit_timeout_s,
+                          extra_args=options.extra_args)
+    try:
+        server.start()
+        took = server.wait_ready(ready_timeout)
+        print(f"ready in {took:.1f} s: models {', '.join(server.models)}\n"
+              f"  HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+              f"  try: python scripts/generate.py --url {server.http_url} --prompt 'a happy robot' --out robot.png\n"
+              f"Ctrl-C stops the server.", file=out, flush=True)
+        while not stopping.is_set():
+            if server.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {server.process.returncode}; last log lines:\n"
+                                   f"{server.log_tail()}")
+            stopping.wait(0.5)
+        return 0
+    finally:
+        print("stopping tritonserver ...", file=out, flush=True)
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
