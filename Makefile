@@ -52,13 +52,16 @@ export: setup
 	$(PY) scripts/export.py --model $(MODEL) --out $(OUT)
 
 calibrate: setup
+	# The sampler that captures UNet inputs runs on the fp32 CPU engines (skipped when up to date).
+	$(PY) scripts/build_engine.py --out $(OUT) --backend ort-cpu --precision fp32
 	$(PY) scripts/calibrate.py --out $(OUT)
 
 engine: setup
 	$(PY) scripts/build_engine.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION)
 
+LAYOUT      ?= python
 repo: setup
-	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION)
+	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT)
 
 serve: setup
 	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
