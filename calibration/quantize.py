@@ -269,15 +269,22 @@ def _pre_process(source: Path, target: Path, large: bool) -> None:
     inference gives up on some exports ("Incomplete symbolic shape inference"); then it is run
     without that pass, and a second failure is reported with the option that asked for it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    source, target = Path(source).resolve(), Path(target).resolve()   # before the chdir below
+
+    def run(skip_symbolic_shape: bool) -> None:
+        # ORT's symbolic shape inference saves sym_shape_infer_temp.onnx (+ uuid .data files) into
+        # the current directory on failure: keep that litter out of the caller's cwd.
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch), \
+                contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic_shape,
+                              save_as_external_data=large)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=False, save_as_external_data=large)
+        run(skip_symbolic_shape=False)
         return
     except Exception:   # noqa: BLE001 - ORT raises a bare Exception here
         logging.getLogger(__name__).info("quant_pre_process: symbolic shape inference failed; retrying without it")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, save_as_external_data=large)
+        run(skip_symbolic_shape=True)
     except Exception as err:   # noqa: BLE001
         raise RuntimeError(f"--preprocess: onnxruntime quant_pre_process failed on {source}: {err}; "
                            f"run without --preprocess (it changes little for this UNet, see docs)") from None
