@@ -1,0 +1,54 @@
+"""Export a diffusers text-to-image folder to ONNX (`make export MODEL=dir OUT=dir`):
+OUT/onnx/<precision>/<submodel>/model.onnx with a parity report in OUT/onnx/<precision>/export.json,
+and OUT/pipeline/ (tokenizer, scheduler, toonark.json) for the later stages."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from toonark.export.specs import ShapeLimits
+
+EXPORTABLE_PRECISIONS = ("fp32", "fp16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = ShapeLimits()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="diffusers folder (safetensors weights)")
+    parser.add_argument("--out", type=Path, required=True, help="build folder")
+    parser.add_argument("--precision", action="append", choices=EXPORTABLE_PRECISIONS,
+                        help="repeatable; default: fp32 and fp16")
+    shapes = parser.add_argument_group("shape limits", "min/opt/max request sizes the engines are built for; "
+                                                       "parity is measured at opt and min")
+    for field in ("batch", "image"):
+        for level in ("min", "opt", "max"):
+            name = f"{level}_{field}"
+            shapes.add_argument(f"--{level}-{field}", dest=name, type=int, default=getattr(defaults, name),
+                                help=f"default {getattr(defaults, name)}")
+    shapes.add_argument("--image-step", type=int, default=defaults.image_step,
+                        help=f"image sizes are multiples of this (default {defaults.image_step})")
+    parser.add_argument("--force", action="store_true", help="re-export even when export.json says up to date")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every cleanup pass")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from toonark.export.onnx_export import export_pipeline
+    try:
+        limits = ShapeLimits(**{f"{level}_{field}": getattr(args, f"{level}_{field}")
+                                for field in ("batch", "image") for level in ("min", "opt", "max")},
+                             image_step=args.image_step)
+        export_pipeline(args.model, args.out, precisions=tuple(args.precision or EXPORTABLE_PRECISIONS),
+                        limits=limits, force=args.force)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
