@@ -2,8 +2,8 @@
 Python builder uses, so a plan built by hand has the same profile as `make engine`'s.
 
 Every command is an argument list (run it with subprocess, print it with shlex.join). Shape
-arguments list only the dynamic inputs: TensorRT takes a static input's shape (the 0-d UNet
-`timestep`) from the network, and trtexec rejects an empty dims spec like `timestep:`.
+arguments list only the dynamic inputs: TensorRT takes a static input's shape (the UNet's
+`timestep`, shape [1]) from the network.
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from toonark.export.specs import Axis, SubmodelSpec
 
@@ -75,6 +77,25 @@ class GraphPasses:
         graph.cleanup().toposort()
         self.model = gs.export_onnx(graph)
         self._info("cleanup")
+        return self
+
+    def vectorize_scalar_inputs(self, spec: SubmodelSpec) -> "GraphPasses":
+        """Give rank-0 graph inputs that the spec declares as shape [1] (the UNet's timestep) that
+        shape, with a Reshape back to the scalar the traced graph computes with."""
+        declared = {t.name: t for t in spec.inputs}
+        graph = self.model.graph
+        for value in graph.input:
+            want = declared.get(value.name)
+            if want is None or want.dims != (1,) or value.type.tensor_type.shape.dim:
+                continue
+            scalar, shape = f"{value.name}_scalar", f"{value.name}_scalar_shape"
+            for node in graph.node:
+                node.input[:] = [scalar if name == value.name else name for name in node.input]
+            graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((0,), np.int64), shape))
+            graph.node.insert(0, onnx.helper.make_node("Reshape", [value.name, shape], [scalar],
+                                                       name=f"{value.name}_to_scalar"))
+            value.type.tensor_type.shape.dim.add().dim_value = 1
+        self._info("vectorize_scalar_inputs")
         return self
 
     def fold_constants(self) -> "GraphPasses":

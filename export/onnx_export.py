@@ -31,7 +31,7 @@ from toonark.layout import BuildLayout
 log = logging.getLogger(__name__)
 
 # Bump when a change here changes the exported files; it is part of the up-to-date key.
-EXPORT_CODE_VERSION = 1
+EXPORT_CODE_VERSION = 2   # 2: UNet timestep input of shape [1]
 OPSET = 18
 EXPORT_PRECISIONS = ("fp32", "fp16")
 COMPONENTS = ("text_encoder", "unet", "vae")
@@ -159,7 +159,7 @@ def export_raw_fp32(pipeline, dims: PipelineDims, specs: dict[str, SubmodelSpec]
 def clean_fp32(raw_path: Path, spec: SubmodelSpec, out_path: Path) -> list:
     from toonark.export.graph import GraphPasses, check_against_spec, load_model, save_model
     graph = GraphPasses(load_model(raw_path), spec.name)
-    graph.select_outputs(spec.output_names).fold_constants().infer_shapes().name_io_axes(spec).check()
+    graph.select_outputs(spec.output_names).vectorize_scalar_inputs(spec).fold_constants().infer_shapes().name_io_axes(spec).check()
     check_against_spec(graph.model, spec)
     save_model(graph.model, out_path)
     return graph.history

@@ -209,7 +209,9 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
         "unet": SubmodelSpec(
             "unet", "unet",
             inputs=(TensorSpec("sample", "float", (cfg_batch,) + latents),
-                    TensorSpec("timestep", "float32", ()),
+                    # Shape [1], not a scalar: Triton has no 0-d tensors and TensorRT's demo feeds [1] too;
+                    # export reshapes it to the scalar the traced UNet wants (GraphPasses.vectorize_scalar_inputs).
+                    TensorSpec("timestep", "float32", (1,)),
                     TensorSpec("encoder_hidden_states", "float", (cfg_batch, dims.text_length, dims.text_hidden))),
             outputs=(TensorSpec("out_sample", "float", (cfg_batch,) + latents),),
             max_rel_error={"fp32": 1e-4, "fp16": 2e-2},

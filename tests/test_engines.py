@@ -90,11 +90,11 @@ def test_engine_json_records_source_settings_and_versions(tiny_engines):
     assert meta["source_onnx_sha256"] == sha256_onnx(layout.onnx_model("fp32", "unet"))
     assert meta["engine_sha256"] == sha256_onnx(folder / "model.onnx")
     assert meta["profile"]["sample"] == {"min": [2, 4, 8, 8], "opt": [2, 4, 16, 16], "max": [4, 4, 32, 32]}
-    assert meta["profile"]["timestep"] == {"min": [], "opt": [], "max": []}
+    assert meta["profile"]["timestep"] == {"min": [1], "opt": [1], "max": [1]}
     assert meta["limits"] == TEST_LIMITS.to_json()
     assert meta["library"] == {"name": "onnxruntime", "version": ort.__version__}
     assert meta["device"] == "cpu"
-    assert meta["io"]["inputs"]["timestep"] == {"dtype": "float32", "shape": []}
+    assert meta["io"]["inputs"]["timestep"] == {"dtype": "float32", "shape": [1]}
     assert meta["settings"]["providers"] == [["CPUExecutionProvider", {}]]
     assert meta["settings"]["load_optimization_level"] == "disable_all"
     for key in ("toonark_version", "created", "build_seconds", "engine_bytes"):
@@ -114,7 +114,7 @@ def test_rebuild_is_skipped_when_up_to_date_and_forced_otherwise(build_copy, cap
     assert build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"], threads=1)["unet"]["status"] == "built"
 
 
-def test_feeds_are_checked_and_timestep_stays_0d(tiny_engines):
+def test_feeds_are_checked(tiny_engines):
     engine = load_engine(tiny_engines, "ort-cpu", "fp32", "unet", threads=1)
     feeds = engine.spec.sample_inputs(TEST_LIMITS.sizes("opt"))
     half = {**feeds, "sample": feeds["sample"].astype(np.float16)}   # float inputs are cast to the engine's type
@@ -234,7 +234,7 @@ def test_int8_builds_unet_from_calibrated_model(build_copy):
 # --- TensorRT -----------------------------------------------------------------------------
 
 UNET_PROFILE = (("sample", (2, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32)),
-                ("timestep", (), (), ()),
+                ("timestep", (1,), (1,), (1,)),
                 ("encoder_hidden_states", (2, 77, 32), (2, 77, 32), (4, 77, 32)))
 
 

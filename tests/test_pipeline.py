@@ -72,7 +72,7 @@ def test_result_shape_timings_and_callback(pipeline):
     _, t0, feeds, latents0 = captured[0]
     assert sorted(feeds) == ["encoder_hidden_states", "sample", "timestep"]
     assert feeds["sample"].shape == (2, 4, 24, 16) and feeds["sample"].dtype == np.float32
-    assert feeds["timestep"].shape == () and feeds["timestep"].dtype == np.float32 and feeds["timestep"] == t0
+    assert feeds["timestep"].shape == (1,) and feeds["timestep"].dtype == np.float32 and feeds["timestep"] == t0
     assert feeds["encoder_hidden_states"].shape == (2, pipeline.dims.text_length, pipeline.dims.text_hidden)
     np.testing.assert_array_equal(latents0, initial_latents(1, 1, pipeline.dims, 192, SIZE))
 

@@ -125,12 +125,12 @@ def initial_latents(seed: int, batch: int, dims: PipelineDims, height: int, widt
 
 def unet_feeds(latents: np.ndarray, timestep: int, text_embeddings: np.ndarray) -> dict[str, np.ndarray]:
     """UNet inputs for classifier-free guidance (names of export/specs.py): the latents twice,
-    matching text_embeddings' [uncond x B, cond x B] rows, and the timestep as a float32 scalar."""
+    matching text_embeddings' [uncond x B, cond x B] rows, and the timestep as float32 of shape [1]."""
     if text_embeddings.shape[0] != 2 * latents.shape[0]:
         raise ValueError(f"text embeddings have {text_embeddings.shape[0]} rows for {latents.shape[0]} latents; "
                          f"classifier-free guidance needs 2B rows ([uncond x B, cond x B])")
     return {"sample": np.concatenate([latents, latents]),
-            "timestep": np.asarray(timestep, dtype=np.float32),
+            "timestep": np.full((1,), timestep, dtype=np.float32),
             "encoder_hidden_states": text_embeddings}
 
 
