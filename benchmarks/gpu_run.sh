@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The device command for `make bench` on a lent GPU (see benchmarks/NOTES.md).
+#   bash benchmarks/gpu_run.sh prepare     # SD-1.5-shaped modules -> fp32 ONNX -> fused fp16 (in /tmp/tkwork)
+#   bash benchmarks/gpu_run.sh bench [BACKENDS]   # time them all in one process, JSON under $OUT
+# Needs the wheels staged under /tmp/parts by ../shared/tools/stage-gpu-wheels (onnxruntime-gpu 1.31.1,
+# diffusers 0.39.0, transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.1, optimum 2.1.0,
+# optimum-onnx 0.1.0); BUNDLE_SHA is the sha256 that tool printed. toonark itself is copied into
+# /tmp/tkpkg in the installed layout (toonark.export = export/, ...): no pip build needed there.
+set -uo pipefail
+phase=${1:-bench}
+backends=${2:-torch-eager,ort,ort-graph,ort-unfused,torch-compile}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site ]; then
+  cat /tmp/parts/bundle.part* > /tmp/bundle.tar || exit 3
+  echo "${BUNDLE_SHA:?set BUNDLE_SHA}  /tmp/bundle.tar" | sha256sum -c --quiet - || exit 3
+  mkdir -p /tmp/wheels && tar -xf /tmp/bundle.tar -C /tmp/wheels && rm -f /tmp/bundle.tar
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl || exit 3
+fi
+rm -rf /tmp/tkpkg && mkdir -p /tmp/tkpkg && cp -r toonark /tmp/tkpkg/
+for d in export engines calibration triton_model_repo scripts; do [ -d "$d" ] && cp -r "$d" "/tmp/tkpkg/toonark/$d"; done
+export PYTHONPATH=/tmp/tkpkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+case "$phase" in
+  prepare)
+    timeout 570 python3 scripts/bench.py --prepare-only --work /tmp/tkwork --results "$OUT" --tag prepare 2>&1 \
+      | grep -v "TracerWarning\|^  \|fusion:" | tee "$OUT/prepare.log"
+    ls -la /tmp/tkwork/*/* >> "$OUT/prepare.log" 2>&1 ;;
+  bench)
+    timeout 580 python3 scripts/bench.py --work /tmp/tkwork --results "$OUT" --tag "${TAG:-run}" --backends "$backends" \
+      ${BENCH_ARGS:-} 2>&1 | grep -v "TracerWarning\|^  \|fusion:" | tee "$OUT/bench.log" ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac

@@ -1,0 +1,208 @@
+"""ONNX Runtime's diffusion fusions (the ones its own Stable Diffusion demo relies on), made to
+apply to toonark's export.
+
+    report = fuse_for_cuda(build / "onnx/fp32/unet/model.onnx", out / "unet/model.onnx", "unet",
+                           num_heads=8, fp16=True)
+    report.fused          # {"MultiHeadAttention": 16, "GroupNorm": 21, "NhwcConv": 98, ...}
+
+What it does, in ORT's order (fusion first, fp16 after, or the patterns no longer match):
+`onnxruntime.transformers.optimizer.optimize_model(model_type=unet|vae|clip, opt_level=0,
+use_gpu=True)` with the SD demo's FusionOptions (fused MultiHeadAttention with packed QKV / KV,
+GroupNorm + SkipGroupNorm channels-last, BiasSplitGelu, BiasAdd, NhwcConv), then
+`convert_float_to_float16`.
+
+Why it failed before (seen on the H100 image with numpy 2.5, reproduced here with numpy 1.26
+by turning its DeprecationWarning into an error): `FusionAttentionUnet.get_num_heads` reads the
+head count of a torch-2 attention reshape (`Concat(batch, -1, heads, head_dim)`) as a 1-element
+array and calls `int()` on it. NumPy 1.25 deprecated int() of an ndim>0 array and NumPy 2.x
+raises, so the whole UNet optimisation aborts. The graph pattern itself matches; only the
+scalar conversion is broken. `_robust_num_heads` replaces that one method for the duration of
+the call (no site-packages edits) and falls back to the head count read from the diffusers
+config when the graph does not give one.
+
+Fused ops without CPU kernels (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv,
+packed-QKV MultiHeadAttention) run on the CUDA execution provider only; `cpu_safe=True` keeps
+the subset CPU can run (attention, LayerNorm) so parity can be checked without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+# toonark submodel -> onnxruntime.transformers model_type.
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+
+# Ops the fusions create; counted in every report.
+FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
+             "NhwcConv", "LayerNormalization", "SkipLayerNormalization", "QuickGelu", "BiasGelu", "FastGelu", "Gelu")
+# Contrib ops with a CUDA kernel only (a CPU session refuses the model).
+CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")
+
+PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1
+
+
+@dataclass
+class FusionReport:
+    submodel: str
+    model_type: str
+    fp16: bool
+    seconds: float
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    fused: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nodes_before(self) -> int:
+        return sum(self.ops_before.values())
+
+    @property
+    def nodes_after(self) -> int:
+        return sum(self.ops_after.values())
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(nodes_before=self.nodes_before, nodes_after=self.nodes_after)
+        return data
+
+    def summary(self) -> str:
+        fused = ", ".join(f"{k} {v}" for k, v in sorted(self.fused.items()) if v)
+        return (f"{self.submodel}: {self.nodes_before} -> {self.nodes_after} nodes in {self.seconds:.1f} s"
+                f"{' (fp16)' if self.fp16 else ''}; {fused or 'nothing fused'}")
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def _transformers_modules():
+    """onnxruntime.transformers puts its own folder on sys.path and its modules import each other
+    as top-level names (`import fusion_attention_unet`), so each exists twice; both get patched."""
+    import onnxruntime.transformers.optimizer  # noqa: F401  (adds the folder to sys.path)
+    import fusion_attention_unet as top_level  # type: ignore[import-not-found]
+    from onnxruntime.transformers import fusion_attention_unet as packaged
+    return {id(m): m for m in (top_level, packaged)}.values()
+
+
+@contextlib.contextmanager
+def _robust_num_heads(fallback_heads: int = 0) -> Iterator[None]:
+    """Replace FusionAttentionUnet.get_num_heads with a version that reads 1-element arrays
+    with `.item()` (the upstream `int(array)` raises on NumPy 2.x), restoring it afterwards."""
+
+    def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+        value = None
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+        else:
+            shape = self.model.get_constant_value(reshape_q.input[1])
+            if isinstance(shape, np.ndarray) and shape.shape == (4,):
+                value = shape[2]
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(-1)[0]
+        if isinstance(value, (int, np.integer)) and int(value) > 0:
+            return int(value)
+        if fallback_heads > 0:
+            log.info("num_heads not found in the graph at %s; using %d from the config", reshape_q.name, fallback_heads)
+        return fallback_heads
+
+    saved = [(m, m.FusionAttentionUnet.get_num_heads) for m in _transformers_modules()]
+    try:
+        for module, _ in saved:
+            module.FusionAttentionUnet.get_num_heads = get_num_heads
+        yield
+    finally:
+        for module, original in saved:
+            module.FusionAttentionUnet.get_num_heads = original
+
+
+def fusion_options(model_type: str, fp16: bool = True, cpu_safe: bool = False):
+    """FusionOptions as ORT's SD demo (optimize_pipeline.py) sets them; `cpu_safe` keeps only
+    fusions whose ops have CPU kernels."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    options = FusionOptions(model_type)
+    if model_type == "unet":
+        options.enable_packed_kv = fp16 and not cpu_safe
+        options.enable_packed_qkv = fp16 and not cpu_safe
+        options.enable_bias_add = not cpu_safe
+    if cpu_safe:
+        for name in ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add"):
+            setattr(options, name, False)
+    return options
+
+
+def heads_from_config(config: dict) -> int:
+    """Attention heads of a diffusers UNet config (SD-1.x stores the head *count* in
+    `attention_head_dim`); 0 when it varies per block, so the graph value is used."""
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 0
+    if isinstance(heads, (list, tuple)):
+        heads = heads[0] if len(set(heads)) == 1 else 0
+    return int(heads)
+
+
+def fuse_model(model: onnx.ModelProto | str | Path, submodel: str, *, num_heads: int = 0, hidden_size: int = 0,
+               fp16: bool = True, keep_io_types: bool | list[str] = True, cpu_safe: bool = False):
+    """Run the fusions (and fp16 conversion) in memory; returns (OnnxModel, FusionReport)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if submodel not in MODEL_TYPES:
+        raise ValueError(f"no fusion recipe for submodel {submodel!r}; choose one of {sorted(MODEL_TYPES)}")
+    model_type = MODEL_TYPES[submodel]
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=True)
+    before = op_counts(model)
+    started = time.perf_counter()
+    with _robust_num_heads(num_heads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # optimize_model takes a path or a ModelProto; the proto route avoids a second 3 GB read.
+        optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=0, optimization_options=fusion_options(model_type, fp16, cpu_safe),
+                                   use_gpu=True, only_onnxruntime=False)
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    if fp16:
+        optimized.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=[])
+    report = FusionReport(submodel=submodel, model_type=model_type, fp16=fp16,
+                          seconds=round(time.perf_counter() - started, 2), ops_before=before,
+                          ops_after=op_counts(optimized.model), fused=fused)
+    log.info("%s", report.summary())
+    return optimized, report
+
+
+def fuse_for_cuda(src_onnx: str | Path, dst_onnx: str | Path, submodel: str, *, num_heads: int = 0,
+                  hidden_size: int = 0, fp16: bool = True, keep_io_types: bool | list[str] = True,
+                  cpu_safe: bool = False) -> FusionReport:
+    """Fuse `src_onnx` (an fp32 export) for the CUDA execution provider and write `dst_onnx`
+    (weights in one `model.onnx.data` beside it when past the protobuf limit)."""
+    optimized, report = fuse_model(src_onnx, submodel, num_heads=num_heads, hidden_size=hidden_size, fp16=fp16,
+                                   keep_io_types=keep_io_types, cpu_safe=cpu_safe)
+    dst_onnx = Path(dst_onnx)
+    dst_onnx.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(t.ByteSize() for t in optimized.model.graph.initializer)
+    optimized.save_model_to_file(str(dst_onnx), use_external_data_format=size >= PROTOBUF_LIMIT_BYTES - (64 << 20),
+                                 all_tensors_to_one_file=True)
+    return report
+
+
+def fuse_export_dir(src_dir: str | Path, dst_dir: str | Path, submodels=("text_encoder", "unet", "vae_decoder"),
+                    unet_config: dict | None = None, fp16: bool = True,
+                    keep_io_types: bool | list[str] = True) -> dict[str, FusionReport]:
+    """Fuse every `<submodel>/model.onnx` of an export folder into the same layout under `dst_dir`."""
+    heads = heads_from_config(unet_config or {})
+    reports = {}
+    for name in submodels:
+        reports[name] = fuse_for_cuda(Path(src_dir) / name / "model.onnx", Path(dst_dir) / name / "model.onnx", name,
+                                      num_heads=heads if name == "unet" else 0, fp16=fp16,
+                                      keep_io_types=keep_io_types)
+    return reports

@@ -1,0 +1,109 @@
+"""ORT's diffusion fusions applied to toonark's export (export/fusions.py), on the tiny pipeline."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from toonark.export.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_config, op_counts
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """fp32 ONNX of the tiny pipeline, exported the way the benchmark exports it (TorchScript, opset 18)."""
+    from toonark.bench import export_onnx, make_modules, pipeline_dims
+    modules = make_modules("tiny", seed=0)
+    dims = pipeline_dims(modules)
+    paths = export_onnx(modules, dims, tmp_path_factory.mktemp("fusion-src"))
+    return {"paths": paths, "modules": modules, "dims": dims}
+
+
+def _numpy2_int_of_array_is_an_error():
+    """NumPy 2.x raises where 1.26 only warns: int() of a 1-element array (the upstream bug)."""
+    warnings.filterwarnings("error", message=".*ndim > 0 to a scalar.*")
+
+
+def test_upstream_unet_fusion_fails_under_numpy2_rules(tiny_onnx):
+    from onnxruntime.transformers.optimizer import optimize_model
+    from toonark.export.fusions import fusion_options
+    with warnings.catch_warnings():
+        _numpy2_int_of_array_is_an_error()
+        # NumPy 1.25-2.3: the DeprecationWarning (made an error above); NumPy 2.4+: a TypeError.
+        with pytest.raises((DeprecationWarning, TypeError)):
+            optimize_model(str(tiny_onnx["paths"]["unet"]), model_type="unet", num_heads=0, hidden_size=0,
+                           opt_level=0, optimization_options=fusion_options("unet"), use_gpu=True)
+
+
+def test_unet_fusions_apply(tiny_onnx, tmp_path):
+    src = onnx.load(str(tiny_onnx["paths"]["unet"]))
+    before = op_counts(src)
+    with warnings.catch_warnings():
+        _numpy2_int_of_array_is_an_error()   # our pass must not depend on NumPy 1.x leniency
+        report = fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet",
+                               num_heads=heads_from_config(dict(tiny_onnx["modules"]["unet"].config)))
+    fused = report.fused
+    # One fused attention per softmax (self + cross per transformer block), one GEGLU per Erf,
+    # every InstanceNorm-based GroupNorm and every Conv.
+    assert fused["MultiHeadAttention"] == before["Softmax"] == 8
+    assert fused["BiasSplitGelu"] == before["Erf"] == 4
+    assert fused["GroupNorm"] + fused["SkipGroupNorm"] == before["InstanceNormalization"]
+    assert fused["NhwcConv"] == before["Conv"]
+    assert fused["BiasAdd"] >= 1
+    after = op_counts(onnx.load(str(tmp_path / "unet" / "model.onnx")))
+    assert after["MultiHeadAttention"] == 8 and "Softmax" not in after and "InstanceNormalization" not in after
+    assert report.nodes_after < report.nodes_before / 2
+    # fp16 inside, fp32 at the edges (keep_io_types): the spec's I/O is unchanged.
+    model = onnx.load(str(tmp_path / "unet" / "model.onnx"))
+    assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input} == {
+        "sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.FLOAT,
+        "encoder_hidden_states": onnx.TensorProto.FLOAT}
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def test_vae_and_text_encoder_fusions_apply(tiny_onnx, tmp_path):
+    vae_before = op_counts(onnx.load(str(tiny_onnx["paths"]["vae_decoder"])))
+    vae = fuse_for_cuda(tiny_onnx["paths"]["vae_decoder"], tmp_path / "vae" / "model.onnx", "vae_decoder")
+    # Every GroupNorm but the mid-block attention's (its output feeds a reshape, not SiLU/Add: no pattern).
+    assert vae.fused["GroupNorm"] + vae.fused["SkipGroupNorm"] == vae_before["InstanceNormalization"] - \
+        vae_before["Softmax"]
+    assert vae.fused["NhwcConv"] == vae_before["Conv"]
+    text = fuse_for_cuda(tiny_onnx["paths"]["text_encoder"], tmp_path / "text" / "model.onnx", "text_encoder")
+    assert text.fused["SkipLayerNormalization"] >= 2 and text.fused["QuickGelu"] == 2
+
+
+def test_cpu_safe_fusion_matches_unfused(tiny_onnx, tmp_path):
+    """Attention / LayerNorm fusions have CPU kernels: fused fp32 == unfused fp32 on the CPU EP."""
+    import onnxruntime as ort
+    from toonark.export.specs import submodel_specs
+    report = fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet", fp16=False,
+                           cpu_safe=True)
+    assert report.fused.get("MultiHeadAttention", 0) + report.fused.get("Attention", 0) == 8
+    assert not set(report.ops_after) & set(CUDA_ONLY_OPS)
+    spec = submodel_specs(tiny_onnx["dims"])["unet"]
+    feeds = spec.sample_inputs({"B": 1, "H": 64, "W": 64}, "fp32", seed=3)
+    ref = ort.InferenceSession(str(tiny_onnx["paths"]["unet"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    out = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(out - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
+
+
+def test_heads_from_config():
+    assert heads_from_config({"attention_head_dim": 8}) == 8            # SD-1.5 stores the head count here
+    assert heads_from_config({"num_attention_heads": 5, "attention_head_dim": 64}) == 5
+    assert heads_from_config({"attention_head_dim": [5, 10, 20, 20]}) == 0   # varies: read from the graph
+
+
+@pytest.mark.gpu
+def test_fused_fp16_matches_fp32_on_cuda(tiny_onnx, tmp_path):
+    import onnxruntime as ort
+    from toonark.export.specs import submodel_specs
+    fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet", fp16=True)
+    spec = submodel_specs(tiny_onnx["dims"])["unet"]
+    feeds = spec.sample_inputs({"B": 1, "H": 64, "W": 64}, "fp32", seed=4)
+    ref = ort.InferenceSession(str(tiny_onnx["paths"]["unet"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    out = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"),
+                               providers=["CUDAExecutionProvider"]).run(None, feeds)[0]
+    rel = np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2
