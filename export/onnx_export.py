@@ -299,4 +299,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
                 report[precision] = content
                 print(f"onnx/{precision}: wrote {', '.join(submodels)} to {layout.onnx_dir(precision)}")
     write_pipeline_folder(model_dir, out_dir, dims, limits)
+    # The pipeline's safety_checker/, when it has one: OUT/safety_checker/ (torch.onnx, not optimum; see there).
+    from toonark.export.safety_checker import export_safety_checker
+    export_safety_checker(model_dir, out_dir, force=force)
     return report

@@ -39,6 +39,20 @@ CONFIGS = {
     },
 }
 
+# Safety checkers (diffusers StableDiffusionSafetyChecker: a CLIP vision tower + 17 concept and 3
+# special-care embeddings with one cosine threshold each). Only the vision half is used; the text
+# half of CLIPConfig is required by the class but never run, so it is as small as allowed.
+SAFETY_CHECKER_CONFIGS = {
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=32),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+                 projection_dim=32),
+    "sd15": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=224, patch_size=14),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                 projection_dim=768),
+}
+
 SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                         algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon",
                         timestep_spacing="leading", steps_offset=1)
@@ -88,8 +102,29 @@ def write_clip_tokenizer(folder: Path) -> None:
          "unk_token": "<|endoftext|>"}))
 
 
-def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0) -> Path:
-    """Write a diffusers-format folder (safetensors weights) with seeded random weights."""
+def random_safety_checker(kind: str = "tiny", seed: int = 0):
+    """(StableDiffusionSafetyChecker, CLIPImageProcessor) with seeded random weights.
+
+    Concept and special-care embeddings are random; every threshold is 1.0, the diffusers
+    constructor's value: a cosine similarity never exceeds 1, so this checker flags nothing until
+    its thresholds are lowered (tests force both outcomes that way, see export/safety_checker.py)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+    cfg = SAFETY_CHECKER_CONFIGS[kind]
+    torch.manual_seed(seed)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=cfg["vision"], text_config=cfg["text"],
+                                                      projection_dim=cfg["projection_dim"]))
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+    return checker.eval(), CLIPImageProcessor()   # OpenAI CLIP preprocessing: 224 crop, CLIP mean/std
+
+
+def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0, with_safety_checker: bool = False) -> Path:
+    """Write a diffusers-format folder (safetensors weights) with seeded random weights.
+    `with_safety_checker` adds safety_checker/ and feature_extractor/ (random checker, seed + 3);
+    the other components are the same as without it."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {sorted(CONFIGS)}")
     import torch
@@ -111,5 +146,9 @@ def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0) -> Path:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if with_safety_checker:
+            checker, feature_extractor = random_safety_checker(kind, seed + 3)
+            pipe.register_modules(safety_checker=checker, feature_extractor=feature_extractor)
+            pipe.register_to_config(requires_safety_checker=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out)

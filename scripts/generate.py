@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--format", choices=("png", "webp"), help="default: png, or the --out suffix")
+    parser.add_argument("--num-images", type=int, help="1..4 images of the prompt (seeds SEED, SEED+1, ...); "
+                        "written as OUT, then OUT's name with -2, -3, ...")
+    parser.add_argument("--quality", type=int, help="WebP quality 1..100 (server default 90); PNG ignores it")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")
@@ -37,15 +40,20 @@ def main(argv=None) -> int:
     fmt = args.format or ("webp" if args.out.suffix.lower() == ".webp" else None)
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                               preset=args.preset,
-                              guidance=args.guidance, width=args.width, height=args.height, format=fmt)
+                              guidance=args.guidance, width=args.width, height=args.height, format=fmt,
+                              num_images=args.num_images, quality=args.quality)
     try:
         result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
     except (ServerError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(result.images[0])
-    print(f"wrote {args.out} ({len(result.images[0])} bytes) in {result.seconds:.2f} s over {args.protocol}")
+    for i, image in enumerate(result.images):
+        path = args.out if i == 0 else args.out.with_name(f"{args.out.stem}-{i + 1}{args.out.suffix}")
+        path.write_bytes(image)
+        flagged = " (flagged by the safety checker: blank)" if result.nsfw and result.nsfw[i] else ""
+        print(f"wrote {path} ({len(image)} bytes){flagged}")
+    print(f"{len(result.images)} image(s) in {result.seconds:.2f} s over {args.protocol}")
     if args.timings:
         print(format_profile(result))
     return 0

@@ -27,6 +27,7 @@ def triton_server(triton_repo, tmp_path_factory):
     try:
         server.start()
         ready_s = server.wait_ready(READY_TIMEOUT_S)
+        server.start_watchdog()   # a stub that dies is reloaded (server.py; tests/test_faults.py)
         print(f"\ntritonserver ready in {ready_s:.1f} s (HTTP {server.http_url}, gRPC {server.grpc_url}; log {log})")
         yield server
     finally:

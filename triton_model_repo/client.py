@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toonark.triton_model_repo.generate import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS
+from toonark.triton_model_repo.generate import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
 
 PROTOCOLS = ("http", "grpc")
 # Stages in request order; `unet` runs once per step, called by `denoise`.
-STAGES = ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "postprocess")
+STAGES = ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "safety_checker", "postprocess")
 
 _NUMPY = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
 _WIRE = {"STRING": "BYTES"}
@@ -38,13 +38,15 @@ class GenerateOptions:
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    num_images: int | None = None   # 1..4 images of one prompt; image i uses seed + i
+    quality: int | None = None      # WebP quality 1..100 (server default 90); PNG ignores it
 
     def inputs(self) -> dict[str, np.ndarray]:
         """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order)."""
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         given = {"PROMPT": prompts, "NEGATIVE_PROMPT": self.negative_prompt, "SEED": self.seed, "STEPS": self.steps,
                  "PRESET": self.preset, "GUIDANCE": self.guidance, "WIDTH": self.width, "HEIGHT": self.height,
-                 "FORMAT": self.format}
+                 "FORMAT": self.format, "NUM_IMAGES": self.num_images, "QUALITY": self.quality}
         out = {}
         for port in ENSEMBLE_INPUTS:
             value = given[port.name]
@@ -64,6 +66,9 @@ class GenerateResult:
     images: list[bytes]
     seconds: float
     stages_ms: dict[str, dict] = field(default_factory=dict)   # model -> {"calls", "total_ms", "per_call_ms"}
+    # One flag per image when the server runs a safety checker (True: flagged, the image is blank white);
+    # None when it has none.
+    nsfw: list[bool] | None = None
 
 
 def one_line(message: str) -> str:
@@ -123,7 +128,8 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         tensor = module.InferInput(name, list(value.shape), _WIRE.get(port.triton_type, port.triton_type))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    outputs = [module.InferRequestedOutput(p.name) for p in ENSEMBLE_OUTPUTS]
+    # No output list: the server returns all, NSFW included when the build has a safety checker.
+    outputs = None
     output_name = ENSEMBLE_OUTPUTS[0].name
     client = None
     try:
@@ -135,6 +141,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         seconds = time.perf_counter() - start
         after = model_statistics(client, protocol) if timings else {}
         images = response.as_numpy(output_name)
+        nsfw = response.as_numpy(NSFW_OUTPUT.name)
     except InferenceServerException as err:
         raise ServerError(one_line(err.message() or str(err))) from None
     except (ConnectionError, OSError) as err:
@@ -147,7 +154,8 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
                           f"restart the server and check its log")
     return GenerateResult([bytes(image) for image in images.reshape(-1)], seconds,
-                          stage_profile(before, after) if timings else {})
+                          stage_profile(before, after) if timings else {},
+                          None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)])
 
 
 def format_profile(result: GenerateResult) -> str:

@@ -1,14 +1,20 @@
 """Generate the Triton model repository for a build folder: `write_repo(OUT)` -> OUT/triton_model_repo.
 
-    toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT? -> IMAGE
+    toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT?, NUM_IMAGES?,
+                        QUALITY? -> IMAGE [, NSFW when the build has a safety checker]
       preprocess    (python)  kid template + safety + CLIP tokenizer -> input_ids (2B, L), uncond first;
                               resolves the defaults of every optional input (the one place they live)
-      text_encoder  (engine)  input_ids -> last_hidden_state
+      text_encoder  (engine)  input_ids -> last_hidden_state; Triton's response cache on (the prompt-embedding
+                              cache: needs the server's --cache-config; why only here: repo_configs)
       denoise       (python)  DPM-Solver++ 2M with classifier-free guidance; calls `unet` by BLS each step;
                               returns latents / vae_scaling_factor (the only place that factor is applied)
       unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
       vae_decoder   (engine)  latent_sample -> sample
-      postprocess   (python)  sample (B, 3, H, W) in [-1, 1] -> one PNG / WebP per image
+      safety_checker (python) only when OUT/safety_checker/ exists (export/safety_checker.py): CLIP safety
+                              checker on the decoded images; flagged ones become white, NSFW flags them
+      postprocess   (python)  sample (B, 3, H, W) in [-1, 1] -> one PNG / WebP per image (WebP at QUALITY)
+
+Every Python model reports toonark_* Prometheus metrics (triton_model_repo/metrics.py).
 
 Every config.pbtxt is written here: the ensemble I/O comes from ENSEMBLE_INPUTS / ENSEMBLE_OUTPUTS
 below, every submodel I/O block from the export specs (toonark.export.specs). Triton 2.51 ensembles
@@ -21,16 +27,15 @@ Layouts (same generator):
   onnxruntime_onnx  platform onnxruntime_onnx + 1/model.onnx (NGC tritonserver images).
   tensorrt_plan     platform tensorrt_plan + 1/model.plan, KIND_GPU (NGC images with the same TensorRT).
 
-Scalars: Triton has no 0-d tensors and 2.51 refuses an empty `reshape` when max_batch_size is 0, so
-the UNet's rank-0 `timestep` is declared dims [1]. The Python runner reshapes it back; the native
-onnxruntime_onnx / tensorrt_plan backends need an export whose timestep has shape [1].
+Scalars: Triton has no 0-d tensors, so the spec declares the UNet's `timestep` with shape [1] and
+export gives the ONNX that input shape; the native onnxruntime_onnx / tensorrt_plan backends feed it as is.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +71,20 @@ ENSEMBLE_INPUTS = (
     Port("WIDTH", "INT32", (1,), True),              # pixels, a multiple of the build's image step
     Port("HEIGHT", "INT32", (1,), True),
     Port("FORMAT", "STRING", (1,), True),            # "png" | "webp"
+    Port("NUM_IMAGES", "INT32", (1,), True),         # 1..4 images of one PROMPT (<= the build's max batch);
+                                                     # image i is drawn from seed SEED + i alone
+    Port("QUALITY", "INT32", (1,), True),            # WebP quality 1..100 (default 90); PNG ignores it
 )
 ENSEMBLE_OUTPUTS = (Port("IMAGE", "STRING", (-1,)),)  # encoded image bytes, one per prompt
+# Only when the build has a safety checker (export/safety_checker.py): True where the image was
+# flagged and replaced by a white one. Absent otherwise: no checker ran, so nothing is claimed.
+NSFW_OUTPUT = Port("NSFW", "BOOL", (-1,))
 
 # Request parameters after preprocess resolved the defaults: its outputs, denoise's/postprocess' inputs.
-RESOLVED = (Port("seed", "INT64", (1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
-            Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)))
+# seed holds 1 value (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
+RESOLVED = (Port("seed", "INT64", (-1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
+            Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)),
+            Port("quality", "INT32", (1,)))
 
 _TRITON_TYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
                  "float16": "FP16", "float32": "FP32", "float64": "FP64"}
@@ -102,7 +115,7 @@ def serving_defaults(info: BuildInfo) -> dict[str, str]:
     """Defaults of the optional ensemble inputs (strings: Triton config parameters are strings).
     Steps, the template and the negative prompt come from toonark.prompts' policy at serve time."""
     return {"default_seed": "0", "default_guidance": "7.5", "default_width": str(info.limits.opt_image),
-            "default_height": str(info.limits.opt_image), "default_format": "png"}
+            "default_height": str(info.limits.opt_image), "default_format": "png", "default_quality": "90"}
 
 
 # --- config.pbtxt text ------------------------------------------------------------------------
@@ -127,9 +140,32 @@ def _parameters(params: dict[str, str]) -> str:
                    for k, v in sorted(params.items()))
 
 
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Back-pressure of every non-ensemble model: at most `max_queue_size` requests wait for an
+    instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE "Exceeds maximum queue size"),
+    and one that waited longer than `timeout_s` (0: no limit) is rejected with "Request timeout expired".
+    Triton 2.51 accepts `dynamic_batching { default_queue_policy }` on max_batch_size 0 models (checked
+    on the bundled server: nothing is batched, the queue limits apply); ensembles have no queue of
+    their own, so the limit bites at the slowest step (denoise)."""
+    max_queue_size: int = 16
+    timeout_s: float = 0.0
+
+    def __post_init__(self):
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if not self.timeout_s >= 0:
+            raise ValueError(f"queue timeout must be >= 0 seconds, got {self.timeout_s}")
+
+    def config_text(self) -> str:
+        return (f"dynamic_batching {{ default_queue_policy {{ timeout_action: REJECT "
+                f"default_timeout_microseconds: {int(round(self.timeout_s * 1e6))} "
+                f"max_queue_size: {self.max_queue_size} }} }}\n")
+
+
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
-                 default_model_filename: str | None = None) -> str:
+                 default_model_filename: str | None = None, response_cache: bool = False) -> str:
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
@@ -137,13 +173,15 @@ def model_config(name: str, inputs, outputs, *, backend: str | None = None, plat
     head += "max_batch_size: 0\n"
     text = head + _io_block("input", inputs) + _io_block("output", outputs)
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
+    if response_cache:   # needs the server's --cache-config (local,size=...); without it Triton ignores this
+        text += "response_cache { enable: true }\n"
     return text + _parameters(params or {})
 
 
-def ensemble_config(steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> str:
+def ensemble_config(steps: list[tuple[str, dict[str, str], dict[str, str]]], outputs=ENSEMBLE_OUTPUTS) -> str:
     """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
     text = (f"name: {_quote(ENSEMBLE)}\nplatform: \"ensemble\"\nmax_batch_size: 0\n"
-            + _io_block("input", ENSEMBLE_INPUTS) + _io_block("output", ENSEMBLE_OUTPUTS))
+            + _io_block("input", ENSEMBLE_INPUTS) + _io_block("output", outputs))
     rows = []
     for model, inputs, outputs in steps:
         maps = "".join(f" input_map {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in inputs.items())
@@ -164,8 +202,10 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 
 
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
-                 metadata: dict[str, dict] | None = None, intra_op_threads: int = 0) -> dict[str, str]:
-    """{model name: config.pbtxt text} for every model of the repository (no files touched)."""
+                 metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
+                 queue: QueuePolicy | None = None, safety_checker: dict | None = None) -> dict[str, str]:
+    """{model name: config.pbtxt text} for every model of the repository (no files touched).
+    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "tensorrt_plan" and backend != "tensorrt":
@@ -180,23 +220,37 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs = {}
     for spec in (te, unet, vae):
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
+        # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
+        # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
+        # a failed response and replays it as an empty success until the server restarts, so only a model
+        # that cannot fail on a request that reached it may cache. text_encoder qualifies: preprocess
+        # checks the batch against the build's limits and always emits (2B, L) int64 token ids in
+        # range, and the engine is deterministic. Not preprocess (it refuses prompts and bad values by
+        # design: a refusal would be replayed as an empty 200), not denoise (a failing BLS unet call
+        # would be replayed), not vae_decoder (latents differ per seed: entries would never hit).
+        cache = spec.name == te.name
         if layout == "python":
             configs[spec.name] = model_config(
-                spec.name, inputs, outputs, backend="python", kind="KIND_CPU",
+                spec.name, inputs, outputs, backend="python", kind="KIND_CPU", response_cache=cache,
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
                         "execution_provider": "CUDAExecutionProvider" if backend == "ort-cuda"
                         else "CPUExecutionProvider"})
         elif layout == "onnxruntime_onnx":
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
-                                              kind=engine_kind, default_model_filename="model.onnx")
+                                              kind=engine_kind, default_model_filename="model.onnx",
+                                              response_cache=cache)
         else:
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="tensorrt_plan",
-                                              kind="KIND_GPU", default_model_filename="model.plan")
+                                              kind="KIND_GPU", default_model_filename="model.plan",
+                                              response_cache=cache)
     te_in, te_out = _engine_io(te, precision, metadata.get(te.name))
     unet_in, _ = _engine_io(unet, precision, metadata.get(unet.name))
     vae_in, vae_out = _engine_io(vae, precision, metadata.get(vae.name))
     hidden = te_out[0]
-    configs["preprocess"] = model_config("preprocess", ENSEMBLE_INPUTS, [te_in[0], *RESOLVED],
+    # Every preprocess input is optional, PROMPT too (the ensemble requires it): a request without PROMPT
+    # then gets preprocess' clear refusal instead of Triton's "unexpected deadlock" of the ensemble.
+    configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
+                                         [te_in[0], *RESOLVED],
                                          backend="python", params=serving_defaults(info))
     configs["denoise"] = model_config(
         "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *RESOLVED[:5]], [vae_in[0]],
@@ -204,18 +258,39 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
                 "latent_name": vae_in[0].name})
-    configs["postprocess"] = model_config("postprocess", [vae_out[0], RESOLVED[5]], list(ENSEMBLE_OUTPUTS),
+    configs["postprocess"] = model_config("postprocess", [vae_out[0], *RESOLVED[5:]], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
-    configs[ENSEMBLE] = ensemble_config([
+    steps = [
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
          {te_in[0].name: "input_ids", **resolved}),
         (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
         ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in RESOLVED[:5]}},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
-        ("postprocess", {vae_out[0].name: "decoded", "format": "format"}, {"IMAGE": "IMAGE"}),
-    ])
+    ]
+    outputs = ENSEMBLE_OUTPUTS
+    images = "decoded"
+    if safety_checker is not None:
+        # Between the VAE and the encoder: flagged images leave as white ones, NSFW says which.
+        thresholds = safety_checker["thresholds"]
+        from toonark.export.safety_checker import Thresholds
+        checked = Port("checked", vae_out[0].triton_type, vae_out[0].dims)
+        configs["safety_checker"] = model_config(
+            "safety_checker", [replace(vae_out[0], name="images")], [checked, NSFW_OUTPUT], backend="python",
+            params={"intra_op_threads": str(intra_op_threads),
+                    "concept_thresholds": Thresholds.format(thresholds["concept"]),
+                    "special_care_thresholds": Thresholds.format(thresholds["special_care"]),
+                    "safety_adjustment": str(float(thresholds.get("adjustment", 0.0)))})
+        steps.append(("safety_checker", {"images": "decoded"}, {"checked": "checked", "NSFW": "NSFW"}))
+        outputs, images = ENSEMBLE_OUTPUTS + (NSFW_OUTPUT,), "checked"
+    steps.append(("postprocess", {vae_out[0].name: images, "format": "format", "quality": "quality"},
+                  {"IMAGE": "IMAGE"}))
+    configs[ENSEMBLE] = ensemble_config(steps, outputs)
+    policy = (queue or QueuePolicy()).config_text()
+    for name in configs:
+        if name != ENSEMBLE:
+            configs[name] += policy
     return configs
 
 
@@ -236,12 +311,15 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 
 
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
-               out: Path | None = None, intra_op_threads: int = 0) -> Path:
+               out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
+               verify_engines: bool = True, safety_checker: bool | None = None) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
     into <model>/1/, model.py sources are copied from this source tree, and the tokenizer,
     scheduler config and toonark.json go into <model>/1/pipeline/ of the models that read them.
+    queue: back-pressure limits (QueuePolicy). verify_engines: refuse (EngineError naming the fix) an
+    engine that no longer matches its engine.json (corrupt) or its source ONNX (stale), as load_engine does.
     """
     build_dir = Path(build_dir)
     paths = BuildLayout(build_dir)
@@ -255,10 +333,25 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         if not engine.is_file():
             raise FileNotFoundError(f"no {backend} {precision} engine for {name}: {engine} is missing. Build it with "
                                     f"`make engine OUT={build_dir} BACKEND={backend} PRECISION={precision}`.")
+        if verify_engines:
+            from toonark.engines.build import source_onnx
+            from toonark.engines.metadata import check_metadata, read_metadata
+            metadata[name] = read_metadata(build_dir, backend, precision, name)
+            check_metadata(metadata[name], build_dir=build_dir, backend=backend, precision=precision, submodel=name,
+                           source_onnx=source_onnx(build_dir, backend, precision, name))
+            continue
         meta_path = engine_root / name / "engine.json"
         metadata[name] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    from toonark.export.safety_checker import METADATA_FILE, checker_dir
+    checker = checker_dir(build_dir)
+    checker_meta = None
+    if safety_checker is not False and (checker / "model.onnx").is_file():
+        checker_meta = json.loads((checker / METADATA_FILE).read_text())
+    elif safety_checker is True:
+        raise FileNotFoundError(f"no safety checker in {checker}: export one from a pipeline folder that has "
+                                f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
-                           intra_op_threads=intra_op_threads)
+                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta)
     target = Path(out) if out else paths.triton_repo
     with atomic_dir(target) as tmp:
         for name, text in configs.items():
@@ -274,6 +367,10 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
+        if checker_meta is not None:   # safety_checker: None = when the build has one, True = required, False = off
+            _link_or_copy(checker / "model.onnx", tmp / "safety_checker" / "1" / "model.onnx")
+            shutil.copy2(checker / METADATA_FILE, tmp / "safety_checker" / "1" / METADATA_FILE)
+            shutil.copy2(SOURCE_DIR / "safety_checker" / "1" / "model.py", tmp / "safety_checker" / "1" / "model.py")
         # What each Python model reads at initialize: <model>/1/pipeline/ is a BuildLayout pipeline folder,
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}

@@ -31,13 +31,23 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_width": int, "default_height": int, "default_format": str,
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
     "engine_file": str, "intra_op_threads": int, "execution_provider": str,
+    "default_quality": int,
+    # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
+    "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
 }
 
 IMAGE_FORMATS = ("png", "webp")
+MAX_NUM_IMAGES = 4          # NUM_IMAGES range 1..4 (and at most the build's max batch)
+QUALITY_RANGE = (1, 100)    # WebP quality; PNG is lossless and ignores it
 
 
 class RequestError(ValueError):
-    """A bad request: sent back to the client as the response's error message, the server stays up."""
+    """A bad request: sent back to the client as the response's error message, the server stays up.
+    `reason` is the safety category when the prompt was refused (a metrics label), else None."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 def model_parameters(model_config: dict | str) -> dict:
@@ -103,10 +113,14 @@ class Resolved:
     width: int
     height: int
     format: str
+    quality: int = 90
+    # NUM_IMAGES requests: one seed per image (SEED + i); empty: the whole batch's noise from `seed`.
+    image_seeds: tuple[int, ...] = ()
 
     def tensors(self, input_ids_name: str) -> dict[str, np.ndarray]:
         return {input_ids_name: self.input_ids,
-                "seed": np.array([self.seed], np.int64), "steps": np.array([self.steps], np.int32),
+                "seed": np.array(self.image_seeds or [self.seed], np.int64),
+                "quality": np.array([self.quality], np.int32), "steps": np.array([self.steps], np.int32),
                 "guidance": np.array([self.guidance], np.float32), "width": np.array([self.width], np.int32),
                 "height": np.array([self.height], np.int32),
                 "format": np.array([self.format.encode()], dtype=np.object_)}
@@ -126,8 +140,10 @@ class RequestPreparer:
         self._tokenize = offline.tokenize
 
     def prepare(self, prompt, negative=None, seed=None, steps=None, guidance=None, width=None, height=None,
-                fmt=None, preset=None) -> Resolved:
+                fmt=None, preset=None, num_images=None, quality=None) -> Resolved:
         p = self.params
+        if prompt is None:   # preprocess declares PROMPT optional so that this message reaches the client
+            raise RequestError("PROMPT is missing: send one prompt per image (a BYTES tensor of shape [B])")
         subjects = _texts(prompt, "PROMPT")
         if not subjects:
             raise RequestError("PROMPT is empty: send one prompt per image")
@@ -135,7 +151,27 @@ class RequestPreparer:
         if len(extras) not in (1, len(subjects)):
             raise RequestError(f"NEGATIVE_PROMPT has {len(extras)} entries; send 1 or one per prompt "
                                f"({len(subjects)})")
+        count = _one(num_images, "NUM_IMAGES", None)
+        image_seeds: tuple[int, ...] = ()
         seed = int(_one(seed, "SEED", p["default_seed"]))
+        if count is not None:
+            count = int(count)
+            if not 1 <= count <= MAX_NUM_IMAGES:
+                raise RequestError(f"NUM_IMAGES {count} is out of range; use 1..{MAX_NUM_IMAGES}")
+            if count > self.info.limits.max_batch:
+                raise RequestError(f"NUM_IMAGES {count} is more than this build serves per request "
+                                   f"({self.info.limits.max_batch}, its max batch); ask for fewer or rebuild "
+                                   f"with a wider --max-batch (make export / make engine)")
+            if len(subjects) != 1 and count != 1:
+                raise RequestError(f"NUM_IMAGES repeats one prompt, but {len(subjects)} prompts were sent; send "
+                                   f"one PROMPT with NUM_IMAGES, or one prompt per image without it")
+            subjects = subjects * count
+            # Image i is drawn from seed SEED + i alone: the same picture a NUM_IMAGES=1 request with that seed gets.
+            image_seeds = tuple(seed + i for i in range(count))
+        quality = int(_one(quality, "QUALITY", p.get("default_quality", 90)))
+        if not QUALITY_RANGE[0] <= quality <= QUALITY_RANGE[1]:
+            raise RequestError(f"QUALITY {quality} is out of range; use {QUALITY_RANGE[0]}..{QUALITY_RANGE[1]} "
+                               f"(WebP only; PNG ignores it)")
         guidance = float(_one(guidance, "GUIDANCE", p["default_guidance"]))
         width = int(_one(width, "WIDTH", p["default_width"]))
         height = int(_one(height, "HEIGHT", p["default_height"]))
@@ -145,18 +181,29 @@ class RequestPreparer:
             raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
         if not 0.0 <= guidance <= 30.0 or not np.isfinite(guidance):
             raise RequestError(f"GUIDANCE {guidance} is out of range; use 0..30 (7.5 is typical)")
-        if not 0 <= seed < 2 ** 63:
-            raise RequestError(f"SEED {seed} is out of range; use 0..2**63-1")
+        if not 0 <= seed < 2 ** 63 - max(len(image_seeds) - 1, 0):
+            raise RequestError(f"SEED {seed} is out of range; use 0..2**63-1"
+                               + (f" minus NUM_IMAGES-1 ({len(image_seeds) - 1})" if len(image_seeds) > 1 else ""))
         try:
             steps = self.policy.steps_for(preset, None if steps is None else int(_one(steps, "STEPS", None)))
             self.info.limits.check_request(len(subjects), height, width)
             pairs = [self.policy.compose(subject, extras[0 if len(extras) == 1 else i])
                      for i, subject in enumerate(subjects)]
         except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
-            raise RequestError(str(err)) from None
+            raise RequestError(str(err), getattr(err, "category", None)) from None
         prompts, negatives = [a for a, _ in pairs], [b for _, b in pairs]
-        input_ids, _ = self._tokenize(self.tokenizer, negatives + prompts, self.info.dims.text_length)
-        return Resolved(np.ascontiguousarray(input_ids, dtype=np.int64), seed, steps, guidance, width, height, fmt)
+        input_ids, truncated = self._tokenize(self.tokenizer, negatives + prompts, self.info.dims.text_length)
+        # A prompt past the text encoder's window would lose its tail silently: the kid-style words of the
+        # template follow the subject, so refuse instead. (Negative prompts are the policy's own words first;
+        # a user's extra negative words past the window are dropped, which only weakens the extra steering.)
+        for i, cut in enumerate(truncated[len(negatives):]):
+            if cut:
+                used = len(self.tokenizer.backend.encode(prompts[i], add_special_tokens=False).ids)
+                raise RequestError(f"PROMPT{f' {i}' if len(prompts) > 1 else ''} is too long: {used} tokens with the "
+                                   f"style words, the text encoder reads {self.info.dims.text_length - 2}; "
+                                   f"shorten the subject")
+        return Resolved(np.ascontiguousarray(input_ids, dtype=np.int64), seed, steps, guidance, width, height, fmt,
+                        quality, image_seeds)
 
 
 def _text_or(values, name: str, default):
@@ -179,9 +226,11 @@ class Denoiser:
         self.scheduler = DPMSolverMultistep.from_file(Path(pipeline) / "scheduler")
         self.last_unet_seconds: list[float] = []
 
-    def run(self, text_embeddings: np.ndarray, *, seed: int, steps: int, guidance: float, width: int,
+    def run(self, text_embeddings: np.ndarray, *, seed: int | list[int], steps: int, guidance: float, width: int,
             height: int, unet: UnetCall, float_dtype=np.float32) -> np.ndarray:
-        """Latents ready for the VAE decoder (already divided by vae_scaling_factor)."""
+        """Latents ready for the VAE decoder (already divided by vae_scaling_factor).
+        seed: one int (the batch's noise from one generator, as the offline pipeline draws it) or one
+        seed per image (each image's noise drawn alone: NUM_IMAGES requests)."""
         from toonark import pipeline as offline
         if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
             raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
@@ -189,8 +238,16 @@ class Denoiser:
         dims = self.info.dims
         unet_spec = self.info.specs["unet"]
         io = "fp16" if np.dtype(float_dtype) == np.float16 else "fp32"
-        latents = offline.initial_latents(seed, batch, dims, height, width,
-                                          init_noise_sigma=self.scheduler.init_noise_sigma)
+        seeds = [int(s) for s in np.asarray(seed).reshape(-1)]
+        if len(seeds) == 1:
+            latents = offline.initial_latents(seeds[0], batch, dims, height, width,
+                                              init_noise_sigma=self.scheduler.init_noise_sigma)
+        elif len(seeds) == batch:
+            latents = np.concatenate([offline.initial_latents(s, 1, dims, height, width,
+                                                              init_noise_sigma=self.scheduler.init_noise_sigma)
+                                      for s in seeds])
+        else:
+            raise RequestError(f"{len(seeds)} seeds for {batch} images; send 1 or one per image")
         self.last_unet_seconds = []
         state = self.scheduler.initial_state(self.scheduler.schedule(steps))
         # The offline Text2ImagePipeline's loop, step for step, with the UNet behind a callable.
@@ -209,8 +266,8 @@ class Denoiser:
 
 # --- postprocess ----------------------------------------------------------------------------------
 
-def encode_images(decoded: np.ndarray, fmt: str) -> list[bytes]:
-    """(B, 3, H, W) VAE output in [-1, 1] -> one encoded image per batch item."""
+def encode_images(decoded: np.ndarray, fmt: str, quality: int = 90) -> list[bytes]:
+    """(B, 3, H, W) VAE output in [-1, 1] -> one encoded image per batch item (quality: WebP only)."""
     from PIL import Image
     from toonark import pipeline as offline
     if fmt not in IMAGE_FORMATS:
@@ -222,7 +279,7 @@ def encode_images(decoded: np.ndarray, fmt: str) -> list[bytes]:
         if fmt == "png":
             Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
         else:
-            Image.fromarray(image).save(buffer, format="WEBP", quality=90, method=4)
+            Image.fromarray(image).save(buffer, format="WEBP", quality=int(quality), method=4)
         out.append(buffer.getvalue())
     return out
 

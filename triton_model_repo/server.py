@@ -17,6 +17,7 @@ import contextlib
 import filecmp
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +34,10 @@ from pathlib import Path
 
 # Model names in the generated repository; the launcher loads every model folder it finds.
 ENSEMBLE_NAME = "toonark"
+# APIs a client may not use without the launcher's per-server key: model load/unload/index, shared-memory
+# registration (the server would read client-named memory), trace and log settings.
+ADMIN_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "toonark-admin"
 
 
 def check_environment() -> None:
@@ -99,6 +104,7 @@ class ServerOptions:
     log_verbose: int = 0
     exit_timeout_s: int = 10
     extra_args: tuple[str, ...] = ()
+    watchdog: bool = True
 
 
 class TritonServer:
@@ -106,8 +112,10 @@ class TritonServer:
 
     def __init__(self, repo: Path, *, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: Path | None = None,
-                 log_verbose: int = 0, exit_timeout_s: int = 10, extra_args: tuple[str, ...] = ()):
+                 log_verbose: int = 0, exit_timeout_s: int = 10, extra_args: tuple[str, ...] = (),
+                 admin_key: str | None = None, cache_bytes: int = 16 << 20):
         self.repo = Path(repo).resolve()
+        self.cache_bytes = cache_bytes   # ~0.47 MB per SD-1.5 text embedding: 16 MiB holds ~34 prompts
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} does not exist; run `make repo OUT=<build>` first")
         self.models = repo_models(self.repo)
@@ -128,6 +136,13 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_after_s: float | None = None
+        # Model-repository (load/unload/index), shared-memory, trace and logging APIs need this header value
+        # (tritonserver --http-restricted-api / --grpc-restricted-protocol); only this launcher knows it.
+        self.admin_key = admin_key or secrets.token_urlsafe(18)
+        self._stubs: dict[int, str] = {}
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
+        self.recoveries: list[dict] = []
 
     # -- addresses -------------------------------------------------------------------------
     @property
@@ -152,6 +167,8 @@ class TritonServer:
                 f"--model-repository={self.repo}",
                 f"--backend-directory={bundle / 'backends'}",
                 f"--cache-directory={bundle / 'caches'}",
+                # The prompt-embedding cache (response_cache on text_encoder) is inert without a cache.
+                f"--cache-config=local,size={self.cache_bytes}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
@@ -161,6 +178,8 @@ class TritonServer:
                 "--strict-readiness=true",
                 f"--exit-timeout-secs={self.exit_timeout_s}",
                 f"--log-verbose={self.log_verbose}"]
+        admin = f"{ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"
+        args += [f"--http-restricted-api={admin}", f"--grpc-restricted-protocol={admin}"]
         args += [f"--load-model={name}" for name in self.models]
         return args + list(self.extra_args)
 
@@ -227,9 +246,100 @@ class TritonServer:
         raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s (repo {self.repo}); "
                            f"last log lines:\n{self.log_tail()}")
 
+    # -- watchdog: a Python-backend stub that died is not restarted by Triton 2.51 (recipe gotcha 8) ------
+    def stub_processes(self) -> dict[int, str]:
+        """{pid: model} of the live Python-backend stubs of this server (its children in /proc)."""
+        if self.process is None:
+            return {}
+        stubs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[1]) != self.process.pid or fields[0] in ("Z", "X"):
+                    continue
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 1:
+                stubs[int(entry.name)] = Path(os.fsdecode(argv[1])).parent.parent.name   # <repo>/<model>/1/model.py
+        return stubs
+
+    def dead_models(self) -> list[str]:
+        """Models whose stub (as recorded at ready / after the last recovery) has exited."""
+        alive = self.stub_processes()
+        return sorted({model for pid, model in self._stubs.items() if pid not in alive})
+
+    def _admin_client(self):
+        import tritonclient.http as httpclient
+        return httpclient.InferenceServerClient(self.http_url, connection_timeout=120, network_timeout=120)
+
+    def reload_models(self, models: list[str], timeout: float = 120.0) -> float:
+        """Unload and load `models` (explicit model control), then the ensemble that the unload took down.
+        Returns the seconds it took. The unloaded stub's model stays UNLOADING in Triton's index (gotcha 8)."""
+        started = time.monotonic()
+        headers = {ADMIN_HEADER: self.admin_key}
+        client = self._admin_client()
+        try:
+            for model in models:
+                client.unload_model(model, headers=headers)
+            for model in models:
+                client.load_model(model, headers=headers)
+            if ENSEMBLE_NAME in self.models and ENSEMBLE_NAME not in models:
+                client.load_model(ENSEMBLE_NAME, headers=headers)
+            # Wait for the ensemble (or the models): the old version of a reloaded model may stay UNLOADING
+            # in the index forever (gotcha 8), which is_model_ready of that name can report.
+            waiting = [ENSEMBLE_NAME] if ENSEMBLE_NAME in self.models else list(models)
+            deadline = time.monotonic() + timeout
+            while not all(client.is_model_ready(m) for m in waiting):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"models {models} were not ready {timeout:.0f} s after their reload")
+                time.sleep(0.2)
+        finally:
+            client.close()
+        self._stubs = self.stub_processes()
+        return time.monotonic() - started
+
+    def check_and_recover(self) -> list[str]:
+        """One watchdog pass: reload the models whose stub died; returns them (empty when all are alive)."""
+        dead = self.dead_models()
+        if not dead:
+            return []
+        record = {"models": dead, "at": time.time()}
+        try:
+            record["seconds"] = round(self.reload_models(dead), 2)
+            record["ok"] = True
+        except Exception as err:   # noqa: BLE001 - keep watching; the record and the log say what failed
+            record.update(ok=False, error=" ".join(str(err).split()))
+        self.recoveries.append(record)
+        self._tail.append(f"toonark watchdog: stub of {', '.join(dead)} died; reload "
+                          f"{'took ' + str(record.get('seconds')) + ' s' if record['ok'] else 'failed: ' + record['error']}")
+        return dead
+
+    def start_watchdog(self, interval_s: float = 1.0) -> None:
+        """Watch the stubs every `interval_s` from a daemon thread (after wait_ready)."""
+        if self._watchdog is not None:
+            return
+        self._stubs = self.stub_processes()
+
+        def loop():
+            while not self._watchdog_stop.wait(interval_s):
+                if self.process is None or self.process.poll() is not None:
+                    return
+                with contextlib.suppress(Exception):
+                    self.check_and_recover()
+
+        self._watchdog = threading.Thread(target=loop, name="tritonserver-watchdog", daemon=True)
+        self._watchdog.start()
+
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL of the process group after `timeout`; remove this server's shm regions."""
         code = None
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
         if self.process is not None:
             timeout = self.exit_timeout_s + 5 if timeout is None else timeout
             if self.process.poll() is None:
@@ -284,6 +394,8 @@ def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.
     try:
         server.start()
         took = server.wait_ready(ready_timeout)
+        if options.watchdog:
+            server.start_watchdog()
         print(f"ready in {took:.1f} s: models {', '.join(server.models)}\n"
               f"  HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
               f"  try: python scripts/generate.py --url {server.http_url} --prompt 'a happy robot' --out robot.png\n"
@@ -293,6 +405,11 @@ def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.
                 raise RuntimeError(f"tritonserver exited with code {server.process.returncode}; last log lines:\n"
                                    f"{server.log_tail()}")
             stopping.wait(0.5)
+            while server.recoveries:
+                record = server.recoveries.pop(0)
+                print(f"watchdog: stub of {', '.join(record['models'])} died; "
+                      + (f"reloaded in {record['seconds']} s" if record["ok"] else f"reload failed: {record['error']}"),
+                      file=out, flush=True)
         return 0
     finally:
         print("stopping tritonserver ...", file=out, flush=True)

@@ -5,6 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from toonark.triton_model_repo import runtime
+from toonark.triton_model_repo.metrics import Metrics
 
 
 class TritonPythonModel:
@@ -20,6 +21,7 @@ class TritonPythonModel:
         self.latent_dtype = pb_utils.triton_string_to_numpy(latent_config["data_type"])
         self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
         self.logger = pb_utils.Logger
+        self.metrics = Metrics("denoise")
 
     def _unet(self, feeds):
         response = pb_utils.InferenceRequest(
@@ -37,15 +39,21 @@ class TritonPythonModel:
             def scalar(name):
                 return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0].item()
             text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+            # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
+            seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1).tolist()
             try:
-                latents = self.denoiser.run(text, seed=int(scalar("seed")), steps=int(scalar("steps")),
-                                            guidance=float(scalar("guidance")), width=int(scalar("width")),
-                                            height=int(scalar("height")), unet=self._unet,
-                                            float_dtype=self.float_dtype)
+                with self.metrics.timed():
+                    latents = self.denoiser.run(text, seed=seeds, steps=int(scalar("steps")),
+                                                guidance=float(scalar("guidance")), width=int(scalar("width")),
+                                                height=int(scalar("height")), unet=self._unet,
+                                                float_dtype=self.float_dtype)
             except (runtime.RequestError, pb_utils.TritonModelException) as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(err, runtime.RequestError) \
+                    else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code)))
                 continue
             calls = self.denoiser.last_unet_seconds
+            self.metrics.count("toonark_steps_total", len(calls))
             self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
                                     f"ms each")
             responses.append(pb_utils.InferenceResponse(

@@ -7,6 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from toonark.triton_model_repo import runtime
+from toonark.triton_model_repo.metrics import Metrics
 
 
 class TritonPythonModel:
@@ -16,6 +17,7 @@ class TritonPythonModel:
         self.engine = runtime.load_runner(args, runtime.model_parameters(config))
         # Scalars travel as [1] (Triton has no 0-d tensors); the engine takes the spec's rank.
         self.inputs = [(t.name, () if not t.dims else None) for t in self.engine.spec.inputs]
+        self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
 
     def execute(self, requests):
         responses = []
@@ -25,7 +27,8 @@ class TritonPythonModel:
                 value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 feeds[name] = value if shape is None else value.reshape(shape)
             try:
-                results = self.engine.run(feeds)
+                with self.metrics.timed():
+                    results = self.engine.run(feeds)
             except ValueError as err:   # shape / dtype outside what the engine was built for
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
                 continue

@@ -1,0 +1,209 @@
+"""Bad requests and security defaults against the real session server (server_fixtures.py).
+
+Every bad request must come back fast with one clear message (HTTP 400 / gRPC INVALID_ARGUMENT)
+and leave the server serving the next request. Requests are sent with raw tritonclient tensors,
+so wrong dtypes, shapes and missing inputs reach the server as a hostile client would send them.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from server_fixtures import triton_repo, triton_server  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.server
+
+SUBJECT = "a happy otter with a kite"
+_WIRE = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+         np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}
+
+
+def texts(*values) -> np.ndarray:
+    return np.array([v if isinstance(v, bytes) else v.encode() for v in values], dtype=object)
+
+
+def good_inputs() -> dict:
+    return {"PROMPT": texts(SUBJECT), "STEPS": np.array([1], np.int32), "WIDTH": np.array([64], np.int32),
+            "HEIGHT": np.array([64], np.int32), "SEED": np.array([1], np.int64)}
+
+
+def infer(server, protocol: str, inputs: dict):
+    """Send raw tensors to the ensemble; returns the IMAGE array or raises InferenceServerException."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    client = module.InferenceServerClient(url)
+    tensors = []
+    for name, value in inputs.items():
+        tensor = module.InferInput(name, list(value.shape), _WIRE[value.dtype])
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    try:
+        return client.infer("toonark", tensors).as_numpy("IMAGE")
+    finally:
+        client.close()
+
+
+def status_of(err) -> str:
+    return str(err.status())
+
+
+# (case, changes to the good request (None: leave the input out), message the client must see)
+BAD_REQUESTS = [
+    ("empty prompt", {"PROMPT": texts("")}, 'subject is empty; describe what to draw'),
+    ("whitespace prompt", {"PROMPT": texts("  \t ")}, 'subject is empty; describe what to draw'),
+    ("prompt over the character cap", {"PROMPT": texts("otter " * 40)},
+     "subject is 239 characters long; keep it to 200 or fewer"),
+    # 190 characters, under the cap, but ~95 CLIP tokens: refused rather than silently cut (runtime.py).
+    ("prompt over the token window", {"PROMPT": texts(" ".join(["zq"] * 63))}, "is too long: "),
+    ("invalid UTF-8", {"PROMPT": texts(b"\xff\xfe otter")}, "PROMPT is not valid UTF-8 text"),
+    ("width off the image step", {"WIDTH": np.array([65], np.int32)},
+     "width 65 must be a multiple of 64 in 64..256 (the built engine profile)"),
+    ("height above the profile", {"HEIGHT": np.array([512], np.int32)},
+     "height 512 must be a multiple of 64 in 64..256"),
+    ("width 0", {"WIDTH": np.array([0], np.int32)}, "width 0 must be a multiple of 64"),
+    ("steps 0", {"STEPS": np.array([0], np.int32)}, "steps must be between 1 and 100, got 0"),
+    ("steps huge", {"STEPS": np.array([10 ** 9], np.int32)}, "steps must be between 1 and 100, got 1000000000"),
+    ("guidance NaN", {"GUIDANCE": np.array([np.nan], np.float32)}, "GUIDANCE nan is out of range; use 0..30"),
+    ("guidance inf", {"GUIDANCE": np.array([np.inf], np.float32)}, "GUIDANCE inf is out of range; use 0..30"),
+    ("guidance negative", {"GUIDANCE": np.array([-1], np.float32)}, "GUIDANCE -1.0 is out of range; use 0..30"),
+    ("seed negative", {"SEED": np.array([-1], np.int64)}, "SEED -1 is out of range"),
+    ("batch 0", {"PROMPT": np.zeros((0,), dtype=object)}, "PROMPT is empty: send one prompt per image"),
+    ("batch over the build", {"PROMPT": texts("a cat", "a dog", "a cow")},
+     "batch 3 is outside the built range 1..2"),
+    ("SEED as FP32", {"SEED": np.array([1.0], np.float32)},
+     "inference input 'SEED' data-type is 'FP32', but model 'toonark' expects 'INT64'"),
+    ("SEED of two values", {"SEED": np.array([1, 2], np.int64)},
+     "unexpected shape for input 'SEED' for model 'toonark'. Expected [1], got [2]"),
+    ("PROMPT of rank 2", {"PROMPT": texts("a", "b").reshape(1, 2)},
+     "unexpected shape for input 'PROMPT' for model 'toonark'. Expected [-1], got [1,2]"),
+    ("unknown input", {"COLOR": np.array([1], np.int32)}, "unexpected inference input 'COLOR' for model 'toonark'"),
+    ("unknown FORMAT", {"FORMAT": texts("gif")}, "FORMAT 'gif' is not supported; use one of png, webp"),
+    ("unknown preset", {"PRESET": texts("turbo"), "STEPS": None}, "unknown preset 'turbo'"),
+    ("unsafe subject", {"PROMPT": texts("a kid with a gun")}, "prompt refused"),
+]
+
+
+@pytest.mark.parametrize("case, changes, message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_is_refused_clearly_and_the_server_goes_on(triton_server, case, changes, message):
+    from tritonclient.utils import InferenceServerException
+    inputs = {k: v for k, v in {**good_inputs(), **changes}.items() if v is not None}
+    for protocol in ("http", "grpc"):
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as caught:
+            infer(triton_server, protocol, inputs)
+        assert time.monotonic() - start < 2.0, f"{case}: refusal took {time.monotonic() - start:.1f} s"
+        assert message in caught.value.message(), (case, caught.value.message())
+        # A client error, not a server fault: clients must not retry it.
+        assert status_of(caught.value) in ("400", "StatusCode.INVALID_ARGUMENT"), (case, caught.value.status())
+    images = infer(triton_server, "grpc", good_inputs())      # the next good request is served
+    assert images.shape == (1,) and bytes(images[0])[:4] == b"\x89PNG"
+
+
+def test_missing_prompt_is_refused_and_the_server_goes_on(triton_server):
+    """Triton 2.51 does not check the ensemble's required inputs: without PROMPT the ensemble cannot
+    start its first step and answers "unexpected deadlock" (400). preprocess declares PROMPT optional
+    and says "PROMPT is missing" once the ensemble declares it optional too (see the report)."""
+    from tritonclient.utils import InferenceServerException
+    inputs = {k: v for k, v in good_inputs().items() if k != "PROMPT"}
+    for protocol in ("http", "grpc"):
+        with pytest.raises(InferenceServerException) as caught:
+            infer(triton_server, protocol, inputs)
+        text = caught.value.message()
+        assert "PROMPT is missing" in text or "unexpected deadlock" in text, text
+        assert status_of(caught.value) in ("400", "StatusCode.INVALID_ARGUMENT")
+    assert infer(triton_server, "http", good_inputs()).shape == (1,)
+
+
+def test_prompt_at_the_token_window_is_served(triton_server):
+    """The refusal is exact: a subject that still fits the text encoder's window is drawn."""
+    inputs = {**good_inputs(), "PROMPT": texts(" ".join(["zq"] * 20))}
+    assert infer(triton_server, "http", inputs).shape == (1,)
+
+
+# --- security defaults ----------------------------------------------------------------------------
+
+def test_server_binds_loopback_with_explicit_model_control(triton_server):
+    with open(f"/proc/{triton_server.process.pid}/cmdline", "rb") as handle:
+        argv = [a.decode() for a in handle.read().split(b"\0") if a]
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+                 "--model-control-mode=explicit"):
+        assert flag in argv, flag
+    assert not any("poll" in a for a in argv if a.startswith("--model-control-mode"))
+    assert not any(a.startswith("--repository-poll-secs") for a in argv)
+    assert any(a.startswith("--http-restricted-api=model-repository,") for a in argv)
+    assert any(a.startswith("--grpc-restricted-protocol=model-repository,") for a in argv)
+
+
+def _other_local_address() -> str | None:
+    """A non-loopback address of this machine, if it has one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))   # TEST-NET-1: no packet is sent for UDP connect
+            address = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_ports_are_not_reachable_on_another_address(triton_server):
+    address = _other_local_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to probe")
+    for port in (triton_server.http_port, triton_server.grpc_port, triton_server.metrics_port):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            assert sock.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            assert sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_clients_cannot_change_the_repository(triton_server):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+    http = httpclient.InferenceServerClient(triton_server.http_url)
+    grpc = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    for call in (lambda: http.load_model("evil"), lambda: http.unload_model("toonark"),
+                 lambda: http.get_model_repository_index(),
+                 lambda: http.register_system_shared_memory("x", "/x", 16)):
+        with pytest.raises(InferenceServerException, match="This API is restricted, expecting header 'toonark-admin'"):
+            call()
+    for call in (lambda: grpc.load_model("evil"), lambda: grpc.unload_model("toonark")):
+        with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+            call()
+    # Even with the launcher's key, explicit mode loads only what the repository holds.
+    with pytest.raises(InferenceServerException, match="evil"):
+        http.load_model("evil", headers={"toonark-admin": triton_server.admin_key})
+    # Health, metadata and inference stay open.
+    assert http.is_server_ready() and grpc.is_model_ready("toonark")
+    assert http.get_model_metadata("toonark")["name"] == "toonark"
+
+
+def test_bundled_tritonserver_has_no_request_size_flags():
+    """2.51 has no --http-max-input-size / gRPC max message flags (later releases do): the request-size
+    limits are the prompt policy's caps and the build's max batch, checked in preprocess (above)."""
+    from toonark.triton_model_repo.server import triton_bundle
+    run = subprocess.run([str(triton_bundle() / "bin" / "tritonserver"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    text = run.stdout + run.stderr   # the usage goes to stderr
+    assert "--http-restricted-api" in text
+    assert "max-input-size" not in text
+
+
+def test_pickle_checkpoints_are_refused_by_the_export_cli(tiny_model, tmp_path, capsys):
+    import shutil
+    from toonark.scripts.export import main
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read: pickles can run code")
+    assert main(["--model", str(model), "--out", str(tmp_path / "out"), "--precision", "fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.bin is a pickle checkpoint; only safetensors weights are read" in err
+    assert not (tmp_path / "out" / "onnx").exists()

@@ -1,0 +1,272 @@
+"""Serving features of the `toonark` ensemble over a real tritonserver (issue 6): the prompt-embedding
+cache, toonark's Prometheus metrics, NUM_IMAGES / QUALITY, and the safety checker.
+
+One server for this module, on a copy of the shared tiny build plus a tiny random safety checker
+(build_pipeline(with_safety_checker=True) has the same text encoder / UNet / VAE weights as the
+shared tiny pipeline, checked by hash, so only the checker is exported here). The launcher passes
+`--cache-config local`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+from toonark.triton_model_repo.client import GenerateOptions, ServerError, generate
+
+pytestmark = pytest.mark.server
+
+SIZE, STEPS = 64, 2
+SUBJECT = "a happy otter with a kite"
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checker_model(tmp_path_factory, tiny_model):
+    from toonark.export.onnx_export import source_hash
+    from toonark.export.pipelines import build_pipeline
+    folder = build_pipeline(tmp_path_factory.mktemp("tiny-sc") / "pipeline", kind="tiny", seed=0,
+                            with_safety_checker=True)
+    assert source_hash(folder) == source_hash(tiny_model), "text encoder / UNet / VAE must equal the shared tiny's"
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checker_build(checker_model, tiny_engines, tmp_path_factory):
+    from toonark.export.safety_checker import export_safety_checker
+    build = tmp_path_factory.mktemp("tiny-sc-build") / "build"
+    shutil.copytree(tiny_engines, build, ignore=shutil.ignore_patterns("triton_model_repo"))
+    assert export_safety_checker(checker_model, build) is not None
+    return build
+
+
+@pytest.fixture(scope="module")
+def server(checker_build, tmp_path_factory):
+    from toonark.triton_model_repo.generate import write_repo
+    from toonark.triton_model_repo.server import TritonServer
+    repo = write_repo(checker_build, backend="ort-cpu", precision="fp32", layout="python", intra_op_threads=1,
+                      safety_checker=True)
+    log = tmp_path_factory.mktemp("triton-sc-log") / "tritonserver.log"
+    triton = TritonServer(repo, log_path=log)
+    try:
+        triton.start()
+        print(f"\ntritonserver (with safety checker) ready in {triton.wait_ready(300):.1f} s; log {log}")
+        yield triton
+    finally:
+        triton.stop()
+        assert not triton.remove_shm()
+
+
+def decode(data: bytes):
+    from PIL import Image
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(decode(data).convert("RGB")).astype(np.int16)
+
+
+def run(server, protocol="http", **options):
+    options = {"prompt": SUBJECT, "steps": STEPS, "width": SIZE, "height": SIZE, **options}
+    url = server.http_url if protocol == "http" else server.grpc_url
+    return generate(url, GenerateOptions(**options), protocol)
+
+
+def stats(server, model: str) -> dict:
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url)
+    entry = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    return {key: (int(value.get("count", 0)), int(value.get("ns", 0))) for key, value in entry.items()}
+
+
+def scrape(server) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(name, frozenset(labels)): value}."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        match = re.match(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$', line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            out[(match.group(1), labels)] = float(match.group(3))
+    return out
+
+
+def value(metrics, name, **labels) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in metrics, f"{name}{labels} not exported; have {sorted(k for k in metrics if k[0] == name)}"
+    return metrics[key]
+
+
+# --- 1. prompt-embedding cache ------------------------------------------------------------------------
+
+def test_repeated_prompt_hits_the_text_encoder_cache_and_is_faster(server):
+    before = stats(server, "text_encoder")
+    prompts = [f"a happy otter number {uuid.uuid4().hex[:6]}" for _ in range(3)]
+    first = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 misses
+    again = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 hits
+    other_seed = run(server, prompt=prompts[0], seed=2).images[0]         # 1 hit
+    after = stats(server, "text_encoder")
+    delta = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}
+    assert delta["cache_miss"][0] == 3 and delta["cache_hit"][0] == 4, delta
+    assert delta["success"][0] == 7
+    assert delta["compute_infer"][0] == 3, "a hit must not run the text encoder"
+    assert first == again, "the cached embeddings must give the same picture"
+    assert other_seed != first[0]
+    # Per-request text_encoder time from the same run's statistics: a hit costs the cache lookup,
+    # a miss its queue + compute (input, infer, output) + the lookup and insertion.
+    hit_us = delta["cache_hit"][1] / delta["cache_hit"][0] / 1e3
+    miss_us = sum(delta[k][1] for k in ("queue", "compute_input", "compute_infer", "compute_output", "cache_miss")) \
+        / delta["cache_miss"][0] / 1e3
+    print(f"\ntext_encoder per request: cache hit {hit_us:.1f} us, miss {miss_us:.1f} us "
+          f"(compute_infer {delta['compute_infer'][1] / 3e3:.1f} us, cache insert+lookup "
+          f"{delta['cache_miss'][1] / 3e3:.1f} us); success avg {delta['success'][1] / 7e3:.1f} us")
+    assert hit_us < miss_us
+
+
+def test_only_the_text_encoder_caches(server):
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url)
+    caching = {name for name in ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "safety_checker",
+                                 "postprocess")
+               if client.get_model_config(name).get("response_cache", {}).get("enable")}
+    assert caching == {"text_encoder"}
+
+
+# --- 2. metrics -----------------------------------------------------------------------------------------
+
+def test_metrics_families_labels_and_increments(server):
+    before = scrape(server)
+    prompt = f"a friendly fox {uuid.uuid4().hex[:6]}"
+    run(server, prompt=prompt, seed=1, steps=2)                                  # text_encoder miss
+    run(server, prompt=prompt, seed=2, steps=3, format="webp", num_images=2)     # miss (2 images: other ids)
+    run(server, prompt=prompt, seed=3, steps=1)                                  # hit
+    with pytest.raises(ServerError, match="weapons"):
+        run(server, prompt="a kid with a gun")
+    after = scrape(server)
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0.0)
+
+    from toonark.prompts import PromptPolicy
+    for reason in PromptPolicy.load().reasons:   # every category is a label value, only "weapons" moved
+        assert moved("toonark_prompt_refusals_total", reason=reason) == (1 if reason == "weapons" else 0), reason
+    assert moved("toonark_steps_total") == 2 + 3 + 1
+    assert moved("toonark_images_total", format="png") == 2
+    assert moved("toonark_images_total", format="webp") == 2
+    assert moved("toonark_nsfw_images_total") == 0
+    expected = {"preprocess": 4, "text_encoder": 2, "denoise": 3, "unet": 6, "vae_decoder": 3, "safety_checker": 3,
+                "postprocess": 3}
+    for stage, count in expected.items():
+        assert moved("toonark_stage_duration_seconds_count", stage=stage) == count, stage
+        assert moved("toonark_stage_duration_seconds_sum", stage=stage) > 0, stage
+        assert moved("toonark_stage_duration_seconds_bucket", stage=stage, le="+Inf") == count, stage
+    assert moved("nv_cache_num_hits_per_model", model="text_encoder", version="1") == 1
+    assert moved("nv_cache_num_misses_per_model", model="text_encoder", version="1") == 2
+    print("\n" + "\n".join(f"{name}{dict(labels)} {v:g}" for (name, labels), v in sorted(after.items(), key=str)
+                           if name.startswith("toonark_") and not name.endswith("_bucket")))
+
+
+# --- 3. NUM_IMAGES and QUALITY ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_num_images_gives_one_image_per_derived_seed(server, protocol):
+    batch = run(server, protocol, seed=5, num_images=2)
+    assert len(batch.images) == 2 and batch.nsfw == [False, False]
+    singles = [run(server, protocol, seed=seed).images[0] for seed in (5, 6)]
+    for got, want in zip(batch.images, singles):
+        assert decode(got).size == (SIZE, SIZE)
+        assert np.abs(pixels(got) - pixels(want)).max() <= 1   # batched vs single ONNX Runtime runs
+    assert batch.images[0] != batch.images[1]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_images=3), r"NUM_IMAGES 3 is more than this build serves per request \(2"),
+    (dict(num_images=5), r"NUM_IMAGES 5 is out of range; use 1..4"),
+    (dict(num_images=0), r"NUM_IMAGES 0 is out of range"),
+    (dict(prompt=[SUBJECT, "a cat"], num_images=2), "NUM_IMAGES repeats one prompt"),
+    (dict(quality=0), r"QUALITY 0 is out of range; use 1..100"),
+    (dict(quality=101, format="webp"), "QUALITY 101"),
+])
+def test_batch_and_quality_limits_are_clear_errors(server, options, message):
+    with pytest.raises(ServerError, match=message):
+        run(server, **options)
+
+
+def test_webp_quality_is_honoured_and_png_ignores_it(server):
+    low = run(server, seed=4, format="webp", quality=5).images[0]
+    high = run(server, seed=4, format="webp", quality=100).images[0]
+    default = run(server, seed=4, format="webp").images[0]
+    assert decode(low).format == decode(high).format == "WEBP"
+    assert len(low) < len(default) < len(high), (len(low), len(default), len(high))
+    assert np.abs(pixels(high) - pixels(default)).mean() <= np.abs(pixels(low) - pixels(default)).mean()
+    png = run(server, seed=4).images[0]
+    assert run(server, seed=4, quality=5).images[0] == png
+
+
+def test_generate_cli_num_images_and_quality(server, tmp_path, capsys):
+    from toonark.scripts.generate import main
+    out = tmp_path / "fox.webp"
+    assert main(["--url", server.http_url, "--prompt", SUBJECT, "--seed", "3", "--steps", "1", "--width", "64",
+                 "--height", "64", "--num-images", "2", "--quality", "40", "--out", str(out)]) == 0
+    second = tmp_path / "fox-2.webp"
+    assert decode(out.read_bytes()).format == decode(second.read_bytes()).format == "WEBP"
+    assert out.read_bytes() != second.read_bytes()
+    assert "2 image(s)" in capsys.readouterr().out
+
+
+# --- 4. safety checker ---------------------------------------------------------------------------------
+
+def test_safety_checker_passes_unflagged_images_through(server, checker_build):
+    from toonark.pipeline import Text2ImagePipeline
+    from toonark.prompts import PromptPolicy
+    result = run(server, "grpc", seed=9, steps=3)
+    assert result.nsfw == [False]
+    prompt, negative = PromptPolicy.load().compose(SUBJECT)
+    offline = Text2ImagePipeline.from_build(checker_build, backend="ort-cpu", precision="fp32")
+    expected = offline(prompt, negative, seed=9, steps=3, guidance=7.5, width=SIZE, height=SIZE).images[0]
+    assert np.abs(pixels(result.images[0]) - expected.astype(np.int16)).max() <= 1
+    assert (pixels(result.images[0]) != 255).any()
+
+
+def reload_checker(server, **params):
+    """Reload `safety_checker` with some config parameters overridden (Triton's load API)."""
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url)
+    config = client.get_model_config("safety_checker")
+    for key, text in params.items():
+        config["parameters"][key] = {"string_value": text}
+    from toonark.triton_model_repo.server import ADMIN_HEADER   # the model-control API is restricted
+    client.load_model("safety_checker", config=json.dumps(config), headers={ADMIN_HEADER: server.admin_key})
+    assert client.is_model_ready("safety_checker") and client.is_model_ready("toonark")
+    return config
+
+
+def test_flagged_images_are_blank_white_with_the_flag(server):
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url)
+    original = client.get_model_config("safety_checker")["parameters"]
+    count = len(original["concept_thresholds"]["string_value"].split(","))
+    before = scrape(server)
+    try:
+        # Every concept threshold at -2: cosine - (-2) > 0 for any image, so everything is flagged.
+        reload_checker(server, concept_thresholds=",".join(["-2.0"] * count))
+        for protocol, fmt in (("http", "png"), ("grpc", "webp")):
+            result = run(server, protocol, seed=5, num_images=2, format=fmt)
+            assert result.nsfw == [True, True]
+            for image in result.images:
+                assert decode(image).format == fmt.upper() and decode(image).size == (SIZE, SIZE)
+                assert (pixels(image) == 255).all(), "a flagged image must be blank white"
+        after = scrape(server)
+        assert value(after, "toonark_nsfw_images_total") - before[("toonark_nsfw_images_total", frozenset())] == 4
+    finally:
+        reload_checker(server, **{k: v["string_value"] for k, v in original.items()})
+    assert run(server, seed=5).nsfw == [False]

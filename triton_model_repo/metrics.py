@@ -1,0 +1,102 @@
+"""toonark's custom Prometheus metrics, reported by the Python models through pb_utils.MetricFamily.
+
+Triton serves them on its metrics port next to its own (GET http://<host>:<metrics port>/metrics):
+
+    toonark_prompt_refusals_total{reason="<category>"}   counter  prompts refused by the kid-safety rules
+                                                                  (preprocess; one label value per category
+                                                                  of toonark/data/safety_rules.json, all
+                                                                  present from startup at 0)
+    toonark_steps_total                                   counter  denoising steps served (denoise: one per
+                                                                  UNet call, whatever the batch)
+    toonark_images_total{format="png"|"webp"}             counter  images returned (postprocess; blanked ones too)
+    toonark_nsfw_images_total                             counter  images the safety checker flagged and blanked
+    toonark_stage_duration_seconds{stage="<model>"}       histogram  time inside each Python model's execute,
+                                                                  per request: stage = preprocess, text_encoder,
+                                                                  denoise, unet, vae_decoder, safety_checker,
+                                                                  postprocess (_bucket / _sum / _count series)
+
+Triton's own series cover the rest, e.g. the prompt-embedding cache (recipe gotcha 7: only the
+per-model cache series move): nv_cache_num_hits_per_model{model="text_encoder",version="1"},
+nv_cache_num_misses_per_model, nv_cache_hit_duration_per_model / nv_cache_miss_duration_per_model (us);
+nv_inference_request_success{model=...}, nv_inference_compute_infer_duration_us{model=...}.
+A text_encoder request answered from the cache never reaches the model, so
+toonark_stage_duration_seconds{stage="text_encoder"} counts cache misses only.
+
+Families are created once per stub process (a family of the same name, kind and description from
+several models is one family: Triton 2.51 shares it; the stage label tells the models apart).
+Everything degrades to a no-op outside Triton (unit tests import the models' helpers without pb_utils).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+# Seconds; SD-1.5 on a GPU runs a UNet step in ~20-50 ms and a whole request in 1-10 s, the tiny
+# test build in ~1 ms per stage: the buckets span both.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+FAMILIES = {
+    # name: (kind, description)
+    "toonark_prompt_refusals_total": ("COUNTER", "Prompts refused by the kid-safety rules, by reason (category)"),
+    "toonark_steps_total": ("COUNTER", "Denoising steps served (UNet calls of denoise)"),
+    "toonark_images_total": ("COUNTER", "Images returned, by format"),
+    "toonark_nsfw_images_total": ("COUNTER", "Images flagged by the safety checker and replaced by a blank image"),
+    "toonark_stage_duration_seconds": ("HISTOGRAM", "Time in each toonark model's execute per request, by stage"),
+}
+
+
+def _pb_utils():
+    try:
+        import triton_python_backend_utils as pb_utils
+    except ImportError:   # not inside a Triton Python-backend stub
+        return None
+    return pb_utils if hasattr(pb_utils, "MetricFamily") else None
+
+
+class _Noop:
+    def increment(self, value=1):
+        pass
+
+    def observe(self, value):
+        pass
+
+
+class Metrics:
+    """The metric families a model uses; `counter(name, **labels)` / `stage()` return cached metrics."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._pb = _pb_utils()
+        self._families: dict[str, object] = {}
+        self._metrics: dict[tuple, object] = {}
+
+    def _family(self, name: str):
+        if name not in self._families:
+            kind, description = FAMILIES[name]
+            self._families[name] = self._pb.MetricFamily(name=name, description=description,
+                                                         kind=getattr(self._pb.MetricFamily, kind))
+        return self._families[name]
+
+    def metric(self, name: str, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            if self._pb is None:
+                self._metrics[key] = _Noop()
+            elif FAMILIES[name][0] == "HISTOGRAM":
+                self._metrics[key] = self._family(name).Metric(labels=labels, buckets=list(STAGE_BUCKETS))
+            else:
+                self._metrics[key] = self._family(name).Metric(labels=labels)
+        return self._metrics[key]
+
+    def count(self, name: str, value: float = 1, **labels) -> None:
+        if value:
+            self.metric(name, **labels).increment(value)
+
+    @contextmanager
+    def timed(self):
+        """Observe the block's duration in toonark_stage_duration_seconds{stage=<this model>}."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metric("toonark_stage_duration_seconds", stage=self.stage).observe(time.perf_counter() - start)
