@@ -104,16 +104,15 @@ def test_bad_request_is_refused_clearly_and_the_server_goes_on(triton_server, ca
 
 
 def test_missing_prompt_is_refused_and_the_server_goes_on(triton_server):
-    """Triton 2.51 does not check the ensemble's required inputs: without PROMPT the ensemble cannot
-    start its first step and answers "unexpected deadlock" (400). preprocess declares PROMPT optional
-    and says "PROMPT is missing" once the ensemble declares it optional too (see the report)."""
+    """Triton 2.51 does not check an ensemble's required inputs (without PROMPT it would answer
+    "unexpected deadlock"), so PROMPT is optional at the ensemble and preprocess refuses its absence."""
     from tritonclient.utils import InferenceServerException
     inputs = {k: v for k, v in good_inputs().items() if k != "PROMPT"}
     for protocol in ("http", "grpc"):
         with pytest.raises(InferenceServerException) as caught:
             infer(triton_server, protocol, inputs)
         text = caught.value.message()
-        assert "PROMPT is missing" in text or "unexpected deadlock" in text, text
+        assert "PROMPT is missing: send one prompt per image (a BYTES tensor of shape [B])" in text, text
         assert status_of(caught.value) in ("400", "StatusCode.INVALID_ARGUMENT")
     assert infer(triton_server, "http", good_inputs()).shape == (1,)
 

@@ -62,7 +62,9 @@ class Port:
 # The served API, declared once. Defaults of the optional inputs are resolved in `preprocess`
 # (config parameters from `serving_defaults()`, template / negative prompt / presets from toonark.prompts).
 ENSEMBLE_INPUTS = (
-    Port("PROMPT", "STRING", (-1,)),                 # one prompt per image (B prompts -> B images)
+    # Required, but declared optional: Triton 2.51 does not check an ensemble's required inputs and
+    # answers a request without PROMPT with "unexpected deadlock"; preprocess says "PROMPT is missing".
+    Port("PROMPT", "STRING", (-1,), True),           # one prompt per image (B prompts -> B images)
     Port("NEGATIVE_PROMPT", "STRING", (-1,), True),  # 1 or B strings, appended to the policy's negative prompt
     Port("SEED", "INT64", (1,), True),               # noise seed of the whole request (default 0)
     Port("STEPS", "INT32", (1,), True),              # DPM-Solver++ steps (default: the preset's)
