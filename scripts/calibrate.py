@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="calibration prompts to capture (default %(default)s; 32-64 for real models)")
     sampling.add_argument("--eval-prompts", type=int, default=GateConfig.prompts,
                           help="evaluation prompts the gate scores (default %(default)s)")
-    sampling.add_argument("--size", type=int, default=CaptureConfig.size, help="image size in px (default %(default)s)")
+    sampling.add_argument("--size", type=int,
+                          help="image size in px (default: the build's smallest profile size, the cheapest it serves)")
     sampling.add_argument("--steps", type=int, default=SERVED_STEPS, help="sampler steps (default %(default)s, as served)")
     sampling.add_argument("--guidance", type=float, default=SERVED_GUIDANCE, help="CFG scale (default %(default)s)")
     quant = parser.add_argument_group("quantization")
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from toonark.calibration.run import GateFailed, calibrate
     try:
+        if args.size is None:
+            from toonark.export.specs import BuildInfo
+            args.size = BuildInfo.read(args.out).limits.min_image
         capture_config = CaptureConfig(prompts=args.calib_prompts, size=args.size, steps=args.steps,
                                        guidance=args.guidance)
         quant_config = QuantConfig(method=args.method, percentile=args.percentile, op_types=args.op_types,
