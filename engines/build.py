@@ -21,10 +21,17 @@ from toonark.layout import BACKENDS, BuildLayout
 OPTIONAL_SUBMODELS = ("vae_encoder",)  # built when its ONNX was exported (image-to-image users)
 
 
-def source_onnx(build_dir: Path, backend: str, precision: str, submodel: str) -> Path:
+def source_onnx(build_dir: Path, backend: str, precision: str, submodel: str, fused: bool | None = None) -> Path:
     """The ONNX an engine is built from. int8: the calibrated QDQ UNet; the other submodels of an int8
-    build come from fp16 on GPUs and from fp32 on the CPU (ORT's CPU fp16 kernels are few)."""
+    build come from fp16 on GPUs and from fp32 on the CPU (ORT's CPU fp16 kernels are few).
+    Fused builds (default for ort-cuda fp16, see engines/ort.py `default_fuse`) start from the fp32 export:
+    ORT's fusions match fp32 graphs and convert to fp16 themselves."""
     layout = BuildLayout(build_dir)
+    if fused is None:
+        from toonark.engines.ort import default_fuse
+        fused = default_fuse(backend, precision)
+    if fused and precision == "fp16":
+        return layout.onnx_model("fp32", submodel)
     if precision == "int8":
         if submodel == "unet":
             return layout.int8_unet
@@ -73,13 +80,14 @@ def select_submodels(build_dir: Path, backend: str, precision: str, specs: dict,
     return chosen
 
 
-def _settings(backend: str, precision: str, spec, limits, build_dir: Path, threads, device_id, trt_options) -> dict:
+def _settings(backend: str, precision: str, spec, limits, build_dir: Path, threads, device_id, trt_options,
+              fuse: bool = False) -> dict:
     if backend == "tensorrt":
         options = {"timing_cache": str(BuildLayout(build_dir).timing_cache), **(trt_options or {})}
         from toonark.engines.tensorrt import trt_build_plan
         return {"device_id": device_id, "trt": trt_build_plan(spec, limits, precision, options).to_json()}
     from toonark.engines.ort import ort_build_settings
-    return ort_build_settings(backend, threads=threads, device_id=device_id)
+    return ort_build_settings(backend, threads=threads, device_id=device_id, fuse=fuse)
 
 
 def _comparable(settings: dict) -> dict:
@@ -103,13 +111,16 @@ def _up_to_date(build_dir: Path, backend: str, precision: str, name: str, source
 
 
 def build_engines(build_dir, backend: str, precision: str, submodels=None, force: bool = False, *,
-                  threads: int | None = None, device_id: int = 0, trt_options: dict | None = None) -> dict:
+                  threads: int | None = None, device_id: int = 0, trt_options: dict | None = None,
+                  fuse: bool | None = None) -> dict:
     """Build the engines of one backend and precision; return {submodel: engine.json content plus
     "status": "built" | "up to date"}.
 
     Engines whose engine.json still matches their source ONNX, settings and limits are kept
     ("up to date") unless `force`. threads: ORT intra-op threads recorded as the load default
-    (0 = ONNX Runtime's choice). trt_options: see `trt_build_plan`.
+    (0 = ONNX Runtime's choice). trt_options: see `trt_build_plan`. fuse: build ORT fp16 engines from
+    export.fusions.fuse_for_cuda over the fp32 export (None: on for ort-cuda fp16, engines/ort.py default_fuse);
+    the fusion report (op counts) goes into engine.json["fusion"].
     """
     build_dir = Path(build_dir)
     if backend not in BACKENDS:
@@ -118,6 +129,11 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     info = BuildInfo.read(build_dir)
     specs = info.specs
+    if fuse is None:
+        from toonark.engines.ort import default_fuse
+        fuse = default_fuse(backend, precision)
+    if fuse and (backend == "tensorrt" or precision != "fp16"):
+        raise ValueError(f"fuse applies to ORT fp16 engines (fusions, then fp16 conversion); not {backend} {precision}")
     names = select_submodels(build_dir, backend, precision, specs, submodels)
     if backend == "tensorrt":
         from toonark.engines.tensorrt import import_tensorrt
@@ -128,7 +144,7 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     if precision == "int8" and "unet" in names:
         check_int8_calibration(build_dir)
     for name in names:
-        source = source_onnx(build_dir, backend, precision, name)
+        source = source_onnx(build_dir, backend, precision, name, fused=fuse)
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: the {name} engine is built from it. Run `make export "
                                     f"MODEL=<diffusers folder> OUT={build_dir}` first.")
@@ -137,8 +153,8 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     results = {}
     for name in names:
         spec = specs[name]
-        source = source_onnx(build_dir, backend, precision, name)
-        settings = _settings(backend, precision, spec, info.limits, build_dir, threads, device_id, trt_options)
+        source = source_onnx(build_dir, backend, precision, name, fused=fuse)
+        settings = _settings(backend, precision, spec, info.limits, build_dir, threads, device_id, trt_options, fuse)
         final = layout.engine_dir(backend, precision) / name
         if not force and (current := _up_to_date(build_dir, backend, precision, name, source, settings, info.limits)):
             print(f"{backend}-{precision}/{name}: up to date ({final})")
@@ -150,12 +166,16 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
                 from toonark.engines.tensorrt import TrtBuildPlan, build_trt_engine
                 io = build_trt_engine(source, tmp / engine_file_name(backend), TrtBuildPlan.from_json(settings["trt"]))
             else:
-                from toonark.engines.ort import build_ort_engine
+                from toonark.engines.ort import build_ort_engine, fuse_engine_source
+                if settings.get("fusion"):
+                    fusion = fuse_engine_source(source, tmp, name, settings)
                 io = build_ort_engine(source, tmp, settings)
             seconds = time.perf_counter() - started
             metadata = make_metadata(submodel=name, backend=backend, precision=precision, source_onnx=source,
                                      engine_dir=tmp, profile=spec.profile(info.limits), limits=info.limits,
                                      settings=settings, io=io, build_seconds=seconds, build_dir=build_dir)
+            if settings.get("fusion"):
+                metadata["fusion"] = fusion   # op counts before / after, fused ops (MultiHeadAttention, GroupNorm...)
             write_json(tmp / ENGINE_JSON, metadata)
         print(f"{backend}-{precision}/{name}: built in {seconds:.1f} s ({final})")
         results[name] = {**metadata, "status": "built"}
@@ -167,7 +187,7 @@ def load_engine(build_dir, backend: str, precision: str, submodel: str, *, verif
 
     verify=False skips the two content hashes (engine file, source ONNX) for fast restarts of a
     trusted build; the version / GPU checks of TensorRT plans always run.
-    options: ort-*: threads, cuda_graph, graph_sizes; tensorrt: device_id, stream.
+    options: ort-*: threads, cuda_graph, graph_sizes, fallback; tensorrt: device_id, stream.
     """
     build_dir = Path(build_dir)
     if precision not in PRECISIONS:
@@ -176,7 +196,7 @@ def load_engine(build_dir, backend: str, precision: str, submodel: str, *, verif
     if submodel not in specs:
         raise ValueError(f"unknown submodel {submodel!r}; choose from {', '.join(specs)}")
     metadata = read_metadata(build_dir, backend, precision, submodel)
-    source = source_onnx(build_dir, backend, precision, submodel)
+    source = source_onnx(build_dir, backend, precision, submodel, fused=bool(metadata.get("fusion")))
     check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=submodel,
                    source_onnx=source, verify_hashes=verify)
     engine_path = BuildLayout(build_dir).engine_dir(backend, precision) / submodel / engine_file_name(backend)

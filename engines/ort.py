@@ -40,9 +40,20 @@ def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[
     return options
 
 
+def default_fuse(backend: str, precision: str) -> bool:
+    """ort-cuda fp16 engines are built from ORT's diffusion fusions over the fp32 export (export/fusions.py)."""
+    return backend == "ort-cuda" and precision == "fp16"
+
+
 def ort_build_settings(backend: str, *, threads: int | None = None, device_id: int = 0,
-                       optimization_level: str = "all", external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
-    """The session settings an ORT engine is built with; stored in engine.json and reused at load."""
+                       optimization_level: str = "all", external_data_bytes: int = EXTERNAL_DATA_BYTES,
+                       fuse: bool = False) -> dict:
+    """The session settings an ORT engine is built with; stored in engine.json and reused at load.
+
+    fuse: build from `export.fusions.fuse_for_cuda` over the fp32 export (fusions first, then fp16, float32
+    I/O kept), the path toonark's GPU benchmark measured. The engine file is then the fused graph itself and
+    ORT's own optimizers run at load (level "all", as measured), not at build: saving an ORT-optimized CUDA
+    graph is not what was timed. On ort-cpu, fuse keeps the CPU-runnable subset (cpu_safe)."""
     if optimization_level not in _LEVELS:
         raise ValueError(f"unknown ORT optimization level {optimization_level!r}; choose one of {', '.join(_LEVELS)}")
     if threads is not None and threads < 0:
@@ -63,7 +74,9 @@ def ort_build_settings(backend: str, *, threads: int | None = None, device_id: i
         "inter_op_num_threads": 1,
         "execution_mode": "sequential",
         "external_data_bytes": external_data_bytes,
-    }
+    } | ({"graph_optimization_level": "all", "load_optimization_level": "all",
+          "fusion": {"recipe": "export.fusions.fuse_for_cuda", "source_precision": "fp32", "fp16": True,
+                     "keep_io_types": True, "cpu_safe": backend == "ort-cpu"}} if fuse else {})
 
 
 def check_cuda_available() -> None:
@@ -130,9 +143,25 @@ def session_io(session) -> dict:
     return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
 
 
+def fuse_engine_source(source_onnx: Path, out_dir: Path, submodel: str, settings: dict, num_heads: int = 0) -> dict:
+    """settings["fusion"] builds: ORT's diffusion fusions + fp16 over the fp32 `source_onnx`, written as
+    out_dir/model.onnx (+ model.onnx.data past the protobuf limit). Returns the fusion report (op counts)."""
+    from toonark.export.fusions import fuse_for_cuda
+    fusion = settings["fusion"]
+    report = fuse_for_cuda(source_onnx, Path(out_dir) / "model.onnx", submodel, num_heads=num_heads,
+                           fp16=fusion["fp16"], keep_io_types=fusion["keep_io_types"], cpu_safe=fusion["cpu_safe"])
+    return report.to_json()
+
+
 def build_ort_engine(source_onnx: Path, out_dir: Path, settings: dict) -> dict:
     """Optimize `source_onnx` for the settings' EP and save the result as out_dir/model.onnx
-    (+ model.onnx.data). Returns the session I/O. out_dir is a fresh temporary folder."""
+    (+ model.onnx.data). Returns the session I/O. out_dir is a fresh temporary folder.
+    Fused builds (settings["fusion"]): out_dir/model.onnx is already the fused graph; it is only loaded and checked."""
+    if settings.get("fusion"):
+        target = Path(out_dir) / "model.onnx"
+        if not target.is_file():
+            raise RuntimeError(f"fused build: {target} is missing; run fuse_engine_source first")
+        return session_io(make_session(target, settings, level=settings["load_optimization_level"]))
     source_bytes = sum(p.stat().st_size for p in Path(source_onnx).parent.iterdir() if p.is_file())
     external = source_bytes >= settings["external_data_bytes"]
     target = Path(out_dir) / "model.onnx"
@@ -150,15 +179,26 @@ def _is_torch(value) -> bool:
 
 class OrtEngine(Engine):
     """A built ORT engine. `run` takes and returns numpy; on ort-cuda, `run_device` keeps tensors on the GPU
-    (I/O binding) and `cuda_graph=True` with `graph_sizes={"B":..,"H":..,"W":..}` replays one captured CUDA graph."""
+    (I/O binding) and `cuda_graph=True` with `graph_sizes={"B":..,"H":..,"W":..}` replays one captured CUDA graph.
+
+    CUDA-graph mode: the free dimensions (2B, B, H/8, W/8, H, W...) are fixed to `graph_sizes` so every node
+    sits on the GPU, and the engine owns one OrtValue per input and output (`graph_values`), bound once: a
+    replay reuses the addresses it captured, so callers write into those buffers (numpy via `run`, or the
+    device loop's step graph) and never bind others. A request of another shape runs on a second, dynamic
+    session created on first use (`fallback=True`, the default) or is refused.
+    """
 
     def __init__(self, model_path: Path, spec, metadata: dict, *, threads: int | None = None,
-                 cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None):
+                 cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None, fallback: bool = True):
         self.spec, self.metadata, self.model_path = spec, metadata, Path(model_path)
         settings = metadata["settings"]
         self.on_cuda = settings["providers"][0][0] == "CUDAExecutionProvider"
         self.device_id = int(settings.get("device_id", 0))
         self.cuda_graph = cuda_graph
+        self.threads = threads
+        self.fallback = fallback
+        self.graph_values: dict | None = None
+        self._dynamic = None
         free_dimensions = None
         if cuda_graph:
             if not self.on_cuda:
@@ -167,28 +207,49 @@ class OrtEngine(Engine):
                 raise ValueError("cuda_graph=True needs graph_sizes={'B': .., 'H': .., 'W': ..}: a CUDA graph "
                                  "replays one fixed shape")
             free_dimensions = self._free_dimensions(graph_sizes)
+        self.free_dimensions = free_dimensions
         self.session = make_session(self.model_path, settings, level=settings["load_optimization_level"],
                                     threads=threads, free_dimensions=free_dimensions, cuda_graph=cuda_graph)
-        self._graph_buffers = self._allocate_graph_buffers(graph_sizes) if cuda_graph else None
+        if cuda_graph:
+            self.graph_sizes = dict(graph_sizes)
+            self._allocate_graph_buffers(graph_sizes)
 
     # -- host path -------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = prepare_feeds(self.spec, self.metadata, feeds)
-        if self.cuda_graph:
-            outputs = self.run_device(feeds)
-            return {name: value.cpu().numpy() for name, value in outputs.items()}
-        values = self.session.run(self.spec.output_names, feeds)
+        if self.graph_values is not None:
+            if all(tuple(np.shape(v)) == tuple(self.graph_values[k].shape()) for k, v in feeds.items()):
+                for name, value in feeds.items():
+                    self.graph_values[name].update_inplace(np.ascontiguousarray(value))
+                self.run_bound()
+                return {name: np.array(self.graph_values[name].numpy(), copy=True) for name in self.spec.output_names}
+            values = self._dynamic_session(feeds).run(self.spec.output_names, feeds)
+        else:
+            values = self.session.run(self.spec.output_names, feeds)
         return dict(zip(self.spec.output_names, values))
+
+    def _dynamic_session(self, feeds: dict):
+        if not self.fallback:
+            shapes = {k: list(self.graph_values[k].shape()) for k in feeds}
+            raise ValueError(f"CUDA graph engine {self.spec.name} was captured for shapes {shapes}, got "
+                             f"{ {k: list(np.shape(v)) for k, v in feeds.items()} }; load another with other "
+                             f"graph_sizes")
+        if self._dynamic is None:
+            settings = self.metadata["settings"]
+            self._dynamic = make_session(self.model_path, settings, level=settings["load_optimization_level"],
+                                         threads=self.threads)
+        return self._dynamic
 
     # -- device path (ort-cuda) ------------------------------------------------------------
     def run_device(self, feeds: dict, outputs: dict | None = None) -> dict:
         """Run with inputs and outputs on the GPU. Feeds: OrtValues, torch CUDA tensors or numpy arrays.
         Returns OrtValues on the device, or `outputs` (preallocated torch tensors) filled in place.
-        In CUDA graph mode, returns the engine's persistent torch output buffers (copy before the next call)."""
+        In CUDA graph mode, feeds are copied into the engine's buffers and its output OrtValues are returned
+        (overwritten by the next call)."""
         if not self.on_cuda:
             raise ValueError(f"run_device needs an ort-cuda engine; {self.model_path} runs on the CPU, use run()")
-        if self._graph_buffers is not None:
-            return self._run_graph(feeds)
+        if self.graph_values is not None:
+            return self._run_graph_device(feeds)
         if any(_is_torch(v) for v in list(feeds.values()) + list((outputs or {}).values())):
             # ORT runs on its own CUDA stream: let the work that produced the torch tensors finish first.
             import torch
@@ -225,6 +286,11 @@ class OrtEngine(Engine):
         io = self.metadata["io"]["outputs"]
         outputs = {name: torch.empty(shapes[name], dtype=getattr(torch, io[name]["dtype"]),
                                      device=f"cuda:{self.device_id}") for name in self.spec.output_names}
+        if self.graph_values is not None:
+            results = self._run_graph_device(feeds)
+            for name, tensor in outputs.items():
+                tensor.copy_(torch.from_numpy(results[name].numpy()))
+            return outputs
         return self.run_device(feeds, outputs)
 
     # -- CUDA graph mode -------------------------------------------------------------------
@@ -239,33 +305,42 @@ class OrtEngine(Engine):
                         raise ValueError(f"ONNX dim {dim!r} would be both {fixed[dim]} and {value} at sizes {sizes}")
         return fixed
 
-    def _allocate_graph_buffers(self, sizes: dict[str, int]) -> dict:
-        import torch
+    def _allocate_graph_buffers(self, sizes: dict[str, int]) -> None:
+        """One device OrtValue per input and output at `sizes`, bound once (graph_values, _graph_binding)."""
+        ort = _ort()
         shapes = self.spec.shapes(sizes)
         io = self.metadata["io"]
-        device = f"cuda:{self.device_id}"
-        buffers = {name: torch.zeros(shapes[name], dtype=getattr(torch, info["dtype"]), device=device)
-                   for group in ("inputs", "outputs") for name, info in io[group].items() if name in shapes}
+        self.graph_values = {}
         binding = self.session.io_binding()
-        for group, bind in (("inputs", binding.bind_input), ("outputs", binding.bind_output)):
-            for name in io[group]:
-                if name in buffers:
-                    t = buffers[name]
-                    bind(name, "cuda", self.device_id, _torch_to_numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        for group in ("inputs", "outputs"):
+            for name, info in io[group].items():
+                if name not in shapes:
+                    continue
+                shape = list(shapes[name]) if info["shape"] else []
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(info["dtype"]).type, "cuda",
+                                                                  self.device_id)
+                value.update_inplace(np.zeros(shape, np.dtype(info["dtype"])))
+                self.graph_values[name] = value
+                (binding.bind_ortvalue_input if group == "inputs" else binding.bind_ortvalue_output)(name, value)
         self._graph_binding = binding
-        return buffers
 
-    def _run_graph(self, feeds: dict) -> dict:
-        import torch
+    def run_bound(self) -> None:
+        """Replay over the engine's own buffers (graph_values); the first runs capture the graph."""
+        self.session.run_with_iobinding(self._graph_binding)
+
+    def _run_graph_device(self, feeds: dict) -> dict:
         for name, value in feeds.items():
-            buffer = self._graph_buffers[name]
-            if tuple(value.shape) != tuple(buffer.shape):
+            buffer = self.graph_values[name]
+            if tuple(value.shape) != tuple(buffer.shape()):
                 raise ValueError(f"CUDA graph engine {self.spec.name} was captured for {name!r} shape "
-                                 f"{list(buffer.shape)}, got {list(value.shape)}; load another with other graph_sizes")
-            buffer.copy_(value if _is_torch(value) else torch.from_numpy(np.asarray(value)))
-        torch.cuda.current_stream(self.device_id).synchronize()  # ORT replays on its own stream
-        self.session.run_with_iobinding(self._graph_binding)  # ORT synchronizes its stream at the end of a run
-        return {name: self._graph_buffers[name] for name in self.spec.output_names}
+                                 f"{list(buffer.shape())}, got {list(value.shape)}; load another with other graph_sizes")
+            if _is_torch(value):
+                value = value.detach().cpu().numpy()
+            elif not isinstance(value, np.ndarray):
+                value = value.numpy()
+            buffer.update_inplace(np.ascontiguousarray(value, dtype=np.dtype(self.metadata["io"]["inputs"][name]["dtype"])))
+        self.run_bound()
+        return {name: self.graph_values[name] for name in self.spec.output_names}
 
 
 _TORCH_TO_NUMPY = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64,

@@ -236,65 +236,9 @@ def prepare_engines(fp32: dict[str, Path], work: Path, modules, device: str, var
 
 # ----------------------------------------------------------------------------- scheduler on device
 
-def step_coefficients(schedule, i: int, guidance: float, out_scale: float = 1.0) -> np.ndarray:
-    """[guidance, 1/alpha_s, sigma_s/alpha_s, a, b, c] for x_next = a*x + b*m0 + c*m_prev with
-    m0 = x/alpha_s - sigma_s/alpha_s * eps: DPM-Solver++ 2M (midpoint), first order at the first
-    and the last step, the same arithmetic as toonark.scheduler.DPMSolverMultistep.step."""
-    alpha_s, sigma_s = schedule.alpha_t[i], schedule.sigma_t[i]
-    alpha_t, sigma_t = schedule.alpha_t[i + 1], schedule.sigma_t[i + 1]
-    h = schedule.lambda_t[i + 1] - schedule.lambda_t[i]
-    em1 = np.expm1(-h)
-    a, b, c = sigma_t / sigma_s, -alpha_t * em1, 0.0
-    if 0 < i < len(schedule) - 1:
-        r0 = (schedule.lambda_t[i] - schedule.lambda_t[i - 1]) / h
-        b, c = -alpha_t * em1 * (1.0 + 0.5 / r0), alpha_t * em1 * 0.5 / r0
-    return np.array([guidance, 1.0 / alpha_s, sigma_s / alpha_s, a * out_scale, b * out_scale, c * out_scale],
-                    dtype=np.float32)
-
-
-def step_model(path: Path) -> Path:
-    """ONNX graph: (noise_pred[2B], x[B], m_prev[B], coef[6]) -> (x_next, m0, unet_sample[2B])."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    def scalar(i):
-        return [helper.make_node("Gather", ["coef", f"idx{i}"], [f"k{i}"], axis=0)]
-
-    nodes = [helper.make_node("Constant", [], [f"idx{i}"], value=helper.make_tensor(f"i{i}", TensorProto.INT64, [], [i]))
-             for i in range(6)]
-    for i in range(6):
-        nodes += scalar(i)
-    nodes += [
-        helper.make_node("Split", ["noise_pred"], ["uncond", "cond"], axis=0, num_outputs=2),
-        helper.make_node("Sub", ["cond", "uncond"], ["diff"]),
-        helper.make_node("Mul", ["diff", "k0"], ["gdiff"]),
-        helper.make_node("Add", ["uncond", "gdiff"], ["eps"]),
-        helper.make_node("Mul", ["x", "k1"], ["xs"]),
-        helper.make_node("Mul", ["eps", "k2"], ["es"]),
-        helper.make_node("Sub", ["xs", "es"], ["m0"]),
-        helper.make_node("Mul", ["x", "k3"], ["ax"]),
-        helper.make_node("Mul", ["m0", "k4"], ["bm"]),
-        helper.make_node("Mul", ["m_prev", "k5"], ["cm"]),
-        helper.make_node("Add", ["ax", "bm"], ["t0"]),
-        helper.make_node("Add", ["t0", "cm"], ["x_next"]),
-        helper.make_node("Concat", ["x_next", "x_next"], ["unet_sample"], axis=0),
-    ]
-    lat = ["B", "C", "h", "w"]
-    graph = helper.make_graph(
-        nodes, "dpm_step",
-        [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["2B", "C", "h", "w"]),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, lat),
-         helper.make_tensor_value_info("m_prev", TensorProto.FLOAT, lat),
-         helper.make_tensor_value_info("coef", TensorProto.FLOAT, [6])],
-        [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, lat),
-         helper.make_tensor_value_info("m0", TensorProto.FLOAT, lat),
-         helper.make_tensor_value_info("unet_sample", TensorProto.FLOAT, ["2B", "C", "h", "w"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+# The device loop is the product's (toonark.engines.ort_loop, used by Text2ImagePipeline for ort-cuda);
+# the bench times that same code. Re-exported here for the tests and older callers.
+from toonark.engines.ort_loop import DeviceLoop, onnx_io, step_coefficients, step_model  # noqa: E402,F401
 
 
 def dpm_schedule(steps: int):
@@ -305,122 +249,25 @@ def dpm_schedule(steps: int):
     return DPMSolverMultistep(config).schedule(steps)
 
 
-# ----------------------------------------------------------------------------- ORT runner
+# ----------------------------------------------------------------------------- ORT engines
 
-def cuda_options(cuda_graph: bool) -> dict:
-    options = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
-               "do_copy_in_default_stream": "1"}
-    if cuda_graph:
-        options["enable_cuda_graph"] = "1"
-    return options
-
-
-class OrtRunner:
-    """toonark's engines on one device: sessions + OrtValue buffers + the on-device loop."""
-
-    def __init__(self, paths: dict[str, Path], dims, device: str, step_path: Path, cuda_graph: bool = False,
-                 fixed: dict | None = None, submodels=("text_encoder", "unet", "vae_decoder")):
-        import onnxruntime as ort
-        self.ort, self.dims, self.device, self.cuda_graph = ort, dims, device, cuda_graph
-        self.dev = "cuda" if device == "cuda" else "cpu"
-        self.sessions = {}
-        for name in submodels:
-            self.sessions[name] = self._session(paths[name], name, cuda_graph and name != "text_encoder", fixed)
-        self.step = self._session(step_path, "step", False, None)
-        self._buffers: dict = {}
-
-    def _session(self, path, name, cuda_graph, fixed):
-        ort = self.ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if self.device != "cuda":
-            options.intra_op_num_threads = 1
-        if self.device == "cuda":
-            providers = [("CUDAExecutionProvider", cuda_options(cuda_graph)), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        if cuda_graph:
-            # Every node must sit on CUDA for a graph capture: fixing the free dims lets ORT fold the shape ops.
-            for dim, value in (fixed or {}).items():
-                options.add_free_dimension_override_by_name(dim, value)
-        return ort.InferenceSession(str(path), options, providers=providers)
-
-    def value(self, array: np.ndarray):
-        """A device buffer holding a copy of `array` (a CPU OrtValue made from numpy would alias it)."""
-        array = np.ascontiguousarray(array)
-        value = self.empty(array.shape, array.dtype)
-        value.update_inplace(array)
-        return value
-
-    def empty(self, shape, dtype=np.float32):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.dev, 0)
-
-    def run(self, session, inputs: dict, outputs: dict):
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name, value in outputs.items():
-            binding.bind_ortvalue_output(name, value)
-        session.run_with_iobinding(binding)
-
-    def coef(self, coef: np.ndarray):
-        """Step coefficients as a host OrtValue (ORT copies the 24 bytes to the device)."""
-        self._coef = np.ascontiguousarray(coef, np.float32)   # kept alive: a CPU OrtValue aliases it
-        return self.ort.OrtValue.ortvalue_from_numpy(self._coef)
-
-    # One stage each (buffers allocated once per shape and reused).
-    def buffers(self, batch: int, image: int) -> dict:
-        key = (batch, image)
-        if key not in self._buffers:
-            d = self.dims
-            lat = (batch, d.latent_channels, image // d.vae_scale, image // d.vae_scale)
-            cfg_lat = (2 * batch,) + lat[1:]
-            self._buffers[key] = {
-                "ids": self.value(np.zeros((2 * batch, d.text_length), np.int64)),
-                "text": self.empty((2 * batch, d.text_length, d.text_hidden)),
-                "sample": self.empty(cfg_lat), "timestep": self.value(np.array(999.0, np.float32)),
-                "noise": self.empty(cfg_lat),
-                "x": [self.empty(lat), self.empty(lat)], "m": [self.empty(lat), self.empty(lat)],
-                "final": self.empty(lat),   # the last step's output, already divided by the VAE scaling factor
-                "image": self.empty((batch, d.in_channels, image, image)),
-            }
-        return self._buffers[key]
-
-    def text(self, buf):
-        self.run(self.sessions["text_encoder"], {"input_ids": buf["ids"]}, {"last_hidden_state": buf["text"]})
-
-    def unet(self, buf):
-        self.run(self.sessions["unet"], {"sample": buf["sample"], "timestep": buf["timestep"],
-                                         "encoder_hidden_states": buf["text"]}, {"out_sample": buf["noise"]})
-
-    def vae(self, buf):
-        # Always the same input buffer: a captured CUDA graph replays with the addresses it was captured with.
-        self.run(self.sessions["vae_decoder"], {"latent_sample": buf["final"]}, {"sample": buf["image"]})
-
-    def image(self, ids: np.ndarray, latents: np.ndarray, schedule, guidance: float) -> np.ndarray:
-        """Tokens + initial latents (host) -> decoded image (host, float32 NCHW in [-1, 1])."""
-        batch, image = latents.shape[0], latents.shape[2] * self.dims.vae_scale
-        buf = self.buffers(batch, image)
-        buf["ids"].update_inplace(np.ascontiguousarray(ids, np.int64))
-        buf["x"][0].update_inplace(np.ascontiguousarray(latents, np.float32))
-        buf["sample"].update_inplace(np.concatenate([latents, latents]).astype(np.float32))
-        self.text(buf)
-        cur, steps = 0, len(schedule)
-        for i in range(steps):
-            buf["timestep"].update_inplace(np.array(schedule.timesteps[i], np.float32))
-            self.unet(buf)
-            last = i == steps - 1
-            coef = step_coefficients(schedule, i, guidance,
-                                     out_scale=1.0 / self.dims.vae_scaling_factor if last else 1.0)
-            # Reads x[cur], m[cur] (previous data prediction); writes x[1-cur], m[1-cur] and the next UNet input.
-            self.run(self.step, {"noise_pred": buf["noise"], "x": buf["x"][cur], "m_prev": buf["m"][cur],
-                                 "coef": self.coef(coef)},
-                     {"x_next": buf["final"] if last else buf["x"][1 - cur], "m0": buf["m"][1 - cur],
-                      "unet_sample": buf["sample"]})
-            cur = 1 - cur
-        self.vae(buf)
-        return np.array(buf["image"].numpy(), copy=True)
+def ort_engines(paths: dict[str, Path], dims, device: str, cuda_graph: bool = False, sizes: dict | None = None,
+                submodels=("text_encoder", "unet", "vae_decoder")) -> dict:
+    """toonark.engines.ort.OrtEngine over the bench's ONNX files with the settings `make engine` records for
+    ort-cuda fp16 (fused graph, ORT optimizers at load, CUDA EP options), CUDA graphs for UNet + VAE."""
+    from toonark.engines.ort import OrtEngine, ort_build_settings
+    from toonark.export.specs import submodel_specs
+    specs = submodel_specs(dims)
+    backend = "ort-cuda" if device == "cuda" else "ort-cpu"
+    # small shared CPUs: one intra-op thread keeps the numbers stable (optimum-notes.md)
+    settings = ort_build_settings(backend, threads=None if device == "cuda" else 1)
+    settings["load_optimization_level"] = "all"
+    engines = {}
+    for name in submodels:
+        graph = cuda_graph and name != "text_encoder"
+        engines[name] = OrtEngine(paths[name], specs[name], {"settings": settings, "io": onnx_io(paths[name])},
+                                  cuda_graph=graph, graph_sizes=sizes if graph else None, fallback=False)
+    return engines
 
 
 # ----------------------------------------------------------------------------- torch runner
@@ -547,42 +394,42 @@ def bench_torch(name, modules, dims, cfg: BenchConfig, compile_mode=None) -> dic
     return res
 
 
-def bench_ort(name, paths, dims, cfg: BenchConfig, step_path: Path, cuda_graph=False, unet_only=False) -> dict:
+def bench_ort(name, paths, dims, cfg: BenchConfig, step_path: Path | None = None, cuda_graph=False,
+              unet_only=False) -> dict:
     mem = DeviceMemory(cfg.device)
     started = time.perf_counter()
-    lat = cfg.image // dims.vae_scale
-    fixed = {"2B": 2, "B": 1, "H/8": lat, "W/8": lat, "H": cfg.image, "W": cfg.image} if cuda_graph else None
+    sizes = {"B": 1, "H": cfg.image, "W": cfg.image} if cuda_graph else None
     submodels = ("unet",) if unet_only else ("text_encoder", "unet", "vae_decoder")
-    runner = OrtRunner(paths, dims, cfg.device, step_path, cuda_graph=cuda_graph, fixed=fixed, submodels=submodels)
+    loop = DeviceLoop(ort_engines(paths, dims, cfg.device, cuda_graph, sizes, submodels), dims)
     ids, latents, text = _inputs(dims, 1, cfg.image, cfg.seed)
-    buf = runner.buffers(1, cfg.image)
+    buf = loop.buffers(1, cfg.image)
     buf["ids"].update_inplace(ids)
     buf["text"].update_inplace(text)
     buf["sample"].update_inplace(np.concatenate([latents, latents]))
-    buf["timestep"].update_inplace(np.array(500.0, np.float32))
+    buf["timestep"].update_inplace(np.full(loop.timestep_shape, 500.0, np.float32))
     buf["x"][0].update_inplace(latents)
     buf["final"].update_inplace(latents / dims.vae_scaling_factor)
     res = {"backend": name, "stages": {}, "cuda_graph": cuda_graph, "session_s": round(time.perf_counter() - started, 1)}
-    res["stages"]["unet_step_b2"] = time_ms(lambda: runner.unet(buf), cfg.device, cfg.reps, cfg.warmup)
+    res["stages"]["unet_step_b2"] = time_ms(lambda: loop.unet(buf), cfg.device, cfg.reps, cfg.warmup)
     res["_unet"] = np.array(buf["noise"].numpy(), copy=True)
     if not unet_only:
-        res["stages"]["text_encoder_b2"] = time_ms(lambda: runner.text(buf), cfg.device, cfg.reps, cfg.warmup)
-        res["stages"]["vae_decode_b1"] = time_ms(lambda: runner.vae(buf), cfg.device, max(cfg.reps // 2, 3),
+        res["stages"]["text_encoder_b2"] = time_ms(lambda: loop.text(buf), cfg.device, cfg.reps, cfg.warmup)
+        res["stages"]["vae_decode_b1"] = time_ms(lambda: loop.vae(buf), cfg.device, max(cfg.reps // 2, 3),
                                                  cfg.warmup)
         schedule = dpm_schedule(cfg.steps)
-        res["image"] = time_ms(lambda: runner.image(ids, latents, schedule, cfg.guidance), cfg.device,
+        res["image"] = time_ms(lambda: loop.image(ids, latents, schedule, cfg.guidance), cfg.device,
                                cfg.image_reps, 1)
-        res["_image"] = runner.image(ids, latents, schedule, cfg.guidance)
+        res["_image"] = loop.image(ids, latents, schedule, cfg.guidance)
         res["throughput"] = {"1": {"images_per_s": round(1 / (res["image"]["median_ms"] / 1e3), 3)}}
         if not cuda_graph:
             for batch in cfg.batches:
                 b_ids, b_lat, _ = _inputs(dims, batch, cfg.image, cfg.seed + batch)
-                t = time_ms(lambda: runner.image(b_ids, b_lat, schedule, cfg.guidance), cfg.device,
+                t = time_ms(lambda: loop.image(b_ids, b_lat, schedule, cfg.guidance), cfg.device,
                             max(cfg.image_reps // 2, 2), 1)
                 res["throughput"][str(batch)] = {"images_per_s": round(batch / (t["median_ms"] / 1e3), 3), **t}
     res["memory"] = mem.report()
     res["setup_s"] = round(time.perf_counter() - started, 1)
-    del runner, buf
+    del loop, buf
     gc.collect()
     return res
 

@@ -175,17 +175,24 @@ class Text2ImagePipeline:
     """
 
     def __init__(self, engines: dict, tokenizer: ClipTokenizer, scheduler: DPMSolverMultistep, dims: PipelineDims,
-                 limits: ShapeLimits | None = None):
+                 limits: ShapeLimits | None = None, device_loop=None):
         missing = [name for name in SERVED_SUBMODELS if name not in engines]
         if missing:
             raise ValueError(f"engines {missing} are missing; the pipeline needs {list(SERVED_SUBMODELS)}")
         self.engines, self.tokenizer, self.scheduler, self.dims, self.limits = engines, tokenizer, scheduler, dims, limits
+        # toonark.engines.ort_loop.DeviceLoop: the whole loop on the engines' device (ort-cuda builds).
+        self.device_loop = device_loop
 
     @classmethod
     def from_build(cls, build_dir: Path, backend: str = "ort-cpu", precision: str | dict[str, str] = "fp32",
-                   **engine_options) -> "Text2ImagePipeline":
+                   device_loop: bool | None = None, **engine_options) -> "Text2ImagePipeline":
         """Tokenizer and scheduler from OUT/pipeline, engines via toonark.engines.load_engine.
-        precision may map submodels to precisions, e.g. {"unet": "int8", "text_encoder": "fp16", ...}."""
+        precision may map submodels to precisions, e.g. {"unet": "int8", "text_encoder": "fp16", ...}.
+
+        device_loop (default: on for ort-cuda): latents stay on the GPU for the whole request; the UNet writes
+        into fixed buffers and a small ONNX graph does guidance + the DPM-Solver++ update there
+        (toonark.engines.ort_loop). engine_options cuda_graph=True, graph_sizes={"B", "H", "W"} capture the
+        UNet and the VAE decoder as CUDA graphs at those sizes (the text encoder runs without)."""
         from toonark.engines import load_engine   # lazy: engine backends import heavy runtimes
         from toonark.export.specs import BuildInfo
         from toonark.layout import BuildLayout
@@ -196,10 +203,22 @@ class Text2ImagePipeline:
         if missing:
             raise ValueError(f"precision mapping {precision!r} lacks {missing}; give one for each of "
                              f"{list(SERVED_SUBMODELS)}")
-        engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options)
+        if device_loop is None:
+            device_loop = backend == "ort-cuda"
+        graph_options = {k: engine_options.pop(k) for k in ("cuda_graph", "graph_sizes") if k in engine_options}
+        engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options,
+                                     **(graph_options if name != "text_encoder" else {}))
                    for name in SERVED_SUBMODELS}
-        return cls(engines, load_tokenizer(layout.pipeline / "tokenizer"),
-                   DPMSolverMultistep.from_file(layout.pipeline / "scheduler"), info.dims, info.limits)
+        scheduler = DPMSolverMultistep.from_file(layout.pipeline / "scheduler")
+        loop = None
+        if device_loop:
+            if backend not in ("ort-cuda", "ort-cpu"):
+                raise ValueError(f"device_loop runs ONNX Runtime engines (ort-cuda); {backend} has none")
+            from toonark.engines.ort_loop import DeviceLoop, check_scheduler
+            check_scheduler(scheduler)
+            loop = DeviceLoop(engines, info.dims)
+        return cls(engines, load_tokenizer(layout.pipeline / "tokenizer"), scheduler, info.dims, info.limits,
+                   device_loop=loop)
 
     def _prompts(self, prompt: str | Sequence[str], batch: int, label: str) -> list[str]:
         if isinstance(prompt, str):
@@ -249,6 +268,8 @@ class Text2ImagePipeline:
             raise ValueError(f"latents of shape {latents.shape} do not fit batch={batch} {height}x{width}; expected "
                              f"{latent_shape(batch, self.dims, height, width)}")
 
+        if self.device_loop is not None and step_callback is None:
+            return self._call_on_device(prompts, negatives, latents, schedule, scale, start)
         text_embeddings, truncated, timings = self.encode_text(prompts, negatives)
         state = self.scheduler.initial_state(schedule)
         unet, unet_ms, scheduler_ms = self.engines["unet"], [], 0.0
@@ -270,4 +291,18 @@ class Text2ImagePipeline:
         timings.update(unet_ms=unet_ms, scheduler_ms=scheduler_ms, vae_decoder_ms=(decoded_at - before) * 1e3,
                        total_ms=(time.perf_counter() - start) * 1e3)
         return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated,
+                                timesteps=schedule.timesteps)
+
+    def _call_on_device(self, prompts: list[str], negatives: list[str], latents: np.ndarray, schedule, guidance: float,
+                        start: float) -> Text2ImageResult:
+        """The same request on the device loop: token ids and the starting noise go up once, the image
+        comes back once; per step only the timestep and six solver coefficients cross."""
+        before = time.perf_counter()
+        ids, truncated = tokenize(self.tokenizer, negatives + prompts, self.dims.text_length)
+        timings = {"tokenize_ms": (time.perf_counter() - before) * 1e3}
+        decoded = self.device_loop.image(ids, latents, schedule, guidance, solver_order=self.scheduler.config.solver_order,
+                                         timings=timings)
+        images = to_uint8_hwc(decoded)
+        timings.update(total_ms=(time.perf_counter() - start) * 1e3, device_loop=True)
+        return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated[len(prompts):],
                                 timesteps=schedule.timesteps)

@@ -232,11 +232,16 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         # would be replayed), not vae_decoder (latents differ per seed: entries would never hit).
         cache = spec.name == te.name
         if layout == "python":
+            # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
+            # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
+            graph = backend == "ort-cuda" and spec.name != te.name
             configs[spec.name] = model_config(
-                spec.name, inputs, outputs, backend="python", kind="KIND_CPU", response_cache=cache,
+                spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
                         "execution_provider": "CUDAExecutionProvider" if backend == "ort-cuda"
-                        else "CPUExecutionProvider"})
+                        else "CPUExecutionProvider",
+                        **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
+                                                f"W={info.limits.opt_image}"} if graph else {})})
         elif layout == "onnxruntime_onnx":
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
                                               kind=engine_kind, default_model_filename="model.onnx",
@@ -340,7 +345,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             from toonark.engines.metadata import check_metadata, read_metadata
             metadata[name] = read_metadata(build_dir, backend, precision, name)
             check_metadata(metadata[name], build_dir=build_dir, backend=backend, precision=precision, submodel=name,
-                           source_onnx=source_onnx(build_dir, backend, precision, name))
+                           source_onnx=source_onnx(build_dir, backend, precision, name,
+                                                   fused=bool(metadata[name].get("fusion"))))
             continue
         meta_path = engine_root / name / "engine.json"
         metadata[name] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -30,7 +30,7 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_seed": int, "default_guidance": float,
     "default_width": int, "default_height": int, "default_format": str,
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
-    "engine_file": str, "intra_op_threads": int, "execution_provider": str,
+    "engine_file": str, "intra_op_threads": int, "execution_provider": str, "cuda_graph_sizes": str,
     "default_quality": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
@@ -297,4 +297,8 @@ def load_runner(args: dict, params: dict):
         raise FileNotFoundError(f"{metadata_path} is missing; regenerate the repository with `make repo`")
     metadata = json.loads(metadata_path.read_text())
     threads = params.get("intra_op_threads") or None
-    return OrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads)
+    # "B=1,H=512,W=512": replay a CUDA graph at that size (ort-cuda; other sizes use a dynamic session).
+    sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in params.get("cuda_graph_sizes", "").split(",")
+                                            if item.strip())}
+    return OrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads,
+                     cuda_graph=bool(sizes), graph_sizes=sizes or None)
