@@ -27,6 +27,7 @@ the subset CPU can run (attention, LayerNorm) so parity can be checked without a
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 import warnings
@@ -51,6 +52,15 @@ CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "Nhwc
 
 PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1
 
+# What ORT's CUDA diffusion kernels accept (onnxruntime/contrib_ops/cuda/diffusion): a fused node
+# outside these limits loads fine and fails at the first run, so such a fusion is switched off for
+# the model instead (small test models hit this; SD-sized ones do not).
+SPLIT_GELU_HIDDEN_SIZES = (2560, 5120, 10240)     # BiasSplitGelu: input hidden size (8 x block width)
+# FusionOptions flags behind each fused op that the kernel limits can rule out.
+KERNEL_LIMITED_FUSIONS = {"GroupNorm": ("enable_group_norm", "enable_skip_group_norm"),
+                          "SkipGroupNorm": ("enable_group_norm", "enable_skip_group_norm"),
+                          "BiasSplitGelu": ("enable_bias_splitgelu",)}
+
 
 @dataclass
 class FusionReport:
@@ -61,6 +71,7 @@ class FusionReport:
     ops_before: dict[str, int]
     ops_after: dict[str, int]
     fused: dict[str, int] = field(default_factory=dict)
+    disabled: dict[str, str] = field(default_factory=dict)   # fused op -> why its fusion was switched off
 
     @property
     def nodes_before(self) -> int:
@@ -143,6 +154,25 @@ def fusion_options(model_type: str, fp16: bool = True, cpu_safe: bool = False):
     return options
 
 
+def kernel_refusals(model: onnx.ModelProto) -> dict[str, str]:
+    """{fused op type: reason} for fused nodes ORT's CUDA kernels would refuse at run time."""
+    lengths = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    refusals: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+            channels = lengths.get(node.input[1], 0)   # gamma
+            if groups and channels and (channels % groups or (channels // groups) % 2):
+                refusals.setdefault(node.op_type, f"{node.name}: {channels} channels in {groups} groups "
+                                                  f"(the CUDA kernel needs an even number of channels per group)")
+        elif node.op_type == "BiasSplitGelu":
+            hidden = lengths.get(node.input[1], 0)     # bias
+            if hidden not in SPLIT_GELU_HIDDEN_SIZES:
+                refusals.setdefault(node.op_type, f"{node.name}: hidden size {hidden} "
+                                                  f"(the CUDA kernel takes {', '.join(map(str, SPLIT_GELU_HIDDEN_SIZES))})")
+    return refusals
+
+
 def heads_from_config(config: dict) -> int:
     """Attention heads of a diffusers UNet config (SD-1.x stores the head *count* in
     `attention_head_dim`); 0 when it varies per block, so the graph value is used."""
@@ -153,40 +183,60 @@ def heads_from_config(config: dict) -> int:
 
 
 def fuse_model(model: onnx.ModelProto | str | Path, submodel: str, *, num_heads: int = 0, hidden_size: int = 0,
-               fp16: bool = True, keep_io_types: bool | list[str] = True, cpu_safe: bool = False):
-    """Run the fusions (and fp16 conversion) in memory; returns (OnnxModel, FusionReport)."""
+               fp16: bool = True, keep_io_types: bool | list[str] = True, cpu_safe: bool = False,
+               respect_kernel_limits: bool = True):
+    """Run the fusions (and fp16 conversion) in memory; returns (OnnxModel, FusionReport).
+    With `respect_kernel_limits`, a fusion whose CUDA kernel would refuse this model's sizes
+    (kernel_refusals) is switched off and the model fused again; off only to study the patterns."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     if submodel not in MODEL_TYPES:
         raise ValueError(f"no fusion recipe for submodel {submodel!r}; choose one of {sorted(MODEL_TYPES)}")
     model_type = MODEL_TYPES[submodel]
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=True)
+    source = None if isinstance(model, onnx.ModelProto) else str(model)
+    if source is not None:
+        model = onnx.load(source, load_external_data=True)
+    # optimize_model edits the proto it is given: keep a pristine copy for a second pass only when
+    # there is no file to reload it from.
+    pristine = copy.deepcopy(model) if source is None else None
     before = op_counts(model)
     started = time.perf_counter()
-    with _robust_num_heads(num_heads), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # optimize_model takes a path or a ModelProto; the proto route avoids a second 3 GB read.
-        optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                                   opt_level=0, optimization_options=fusion_options(model_type, fp16, cpu_safe),
-                                   use_gpu=True, only_onnxruntime=False)
+    options = fusion_options(model_type, fp16, cpu_safe)
+    disabled: dict[str, str] = {}
+    for attempt in range(2):
+        with _robust_num_heads(num_heads), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # optimize_model takes a path or a ModelProto; the proto route avoids a second 3 GB read.
+            optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                       opt_level=0, optimization_options=options, use_gpu=True,
+                                       only_onnxruntime=False)
+        refusals = kernel_refusals(optimized.model) if respect_kernel_limits else {}
+        if not refusals or attempt:
+            break
+        log.info("%s: fusing again without %s: %s", submodel, ", ".join(refusals), "; ".join(refusals.values()))
+        disabled.update(refusals)
+        for op_type in refusals:
+            for flag in KERNEL_LIMITED_FUSIONS[op_type]:
+                setattr(options, flag, False)
+        model = onnx.load(source, load_external_data=True) if source is not None else pristine
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     if fp16:
         optimized.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=[])
     report = FusionReport(submodel=submodel, model_type=model_type, fp16=fp16,
                           seconds=round(time.perf_counter() - started, 2), ops_before=before,
-                          ops_after=op_counts(optimized.model), fused=fused)
+                          ops_after=op_counts(optimized.model), fused=fused, disabled=disabled)
     log.info("%s", report.summary())
     return optimized, report
 
 
 def fuse_for_cuda(src_onnx: str | Path, dst_onnx: str | Path, submodel: str, *, num_heads: int = 0,
                   hidden_size: int = 0, fp16: bool = True, keep_io_types: bool | list[str] = True,
-                  cpu_safe: bool = False) -> FusionReport:
+                  cpu_safe: bool = False, respect_kernel_limits: bool = True) -> FusionReport:
     """Fuse `src_onnx` (an fp32 export) for the CUDA execution provider and write `dst_onnx`
     (weights in one `model.onnx.data` beside it when past the protobuf limit)."""
     optimized, report = fuse_model(src_onnx, submodel, num_heads=num_heads, hidden_size=hidden_size, fp16=fp16,
-                                   keep_io_types=keep_io_types, cpu_safe=cpu_safe)
+                                   keep_io_types=keep_io_types, cpu_safe=cpu_safe,
+                                   respect_kernel_limits=respect_kernel_limits)
     dst_onnx = Path(dst_onnx)
     dst_onnx.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.ByteSize() for t in optimized.model.graph.initializer)

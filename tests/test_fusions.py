@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from toonark.export.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_config, op_counts
+from toonark.export.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_config, kernel_refusals, op_counts
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,11 @@ def test_unet_fusions_apply(tiny_onnx, tmp_path):
     before = op_counts(src)
     with warnings.catch_warnings():
         _numpy2_int_of_array_is_an_error()   # our pass must not depend on NumPy 1.x leniency
+        # Kernel limits off: this test is about the patterns matching our export (the tiny widths
+        # are below what some CUDA kernels take; test_kernel_limits_switch_fusions_off covers that).
         report = fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet",
-                               num_heads=heads_from_config(dict(tiny_onnx["modules"]["unet"].config)))
+                               num_heads=heads_from_config(dict(tiny_onnx["modules"]["unet"].config)),
+                               respect_kernel_limits=False)
     fused = report.fused
     # One fused attention per softmax (self + cross per transformer block), one GEGLU per Erf,
     # every InstanceNorm-based GroupNorm and every Conv.
@@ -64,13 +67,31 @@ def test_unet_fusions_apply(tiny_onnx, tmp_path):
 
 def test_vae_and_text_encoder_fusions_apply(tiny_onnx, tmp_path):
     vae_before = op_counts(onnx.load(str(tiny_onnx["paths"]["vae_decoder"])))
-    vae = fuse_for_cuda(tiny_onnx["paths"]["vae_decoder"], tmp_path / "vae" / "model.onnx", "vae_decoder")
+    vae = fuse_for_cuda(tiny_onnx["paths"]["vae_decoder"], tmp_path / "vae" / "model.onnx", "vae_decoder",
+                        respect_kernel_limits=False)
     # Every GroupNorm but the mid-block attention's (its output feeds a reshape, not SiLU/Add: no pattern).
     assert vae.fused["GroupNorm"] + vae.fused["SkipGroupNorm"] == vae_before["InstanceNormalization"] - \
         vae_before["Softmax"]
     assert vae.fused["NhwcConv"] == vae_before["Conv"]
     text = fuse_for_cuda(tiny_onnx["paths"]["text_encoder"], tmp_path / "text" / "model.onnx", "text_encoder")
     assert text.fused["SkipLayerNormalization"] >= 2 and text.fused["QuickGelu"] == 2
+
+
+def test_kernel_limits_switch_fusions_off(tiny_onnx, tmp_path):
+    """The tiny widths are below what ORT's CUDA kernels take (BiasSplitGelu hidden 2560/5120/10240,
+    GroupNorm an even channel count per group): by default those fusions are switched off, with
+    the reason in the report, so the engine runs instead of failing at its first call."""
+    unet = fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet")
+    assert set(unet.disabled) == {"BiasSplitGelu"}
+    assert "hidden size 256 (the CUDA kernel takes 2560, 5120, 10240)" in unet.disabled["BiasSplitGelu"]
+    assert "BiasSplitGelu" not in unet.fused and unet.fused["MultiHeadAttention"] == 8 and unet.fused["GroupNorm"]
+    vae = fuse_for_cuda(tiny_onnx["paths"]["vae_decoder"], tmp_path / "vae" / "model.onnx", "vae_decoder")
+    assert set(vae.disabled) <= {"GroupNorm", "SkipGroupNorm"} and vae.disabled
+    assert "8 channels in 8 groups (the CUDA kernel needs an even number of channels per group)" in \
+        " ".join(vae.disabled.values())
+    assert not {"GroupNorm", "SkipGroupNorm"} & set(vae.fused) and vae.fused["NhwcConv"]
+    for path in (tmp_path / "unet" / "model.onnx", tmp_path / "vae" / "model.onnx"):
+        assert kernel_refusals(onnx.load(str(path))) == {}
 
 
 def test_cpu_safe_fusion_matches_unfused(tiny_onnx, tmp_path):
