@@ -16,12 +16,14 @@ import collections
 import contextlib
 import filecmp
 import glob
+import importlib.util
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import sysconfig
 import threading
@@ -57,11 +59,11 @@ def check_environment() -> None:
 
 def triton_bundle() -> Path:
     """The tritonserver folder inside the installed nvidia-pytriton wheel."""
-    try:
-        import pytriton
-    except ImportError:
-        raise RuntimeError("nvidia-pytriton is not installed; it bundles tritonserver. Run `make setup`.") from None
-    bundle = Path(pytriton.__file__).parent / "tritonserver"
+    # Located, not imported: importing pytriton needs pyzmq, which a GPU image may lack.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed; it bundles tritonserver. Run `make setup`.")
+    bundle = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     if not (bundle / "bin" / "tritonserver").is_file():
         raise RuntimeError(f"{bundle}/bin/tritonserver is missing; reinstall nvidia-pytriton==0.7.0 (`make setup`)")
     return bundle
@@ -134,6 +136,7 @@ class TritonServer:
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self.process: subprocess.Popen | None = None
+        self.workdir: Path | None = None
         self.started_at = 0.0
         self.ready_after_s: float | None = None
         # Model-repository (load/unload/index), shared-memory, trace and logging APIs need this header value
@@ -201,9 +204,12 @@ class TritonServer:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self._log_path, "w", encoding="utf-8")
         self.started_at = time.monotonic()
+        # An empty private cwd: the Python-backend stubs put their cwd first on sys.path, so a source
+        # checkout's ./toonark, or the repository's own `toonark` ensemble folder, would shadow the package.
+        self.workdir = Path(tempfile.mkdtemp(prefix="toonark-triton-"))
         self.process = subprocess.Popen(self.command(bundle), env=self.environment(), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                        errors="replace", start_new_session=True)
+                                        errors="replace", start_new_session=True, cwd=self.workdir)
         self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._reader.start()
         return self
@@ -361,6 +367,8 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
         self.remove_shm()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
     def remove_shm(self) -> list[str]:
