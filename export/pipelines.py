@@ -121,29 +121,41 @@ def random_safety_checker(kind: str = "tiny", seed: int = 0):
     return checker.eval(), CLIPImageProcessor()   # OpenAI CLIP preprocessing: 224 crop, CLIP mean/std
 
 
+def build_modules(kind: str = "tiny", seed: int = 0) -> dict:
+    """The seeded random-weight text encoder, UNet and VAE of a pipeline kind, in memory (what
+    build_pipeline saves; the GPU bench builds them directly, without tokenizer files)."""
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {sorted(CONFIGS)}")
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CONFIGS[kind]
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_LENGTH,
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                                **cfg["text_encoder"]))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(latent_channels=unet.config.in_channels, **cfg["vae"])
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae}
+
+
 def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0, with_safety_checker: bool = False) -> Path:
     """Write a diffusers-format folder (safetensors weights) with seeded random weights.
     `with_safety_checker` adds safety_checker/ and feature_extractor/ (random checker, seed + 3);
     the other components are the same as without it."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {sorted(CONFIGS)}")
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
-    cfg = CONFIGS[kind]
     with atomic_dir(Path(out)) as tmp:
         write_clip_tokenizer(tmp / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_LENGTH,
-                                                    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                                                    **cfg["text_encoder"]))
-        torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(latent_channels=unet.config.in_channels, **cfg["vae"])
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        modules = build_modules(kind, seed)
+        pipe = StableDiffusionPipeline(**modules, tokenizer=tokenizer,
                                        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if with_safety_checker:

@@ -120,24 +120,11 @@ class DeviceMemory:
 def make_modules(kind: str, seed: int = 0):
     """The same random-weight modules `export.pipelines.build_pipeline(kind)` saves (same seeds),
     built in memory: no tokenizer files needed (the GPU image has no open_clip)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from toonark.export.pipelines import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, CONFIGS
-
-    cfg = CONFIGS[kind]
-    torch.manual_seed(seed)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_LENGTH,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                                        **cfg["text_encoder"]))
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(latent_channels=unet.config.in_channels, **cfg["vae"])
-    for module in (text, unet, vae):
+    from toonark.export.pipelines import build_modules
+    modules = build_modules(kind, seed)
+    for module in modules.values():
         module.eval().requires_grad_(False)
-    return {"text_encoder": text, "unet": unet, "vae": vae}
+    return modules
 
 
 def pipeline_dims(modules):
