@@ -141,6 +141,27 @@ def classifier_free_guidance(noise_pred: np.ndarray, guidance: float) -> np.ndar
     return uncond + np.float32(guidance) * (cond - uncond)
 
 
+def denoise_latents(scheduler, latents: np.ndarray, text_embeddings: np.ndarray, schedule, guidance: float,
+                    unet: Callable[[dict[str, np.ndarray]], np.ndarray],
+                    step_callback: StepCallback | None = None) -> tuple[np.ndarray, list[float], float]:
+    """The DPM-Solver++ loop with classifier-free guidance: the one loop of the offline pipeline and
+    of the served `denoise` model (there `unet` is a BLS call), so both draw the same image.
+    unet(feeds) returns the (2B, ...) noise prediction. Returns (latents, UNet ms per step, solver ms)."""
+    state = scheduler.initial_state(schedule)
+    unet_ms, scheduler_ms = [], 0.0
+    while not state.done:
+        feeds = unet_feeds(scheduler.scale_model_input(latents, state), state.timestep, text_embeddings)
+        if step_callback is not None:
+            step_callback(state.step_index, state.timestep, feeds, latents)
+        before = time.perf_counter()
+        noise_pred = unet(feeds)
+        after = time.perf_counter()
+        latents, state = scheduler.step(classifier_free_guidance(noise_pred, guidance), latents, state)
+        unet_ms.append((after - before) * 1e3)
+        scheduler_ms += (time.perf_counter() - after) * 1e3   # guidance combine + solver step
+    return latents, unet_ms, scheduler_ms
+
+
 def decode(vae_decoder, latents: np.ndarray, dims: PipelineDims) -> np.ndarray:
     """Latents -> float32 images (B, 3, H, W) in about [-1, 1]."""
     scaled = (latents / np.float32(dims.vae_scaling_factor)).astype(np.float32)
@@ -271,19 +292,9 @@ class Text2ImagePipeline:
         if self.device_loop is not None and step_callback is None:
             return self._call_on_device(prompts, negatives, latents, schedule, scale, start)
         text_embeddings, truncated, timings = self.encode_text(prompts, negatives)
-        state = self.scheduler.initial_state(schedule)
-        unet, unet_ms, scheduler_ms = self.engines["unet"], [], 0.0
-        while not state.done:
-            feeds = unet_feeds(self.scheduler.scale_model_input(latents, state), state.timestep, text_embeddings)
-            if step_callback is not None:
-                step_callback(state.step_index, state.timestep, feeds, latents)
-            before = time.perf_counter()
-            noise_pred = unet.run(feeds)["out_sample"]
-            after = time.perf_counter()
-            latents, state = self.scheduler.step(classifier_free_guidance(noise_pred, scale), latents, state)
-            unet_ms.append((after - before) * 1e3)
-            scheduler_ms += (time.perf_counter() - after) * 1e3   # guidance combine + solver step
-
+        unet = self.engines["unet"]
+        latents, unet_ms, scheduler_ms = denoise_latents(self.scheduler, latents, text_embeddings, schedule, scale,
+                                                         lambda feeds: unet.run(feeds)["out_sample"], step_callback)
         before = time.perf_counter()
         decoded = decode(self.engines["vae_decoder"], latents, self.dims)
         decoded_at = time.perf_counter()

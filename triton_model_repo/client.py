@@ -9,6 +9,8 @@ from Triton's statistics API: the per-model deltas of the success counters aroun
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +104,20 @@ def model_statistics(client, protocol: str) -> dict[str, dict]:
     return out
 
 
+def settled_statistics(client, protocol: str, timeout_s: float = 2.0) -> dict[str, dict]:
+    """Statistics once they stop moving: the ensemble's response can reach the client before Triton
+    has recorded its last step (postprocess), so read until two reads in a row agree."""
+    deadline = time.monotonic() + timeout_s
+    stats = model_statistics(client, protocol)
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        again = model_statistics(client, protocol)
+        if again == stats:
+            break
+        stats = again
+    return stats
+
+
 def stage_profile(before: dict, after: dict) -> dict[str, dict]:
     profile = {}
     for name in STAGES + (ENSEMBLE,):
@@ -139,7 +155,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         kwargs = {"client_timeout": timeout_s} if protocol == "grpc" else {}
         response = client.infer(ENSEMBLE, inputs, outputs=outputs, **kwargs)
         seconds = time.perf_counter() - start
-        after = model_statistics(client, protocol) if timings else {}
+        after = settled_statistics(client, protocol) if timings else {}
         images = response.as_numpy(output_name)
         nsfw = response.as_numpy(NSFW_OUTPUT.name)
     except InferenceServerException as err:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -248,19 +247,13 @@ class Denoiser:
                                       for s in seeds])
         else:
             raise RequestError(f"{len(seeds)} seeds for {batch} images; send 1 or one per image")
-        self.last_unet_seconds = []
-        state = self.scheduler.initial_state(self.scheduler.schedule(steps))
-        # The offline Text2ImagePipeline's loop, step for step, with the UNet behind a callable.
-        while not state.done:
-            feeds = offline.unet_feeds(self.scheduler.scale_model_input(latents, state), state.timestep,
-                                       text_embeddings)
+        def typed_unet(feeds: dict) -> np.ndarray:
             # Float inputs in the unet engine's I/O precision ("float" in the spec), fixed dtypes as declared.
-            feeds = {t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs}
-            start = time.perf_counter()
-            noise_pred = unet(feeds)
-            self.last_unet_seconds.append(time.perf_counter() - start)
-            latents, state = self.scheduler.step(offline.classifier_free_guidance(noise_pred, guidance), latents,
-                                                 state)
+            return unet({t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs})
+
+        latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings,
+                                                      self.scheduler.schedule(steps), guidance, typed_unet)
+        self.last_unet_seconds = [ms / 1e3 for ms in unet_ms]
         return (latents / np.float32(dims.vae_scaling_factor)).astype(np.float32)
 
 
