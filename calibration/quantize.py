@@ -307,10 +307,13 @@ def read_quantize_info(int8_path: Path) -> dict | None:
 
 
 def quantize_unet(source_onnx: Path, shards: list[Path], output: Path, config: QuantConfig,
-                  capture_key: str = "", force: bool = False) -> QuantizeResult:
+                  capture_key: str = "", force: bool = False,
+                  calibration_providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> QuantizeResult:
     """Write the QDQ INT8 UNet to `output` (its folder is replaced atomically, with quantize.json).
 
-    Reuses an existing output when it was made from the same source hash, capture and config."""
+    Reuses an existing output when it was made from the same source hash, capture and config.
+    `calibration_providers` only says where the calibration passes run (e.g. CUDA for an SD-1.5
+    UNet); it does not change the model, so it is not part of the config."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     config.check_available()
@@ -365,7 +368,8 @@ def quantize_unet(source_onnx: Path, shards: list[Path], output: Path, config: Q
                                     per_channel=True, reduce_range=False,
                                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                     nodes_to_exclude=exclude_names, use_external_data_format=large,
-                                    calibrate_method=_method_enum(config.method), extra_options=extra)
+                                    calibrate_method=_method_enum(config.method), extra_options=extra,
+                                    calibration_providers=list(calibration_providers))
             finally:
                 root.setLevel(level)
             quantized = onnx.load(str(target), load_external_data=False)
