@@ -85,7 +85,8 @@ def test_capture_writes_one_bounded_shard_per_step(build, calibrated):
             assert set(data.files) == {"sample", "timestep", "encoder_hidden_states"}
             assert data["sample"].shape == (2, 4, latent, latent)             # the CFG batch of one step
             assert data["encoder_hidden_states"].shape == (2, 77, 32)
-            timesteps.append(float(data["timestep"]))
+            assert data["timestep"].shape == (1,)
+            timesteps.append(float(data["timestep"][0]))
         assert shard.stat().st_size <= one_step_bytes + 2048                  # one step per shard, nothing more
     assert captured.max_shard_bytes <= one_step_bytes + 2048
     assert len(set(timesteps[:SMALL_CAPTURE.steps])) == SMALL_CAPTURE.steps   # every timestep of a run
