@@ -41,7 +41,6 @@ import numpy as np
 
 log = logging.getLogger("toonark.int8_gpu")
 
-OPSET = 18
 EXTERNAL_BYTES = 1 << 30            # weights past this go to one model.onnx.data (protobuf caps at 2 GiB)
 FUSION_ESTIMATE_S = {"sd15": 230, "tiny": 30}   # fuse_for_cuda + session + timing (NOTES.md: 157 s fusion)
 
@@ -94,44 +93,27 @@ def _stamp(folder: Path) -> dict:
 
 
 def export_fp32(unet, dims, work: Path, key: dict) -> tuple[Path, dict]:
-    """fp32 UNet ONNX as toonark.bench.export_onnx writes it (TorchScript exporter, opset 18, spec names
-    and axes), then re-saved with one external data file (the TorchScript exporter writes one file per
+    """fp32 UNet ONNX from toonark.bench.export_onnx (TorchScript exporter, opset 18, spec names and
+    axes), then re-saved with one external data file (the TorchScript exporter writes one file per
     tensor past 2 GB; quantize_unet sizes a model by its *.data files)."""
     import shutil
 
     import onnx
-    import torch
 
-    from toonark.export.specs import submodel_specs
+    from toonark.bench import export_onnx
     dst = work / "fp32" / "model.onnx"
     if dst.is_file() and _stamp(dst.parent) == key:
         return dst, {"cached": True}
-    spec = submodel_specs(dims)["unet"]
-
-    class Unet(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
     raw = work / "fp32-export"
     shutil.rmtree(raw, ignore_errors=True)
     shutil.rmtree(dst.parent, ignore_errors=True)
-    raw.mkdir(parents=True)
-    feeds = spec.sample_inputs({"B": 1, "H": 8 * dims.vae_scale, "W": 8 * dims.vae_scale}, "fp32")
-    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names)
     started = time.perf_counter()
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # TracerWarnings and the legacy exporter's DeprecationWarning
-        torch.onnx.export(Unet(unet), args, str(raw / "model.onnx"), input_names=spec.input_names,
-                          output_names=spec.output_names,
-                          dynamic_axes={k: v for k, v in spec.dynamic_axes().items() if v},
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        exported = export_onnx({"unet": unet}, dims, raw, submodels=("unet",))["unet"]
     export_s = time.perf_counter() - started
     started = time.perf_counter()
-    save_onnx(onnx.load(str(raw / "model.onnx"), load_external_data=True), dst)
+    save_onnx(onnx.load(str(exported), load_external_data=True), dst)
     shutil.rmtree(raw, ignore_errors=True)
     (dst.parent / "made.json").write_text(json.dumps(key))
     return dst, {"cached": False, "export_s": round(export_s, 1), "resave_s": round(time.perf_counter() - started, 1)}
@@ -444,6 +426,7 @@ def main(argv=None) -> dict:
     results["unet"] = {"params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
                        "config": f"export.pipelines.CONFIGS[{cfg.kind!r}]['unet'], torch.manual_seed({cfg.seed + 1})"}
     timings["build_s"] = round(time.perf_counter() - t0, 1)
+    from toonark.bench import OPSET
     key = {"kind": cfg.kind, "seed": cfg.seed, "opset": OPSET}
     t0 = time.perf_counter()
     fp32, info = export_fp32(unet, dims, work, key)

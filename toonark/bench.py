@@ -135,8 +135,9 @@ def pipeline_dims(modules):
                         vae_scaling_factor=float(vae.scaling_factor), in_channels=vae.in_channels)
 
 
-def export_onnx(modules, dims, out_dir: Path) -> dict[str, Path]:
-    """fp32 ONNX of the three served submodels with the spec's names and axis names: what optimum's
+def export_onnx(modules, dims, out_dir: Path,
+                submodels: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")) -> dict[str, Path]:
+    """fp32 ONNX of the served submodels with the spec's names and axis names: what optimum's
     exporter does (TorchScript exporter, opset 18), written out directly so the GPU image needs
     neither optimum nor the tokenizer files. Skips a submodel whose file exists."""
     import torch
@@ -170,11 +171,11 @@ def export_onnx(modules, dims, out_dir: Path) -> dict[str, Path]:
         def forward(self, latent_sample):
             return self.m.decode(latent_sample, return_dict=False)[0]
 
-    wrappers = {"text_encoder": TextEncoder(modules["text_encoder"]), "unet": Unet(modules["unet"]),
-                "vae_decoder": VaeDecoder(modules["vae"])}
+    wrappers = {"text_encoder": lambda: TextEncoder(modules["text_encoder"]), "unet": lambda: Unet(modules["unet"]),
+                "vae_decoder": lambda: VaeDecoder(modules["vae"])}
     paths = {}
-    for name, wrapper in wrappers.items():
-        spec = specs[name]
+    for name in submodels:
+        wrapper, spec = wrappers[name](), specs[name]
         path = Path(out_dir) / name / "model.onnx"
         paths[name] = path
         if path.is_file():
