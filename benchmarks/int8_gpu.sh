@@ -6,20 +6,8 @@
 # joined under /tmp/parts by earlier calls on the same warm machine (see benchmarks/NOTES.md).
 # toonark is copied into /tmp/tkpkg in the installed layout, as gpu_run.sh does. JSON + log under $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ ! -d /tmp/site ]; then
-  cat /tmp/parts/bundle.part* > /tmp/bundle.tar || exit 3
-  echo "${BUNDLE_SHA:?set BUNDLE_SHA}  /tmp/bundle.tar" | sha256sum -c --quiet - || exit 3
-  mkdir -p /tmp/wheels && tar -xf /tmp/bundle.tar -C /tmp/wheels && rm -f /tmp/bundle.tar
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl || exit 3
-fi
+. benchmarks/device_env.sh
 echo "staged in ${SECONDS} s"
-rm -rf /tmp/tkpkg && mkdir -p /tmp/tkpkg && cp -r toonark /tmp/tkpkg/
-for d in export engines calibration; do cp -r "$d" "/tmp/tkpkg/toonark/$d"; done
-export PYTHONPATH=/tmp/tkpkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
-  --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 budget=${INT8_BUDGET_S:-585}          # the device tool's per-command limit is 600 s
 left=$((budget - SECONDS))
 timeout "$left" python3 benchmarks/int8_gpu.py --work /tmp/int8work --results "$OUT" \
