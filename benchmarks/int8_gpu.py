@@ -435,7 +435,12 @@ def main(argv=None) -> dict:
                          "recipe (spec names/axes)", "bytes": onnx_bytes(fp32)}
     log.info("fp32 ONNX %s (%.2f GB) in %.1f s", fp32, onnx_bytes(fp32) / 1e9, timings["export_s"])
 
-    calib = sampler_inputs(dims, cfg.image, cfg.calib, seed=1)
+    # Everything the calibration sets depend on: also the quantize cache key (a run at --image 64 must not
+    # hand its INT8 model to one at 512).
+    calib_inputs = {"image": cfg.image, "sets": cfg.calib, "seed": 1, "steps": 20, "batch": 1,
+                    "generator": "sampler_inputs: x_t = alpha_t x0 + sigma_t eps, N(0,1) text, DPM schedule"}
+    calib = sampler_inputs(dims, calib_inputs["image"], calib_inputs["sets"], seed=calib_inputs["seed"],
+                           steps=calib_inputs["steps"], batch=calib_inputs["batch"])
     held_out = sampler_inputs(dims, cfg.image, cfg.eval, seed=12345)
     time_feed = held_out[len(held_out) // 2]
     shards = write_shards(calib, work / "calib")
@@ -474,7 +479,8 @@ def main(argv=None) -> dict:
     providers = None if on_cpu else ["CUDAExecutionProvider", "CPUExecutionProvider"]
     t0 = time.perf_counter()
     try:
-        results["quantize"] = quantize(fp32, shards, work, providers, key=json.dumps({**key, "calib": cfg.calib}))
+        quantize_key = json.dumps({**key, "calib": cfg.calib, "calib_inputs": calib_inputs}, sort_keys=True)
+        results["quantize"] = quantize(fp32, shards, work, providers, key=quantize_key)
         int8 = Path(results["quantize"]["path"])
     except Exception as err:  # noqa: BLE001
         log.exception("quantize failed")

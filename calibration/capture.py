@@ -11,8 +11,9 @@ own shard
 
 so memory stays at one step's inputs however many prompts and steps are captured. The folder is
 written in a temporary sibling and renamed into place with manifest.json last; the manifest's
-`key` hashes the source UNet ONNX (sha256_onnx) and every capture setting, so a re-export or a
-changed option makes the old capture (and the INT8 model made from it) stale.
+`key` hashes the source UNet ONNX (sha256_onnx), every capture setting, the prompts, seeds and
+negative prompt, the scheduler config and the fp32 text encoder ONNX, so a re-export or a changed
+option makes the old capture (and the INT8 model made from it) stale.
 """
 from __future__ import annotations
 
@@ -68,10 +69,29 @@ def source_unet(build_dir: Path) -> Path:
     return path
 
 
-def capture_key(source_sha: str, config: CaptureConfig, prompts: tuple[Prompt, ...]) -> str:
+def capture_key(source_sha: str, config: CaptureConfig, prompts: tuple[Prompt, ...], negative: str = "",
+                scheduler: dict | None = None, text_encoder_sha: str = "") -> str:
+    """Everything the captured UNet inputs depend on: the UNet ONNX, the capture settings, the
+    prompts, seeds and negative prompt, the scheduler config (timesteps, sigmas) and the text
+    encoder (the encoder_hidden_states)."""
     payload = json.dumps({"source_onnx_sha256": source_sha, "config": config.to_json(),
-                          "prompts": [[p.text, p.seed] for p in prompts]}, sort_keys=True)
+                          "prompts": [[p.text, p.seed] for p in prompts], "negative_prompt": negative,
+                          "scheduler": scheduler, "text_encoder_onnx_sha256": text_encoder_sha},
+                         sort_keys=True, default=repr)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def build_capture_key(build_dir: Path, config: CaptureConfig, source_sha: str | None = None) -> str:
+    """capture_key() of this build's UNet ONNX, fp32 text encoder ONNX and OUT/pipeline/scheduler."""
+    from toonark.scheduler import DPMSolverConfig
+    layout = BuildLayout(build_dir)
+    text_encoder = layout.onnx_model("fp32", "text_encoder")
+    if not text_encoder.is_file():
+        raise FileNotFoundError(f"fp32 text encoder ONNX not found: {text_encoder}; run `make export "
+                                f"MODEL=<diffusers folder> OUT={build_dir}` first")
+    return capture_key(source_sha or sha256_onnx(source_unet(build_dir)), config,
+                       prompt_set().take("calibration", config.prompts), prompt_set().negative,
+                       DPMSolverConfig.from_file(layout.pipeline / "scheduler").to_dict(), sha256_onnx(text_encoder))
 
 
 @dataclass
@@ -129,7 +149,7 @@ def capture(build_dir: Path, config: CaptureConfig = CaptureConfig(), *, force: 
     build_dir = Path(build_dir)
     source_sha = sha256_onnx(source_unet(build_dir))
     prompts = prompt_set().take("calibration", config.prompts)
-    key = capture_key(source_sha, config, prompts)
+    key = build_capture_key(build_dir, config, source_sha)
     existing = read_capture(build_dir)
     if existing is not None and existing.key == key and not force:
         return existing

@@ -8,8 +8,13 @@ gate would score ORT's CPU kernels, not the model TensorRT will build.
 
 Metrics per prompt (worst over prompts is what the gate checks):
   psnr_db        final uint8 image, INT8 vs reference, peak 255;
-  latent_cosine  cosine of the latents INT8 vs reference at every sampler step, min over steps:
-                 catches a run that drifts mid-way and happens to land near the reference;
+  latent_cosine  cosine of the latents INT8 vs reference after every sampler step, min over steps:
+                 catches a run that drifts mid-way and happens to land near the reference. The
+                 pipeline's step_callback runs before each UNet call, so the latents it is handed at
+                 step i+1 are step i's result (step 0's are the shared starting noise, not compared);
+                 the last step's result is taken where the VAE decodes it;
+A non-finite latent or image makes its metric NaN, and NaN fails every threshold (the gate
+checks `metric >= limit`, and the worst over steps/prompts propagates NaN).
   embedding distance: not computed - no image-embedding model with weights (CLIP, LPIPS,
                  DINO) is installed and none can be downloaded here; the report says so.
 """
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,48 +129,100 @@ def choose_reference(fp16_path: Path, fp32_path: Path, spec, probe_feeds: dict, 
 
 
 def psnr_db(reference: np.ndarray, test: np.ndarray, cap: float = 99.0) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    """PSNR (peak 255) capped at `cap`; NaN when either input is not finite (NaN fails the gate)."""
+    reference, test = np.asarray(reference, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    if not (np.isfinite(reference).all() and np.isfinite(test).all()):
+        return math.nan
+    mse = float(np.mean((reference - test) ** 2))
     return cap if mse == 0 else min(cap, 10.0 * math.log10(255.0 ** 2 / mse))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    """Cosine similarity; NaN when either input is not finite (NaN fails the gate)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.nan
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     return 1.0 if denom == 0 else float(a @ b / denom)
+
+
+def worst(values) -> float:
+    """The minimum, NaN if any value is NaN (Python's min() may keep a number over a NaN)."""
+    return float(np.min(np.asarray(list(values), dtype=np.float64)))
+
+
+class _LatentTap(Engine):
+    """The VAE decoder, keeping the latents it decodes: the result of the sampler's last step."""
+
+    def __init__(self, decoder: Engine, scaling_factor: float):
+        self.decoder, self.scaling_factor, self.latents = decoder, float(scaling_factor), None
+
+    def __getattr__(self, name):   # spec, metadata, ... of the wrapped engine
+        if name == "decoder":
+            raise AttributeError(name)
+        return getattr(self.decoder, name)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.latents = np.array(feeds["latent_sample"], dtype=np.float32) * np.float32(self.scaling_factor)
+        return self.decoder.run(feeds)
+
+
+def _tapped(pipeline):
+    tap = _LatentTap(pipeline.engines["vae_decoder"], pipeline.dims.vae_scaling_factor)
+    return type(pipeline)({**pipeline.engines, "vae_decoder": tap}, pipeline.tokenizer, pipeline.scheduler,
+                          pipeline.dims, pipeline.limits), tap
+
+
+def post_step_latents(pipeline, tap: _LatentTap, prompt: str, **kwargs):
+    """(result, latents after each sampler step): the step_callback at step i+1 is handed step i's
+    result; the last step's result is what the VAE decodes."""
+    seen: list[np.ndarray] = []   # one latent per step: a few KB each
+    tap.latents = None
+    result = pipeline(prompt, step_callback=lambda i, t, feeds, latents:
+                      seen.append(np.array(latents, dtype=np.float32)), **kwargs)
+    if tap.latents is None:
+        raise RuntimeError("the pipeline did not decode through its vae_decoder engine; the gate cannot see "
+                           "the last step's latents")
+    return result, seen[1:] + [tap.latents]
 
 
 def compare_runs(reference_pipeline, int8_pipeline, prompts, negative: str, config: GateConfig,
                  progress: bool = True):
     """Yield (prompt, metrics, reference image, int8 image) per evaluation prompt."""
     from tqdm import tqdm
+    reference_pipeline, reference_tap = _tapped(reference_pipeline)
+    int8_pipeline, int8_tap = _tapped(int8_pipeline)
     for prompt in tqdm(prompts, desc="quality gate", unit="prompt", disable=not progress, leave=False):
         kwargs = dict(negative_prompt=negative, seed=prompt.seed, steps=config.steps, guidance=config.guidance,
                       width=config.size, height=config.size)
-        reference_latents: list[np.ndarray] = []   # one latent per step: a few KB each
-        reference = reference_pipeline(prompt.text, step_callback=lambda i, t, feeds, latents:
-                                       reference_latents.append(np.array(latents, dtype=np.float32)), **kwargs)
-        cosines: list[float] = []
-        int8 = int8_pipeline(prompt.text, step_callback=lambda i, t, feeds, latents:
-                             cosines.append(cosine(reference_latents[i], np.asarray(latents))), **kwargs)
+        reference, reference_latents = post_step_latents(reference_pipeline, reference_tap, prompt.text, **kwargs)
+        int8, int8_latents = post_step_latents(int8_pipeline, int8_tap, prompt.text, **kwargs)
+        if len(reference_latents) != len(int8_latents):
+            raise RuntimeError(f"the reference ran {len(reference_latents)} sampler steps, INT8 {len(int8_latents)}")
+        cosines = [cosine(r, q) for r, q in zip(reference_latents, int8_latents)]
         ref_image, int8_image = np.asarray(reference.images)[0], np.asarray(int8.images)[0]
-        metrics = {"prompt": prompt.text, "seed": prompt.seed, "psnr_db": round(psnr_db(ref_image, int8_image), 3),
-                   "latent_cosine": round(min(cosines), 6), "latent_cosine_per_step": [round(c, 6) for c in cosines]}
+        # uint8 images cannot hold a NaN: a non-finite VAE output makes the PSNR NaN instead.
+        finite = bool(np.isfinite(reference.decoded).all() and np.isfinite(int8.decoded).all())
+        psnr = psnr_db(ref_image, int8_image) if finite else math.nan
+        metrics = {"prompt": prompt.text, "seed": prompt.seed, "psnr_db": round(psnr, 3),
+                   "latent_cosine": round(worst(cosines), 6), "latent_cosine_per_step": [round(c, 6) for c in cosines]}
         yield prompt, metrics, ref_image, int8_image
 
 
 def summarize(per_prompt: list[dict]) -> dict:
-    return {"psnr_db": min(m["psnr_db"] for m in per_prompt),
+    return {"psnr_db": worst(m["psnr_db"] for m in per_prompt),
             "psnr_db_mean": round(statistics.fmean(m["psnr_db"] for m in per_prompt), 3),
-            "latent_cosine": min(m["latent_cosine"] for m in per_prompt),
+            "latent_cosine": worst(m["latent_cosine"] for m in per_prompt),
             "latent_cosine_mean": round(statistics.fmean(m["latent_cosine"] for m in per_prompt), 6),
             "embedding_distance": None, "embedding_distance_note": EMBEDDING_NOTE,
             "prompts": len(per_prompt)}
 
 
 def failures(metrics: dict, thresholds: dict) -> list[str]:
-    """Human-readable lines for every threshold the metrics miss (all thresholds are minimums)."""
+    """Human-readable lines for every threshold the metrics miss (all thresholds are minimums).
+    A metric passes only when `metric >= limit`, so NaN (a non-finite run) fails."""
     return [f"{name} {metrics[name]:.4g} < {limit:.4g}" for name, limit in thresholds.items()
-            if metrics[name] < limit]
+            if not metrics[name] >= limit]
 
 
 def advice(quant: dict, calib_prompts: int, failing: list[str]) -> str:
@@ -195,12 +251,6 @@ def advice(quant: dict, calib_prompts: int, failing: list[str]) -> str:
 def unet_latency_ms(model_path: Path, spec, feeds: dict, runs: int = 5, warmup: int = 2,
                     exact_qdq: bool = False, threads: int = 0) -> float:
     """Median wall time of one UNet call on ORT CPU (default graph optimizations)."""
+    from toonark.bench import time_ms   # lazy: the bench module pulls in the device-loop code
     engine = OnnxUnet(model_path, spec, exact_qdq=exact_qdq, threads=threads)
-    for _ in range(warmup):
-        engine.run(feeds)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        engine.run(feeds)
-        times.append((time.perf_counter() - started) * 1000.0)
-    return round(statistics.median(times), 3)
+    return time_ms(lambda: engine.run(feeds), "cpu", reps=runs, warmup=warmup)["median_ms"]

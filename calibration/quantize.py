@@ -32,7 +32,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +109,6 @@ class QuantConfig:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "QuantConfig":
-        return cls(**data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +257,6 @@ class QuantizeResult:
     summary: dict
     seconds: float
     cached: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _pre_process(source: Path, target: Path, large: bool) -> None:

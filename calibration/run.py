@@ -5,7 +5,10 @@
 
 Every artifact is keyed by the sha256 of the fp32 UNet ONNX it came from: when the export changes,
 the old capture, INT8 model and report are deleted before anything else runs, so no stale INT8
-model can outlive its source. report.json is written whether the gate passes or not.
+model can outlive its source. report.json is written whether the gate passes or not, and records
+the sha256 of the INT8 model it scored. The previous report is deleted before the INT8 model can be
+replaced: a run that dies between quantizing and scoring leaves no report (so no `passed: true`
+beside an unscored model) rather than the old one.
 """
 from __future__ import annotations
 
@@ -87,8 +90,14 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
     captured = capture(build_dir, capture_config, force=force, progress=progress)
     log(f"calibrate: capture {'reused' if captured.cached else 'written'}: {len(captured.shards)} shards, "
         f"{captured.bytes / 1e6:.1f} MB ({captured.folder})")
+    # The old verdict belongs to the old INT8 model: drop it (one unlink) before that model can be replaced.
+    report_path(build_dir).unlink(missing_ok=True)
     quantized = quantize_unet(source, captured.shards, layout.int8_unet, quant_config, capture_key=captured.key,
                               force=force)
+    scored_sha = sha256_onnx(layout.int8_unet)
+    if scored_sha != quantized.int8_onnx_sha256:
+        raise RuntimeError(f"{layout.int8_unet} changed on disk (sha256 {scored_sha}, quantize.json says "
+                           f"{quantized.int8_onnx_sha256}); rerun `make calibrate` with --force")
     log(f"calibrate: INT8 UNet {'reused' if quantized.cached else 'written'} ({quant_config.method}, "
         f"{quantized.summary['quantized_nodes']} quantized ops, {layout.int8_unet})")
 
@@ -124,7 +133,7 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
         "source_onnx": str(source.relative_to(build_dir)),
         "source_onnx_sha256": source_sha,
         "int8_onnx": str(layout.int8_unet.relative_to(build_dir)),
-        "int8_onnx_sha256": quantized.int8_onnx_sha256,
+        "int8_onnx_sha256": scored_sha,          # the model the gate scored
         "metrics": metrics,
         "thresholds": thresholds,
         "threshold_reasons": {k: THRESHOLD_REASONS.get(k, "") for k in thresholds},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +71,86 @@ def test_step_graph_matches_scheduler(tmp_path):
                                                 "coef": step_coefficients(schedule, i, guidance)})
         np.testing.assert_allclose(x, x_ref, rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(sample, np.concatenate([x, x]))
+
+
+def test_interrupted_export_and_fusion_leave_nothing_to_trust(tmp_path, monkeypatch):
+    """A run killed mid-write must not leave a model.onnx that the next run skips over."""
+    import torch
+    import toonark.export.fusions as fusions
+    from toonark.bench import export_onnx, make_modules, pipeline_dims, prepare_engines
+
+    class Killed(Exception):
+        pass
+
+    def half_export(model, args, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise Killed
+
+    modules = make_modules("tiny")
+    dims = pipeline_dims(modules)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.onnx, "export", half_export)
+        with pytest.raises(Killed):
+            export_onnx(modules, dims, tmp_path / "onnx", submodels=("vae_decoder",))
+    assert not (tmp_path / "onnx" / "vae_decoder" / "model.onnx").exists()
+    paths = export_onnx(modules, dims, tmp_path / "onnx", submodels=("vae_decoder",))
+    assert paths["vae_decoder"].stat().st_size > 1000
+
+    def half_fuse(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"partial")
+        raise Killed
+    monkeypatch.setattr(fusions, "fuse_for_cuda", half_fuse)
+    with pytest.raises(Killed):
+        prepare_engines(paths, tmp_path / "work", modules, "cuda", set())
+    assert not (tmp_path / "work" / "fused-fp16" / "vae_decoder").exists()
+
+
+def test_triton_bench_takes_the_image_size_from_a_timed_request(tmp_path, monkeypatch):
+    """--warmup 0 used to raise NameError (the byte count came from the last warm-up request)."""
+    import importlib.util
+    import sys
+    import types
+    from toonark.triton_model_repo import client as client_module
+    from toonark.triton_model_repo import server as server_module
+    spec = importlib.util.spec_from_file_location(
+        "triton_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "triton_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Server:
+        http_url, grpc_url = "localhost:1", "localhost:2"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def wait_ready(self, timeout):
+            return 0.1
+
+        def stop(self):
+            pass
+
+    class Client:
+        def get_inference_statistics(self, **kwargs):
+            return {}
+
+        def close(self):
+            pass
+
+    calls = []
+
+    def generate(url, options, protocol):
+        calls.append(protocol)
+        return types.SimpleNamespace(seconds=0.01, images=[b"\x89PNG" + b"x" * 96])
+
+    monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
+    monkeypatch.setattr(server_module, "TritonServer", Server)
+    monkeypatch.setattr(client_module, "generate", generate)
+    monkeypatch.setattr(client_module, "connect", lambda url, protocol: Client())
+    result = module.main([str(tmp_path / "repo"), "--warmup", "0", "--reps", "2", "--out", str(tmp_path / "out")])
+    assert result["image_png_bytes"] == 100 and calls == ["http", "http", "grpc", "grpc"]
+    assert json.loads((tmp_path / "out" / "triton.json").read_text())["http"]["median_ms"] == 10.0
+    with pytest.raises(SystemExit):
+        module.main([str(tmp_path / "repo"), "--reps", "0"])

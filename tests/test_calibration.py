@@ -3,16 +3,22 @@ staleness. Runs the real stage on the tiny pipeline at 64 px with 6 sampler step
 so the whole module stays within a couple of minutes on 2 cores."""
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
 from toonark.calibration import prompts as prompts_module
-from toonark.calibration.capture import MANIFEST, CaptureConfig, capture_dir, read_capture, source_unet
-from toonark.calibration.gate import DEFAULT_THRESHOLDS, GateConfig
+from toonark.calibration import run as run_module
+from toonark.calibration.capture import (MANIFEST, CaptureConfig, build_capture_key, capture_dir, read_capture,
+                                         source_unet)
+from toonark.calibration.gate import (DEFAULT_THRESHOLDS, GateConfig, compare_runs, cosine, failures, psnr_db,
+                                      summarize, worst)
 from toonark.calibration.prompts import MIN_PROMPTS, prompt_set
 from toonark.calibration.quantize import QuantConfig, qdq_summary, sensitive_nodes
 from toonark.calibration.run import GateFailed, calibrate, invalidate_stale, report_path
@@ -185,3 +191,101 @@ def test_changed_source_onnx_invalidates_capture_and_int8(build, calibrated, tmp
     assert sorted(Path(p).name for p in removed) == ["capture", "report.json", "unet"]
     assert read_capture(out) is None and not layout.int8_unet.exists()
     assert not report_path(out).exists()
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+
+def test_a_crash_after_quantizing_leaves_no_passing_report(build, calibrated, tmp_path, monkeypatch):
+    out = tmp_path / "crashed"
+    shutil.copytree(build, out)
+    assert read_json(report_path(out), "report", "")["passed"] is True
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("simulated crash between quantize and gate")
+    monkeypatch.setattr(run_module, "choose_reference", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        calibrate(out, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None)
+    assert not report_path(out).exists()                   # no passed=true beside an unscored INT8 model
+    assert BuildLayout(out).int8_unet.is_file()
+
+
+def test_non_finite_latents_fail_the_gate():
+    good = np.ones((1, 4, 8, 8), np.float32)
+    bad = good.copy()
+    bad[0, 0, 0, 0] = np.nan
+    assert math.isnan(cosine(good, bad)) and math.isnan(cosine(bad, good))
+    assert math.isnan(cosine(good, np.full_like(good, np.inf)))
+    assert math.isnan(psnr_db(good, bad))
+    assert math.isnan(worst([1.0, math.nan, 0.999]))      # min() would have kept 0.999 or 1.0
+    per_prompt = [{"psnr_db": 40.0, "latent_cosine": 0.999}, {"psnr_db": 40.0, "latent_cosine": math.nan}]
+    metrics = summarize(per_prompt)
+    assert math.isnan(metrics["latent_cosine"])
+    failing = failures(metrics, DEFAULT_THRESHOLDS)
+    assert len(failing) == 1 and failing[0].startswith("latent_cosine nan < ")
+    assert failures({"psnr_db": math.nan, "latent_cosine": 1.0}, DEFAULT_THRESHOLDS)[0].startswith("psnr_db nan")
+    assert failures({"psnr_db": 40.0, "latent_cosine": 0.999}, DEFAULT_THRESHOLDS) == []
+
+
+class _FakeDecoder:
+    def run(self, feeds):
+        return {"sample": np.zeros((1, 3, 8, 8), np.float32)}
+
+
+class _FakePipeline:
+    """Steps latents 1, 2, ... (the callback sees each step's input, as toonark.pipeline's does) and
+    decodes the last; engines["last"] is applied in the final step, so two pipelines can differ there only."""
+
+    def __init__(self, engines, tokenizer=None, scheduler=None, dims=None, limits=None):
+        self.engines, self.tokenizer, self.scheduler, self.limits = engines, tokenizer, scheduler, limits
+        self.dims = dims or SimpleNamespace(vae_scaling_factor=0.5)
+
+    def __call__(self, prompt, step_callback=None, steps=3, **_kwargs):
+        latents = np.ones((1, 4, 2, 2), np.float32)
+        for i in range(steps):
+            step_callback(i, 999 - i, {}, latents)
+            latents = latents + 1.0
+            if i == steps - 1:
+                latents = self.engines["last"](latents)
+        decoded = self.engines["vae_decoder"].run({"latent_sample": latents / np.float32(self.dims.vae_scaling_factor)})
+        return SimpleNamespace(images=np.zeros((1, 8, 8, 3), np.uint8), decoded=decoded["sample"])
+
+
+def test_gate_compares_every_steps_result_not_the_starting_noise():
+    config = GateConfig(prompts=1, steps=3, size=64)
+    prompts = [SimpleNamespace(text="a cat", seed=1)]
+    reference = _FakePipeline({"vae_decoder": _FakeDecoder(), "last": lambda x: x})
+    flipped = _FakePipeline({"vae_decoder": _FakeDecoder(), "last": lambda x: -x})      # only the last step differs
+    _, metrics, _, _ = next(compare_runs(reference, flipped, prompts, "", config, progress=False))
+    per_step = metrics["latent_cosine_per_step"]
+    assert len(per_step) == config.steps                   # one per step's result, none for the shared noise
+    assert per_step[:-1] == [1.0, 1.0] and per_step[-1] == -1.0
+    assert metrics["latent_cosine"] == -1.0
+    nan_last = _FakePipeline({"vae_decoder": _FakeDecoder(), "last": lambda x: x * np.nan})
+    _, metrics, _, _ = next(compare_runs(reference, nan_last, prompts, "", config, progress=False))
+    assert math.isnan(metrics["latent_cosine"]) and failures(summarize([metrics]), DEFAULT_THRESHOLDS)
+
+
+def test_capture_key_covers_scheduler_text_encoder_and_negative_prompt(build, calibrated, tmp_path, monkeypatch):
+    out = tmp_path / "rescheduled"
+    shutil.copytree(build, out)
+    assert build_capture_key(out, SMALL_CAPTURE) == read_capture(out).key       # what the capture was keyed by
+    config_file = BuildLayout(out).pipeline / "scheduler" / "scheduler_config.json"
+    original = config_file.read_text()
+    changed = {**json.loads(original), "timestep_spacing": "trailing"}
+    config_file.write_text(json.dumps(changed))
+    assert build_capture_key(out, SMALL_CAPTURE) != read_capture(out).key       # stale: a new capture is taken
+    config_file.write_text(original)
+    assert build_capture_key(out, SMALL_CAPTURE) == read_capture(out).key
+
+    encoder = BuildLayout(out).onnx_model("fp32", "text_encoder")
+    model = onnx.load(str(encoder))
+    onnx.helper.set_model_props(model, {"edited": "yes"})
+    onnx.save(model, str(encoder))
+    assert build_capture_key(out, SMALL_CAPTURE) != read_capture(out).key
+    shutil.copy(BuildLayout(build).onnx_model("fp32", "text_encoder"), encoder)
+    assert build_capture_key(out, SMALL_CAPTURE) == read_capture(out).key
+
+    real = prompt_set()
+    monkeypatch.setattr("toonark.calibration.capture.prompt_set",
+                        lambda: SimpleNamespace(take=real.take, negative=real.negative + ", blurry"))
+    assert build_capture_key(out, SMALL_CAPTURE) != read_capture(out).key

@@ -111,3 +111,14 @@ def test_sampler_inputs_follow_the_schedule():
         assert (f["sample"][0] == f["sample"][1]).all()                # CFG batch: the same latents twice
     assert (feeds[0]["encoder_hidden_states"][0] == feeds[1]["encoder_hidden_states"][0]).all()  # fixed uncond
     assert not (feeds[0]["encoder_hidden_states"][1] == feeds[1]["encoder_hidden_states"][1]).all()
+
+
+def test_quantize_cache_is_keyed_by_the_calibration_inputs(tiny_int8):
+    """A second run at another --image (same work folder, same --calib) must not reuse the INT8 model
+    calibrated on the first run's latents."""
+    _, root, _ = tiny_int8
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = _module().main(["--kind", "tiny", "--device", "cpu", "--image", "128", "--calib", "4", "--eval",
+                                  "1", "--reps", "1", "--warmup", "1", "--threads", "1", "--skip", "fp16-fused",
+                                  "--work", str(root / "work"), "--results", ""])
+    assert results["quantize"]["cached"] is False, results["quantize"]

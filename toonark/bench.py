@@ -26,10 +26,12 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from toonark.files import atomic_dir, write_json
 
 log = logging.getLogger("toonark.bench")
 
@@ -178,14 +180,14 @@ def export_onnx(modules, dims, out_dir: Path,
         wrapper, spec = wrappers[name](), specs[name]
         path = Path(out_dir) / name / "model.onnx"
         paths[name] = path
-        if path.is_file():
+        if path.is_file():   # only ever complete: written in a temporary sibling folder, renamed into place
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
         feeds = spec.sample_inputs(sizes, "fp32")
         args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names)
         started = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(wrapper, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
+        with atomic_dir(path.parent) as folder, torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(wrapper, args, str(folder / path.name), input_names=spec.input_names,
+                              output_names=spec.output_names,
                               dynamic_axes={k: v for k, v in spec.dynamic_axes().items() if v}, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
         log.info("exported %s in %.1f s", name, time.perf_counter() - started)
@@ -202,10 +204,12 @@ def prepare_engines(fp32: dict[str, Path], work: Path, modules, device: str, var
     heads = heads_from_config(dict(modules["unet"].config))
     for name, src in fp32.items():
         dst = work / "fused-fp16" / name / "model.onnx"
-        if not dst.is_file():
-            report = fuse_for_cuda(src, dst, name, num_heads=heads if name == "unet" else 0, fp16=True)
+        if not dst.is_file():   # model and fusion.json land together, in one rename, or not at all
+            with atomic_dir(dst.parent) as folder:
+                report = fuse_for_cuda(src, folder / dst.name, name, num_heads=heads if name == "unet" else 0,
+                                       fp16=True)
+                write_json(folder / "fusion.json", report.to_json())
             out["reports"][name] = report.to_json()
-            (dst.parent / "fusion.json").write_text(json.dumps(report.to_json(), indent=1))
         elif (dst.parent / "fusion.json").is_file():
             out["reports"][name] = json.loads((dst.parent / "fusion.json").read_text())
         out["fused"][name] = dst
@@ -216,8 +220,8 @@ def prepare_engines(fp32: dict[str, Path], work: Path, modules, device: str, var
         if not dst.is_file():
             model = OnnxModel(onnx.load(str(fp32["unet"]), load_external_data=True))
             model.convert_float_to_float16(keep_io_types=True)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            model.save_model_to_file(str(dst), use_external_data_format=False)
+            with atomic_dir(dst.parent) as folder:
+                model.save_model_to_file(str(folder / dst.name), use_external_data_format=False)
         out["plain"]["unet"] = dst
     return out
 
@@ -232,9 +236,7 @@ from toonark.engines.ort_loop import DeviceLoop, onnx_io, step_coefficients, ste
 def dpm_schedule(steps: int):
     from toonark.export.pipelines import SCHEDULER_CONFIG
     from toonark.scheduler import DPMSolverConfig, DPMSolverMultistep
-    keys = set(DPMSolverConfig.__dataclass_fields__)
-    config = DPMSolverConfig.from_dict({k: v for k, v in SCHEDULER_CONFIG.items() if k in keys})
-    return DPMSolverMultistep(config).schedule(steps)
+    return DPMSolverMultistep(DPMSolverConfig.from_dict(SCHEDULER_CONFIG)).schedule(steps)
 
 
 # ----------------------------------------------------------------------------- ORT engines
@@ -382,7 +384,7 @@ def bench_torch(name, modules, dims, cfg: BenchConfig, compile_mode=None) -> dic
     return res
 
 
-def bench_ort(name, paths, dims, cfg: BenchConfig, step_path: Path | None = None, cuda_graph=False,
+def bench_ort(name, paths, dims, cfg: BenchConfig, cuda_graph=False,
               unet_only=False) -> dict:
     mem = DeviceMemory(cfg.device)
     started = time.perf_counter()
@@ -448,7 +450,6 @@ def run(cfg: BenchConfig, results_dir: Path | None = None, tag: str | None = Non
     t0 = time.perf_counter()
     engines = prepare_engines(fp32, work, modules, cfg.device, set(cfg.backends))
     timings["fuse_s"] = round(time.perf_counter() - t0, 1)
-    step_path = step_model(work / "step" / "model.onnx")
     header = dict(device=device_name(cfg.device), settings=cfg.to_json(), versions=versions(), timings=timings,
                   fusion=engines.get("reports", {}),
                   targets={"unet_step_b2_ms": 12.0, "vae_decode_b1_ms": 12.0, "image_ms": 300.0})
@@ -470,17 +471,17 @@ def run(cfg: BenchConfig, results_dir: Path | None = None, tag: str | None = Non
                     continue
                 res = bench_torch(backend, modules, dims, cfg, compile_mode="default")
             elif backend == "ort":
-                res = bench_ort(backend, engines["fused"], dims, cfg, step_path)
+                res = bench_ort(backend, engines["fused"], dims, cfg)
             elif backend == "ort-graph":
                 if cfg.device != "cuda":
                     results["backends"][backend] = {"backend": backend, "skipped": "CUDA graphs need CUDA"}
                     continue
-                res = bench_ort(backend, engines["fused"], dims, cfg, step_path, cuda_graph=True)
+                res = bench_ort(backend, engines["fused"], dims, cfg, cuda_graph=True)
             elif backend == "ort-unfused":
                 if "unet" not in engines["plain"]:
                     results["backends"][backend] = {"backend": backend, "skipped": "plain fp16 graph is CUDA only"}
                     continue
-                res = bench_ort(backend, engines["plain"], dims, cfg, step_path, unet_only=True)
+                res = bench_ort(backend, engines["plain"], dims, cfg, unet_only=True)
             else:
                 raise ValueError(f"unknown backend {backend!r}")
         except Exception as err:  # noqa: BLE001 - one failing backend must not lose the others' numbers
@@ -542,7 +543,6 @@ def ratios(results: dict) -> dict:
 
 
 def write_results(results: dict, results_dir: Path, tag: str | None = None) -> Path:
-    from toonark.files import write_json
     gpu = "".join(c if c.isalnum() else "-" for c in results["device"]).strip("-").lower() or "device"
     date = results["date"][:10]
     path = Path(results_dir) / f"{date}-{gpu}{'-' + tag if tag else ''}.json"
