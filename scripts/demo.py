@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from toonark.triton_model_repo.client import PROTOCOLS
+
 DEFAULT_MODEL = Path("build/tiny-pipeline")
 
 
@@ -22,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, help="width and height (default: the build's smallest size)")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     return parser.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from toonark.triton_model_repo.client import PROTOCOLS
+from toonark.triton_model_repo.runtime import DEFAULT_QUALITY, IMAGE_FORMATS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,10 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--format", choices=("png", "webp"), help="default: png, or the --out suffix")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, help="default: png, or the --out suffix")
     parser.add_argument("--num-images", type=int, help="1..4 images of the prompt (seeds SEED, SEED+1, ...); "
                         "written as OUT, then OUT's name with -2, -3, ...")
-    parser.add_argument("--quality", type=int, help="WebP quality 1..100 (server default 90); PNG ignores it")
+    parser.add_argument("--quality", type=int, help=f"WebP quality 1..100 (server default {DEFAULT_QUALITY}); PNG ignores it")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")

@@ -12,6 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from toonark.triton_model_repo.client import PROTOCOLS
+from toonark.triton_model_repo.runtime import IMAGE_FORMATS
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,13 +26,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200, help="requests per client")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long")
-    parser.add_argument("--protocol", action="append", choices=("http", "grpc"),
+    parser.add_argument("--protocol", action="append", choices=PROTOCOLS,
                         help="repeatable; default: both (client i uses the (i mod n)-th)")
     parser.add_argument("--prompt", default="a happy otter with a kite")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--format", choices=("png", "webp"), default="png")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default="png")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     parser.add_argument("--json", type=Path, help="write the report here (atomically)")
     return parser.parse_args(argv)
@@ -38,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from toonark.triton_model_repo.loadtest import LoadConfig, format_table, run_load, write_report
-    protocols = tuple(args.protocol or ("http", "grpc"))
+    from toonark.triton_model_repo.client import one_line
+    protocols = tuple(args.protocol or PROTOCOLS)
     server = None
     try:
         if args.start:
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
             args.http_url, args.grpc_url = args.http_url or server.http_url, args.grpc_url or server.grpc_url
         elif not (args.http_url or args.grpc_url):
             raise ValueError("give --http-url and/or --grpc-url of a running server, or --start OUT")
-        else:
+        elif args.protocol is None:   # default: the protocols whose URL was given; an explicit list stays as is
             protocols = tuple(p for p in protocols if (args.http_url if p == "http" else args.grpc_url))
         config = LoadConfig(http_url=args.http_url, grpc_url=args.grpc_url, clients=args.clients,
                             requests_per_client=args.requests, max_seconds=args.max_seconds, protocols=protocols,
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
                             format=args.format, request_timeout_s=args.timeout)
         report = run_load(config)
     except (ValueError, RuntimeError, FileNotFoundError, TimeoutError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     finally:
         if server is not None:

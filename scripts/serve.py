@@ -21,13 +21,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from toonark.triton_model_repo.client import one_line
     from toonark.triton_model_repo.server import ServerOptions, serve_forever
     try:
         return serve_forever(ServerOptions(repo=args.repo, host=args.host, http_port=args.http_port,
                                            grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                            log_verbose=args.log_verbose), ready_timeout=args.ready_timeout)
     except (ValueError, RuntimeError, FileNotFoundError, TimeoutError) as err:
-        print(f"error: {' '.join(str(err).split(chr(10))[:1])}", file=sys.stderr)
+        print(f"error: {one_line(str(err).split(chr(10))[0])}", file=sys.stderr)
         tail = str(err).split("\n")[1:]
         if tail:
             print("\n".join(tail), file=sys.stderr)

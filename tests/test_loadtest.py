@@ -70,3 +70,12 @@ def test_config_is_checked():
         LoadConfig(http_url="127.0.0.1:1", clients=1)
     with pytest.raises(ValueError, match="at least 1 client"):
         LoadConfig(http_url="127.0.0.1:1", protocols=("http",), clients=0)
+
+
+def test_an_explicit_protocol_without_its_url_is_refused(capsys):
+    from toonark.scripts.loadtest import main
+    assert main(["--http-url", "127.0.0.1:1", "--protocol", "grpc", "--clients", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no --grpc-url" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="protocol list is empty.*--http-url and/or --grpc-url"):
+        LoadConfig(http_url="127.0.0.1:1", protocols=(), clients=1)

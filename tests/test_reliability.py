@@ -206,3 +206,96 @@ def test_pickle_checkpoints_are_refused_by_the_export_cli(tiny_model, tmp_path, 
     err = capsys.readouterr().err
     assert "diffusion_pytorch_model.bin is a pickle checkpoint; only safetensors weights are read" in err
     assert not (tmp_path / "out" / "onnx").exists()
+
+
+# --- the launcher's own failure paths (no tritonserver needed) ------------------------------------------
+
+def _tiny_repo(root):
+    from toonark.triton_model_repo.generate import model_config
+    for name, kind in (("denoise", {"backend": "python"}), ("toonark", {"platform": "ensemble"})):
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(model_config(name, [], [], **kind))
+    return root
+
+
+def test_watchdog_backs_off_and_gives_up_on_failing_reloads(tmp_path, monkeypatch):
+    from toonark.triton_model_repo import server as launcher
+    server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
+    assert server.python_models == ["denoise"]
+    server._log_file = open(tmp_path / "server.log", "w", encoding="utf-8")
+    server.process = subprocess.Popen(["sleep", "30"])
+    try:
+        monkeypatch.setattr(server, "stub_processes", lambda: {})
+        attempts = []
+
+        def failing_reload(models):
+            attempts.append(list(models))
+            raise RuntimeError("load failed:\n  no such model")
+
+        monkeypatch.setattr(server, "reload_models", failing_reload)
+        monkeypatch.setattr(server, "WATCHDOG_BACKOFF_S", 0.05)
+        assert server.dead_models() == ["denoise"]
+        assert server.check_and_recover() == ["denoise"]
+        assert server.check_and_recover() == []   # backing off: no reload right away
+        deadline = time.monotonic() + 10
+        while len(attempts) < server.WATCHDOG_MAX_ATTEMPTS and time.monotonic() < deadline:
+            server.check_and_recover()
+            time.sleep(0.01)
+        for _ in range(20):   # given up: no more reloads, no more records
+            server.check_and_recover()
+        assert len(attempts) == len(server.recoveries) == server.WATCHDOG_MAX_ATTEMPTS
+        assert all(not r["ok"] and r["error"] == "load failed: no such model" for r in server.recoveries)
+        server._log_file.flush()
+        log = (tmp_path / "server.log").read_text()
+        assert "toonark watchdog: stub of denoise died" in log and "giving up" in log
+        monkeypatch.setattr(server, "stub_processes", lambda: {123: "denoise"})   # alive again: counter reset
+        assert server.check_and_recover() == [] and server._failed_attempts == 0
+    finally:
+        server.process.kill()
+        server.process.wait()
+        server._log_file.close()
+
+
+def test_a_failed_start_leaves_no_log_file_or_workdir(tmp_path, monkeypatch):
+    from toonark.triton_model_repo import server as launcher
+    monkeypatch.setattr(launcher, "check_environment", lambda: None)
+    monkeypatch.setattr(launcher, "triton_bundle", lambda: tmp_path)
+    monkeypatch.setattr(launcher, "install_python_stub", lambda bundle: None)
+
+    def no_popen(*args, **kwargs):
+        raise OSError("exec format error")
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", no_popen)
+    server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"), log_path=tmp_path / "logs" / "server.log")
+    with pytest.raises(OSError, match="exec format error"):
+        server.start()
+    assert server._log_file is None and server.workdir is not None and not server.workdir.exists()
+
+
+def test_wait_ready_stops_when_cancelled(tmp_path, monkeypatch):
+    import threading
+
+    from toonark.triton_model_repo import server as launcher
+    server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
+    server.process = subprocess.Popen(["sleep", "30"])
+    try:
+        monkeypatch.setattr(server, "is_ready", lambda: False)
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        start = time.monotonic()
+        with pytest.raises(InterruptedError):
+            server.wait_ready(60, cancel=cancel)
+        assert time.monotonic() - start < 5
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_serve_forever_restores_signal_handlers_when_the_server_cannot_be_built(tmp_path):
+    import signal
+
+    from toonark.triton_model_repo.server import ServerOptions, serve_forever
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(FileNotFoundError):
+        serve_forever(ServerOptions(repo=tmp_path / "missing"))
+    assert {sig: signal.getsignal(sig) for sig in before} == before

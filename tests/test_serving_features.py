@@ -270,3 +270,36 @@ def test_flagged_images_are_blank_white_with_the_flag(server):
     finally:
         reload_checker(server, **{k: v["string_value"] for k, v in original.items()})
     assert run(server, seed=5).nsfw == [False]
+
+
+def test_respond_each_answers_every_request_with_its_own_error_code():
+    """runtime.respond_each (every Python model's execute): one response per request, in order."""
+    from types import SimpleNamespace
+
+    from toonark.triton_model_repo import runtime
+
+    class TritonError:
+        INVALID_ARG, INTERNAL, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
+
+        def __init__(self, message, code=INTERNAL):
+            self.message, self.code = message, code
+
+    pb = SimpleNamespace(TritonError=TritonError,
+                         InferenceResponse=lambda output_tensors=None, error=None: (output_tensors, error))
+
+    def handle(request):
+        if request == "bad":
+            raise runtime.RequestError("WIDTH 100 must be a multiple of 64")
+        if request == "shape":
+            raise ValueError("input sample has shape [1]")
+        if request == "unet":
+            raise runtime.UpstreamError("unet is not ready", TritonError.UNAVAILABLE)
+        if request == "crash":
+            raise KeyError("boom")
+        return [request]
+
+    responses = runtime.respond_each(["ok", "bad", "shape", "unet", "crash", "ok2"], handle, pb)
+    assert [r[0] for r in responses] == [["ok"], None, None, None, None, ["ok2"]]
+    codes = [(e.code, e.message) for _, e in responses if e is not None]
+    assert codes == [("INVALID_ARG", "WIDTH 100 must be a multiple of 64"), ("INVALID_ARG", "input sample has shape [1]"),
+                     ("UNAVAILABLE", "unet is not ready"), ("INTERNAL", "KeyError: 'boom'")]

@@ -41,20 +41,19 @@ class GenerateOptions:
     height: int | None = None
     format: str | None = None
     num_images: int | None = None   # 1..4 images of one prompt; image i uses seed + i
-    quality: int | None = None      # WebP quality 1..100 (server default 90); PNG ignores it
+    quality: int | None = None      # WebP quality 1..100 (server default runtime.DEFAULT_QUALITY); PNG ignores it
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order)."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        given = {"PROMPT": prompts, "NEGATIVE_PROMPT": self.negative_prompt, "SEED": self.seed, "STEPS": self.steps,
-                 "PRESET": self.preset, "GUIDANCE": self.guidance, "WIDTH": self.width, "HEIGHT": self.height,
-                 "FORMAT": self.format, "NUM_IMAGES": self.num_images, "QUALITY": self.quality}
+        """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order; each input is the
+        field of the same name in lower case)."""
+        if self.prompt is None:
+            raise ValueError("PROMPT is required")
         out = {}
         for port in ENSEMBLE_INPUTS:
-            value = given[port.name]
+            value = getattr(self, port.name.lower())
+            if port.name == "PROMPT" and isinstance(value, tuple):
+                value = list(value)
             if value is None:
-                if not port.optional:
-                    raise ValueError(f"{port.name} is required")
                 continue
             values = value if isinstance(value, list) else [value]
             if port.triton_type == "STRING":
@@ -131,11 +130,11 @@ def stage_profile(before: dict, after: dict) -> dict[str, dict]:
 
 
 def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timings: bool = False,
-             timeout_s: float = 600.0) -> GenerateResult:
+             timeout_s: float = 600.0, client=None) -> GenerateResult:
     """One request to the `toonark` ensemble. Raises ServerError with a one-line message on any
     server or connection failure, and when the response carries no image (gotcha 6: a cached
-    failure comes back as success without outputs)."""
-    import time
+    failure comes back as success without outputs).
+    client: an open `connect(url, protocol, timeout_s)` to reuse (left open); None: one for this request."""
     module = _module(protocol)
     from tritonclient.utils import InferenceServerException
     inputs = []
@@ -144,16 +143,16 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         tensor = module.InferInput(name, list(value.shape), _WIRE.get(port.triton_type, port.triton_type))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    # No output list: the server returns all, NSFW included when the build has a safety checker.
-    outputs = None
     output_name = ENSEMBLE_OUTPUTS[0].name
-    client = None
+    own_client = client is None
     try:
-        client = connect(url, protocol, timeout_s)
+        if own_client:
+            client = connect(url, protocol, timeout_s)
         before = model_statistics(client, protocol) if timings else {}
         start = time.perf_counter()
         kwargs = {"client_timeout": timeout_s} if protocol == "grpc" else {}
-        response = client.infer(ENSEMBLE, inputs, outputs=outputs, **kwargs)
+        # No output list: the server returns all, NSFW included when the build has a safety checker.
+        response = client.infer(ENSEMBLE, inputs, **kwargs)
         seconds = time.perf_counter() - start
         after = settled_statistics(client, protocol) if timings else {}
         images = response.as_numpy(output_name)
@@ -164,7 +163,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         raise ServerError(f"cannot reach the {protocol} endpoint {url}: {one_line(err)} "
                           f"(is `make serve` running on that port?)") from None
     finally:
-        if client is not None:
+        if own_client and client is not None:
             client.close()
     if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
         raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "

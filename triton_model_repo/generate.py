@@ -43,6 +43,7 @@ import numpy as np
 from toonark.export.specs import SERVED_SUBMODELS, BuildInfo, SubmodelSpec, TensorSpec
 from toonark.files import atomic_dir
 from toonark.layout import BuildLayout
+from toonark.triton_model_repo.runtime import DEFAULT_QUALITY
 
 LAYOUTS = ("python", "onnxruntime_onnx", "tensorrt_plan")
 ENSEMBLE = "toonark"
@@ -75,7 +76,7 @@ ENSEMBLE_INPUTS = (
     Port("FORMAT", "STRING", (1,), True),            # "png" | "webp"
     Port("NUM_IMAGES", "INT32", (1,), True),         # 1..4 images of one PROMPT (<= the build's max batch);
                                                      # image i is drawn from seed SEED + i alone
-    Port("QUALITY", "INT32", (1,), True),            # WebP quality 1..100 (default 90); PNG ignores it
+    Port("QUALITY", "INT32", (1,), True),            # WebP quality 1..100 (default DEFAULT_QUALITY); PNG ignores it
 )
 ENSEMBLE_OUTPUTS = (Port("IMAGE", "STRING", (-1,)),)  # encoded image bytes, one per prompt
 # Only when the build has a safety checker (export/safety_checker.py): True where the image was
@@ -105,10 +106,9 @@ def io_precision(precision: str) -> str:
 
 
 def spec_port(tensor: TensorSpec, precision: str, name: str | None = None, dtype=None) -> Port:
-    """A spec tensor as a Triton I/O entry. Triton has no 0-d tensors, and 2.51 refuses an empty
-    `reshape` in a model with max_batch_size 0, so a scalar (the UNet's timestep) is declared as
-    dims [1]; the Python runner reshapes it to the spec's rank 0 before ONNX Runtime."""
-    dims = tuple(tensor.triton_dims()) or (1,)
+    """A spec tensor as a Triton I/O entry, with the spec's dims (the UNet's timestep is (1,) in the spec:
+    Triton has no 0-d tensors)."""
+    dims = tuple(tensor.triton_dims())
     dtype = dtype or tensor.numpy_dtype(io_precision(precision))
     return Port(name or tensor.name, triton_type(dtype), dims)
 
@@ -117,7 +117,7 @@ def serving_defaults(info: BuildInfo) -> dict[str, str]:
     """Defaults of the optional ensemble inputs (strings: Triton config parameters are strings).
     Steps, the template and the negative prompt come from toonark.prompts' policy at serve time."""
     return {"default_seed": "0", "default_guidance": "7.5", "default_width": str(info.limits.opt_image),
-            "default_height": str(info.limits.opt_image), "default_format": "png", "default_quality": "90"}
+            "default_height": str(info.limits.opt_image), "default_format": "png", "default_quality": str(DEFAULT_QUALITY)}
 
 
 # --- config.pbtxt text ------------------------------------------------------------------------
@@ -237,9 +237,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
             graph = backend == "ort-cuda" and spec.name != te.name
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
+                # No execution provider here: OrtEngine takes its providers from engine.json.
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
-                        "execution_provider": "CUDAExecutionProvider" if backend == "ort-cuda"
-                        else "CPUExecutionProvider",
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {})})
         elif layout == "onnxruntime_onnx":
@@ -333,7 +332,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     info = BuildInfo.read(build_dir)
     fix_export = f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first."
     engine_root = paths.engine_dir(backend, precision)
-    engine_name = "model.plan" if backend == "tensorrt" else "model.onnx"
+    from toonark.engines.metadata import engine_file_name, engine_files
+    engine_name = engine_file_name(backend)
     metadata = {}
     for name in SERVED_SUBMODELS:
         engine = engine_root / name / engine_name
@@ -367,10 +367,9 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             (tmp / name / "config.pbtxt").write_text(text)
         for name in SERVED_SUBMODELS:
             version = tmp / name / "1"
-            for source in sorted((engine_root / name).iterdir()):
-                if source.is_file() and (source.name == engine_name or source.name.startswith(engine_name + ".")
-                                         or source.name == "engine.json"):
-                    _link_or_copy(source, version / source.name)
+            metadata_file = engine_root / name / "engine.json"
+            for source in engine_files(engine_root / name, backend) + ([metadata_file] if metadata_file.is_file() else []):
+                _link_or_copy(source, version / source.name)
             if layout == "python":
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         for name in ("preprocess", "denoise", "postprocess"):

@@ -5,7 +5,7 @@ count and in time, with throughput, latency percentiles and errors grouped by me
                                  requests_per_client=200, steps=2, width=64, height=64))
     print(format_table(report)); write_report(Path("loadtest.json"), report)
 
-Client i uses `protocols[i % len(protocols)]` (default: even clients HTTP, odd gRPC), each request
+Client i uses `protocols[i % len(protocols)]` (default: even clients HTTP, odd gRPC) over one connection, each request
 goes through `client.generate` (the same path as `scripts/generate.py`, including its check that
 the response carries image bytes), and seeds differ per request so no layer can serve a repeat.
 Every client stops after its M requests or at the deadline (`max_seconds`), whichever comes first;
@@ -14,6 +14,7 @@ stops by itself and the report's request count is exact: requests == ok + sum(er
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.triton_model_repo.client import PROTOCOLS, GenerateOptions, ServerError, generate
+from toonark.triton_model_repo.client import PROTOCOLS, GenerateOptions, ServerError, connect, generate, one_line
 
 REPORT_KEYS = ("config", "planned", "requests", "ok", "errors", "error_rate", "errors_by_message", "seconds",
                "throughput_rps", "images_per_s", "latency_ms", "by_protocol", "stopped_by")
@@ -47,6 +48,11 @@ class LoadConfig:
 
     def __post_init__(self):
         self.protocols = tuple(self.protocols)
+        if not self.protocols:
+            given = [f"--{p}-url" for p in PROTOCOLS if self.url(p)]
+            raise ValueError("no protocol to test: the protocol list is empty"
+                             + (f" (only {', '.join(given)} was given)" if given else "")
+                             + f"; give --http-url and/or --grpc-url for the protocols to use")
         if self.clients < 1 or self.requests_per_client < 1:
             raise ValueError(f"need at least 1 client and 1 request each, got {self.clients} x "
                              f"{self.requests_per_client}")
@@ -80,31 +86,49 @@ _REQUEST_ID = re.compile(r"\[request id: [^\]]*\]\s*")
 
 def error_key(message: str) -> str:
     """The message errors are grouped by: one line, without request ids."""
-    return " ".join(_REQUEST_ID.sub("", str(message)).split())
+    return one_line(_REQUEST_ID.sub("", str(message)))
 
 
 def _client(index: int, config: LoadConfig, deadline: float, shared: _Shared) -> None:
     protocol = config.protocols[index % len(config.protocols)]
     url = config.url(protocol)
-    for n in range(config.requests_per_client):
-        if time.monotonic() >= deadline:
-            return
-        options = GenerateOptions(config.prompt, seed=config.seed_base + index * config.requests_per_client + n,
-                                  steps=config.steps, width=config.width, height=config.height,
-                                  format=config.format)
-        start = time.perf_counter()
-        error = None
-        try:
-            result = generate(url, options, protocol, timeout_s=config.request_timeout_s)
-            if len(result.images) != 1:
-                error = f"expected 1 image, got {len(result.images)}"
-        except ServerError as err:
-            error = error_key(str(err))
-        except Exception as err:   # noqa: BLE001 - a load test counts every failure, it never dies of one
-            error = error_key(f"{type(err).__name__}: {err}")
-        sample = _Sample(protocol, time.perf_counter() - start, error)
-        with shared.lock:
-            shared.samples.append(sample)
+    client = None   # one connection per load-test client, reused by all its requests
+    try:
+        for n in range(config.requests_per_client):
+            if time.monotonic() >= deadline:
+                return
+            client = client or _connect(url, protocol, config)
+            _request(index, n, config, shared, protocol, url, client)
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _connect(url: str, protocol: str, config: LoadConfig):
+    try:
+        return connect(url, protocol, config.request_timeout_s)
+    except Exception:   # noqa: BLE001 - counted by the request, which then opens its own connection
+        return None
+
+
+def _request(index: int, n: int, config: LoadConfig, shared: _Shared, protocol: str, url: str, client) -> None:
+    options = GenerateOptions(config.prompt, seed=config.seed_base + index * config.requests_per_client + n,
+                              steps=config.steps, width=config.width, height=config.height,
+                              format=config.format)
+    start = time.perf_counter()
+    error = None
+    try:
+        result = generate(url, options, protocol, timeout_s=config.request_timeout_s, client=client)
+        if len(result.images) != 1:
+            error = f"expected 1 image, got {len(result.images)}"
+    except ServerError as err:
+        error = error_key(str(err))
+    except Exception as err:   # noqa: BLE001 - a load test counts every failure, it never dies of one
+        error = error_key(f"{type(err).__name__}: {err}")
+    sample = _Sample(protocol, time.perf_counter() - start, error)
+    with shared.lock:
+        shared.samples.append(sample)
 
 
 def _latency(seconds: list[float]) -> dict:

@@ -29,7 +29,7 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_seed": int, "default_guidance": float,
     "default_width": int, "default_height": int, "default_format": str,
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
-    "engine_file": str, "intra_op_threads": int, "execution_provider": str, "cuda_graph_sizes": str,
+    "engine_file": str, "intra_op_threads": int, "cuda_graph_sizes": str,
     "default_quality": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
@@ -38,6 +38,7 @@ PARAMETER_TYPES: dict[str, type] = {
 IMAGE_FORMATS = ("png", "webp")
 MAX_NUM_IMAGES = 4          # NUM_IMAGES range 1..4 (and at most the build's max batch)
 QUALITY_RANGE = (1, 100)    # WebP quality; PNG is lossless and ignores it
+DEFAULT_QUALITY = 90        # WebP quality when a request sends none (the preprocess config may set another)
 
 
 class RequestError(ValueError):
@@ -47,6 +48,41 @@ class RequestError(ValueError):
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = reason
+
+
+class UpstreamError(RuntimeError):
+    """A model this one called (BLS) answered with an error: passed on with that model's error code."""
+
+    def __init__(self, message: str, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+def respond_each(requests, handle, pb_utils, metrics=None) -> list:
+    """Exactly one response per request, in order. `handle(request)` returns the output tensors; a bad
+    request (RequestError, or a ValueError such as a shape or dtype the engine was not built for) becomes
+    INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT), an UpstreamError keeps the called model's code, and
+    anything else becomes INTERNAL with its message; the other requests of the batch are still answered.
+    metrics: a Metrics whose stage duration times each request."""
+    responses = []
+    for request in requests:
+        try:
+            if metrics is None:
+                tensors = handle(request)
+            else:
+                with metrics.timed():
+                    tensors = handle(request)
+            responses.append(pb_utils.InferenceResponse(output_tensors=list(tensors)))
+        except UpstreamError as err:
+            code = pb_utils.TritonError.INTERNAL if err.code is None else err.code
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code)))
+        except ValueError as err:   # RequestError included
+            responses.append(pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
+        except Exception as err:   # noqa: BLE001 - one failed request must not fail the batch
+            responses.append(pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)))
+    return responses
 
 
 def model_parameters(model_config: dict | str) -> dict:
@@ -81,7 +117,7 @@ def build_info(args: dict) -> BuildInfo:
 
 # --- preprocess -----------------------------------------------------------------------------------
 
-def _one(values, name: str, default):
+def one_value(values, name: str, default):
     """A scalar request input (absent -> default)."""
     if values is None:
         return default
@@ -112,7 +148,7 @@ class Resolved:
     width: int
     height: int
     format: str
-    quality: int = 90
+    quality: int = DEFAULT_QUALITY
     # NUM_IMAGES requests: one seed per image (SEED + i); empty: the whole batch's noise from `seed`.
     image_seeds: tuple[int, ...] = ()
 
@@ -138,9 +174,11 @@ class RequestPreparer:
         self.tokenizer = offline.load_tokenizer(Path(pipeline) / "tokenizer")
         self._tokenize = offline.tokenize
 
-    def prepare(self, prompt, negative=None, seed=None, steps=None, guidance=None, width=None, height=None,
-                fmt=None, preset=None, num_images=None, quality=None) -> Resolved:
+    def prepare(self, prompt, negative_prompt=None, seed=None, steps=None, guidance=None, width=None, height=None,
+                format=None, preset=None, num_images=None, quality=None) -> Resolved:
+        """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
         p = self.params
+        negative, fmt = negative_prompt, format
         if prompt is None:   # preprocess declares PROMPT optional so that this message reaches the client
             raise RequestError("PROMPT is missing: send one prompt per image (a BYTES tensor of shape [B])")
         subjects = _texts(prompt, "PROMPT")
@@ -150,9 +188,9 @@ class RequestPreparer:
         if len(extras) not in (1, len(subjects)):
             raise RequestError(f"NEGATIVE_PROMPT has {len(extras)} entries; send 1 or one per prompt "
                                f"({len(subjects)})")
-        count = _one(num_images, "NUM_IMAGES", None)
+        count = one_value(num_images, "NUM_IMAGES", None)
         image_seeds: tuple[int, ...] = ()
-        seed = int(_one(seed, "SEED", p["default_seed"]))
+        seed = int(one_value(seed, "SEED", p["default_seed"]))
         if count is not None:
             count = int(count)
             if not 1 <= count <= MAX_NUM_IMAGES:
@@ -167,15 +205,15 @@ class RequestPreparer:
             subjects = subjects * count
             # Image i is drawn from seed SEED + i alone: the same picture a NUM_IMAGES=1 request with that seed gets.
             image_seeds = tuple(seed + i for i in range(count))
-        quality = int(_one(quality, "QUALITY", p.get("default_quality", 90)))
+        quality = int(one_value(quality, "QUALITY", p.get("default_quality", DEFAULT_QUALITY)))
         if not QUALITY_RANGE[0] <= quality <= QUALITY_RANGE[1]:
             raise RequestError(f"QUALITY {quality} is out of range; use {QUALITY_RANGE[0]}..{QUALITY_RANGE[1]} "
                                f"(WebP only; PNG ignores it)")
-        guidance = float(_one(guidance, "GUIDANCE", p["default_guidance"]))
-        width = int(_one(width, "WIDTH", p["default_width"]))
-        height = int(_one(height, "HEIGHT", p["default_height"]))
-        fmt = str(_text_or(fmt, "FORMAT", p["default_format"])).lower()
-        preset = _text_or(preset, "PRESET", None)
+        guidance = float(one_value(guidance, "GUIDANCE", p["default_guidance"]))
+        width = int(one_value(width, "WIDTH", p["default_width"]))
+        height = int(one_value(height, "HEIGHT", p["default_height"]))
+        fmt = str(text_value(fmt, "FORMAT", p["default_format"])).lower()
+        preset = text_value(preset, "PRESET", None)
         if fmt not in IMAGE_FORMATS:
             raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
         if not 0.0 <= guidance <= 30.0 or not np.isfinite(guidance):
@@ -184,7 +222,7 @@ class RequestPreparer:
             raise RequestError(f"SEED {seed} is out of range; use 0..2**63-1"
                                + (f" minus NUM_IMAGES-1 ({len(image_seeds) - 1})" if len(image_seeds) > 1 else ""))
         try:
-            steps = self.policy.steps_for(preset, None if steps is None else int(_one(steps, "STEPS", None)))
+            steps = self.policy.steps_for(preset, None if steps is None else int(one_value(steps, "STEPS", None)))
             self.info.limits.check_request(len(subjects), height, width)
             pairs = [self.policy.compose(subject, extras[0 if len(extras) == 1 else i])
                      for i, subject in enumerate(subjects)]
@@ -205,8 +243,9 @@ class RequestPreparer:
                         quality, image_seeds)
 
 
-def _text_or(values, name: str, default):
-    value = _one(values, name, default)
+def text_value(values, name: str, default):
+    """A scalar text request input (absent -> default), BYTES decoded as UTF-8."""
+    value = one_value(values, name, default)
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
@@ -259,7 +298,7 @@ class Denoiser:
 
 # --- postprocess ----------------------------------------------------------------------------------
 
-def encode_images(decoded: np.ndarray, fmt: str, quality: int = 90) -> list[bytes]:
+def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY) -> list[bytes]:
     """(B, 3, H, W) VAE output in [-1, 1] -> one encoded image per batch item (quality: WebP only)."""
     from PIL import Image
     from toonark import pipeline as offline

@@ -34,8 +34,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-# Model names in the generated repository; the launcher loads every model folder it finds.
-ENSEMBLE_NAME = "toonark"
+from toonark.triton_model_repo.client import one_line
+from toonark.triton_model_repo.generate import ENSEMBLE
+
 # APIs a client may not use without the launcher's per-server key: model load/unload/index, shared-memory
 # registration (the server would read client-named memory), trace and log settings.
 ADMIN_APIS = "model-repository,shared-memory,trace,logging"
@@ -96,6 +97,16 @@ def repo_models(repo: Path) -> list[str]:
     return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
 
 
+def python_models(repo: Path) -> list[str]:
+    """The model folders served by the Python backend (each runs in its own stub process)."""
+    out = []
+    for config in Path(repo).glob("*/config.pbtxt"):
+        lines = (line.split("#", 1)[0].replace(" ", "") for line in config.read_text().splitlines())
+        if 'backend:"python"' in lines:
+            out.append(config.parent.name)
+    return sorted(out)
+
+
 @dataclass
 class ServerOptions:
     repo: Path
@@ -121,6 +132,7 @@ class TritonServer:
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} does not exist; run `make repo OUT=<build>` first")
         self.models = repo_models(self.repo)
+        self.python_models = python_models(self.repo)
         if not self.models:
             raise ValueError(f"{self.repo} holds no model folder with a config.pbtxt; regenerate it with `make repo`")
         self.host = host
@@ -133,6 +145,9 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self._log_path = Path(log_path) if log_path else None
         self._log_file = None
+        self._log_lock = threading.Lock()
+        self._stopping = False      # stop() was called (guarded by _log_lock, as _reader_done)
+        self._reader_done = False   # the reader saw the end of the server's output
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self.process: subprocess.Popen | None = None
@@ -142,10 +157,12 @@ class TritonServer:
         # Model-repository (load/unload/index), shared-memory, trace and logging APIs need this header value
         # (tritonserver --http-restricted-api / --grpc-restricted-protocol); only this launcher knows it.
         self.admin_key = admin_key or secrets.token_urlsafe(18)
-        self._stubs: dict[int, str] = {}
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         self.recoveries: list[dict] = []
+        # Failed reloads back off (WATCHDOG_BACKOFF_S, doubling) and stop after WATCHDOG_MAX_ATTEMPTS in a row.
+        self._failed_attempts = 0
+        self._next_attempt_at = 0.0
 
     # -- addresses -------------------------------------------------------------------------
     @property
@@ -200,26 +217,44 @@ class TritonServer:
         check_environment()
         bundle = triton_bundle()
         install_python_stub(bundle)
-        if self._log_path:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self._log_path, "w", encoding="utf-8")
-        self.started_at = time.monotonic()
-        # An empty private cwd: the Python-backend stubs put their cwd first on sys.path, so a source
-        # checkout's ./toonark, or the repository's own `toonark` ensemble folder, would shadow the package.
-        self.workdir = Path(tempfile.mkdtemp(prefix="toonark-triton-"))
-        self.process = subprocess.Popen(self.command(bundle), env=self.environment(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                        errors="replace", start_new_session=True, cwd=self.workdir)
-        self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
-        self._reader.start()
+        try:
+            if self._log_path:
+                self._log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._log_file = open(self._log_path, "w", encoding="utf-8")
+            self.started_at = time.monotonic()
+            # An empty private cwd: the Python-backend stubs put their cwd first on sys.path, so a source
+            # checkout's ./toonark, or the repository's own `toonark` ensemble folder, would shadow the package.
+            self.workdir = Path(tempfile.mkdtemp(prefix="toonark-triton-"))
+            self.process = subprocess.Popen(self.command(bundle), env=self.environment(), stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                            errors="replace", start_new_session=True, cwd=self.workdir)
+            self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
+            self._reader.start()
+        except BaseException:   # no log file, work folder or process left behind
+            self.stop()
+            raise
         return self
 
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         for line in self.process.stdout:
+            self._log_line(line)
+        with self._log_lock:
+            self._reader_done = True
+            if self._stopping:   # stop() came first and left the log file to this reader
+                self._close_log_locked()
+
+    def _close_log_locked(self) -> None:
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def _log_line(self, line: str) -> None:
+        """One line to the tail and the log file (the server's output and the watchdog's messages)."""
+        with self._log_lock:
             self._tail.append(line.rstrip("\n"))
             if self._log_file:
-                self._log_file.write(line)
+                self._log_file.write(line if line.endswith("\n") else line + "\n")
                 self._log_file.flush()
 
     def log_tail(self, lines: int = 30) -> str:
@@ -232,13 +267,17 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 120.0) -> float:
+    def wait_ready(self, timeout: float = 120.0, cancel: threading.Event | None = None) -> float:
         """Poll /v2/health/ready; return seconds since start. Raises RuntimeError with the server's
-        log tail when the process exits first, TimeoutError when it is not ready in time."""
+        log tail when the process exits first, TimeoutError when it is not ready in time, and
+        InterruptedError as soon as `cancel` is set (Ctrl-C while waiting)."""
         if self.process is None:
             raise RuntimeError("call start() before wait_ready()")
+        cancel = cancel or threading.Event()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancel.is_set():
+                raise InterruptedError("stopped while waiting for tritonserver to be ready")
             code = self.process.poll()
             if code is not None:
                 if self._reader:
@@ -248,7 +287,7 @@ class TritonServer:
             if self.is_ready():
                 self.ready_after_s = time.monotonic() - self.started_at
                 return self.ready_after_s
-            time.sleep(0.1)
+            cancel.wait(0.1)
         raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s (repo {self.repo}); "
                            f"last log lines:\n{self.log_tail()}")
 
@@ -274,9 +313,9 @@ class TritonServer:
         return stubs
 
     def dead_models(self) -> list[str]:
-        """Models whose stub (as recorded at ready / after the last recovery) has exited."""
-        alive = self.stub_processes()
-        return sorted({model for pid, model in self._stubs.items() if pid not in alive})
+        """Python-backend models of the repository without a live stub (each has one instance)."""
+        alive = set(self.stub_processes().values())
+        return [model for model in self.python_models if model not in alive]
 
     def _admin_client(self):
         import tritonclient.http as httpclient
@@ -293,11 +332,11 @@ class TritonServer:
                 client.unload_model(model, headers=headers)
             for model in models:
                 client.load_model(model, headers=headers)
-            if ENSEMBLE_NAME in self.models and ENSEMBLE_NAME not in models:
-                client.load_model(ENSEMBLE_NAME, headers=headers)
+            if ENSEMBLE in self.models and ENSEMBLE not in models:
+                client.load_model(ENSEMBLE, headers=headers)
             # Wait for the ensemble (or the models): the old version of a reloaded model may stay UNLOADING
             # in the index forever (gotcha 8), which is_model_ready of that name can report.
-            waiting = [ENSEMBLE_NAME] if ENSEMBLE_NAME in self.models else list(models)
+            waiting = [ENSEMBLE] if ENSEMBLE in self.models else list(models)
             deadline = time.monotonic() + timeout
             while not all(client.is_model_ready(m) for m in waiting):
                 if time.monotonic() > deadline:
@@ -305,30 +344,43 @@ class TritonServer:
                 time.sleep(0.2)
         finally:
             client.close()
-        self._stubs = self.stub_processes()
         return time.monotonic() - started
 
+    WATCHDOG_BACKOFF_S = 2.0      # wait after the first failed reload; doubles per failure, at most 60 s
+    WATCHDOG_MAX_ATTEMPTS = 5     # failed reloads in a row before the watchdog gives up (and says so)
+
     def check_and_recover(self) -> list[str]:
-        """One watchdog pass: reload the models whose stub died; returns them (empty when all are alive)."""
+        """One watchdog pass: reload the models whose stub died; returns them (empty when all are alive,
+        while backing off after a failed reload, and once it gave up)."""
         dead = self.dead_models()
         if not dead:
+            self._failed_attempts = 0
+            return []
+        if self._failed_attempts >= self.WATCHDOG_MAX_ATTEMPTS or time.monotonic() < self._next_attempt_at:
             return []
         record = {"models": dead, "at": time.time()}
         try:
             record["seconds"] = round(self.reload_models(dead), 2)
             record["ok"] = True
+            self._failed_attempts = 0
         except Exception as err:   # noqa: BLE001 - keep watching; the record and the log say what failed
-            record.update(ok=False, error=" ".join(str(err).split()))
+            record.update(ok=False, error=one_line(err))
+            self._failed_attempts += 1
+            self._next_attempt_at = time.monotonic() + min(60.0, self.WATCHDOG_BACKOFF_S * 2 ** (self._failed_attempts - 1))
         self.recoveries.append(record)
-        self._tail.append(f"toonark watchdog: stub of {', '.join(dead)} died; reload "
-                          f"{'took ' + str(record.get('seconds')) + ' s' if record['ok'] else 'failed: ' + record['error']}")
+        if record["ok"]:
+            outcome = f"took {record['seconds']} s"
+        else:
+            outcome = f"failed ({self._failed_attempts}/{self.WATCHDOG_MAX_ATTEMPTS}): {record['error']}"
+            if self._failed_attempts >= self.WATCHDOG_MAX_ATTEMPTS:
+                outcome += "; giving up, restart the server"
+        self._log_line(f"toonark watchdog: stub of {', '.join(dead)} died; reload {outcome}")
         return dead
 
     def start_watchdog(self, interval_s: float = 1.0) -> None:
         """Watch the stubs every `interval_s` from a daemon thread (after wait_ready)."""
         if self._watchdog is not None:
             return
-        self._stubs = self.stub_processes()
 
         def loop():
             while not self._watchdog_stop.wait(interval_s):
@@ -363,9 +415,12 @@ class TritonServer:
             code = self.process.returncode
             if self._reader:
                 self._reader.join(timeout=5)
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
+        # The reader writes to the log file until the server's output ends: close it only after the reader
+        # (a reader still running closes it itself when the output ends).
+        with self._log_lock:
+            self._stopping = True
+            if self._reader is None or self._reader_done:
+                self._close_log_locked()
         self.remove_shm()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -393,15 +448,21 @@ def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.
     def on_signal(signum, frame):
         stopping.set()
 
-    # Both set explicitly: a shell starting this in the background leaves SIGINT ignored.
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = TritonServer(options.repo, host=options.host, http_port=options.http_port,
-                          grpc_port=options.grpc_port, metrics_port=options.metrics_port,
-                          log_verbose=options.log_verbose, exit_timeout_s=options.exit_timeout_s,
-                          extra_args=options.extra_args)
+    previous = {}
+    server = None
     try:
+        server = TritonServer(options.repo, host=options.host, http_port=options.http_port,
+                              grpc_port=options.grpc_port, metrics_port=options.metrics_port,
+                              log_verbose=options.log_verbose, exit_timeout_s=options.exit_timeout_s,
+                              extra_args=options.extra_args)
+        # Both set explicitly: a shell starting this in the background leaves SIGINT ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
         server.start()
-        took = server.wait_ready(ready_timeout)
+        try:
+            took = server.wait_ready(ready_timeout, cancel=stopping)
+        except InterruptedError:
+            return 0
         if options.watchdog:
             server.start_watchdog()
         print(f"ready in {took:.1f} s: models {', '.join(server.models)}\n"
@@ -420,7 +481,8 @@ def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.
                       file=out, flush=True)
         return 0
     finally:
-        print("stopping tritonserver ...", file=out, flush=True)
-        server.stop()
+        if server is not None:
+            print("stopping tritonserver ...", file=out, flush=True)
+            server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

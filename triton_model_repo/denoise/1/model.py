@@ -24,38 +24,29 @@ class TritonPythonModel:
         self.metrics = Metrics("denoise")
 
     def _unet(self, feeds):
+        # Every feed has the spec's shape, the timestep included ((1,): Triton has no 0-d tensors).
         response = pb_utils.InferenceRequest(
             model_name=self.unet_model, requested_output_names=[self.unet_output],
-            # Triton has no 0-d tensors: the timestep goes as [1]; the unet runner restores rank 0.
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value).reshape(value.shape or (1,)))
-                    for name, value in feeds.items()]).exec()
-        if response.has_error():
-            raise pb_utils.TritonModelException(response.error().message())
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]).exec()
+        if response.has_error():   # passed on with unet's own code (INVALID_ARG, UNAVAILABLE, ...)
+            error = response.error()
+            raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
         return pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy()
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            def scalar(name):
-                return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0].item()
-            text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
-            # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
-            seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1).tolist()
-            try:
-                with self.metrics.timed():
-                    latents = self.denoiser.run(text, seed=seeds, steps=int(scalar("steps")),
-                                                guidance=float(scalar("guidance")), width=int(scalar("width")),
-                                                height=int(scalar("height")), unet=self._unet,
-                                                float_dtype=self.float_dtype)
-            except (runtime.RequestError, pb_utils.TritonModelException) as err:
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(err, runtime.RequestError) \
-                    else pb_utils.TritonError.INTERNAL
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code)))
-                continue
-            calls = self.denoiser.last_unet_seconds
-            self.metrics.count("toonark_steps_total", len(calls))
-            self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
-                                    f"ms each")
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(self.latent_name, latents.astype(self.latent_dtype))]))
-        return responses
+        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
+
+    def _one(self, request):
+        def value(name):
+            return runtime.one_value(pb_utils.get_input_tensor_by_name(request, name).as_numpy(), name, None)
+        text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+        # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
+        seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1).tolist()
+        latents = self.denoiser.run(text, seed=seeds, steps=int(value("steps")), guidance=float(value("guidance")),
+                                    width=int(value("width")), height=int(value("height")), unet=self._unet,
+                                    float_dtype=self.float_dtype)
+        calls = self.denoiser.last_unet_seconds
+        self.metrics.count("toonark_steps_total", len(calls))
+        self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
+                                f"ms each")
+        return [pb_utils.Tensor(self.latent_name, latents.astype(self.latent_dtype))]

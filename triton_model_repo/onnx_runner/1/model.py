@@ -15,24 +15,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
         self.engine = runtime.load_runner(args, runtime.model_parameters(config))
-        # Scalars travel as [1] (Triton has no 0-d tensors); the engine takes the spec's rank.
-        self.inputs = [(t.name, () if not t.dims else None) for t in self.engine.spec.inputs]
+        self.input_names = [t.name for t in self.engine.spec.inputs]
         self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            feeds = {}
-            for name, shape in self.inputs:
-                value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                feeds[name] = value if shape is None else value.reshape(shape)
-            try:
-                with self.metrics.timed():
-                    results = self.engine.run(feeds)
-            except ValueError as err:   # shape / dtype outside what the engine was built for
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err))))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, np.ascontiguousarray(results[name], dtype=dtype))
-                 for name, dtype in self.outputs]))
-        return responses
+        # A shape or dtype outside what the engine was built for is a ValueError: INVALID_ARG.
+        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
+
+    def _one(self, request):
+        results = self.engine.run({name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                                   for name in self.input_names})
+        return [pb_utils.Tensor(name, np.ascontiguousarray(results[name], dtype=dtype)) for name, dtype in self.outputs]

@@ -16,21 +16,14 @@ class TritonPythonModel:
         self.metrics = Metrics("postprocess")
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            decoded = pb_utils.get_input_tensor_by_name(request, self.decoded_name).as_numpy()
-            fmt = pb_utils.get_input_tensor_by_name(request, "format").as_numpy().reshape(-1)[0]
-            fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
-            quality = pb_utils.get_input_tensor_by_name(request, "quality")
-            quality = 90 if quality is None else int(quality.as_numpy().reshape(-1)[0])
-            try:
-                with self.metrics.timed():
-                    images = runtime.encode_images(decoded, fmt, quality)
-            except runtime.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
-                continue
-            self.metrics.count("toonark_images_total", len(images), format=fmt)
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(self.output_name, np.array(images, dtype=np.object_))]))
-        return responses
+        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
+
+    def _one(self, request):
+        decoded = pb_utils.get_input_tensor_by_name(request, self.decoded_name).as_numpy()
+        # Both always come from preprocess, which applied the defaults.
+        fmt = runtime.text_value(pb_utils.get_input_tensor_by_name(request, "format").as_numpy(), "format", None)
+        quality = int(runtime.one_value(pb_utils.get_input_tensor_by_name(request, "quality").as_numpy(),
+                                        "quality", None))
+        images = runtime.encode_images(decoded, fmt, quality)
+        self.metrics.count("toonark_images_total", len(images), format=fmt)
+        return [pb_utils.Tensor(self.output_name, np.array(images, dtype=np.object_))]

@@ -4,10 +4,8 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from toonark.triton_model_repo import runtime
+from toonark.triton_model_repo.generate import ENSEMBLE_INPUTS
 from toonark.triton_model_repo.metrics import Metrics
-
-OPTIONAL = ("NEGATIVE_PROMPT", "SEED", "STEPS", "PRESET", "GUIDANCE", "WIDTH", "HEIGHT", "FORMAT", "NUM_IMAGES",
-            "QUALITY")
 
 
 class TritonPythonModel:
@@ -21,26 +19,18 @@ class TritonPythonModel:
             self.metrics.metric("toonark_prompt_refusals_total", reason=reason)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            with self.metrics.timed():
-                responses.append(self._one(request))
-        return responses
+        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
     def _one(self, request):
+        # Every ensemble input, PROMPT included, is optional here, so that a missing one gets prepare's message.
         values = {}
-        for name in ("PROMPT",) + OPTIONAL:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            values[name] = None if tensor is None else tensor.as_numpy()
+        for port in ENSEMBLE_INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, port.name)
+            values[port.name.lower()] = None if tensor is None else tensor.as_numpy()
         try:
-            resolved = self.preparer.prepare(values["PROMPT"], values["NEGATIVE_PROMPT"], values["SEED"],
-                                             values["STEPS"], values["GUIDANCE"], values["WIDTH"],
-                                             values["HEIGHT"], values["FORMAT"], values["PRESET"],
-                                             num_images=values["NUM_IMAGES"], quality=values["QUALITY"])
+            resolved = self.preparer.prepare(**values)
         except runtime.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
             if err.reason:
                 self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG))
-        return pb_utils.InferenceResponse(
-            [pb_utils.Tensor(name, value) for name, value in resolved.tensors(self.input_ids_name).items()])
+            raise
+        return [pb_utils.Tensor(name, value) for name, value in resolved.tensors(self.input_ids_name).items()]

@@ -31,18 +31,11 @@ class TritonPythonModel:
         self.metrics.metric("toonark_nsfw_images_total")   # present from startup, at 0
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
-            try:
-                with self.metrics.timed():
-                    checked, flags = self.checker(images.astype(np.float32))
-            except ValueError as err:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
-                continue
-            self.metrics.count("toonark_nsfw_images_total", int(flags.sum()))
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(self.checked_name, np.ascontiguousarray(checked, dtype=self.checked_dtype)),
-                pb_utils.Tensor(self.flag_name, np.ascontiguousarray(flags, dtype=np.bool_))]))
-        return responses
+        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
+
+    def _one(self, request):
+        images = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+        checked, flags = self.checker(images.astype(np.float32))   # ValueError (bad shape): INVALID_ARG
+        self.metrics.count("toonark_nsfw_images_total", int(flags.sum()))
+        return [pb_utils.Tensor(self.checked_name, np.ascontiguousarray(checked, dtype=self.checked_dtype)),
+                pb_utils.Tensor(self.flag_name, np.ascontiguousarray(flags, dtype=np.bool_))]
