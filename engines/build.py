@@ -59,10 +59,11 @@ def check_int8_calibration(build_dir: Path) -> dict:
                           f"Advice: {report.get('advice') or 'none given'}. Adjust it and run "
                           f"`make calibrate OUT={build_dir}` again, or build PRECISION=fp16.")
     recorded = report.get("source_onnx_sha256")
-    current = {precision: sha256_onnx(layout.onnx_model(precision, "unet")) for precision in ("fp32", "fp16")
-               if layout.onnx_model(precision, "unet").is_file()}
-    if recorded not in current.values():
-        now = ", ".join(f"onnx/{p}/unet {h[:12]}" for p, h in current.items()) or "no UNet ONNX"
+    # Calibration quantizes the fp32 UNet (calibration.capture.source_unet): only its hash can match.
+    unet = layout.onnx_model("fp32", "unet")
+    current = sha256_onnx(unet) if unet.is_file() else None
+    if recorded != current:
+        now = f"onnx/fp32/unet {current[:12]}" if current else "no fp32 UNet ONNX"
         raise EngineError(f"INT8 calibration is stale: {report_path} was made from UNet ONNX sha256 "
                           f"{str(recorded)[:12]}, the current export has {now}; run `make calibrate OUT={build_dir}` "
                           f"again")
@@ -98,16 +99,21 @@ def _comparable(settings: dict) -> dict:
 
 
 def _up_to_date(build_dir: Path, backend: str, precision: str, name: str, source: Path, settings: dict,
-                limits) -> dict | None:
+                limits, source_sha256: str | None = None) -> dict | None:
     try:
         metadata = read_metadata(build_dir, backend, precision, name)
-        check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=name,
-                       source_onnx=source)
     except (EngineError, RuntimeError):
         return None
-    same = (_comparable(metadata.get("settings", {})) == _comparable(settings)
-            and metadata.get("limits") == limits.to_json())
-    return metadata if same else None
+    # The cheap comparisons first: a changed setting or limit needs no hashing to be rebuilt.
+    if (_comparable(metadata.get("settings", {})) != _comparable(settings)
+            or metadata.get("limits") != limits.to_json()):
+        return None
+    try:
+        check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=name,
+                       source_onnx=source, source_sha256=source_sha256)
+    except (EngineError, RuntimeError):
+        return None
+    return metadata
 
 
 def build_engines(build_dir, backend: str, precision: str, submodels=None, force: bool = False, *,
@@ -156,7 +162,9 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
         source = source_onnx(build_dir, backend, precision, name, fused=fuse)
         settings = _settings(backend, precision, spec, info.limits, build_dir, threads, device_id, trt_options, fuse)
         final = layout.engine_dir(backend, precision) / name
-        if not force and (current := _up_to_date(build_dir, backend, precision, name, source, settings, info.limits)):
+        source_sha = sha256_onnx(source)  # once: the up-to-date check and engine.json both need it
+        if not force and (current := _up_to_date(build_dir, backend, precision, name, source, settings, info.limits,
+                                                 source_sha)):
             print(f"{backend}-{precision}/{name}: up to date ({final})")
             results[name] = {**current, "status": "up to date"}
             continue
@@ -173,7 +181,8 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
             seconds = time.perf_counter() - started
             metadata = make_metadata(submodel=name, backend=backend, precision=precision, source_onnx=source,
                                      engine_dir=tmp, profile=spec.profile(info.limits), limits=info.limits,
-                                     settings=settings, io=io, build_seconds=seconds, build_dir=build_dir)
+                                     settings=settings, io=io, build_seconds=seconds, build_dir=build_dir,
+                                     source_sha256=source_sha)
             if settings.get("fusion"):
                 metadata["fusion"] = fusion   # op counts before / after, fused ops (MultiHeadAttention, GroupNorm...)
             write_json(tmp / ENGINE_JSON, metadata)

@@ -89,8 +89,10 @@ def profile_json(profile: dict) -> dict:
 
 
 def make_metadata(*, submodel: str, backend: str, precision: str, source_onnx: Path, engine_dir: Path,
-                  profile: dict, limits, settings: dict, io: dict, build_seconds: float, build_dir: Path) -> dict:
-    """The engine.json record (engine_dir must already hold the finished engine file)."""
+                  profile: dict, limits, settings: dict, io: dict, build_seconds: float, build_dir: Path,
+                  source_sha256: str | None = None) -> dict:
+    """The engine.json record (engine_dir must already hold the finished engine file). source_sha256:
+    sha256_onnx(source_onnx) when the caller has it already (hashing a UNet takes seconds)."""
     files = engine_files(engine_dir, backend)
     return {
         "format": METADATA_FORMAT,
@@ -103,7 +105,7 @@ def make_metadata(*, submodel: str, backend: str, precision: str, source_onnx: P
         "engine_bytes": sum(p.stat().st_size for p in files),
         # Relative to the build folder, so a build folder can be moved or mounted elsewhere.
         "source_onnx": _relative(source_onnx, build_dir),
-        "source_onnx_sha256": sha256_onnx(source_onnx),
+        "source_onnx_sha256": source_sha256 or sha256_onnx(source_onnx),
         "profile": profile_json(profile),
         "limits": limits.to_json(),
         "io": io,
@@ -135,8 +137,9 @@ def read_metadata(build_dir: Path, backend: str, precision: str, submodel: str) 
 
 
 def check_metadata(metadata: dict, *, build_dir: Path, backend: str, precision: str, submodel: str,
-                   source_onnx: Path, verify_hashes: bool = True) -> None:
-    """Raise EngineError when the engine in its folder no longer matches its engine.json or its source."""
+                   source_onnx: Path, verify_hashes: bool = True, source_sha256: str | None = None) -> None:
+    """Raise EngineError when the engine in its folder no longer matches its engine.json or its source.
+    source_sha256: sha256_onnx(source_onnx) when the caller has it already."""
     engine_dir = BuildLayout(build_dir).engine_dir(backend, precision) / submodel
     fix = f"Rebuild it with `{make_command(build_dir, backend, precision)}`."
     where = engine_dir / ENGINE_JSON
@@ -165,7 +168,7 @@ def check_metadata(metadata: dict, *, build_dir: Path, backend: str, precision: 
     if not Path(source_onnx).is_file():
         raise EngineError(f"the source ONNX of the {submodel} engine is missing: {source_onnx}. "
                           f"Re-export, then `{make_command(build_dir, backend, precision)}`.")
-    current = sha256_onnx(source_onnx)
+    current = source_sha256 or sha256_onnx(source_onnx)
     if current != metadata.get("source_onnx_sha256"):
         raise EngineError(f"{engine_dir} is stale: it was built from {source_onnx} with sha256 "
                           f"{metadata.get('source_onnx_sha256', '')[:12]}, which is now {current[:12]}. {fix}")

@@ -143,12 +143,14 @@ def session_io(session) -> dict:
     return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
 
 
-def fuse_engine_source(source_onnx: Path, out_dir: Path, submodel: str, settings: dict, num_heads: int = 0) -> dict:
+def fuse_engine_source(source_onnx: Path, out_dir: Path, submodel: str, settings: dict) -> dict:
     """settings["fusion"] builds: ORT's diffusion fusions + fp16 over the fp32 `source_onnx`, written as
-    out_dir/model.onnx (+ model.onnx.data past the protobuf limit). Returns the fusion report (op counts)."""
+    out_dir/model.onnx (+ model.onnx.data past the protobuf limit). Returns the fusion report (op counts).
+    num_heads=0: the attention head count is read from the graph (export.fusions._robust_num_heads); the
+    diffusers UNet config that heads_from_config reads is not copied into the build folder."""
     from toonark.export.fusions import fuse_for_cuda
     fusion = settings["fusion"]
-    report = fuse_for_cuda(source_onnx, Path(out_dir) / "model.onnx", submodel, num_heads=num_heads,
+    report = fuse_for_cuda(source_onnx, Path(out_dir) / "model.onnx", submodel, num_heads=0,
                            fp16=fusion["fp16"], keep_io_types=fusion["keep_io_types"], cpu_safe=fusion["cpu_safe"])
     return report.to_json()
 

@@ -44,13 +44,8 @@ log = logging.getLogger(__name__)
 # toonark submodel -> onnxruntime.transformers model_type.
 MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 
-# Ops the fusions create; counted in every report.
-FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
-             "NhwcConv", "LayerNormalization", "SkipLayerNormalization", "QuickGelu", "BiasGelu", "FastGelu", "Gelu")
 # Contrib ops with a CUDA kernel only (a CPU session refuses the model).
 CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")
-
-PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1
 
 # What ORT's CUDA diffusion kernels accept (onnxruntime/contrib_ops/cuda/diffusion): a fused node
 # outside these limits loads fine and fails at the first run, so such a fusion is switched off for
@@ -237,22 +232,13 @@ def fuse_for_cuda(src_onnx: str | Path, dst_onnx: str | Path, submodel: str, *, 
     optimized, report = fuse_model(src_onnx, submodel, num_heads=num_heads, hidden_size=hidden_size, fp16=fp16,
                                    keep_io_types=keep_io_types, cpu_safe=cpu_safe,
                                    respect_kernel_limits=respect_kernel_limits)
-    dst_onnx = Path(dst_onnx)
-    dst_onnx.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(t.ByteSize() for t in optimized.model.graph.initializer)
-    optimized.save_model_to_file(str(dst_onnx), use_external_data_format=size >= PROTOBUF_LIMIT_BYTES - (64 << 20),
-                                 all_tensors_to_one_file=True)
+    from toonark.export.graph import save_model
+    # What OnnxModel.save_model_to_file does before saving: nodes in topological order and the
+    # com.microsoft opset declared for the fused contrib ops.
+    optimized.topological_sort()
+    if any(node.domain == "com.microsoft" for node in optimized.model.graph.node) and \
+            not any(opset.domain == "com.microsoft" for opset in optimized.model.opset_import):
+        optimized.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    save_model(optimized.model, Path(dst_onnx))  # the export's one save path (external data past 2 GB)
     return report
 
-
-def fuse_export_dir(src_dir: str | Path, dst_dir: str | Path, submodels=("text_encoder", "unet", "vae_decoder"),
-                    unet_config: dict | None = None, fp16: bool = True,
-                    keep_io_types: bool | list[str] = True) -> dict[str, FusionReport]:
-    """Fuse every `<submodel>/model.onnx` of an export folder into the same layout under `dst_dir`."""
-    heads = heads_from_config(unet_config or {})
-    reports = {}
-    for name in submodels:
-        reports[name] = fuse_for_cuda(Path(src_dir) / name / "model.onnx", Path(dst_dir) / name / "model.onnx", name,
-                                      num_heads=heads if name == "unet" else 0, fp16=fp16,
-                                      keep_io_types=keep_io_types)
-    return reports

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -224,7 +225,42 @@ def write_pipeline_folder(model_dir: Path, out_dir: Path, dims: PipelineDims, li
                 shutil.copytree(model_dir / folder, tmp / folder)
         if (model_dir / "model_index.json").is_file():
             shutil.copy2(model_dir / "model_index.json", tmp / "model_index.json")
-    BuildInfo(dims, limits).write(out_dir)
+        # Inside the swap: a crash never leaves a new pipeline/ beside an old (or no) toonark.json.
+        write_json(tmp / layout.pipeline_info.relative_to(layout.pipeline), BuildInfo(dims, limits).to_json())
+
+
+def check_profiles(specs: dict[str, SubmodelSpec], limits: ShapeLimits) -> None:
+    """Every submodel's profile at the limits, before any work: e.g. an image step that is not a
+    multiple of the VAE scale would otherwise surface only in parity, after the whole export."""
+    for spec in specs.values():
+        try:
+            spec.profile(limits)
+        except ValueError as err:
+            raise ValueError(f"shape limits {limits.to_json()} do not fit {spec.name}: {err}; choose "
+                             f"--min/--opt/--max-image and --image-step that are multiples of it") from None
+
+
+def _kept_submodels(layout: BuildLayout, precision: str, key: ExportKey, specs: dict) -> tuple[list[str], dict]:
+    """Submodels already in onnx/<precision>/ that a subset export leaves alone, and their export.json.
+    Refuses when they were exported from another model, limits or code version (mixing them would
+    build engines that disagree)."""
+    folder = layout.onnx_dir(precision)
+    kept = [name for name in specs if name not in key.submodels and (folder / name).is_dir()]
+    if not kept:
+        return [], {}
+    try:
+        old = read_json(layout.export_report(precision), "export report", "")
+    except (FileNotFoundError, ValueError):
+        old = {}
+    old_key, new_key = dict(old.get("key", {})), key.to_json()
+    differ = [k for k in ("source_sha256", "precision", "opset", "limits", "code_version")
+              if old_key.get(k) != new_key[k]]
+    if not old_key or differ:
+        why = f"{', '.join(differ)} differ" if old_key else "its export.json is missing or invalid"
+        raise ValueError(f"exporting only {', '.join(key.submodels)} would leave {', '.join(kept)} in {folder} "
+                         f"from another export ({why}); "
+                         f"export every submodel (omit the submodel selection) to replace them")
+    return kept, old
 
 
 def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: ShapeLimits = ShapeLimits(),
@@ -240,6 +276,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
                              f"(int8 comes from `make calibrate`)")
     dims = check_model_folder(model_dir)
     specs = submodel_specs(dims)
+    check_profiles(specs, limits)
     submodels = tuple(specs) if submodels is None else tuple(submodels)
     for name in submodels:
         if name not in specs:
@@ -258,6 +295,8 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
             report[precision] = read_json(layout.export_report(precision), "export report", "")
         else:
             stale.append(precision)
+    # A subset export keeps the other submodels' files; decided (or refused) before any work.
+    kept = {precision: _kept_submodels(layout, precision, keys[precision], specs) for precision in stale}
 
     if stale:
         started = time.perf_counter()
@@ -283,14 +322,21 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
                 print(format_table(rows[precision]))
                 raise_on_failure(rows[precision])
             for precision in stale:
+                kept_names, old_report = kept[precision]
                 with atomic_dir(layout.onnx_dir(precision)) as tmp:
                     for name in submodels:  # a rename: scratch space is on the same disk
                         shutil.move(staged[precision] / name, tmp / name)
+                    for name in kept_names:  # hard links: the old folder stays whole until the swap
+                        shutil.copytree(layout.onnx_dir(precision) / name, tmp / name, copy_function=os.link)
+                    all_names = tuple(n for n in specs if n in submodels or n in kept_names)
+                    key = ExportKey(**{**keys[precision].__dict__, "submodels": all_names})
                     content = {
-                        "key": keys[precision].to_json(),
+                        "key": key.to_json(),
                         "files": _files_hashes(tmp),
-                        "parity": [r.to_json() for r in rows[precision]],
-                        "passes": {name: passes[(precision, name)] for name in submodels},
+                        "parity": [r for r in old_report.get("parity", []) if r.get("submodel") in kept_names]
+                        + [r.to_json() for r in rows[precision]],
+                        "passes": {**{n: v for n, v in old_report.get("passes", {}).items() if n in kept_names},
+                                   **{name: passes[(precision, name)] for name in submodels}},
                         "optimum_export_seconds": round(export_seconds, 2),
                         "parity_method": FP16_CPU_PARITY_METHOD if precision == "fp16" else
                         "onnxruntime CPUExecutionProvider vs the PyTorch module in fp32, same inputs",

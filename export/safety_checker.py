@@ -248,14 +248,17 @@ def export_safety_checker(model_dir: Path, build_dir: Path, force: bool = False)
     """Export the pipeline folder's safety_checker (if it has one) to OUT/safety_checker/; return that
     folder, or None when the pipeline has no checker. Parity vs PyTorch is checked at B=1 and B=2.
     Skipped when the folder already holds an export of the same checker and feature extractor."""
-    import torch
-    import onnxruntime as ort
+    import shutil
     from toonark.files import atomic_dir, write_json
     model_dir = Path(model_dir)
     if not has_safety_checker(model_dir):
+        # A checker exported from an earlier model into this OUT must not be served with this one.
+        shutil.rmtree(checker_dir(build_dir), ignore_errors=True)
         return None
     if not force and is_up_to_date(model_dir, build_dir):
         return checker_dir(build_dir)
+    import torch
+    import onnxruntime as ort
     extractor = model_dir / "feature_extractor" / "preprocessor_config.json"
     if not extractor.is_file():
         raise FileNotFoundError(f"{model_dir} has a safety_checker but no {extractor.relative_to(model_dir)}: the "

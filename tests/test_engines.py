@@ -114,6 +114,27 @@ def test_rebuild_is_skipped_when_up_to_date_and_forced_otherwise(build_copy, cap
     assert build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"], threads=1)["unet"]["status"] == "built"
 
 
+def test_source_onnx_is_hashed_once_per_build(build_copy, monkeypatch):
+    import toonark.engines.build as build_module
+    import toonark.engines.metadata as metadata_module
+    source = BuildLayout(build_copy).onnx_model("fp32", "unet")
+    hashed = []
+
+    def counting(path):
+        hashed.append(Path(path))
+        return sha256_onnx(path)
+    monkeypatch.setattr(build_module, "sha256_onnx", counting)
+    monkeypatch.setattr(metadata_module, "sha256_onnx", counting)
+    assert build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"])["unet"]["status"] == "up to date"
+    assert hashed.count(source) == 1
+    hashed.clear()
+    # Changed settings: rebuilt; the source is hashed once, for both the check and engine.json.
+    result = build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"], threads=1)["unet"]
+    assert result["status"] == "built"
+    assert result["source_onnx_sha256"] == sha256_onnx(source)
+    assert hashed.count(source) == 1
+
+
 def test_feeds_are_checked(tiny_engines):
     engine = load_engine(tiny_engines, "ort-cpu", "fp32", "unet", threads=1)
     feeds = engine.spec.sample_inputs(TEST_LIMITS.sizes("opt"))
@@ -214,12 +235,16 @@ def test_int8_refuses_failed_gate(build_copy):
 def test_int8_refuses_stale_calibration(build_copy):
     report = _calibrate(build_copy, source_sha="0" * 64)
     layout = BuildLayout(build_copy)
-    fp32, fp16 = (sha256_onnx(layout.onnx_model(p, "unet")) for p in ("fp32", "fp16"))
+    fp32 = sha256_onnx(layout.onnx_model("fp32", "unet"))
     with pytest.raises(EngineError) as err:
         build_engines(build_copy, "ort-cpu", "int8")
     assert str(err.value) == (f"INT8 calibration is stale: {report} was made from UNet ONNX sha256 000000000000, "
-                              f"the current export has onnx/fp32/unet {fp32[:12]}, onnx/fp16/unet {fp16[:12]}; "
+                              f"the current export has onnx/fp32/unet {fp32[:12]}; "
                               f"run `make calibrate OUT={build_copy}` again")
+    # Calibration quantizes the fp32 UNet: a report made from the fp16 UNet is stale as well.
+    _calibrate(build_copy, source_sha=sha256_onnx(layout.onnx_model("fp16", "unet")))
+    with pytest.raises(EngineError, match="INT8 calibration is stale"):
+        build_engines(build_copy, "ort-cpu", "int8")
 
 
 def test_int8_builds_unet_from_calibrated_model(build_copy):

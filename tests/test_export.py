@@ -249,3 +249,100 @@ def test_models_past_the_protobuf_limit_use_one_external_data_file(tiny_model, t
         locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations == {"model.onnx.data"}
         assert all(r["ok"] for r in report[precision]["parity"])
+
+
+def test_image_step_must_be_positive():
+    from toonark.export.specs import ShapeLimits
+    for step in (0, -64):
+        with pytest.raises(ValueError, match=f"image step must be a positive number of pixels, got {step}"):
+            ShapeLimits(min_image=64, opt_image=64, max_image=64, image_step=step)
+
+
+def test_image_step_off_the_vae_scale_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    from toonark.export.specs import ShapeLimits
+    import toonark.export.onnx_export as onnx_export
+    scale = PipelineDims.from_folder(tiny_model).vae_scale
+    assert scale > 1
+    step = scale + 1 if scale > 2 else 3
+    limits = ShapeLimits(min_image=step, opt_image=step * 2, max_image=step * 2, image_step=step)
+    monkeypatch.setattr(onnx_export, "load_pipeline", lambda *a: pytest.fail("export started"))
+    with pytest.raises(ValueError, match=r"do not fit text_encoder|do not fit unet|is not a multiple of"):
+        export_pipeline(tiny_model, tmp_path / "out", precisions=("fp32",), limits=limits)
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_request_names_the_bound_and_the_fix():
+    from toonark.export.specs import ShapeLimits
+    limits = ShapeLimits(min_batch=2, opt_batch=2, max_batch=3, min_image=64, opt_image=128, max_image=256)
+    cases = [
+        ((4, 64, 64), "batch 4 is outside the built range 2..3 (above max_batch); to serve it re-export with "
+                      "`scripts/export.py --max-batch 4`, then `make engine`"),
+        ((1, 64, 64), "batch 1 is outside the built range 2..3 (below min_batch); to serve it re-export with "
+                      "`scripts/export.py --min-batch 1`, then `make engine`"),
+        ((2, 512, 64), "height 512 must be a multiple of 64 in 64..256 (the built engine profile): above max_image; "
+                       "to serve it re-export with `scripts/export.py --max-image 512`, then `make engine`"),
+        ((2, 64, 0), "width 0 must be a multiple of 64 in 64..256 (the built engine profile): below min_image; "
+                     "to serve it re-export with `scripts/export.py --min-image 0`, then `make engine`"),
+        ((2, 64, 100), "width 100 must be a multiple of 64 in 64..256 (the built engine profile): not a multiple "
+                       "of image_step 64; to serve it re-export with `scripts/export.py --image-step <a divisor of "
+                       "it>`, then `make engine`"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as err:
+            limits.check_request(*args)
+        assert str(err.value) == message
+
+
+def test_pipeline_folder_and_build_info_are_swapped_together(tiny_model, tmp_path, monkeypatch):
+    import toonark.export.onnx_export as onnx_export
+    from toonark.export.onnx_export import write_pipeline_folder
+    dims = PipelineDims.from_folder(tiny_model)
+
+    def broken(path, data):
+        raise OSError("disk full")
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "write_json", broken)
+        with pytest.raises(OSError):
+            write_pipeline_folder(tiny_model, tmp_path, dims, TEST_LIMITS)
+    assert not BuildLayout(tmp_path).pipeline.exists()
+    write_pipeline_folder(tiny_model, tmp_path, dims, TEST_LIMITS)
+    assert BuildInfo.read(tmp_path) == BuildInfo(dims, TEST_LIMITS)
+
+
+def test_subset_export_keeps_the_other_submodels(tiny_model, tiny_build, tmp_path, capsys):
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    layout = BuildLayout(build)
+    others = ("text_encoder", "vae_decoder", "vae_encoder")
+    before = {name: sha256_tree(layout.onnx_dir("fp32") / name) for name in others}
+    report = export_pipeline(tiny_model, build, precisions=("fp32",), limits=TEST_LIMITS, submodels=("unet",),
+                             force=True)["fp32"]
+    for name in others:
+        assert sha256_tree(layout.onnx_dir("fp32") / name) == before[name]
+    assert layout.onnx_model("fp32", "unet").is_file()
+    assert report["key"]["submodels"] == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert {r["submodel"] for r in report["parity"]} == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(report["passes"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert any(name.startswith("unet/") for name in report["files"])
+    assert any(name.startswith("text_encoder/") for name in report["files"])
+    capsys.readouterr()
+    # Everything now matches a full export: not exported again.
+    export_pipeline(tiny_model, build, precisions=("fp32",), limits=TEST_LIMITS)
+    assert "onnx/fp32: up to date" in capsys.readouterr().out
+
+
+def test_subset_export_refuses_to_mix_with_another_models_submodels(tiny_model, tiny_build, tmp_path, monkeypatch):
+    import toonark.export.onnx_export as onnx_export
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    report_path = BuildLayout(build).export_report("fp32")
+    report = json.loads(report_path.read_text())
+    report["key"]["source_sha256"] = "another model"
+    report_path.write_text(json.dumps(report))
+    monkeypatch.setattr(onnx_export, "load_pipeline", lambda *a: pytest.fail("export started"))
+    with pytest.raises(ValueError) as err:
+        export_pipeline(tiny_model, build, precisions=("fp32",), limits=TEST_LIMITS, submodels=("unet",))
+    assert str(err.value) == (
+        f"exporting only unet would leave text_encoder, vae_decoder, vae_encoder in {BuildLayout(build).onnx_dir('fp32')} "
+        f"from another export (source_sha256 differ); export every submodel (omit the submodel selection) to "
+        f"replace them")

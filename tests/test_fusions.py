@@ -128,3 +128,19 @@ def test_fused_fp16_matches_fp32_on_cuda(tiny_onnx, tmp_path):
                                providers=["CUDAExecutionProvider"]).run(None, feeds)[0]
     rel = np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref)
     assert rel < 1e-2
+
+
+def test_fused_models_past_the_protobuf_limit_use_one_external_data_file(tiny_onnx, tmp_path, monkeypatch):
+    """fuse_for_cuda saves through export.graph.save_model: past the limit, one model.onnx.data beside it."""
+    import onnxruntime as ort
+    from toonark.export import graph
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT_BYTES", 10_000)
+    target = tmp_path / "text" / "model.onnx"
+    fuse_for_cuda(tiny_onnx["paths"]["text_encoder"], target, "text_encoder", fp16=False, cpu_safe=True)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx", graph.EXTERNAL_DATA_NAME]
+    model = onnx.load(str(target), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert any(o.domain == "com.microsoft" for o in model.opset_import)
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    ids = np.zeros((2, tiny_onnx["dims"].text_length), np.int64)
+    assert session.run(None, {"input_ids": ids})[0].shape[0] == 2

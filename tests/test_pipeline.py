@@ -141,3 +141,37 @@ def test_guidance_and_uint8_conversion():
     out = to_uint8_hwc(images)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 2, 3)
     assert out.transpose(0, 3, 1, 2).ravel().tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def _scheduler(prediction_type="epsilon", solver_order=2):
+    from types import SimpleNamespace
+    return SimpleNamespace(config=SimpleNamespace(prediction_type=prediction_type, solver_order=solver_order))
+
+
+def test_device_loop_default_falls_back_to_the_host_loop_for_v_prediction():
+    from toonark.pipeline import use_device_loop
+    assert use_device_loop("ort-cuda", None, _scheduler()) is True
+    # v_prediction (SD-2.1 768) runs on the host loop instead of raising.
+    assert use_device_loop("ort-cuda", None, _scheduler("v_prediction")) is False
+    assert use_device_loop("ort-cuda", None, _scheduler(solver_order=3)) is False
+    for backend in ("ort-cpu", "trt"):
+        assert use_device_loop(backend, None, _scheduler()) is False
+    assert use_device_loop("ort-cuda", False, _scheduler()) is False
+
+
+def test_explicit_device_loop_is_refused_where_it_cannot_run():
+    from toonark.pipeline import use_device_loop
+    with pytest.raises(ValueError, match="use the host loop"):
+        use_device_loop("ort-cuda", True, _scheduler("v_prediction"))
+    with pytest.raises(ValueError, match="device_loop runs ONNX Runtime engines"):
+        use_device_loop("trt", True, _scheduler())
+    assert use_device_loop("ort-cpu", True, _scheduler()) is True
+
+
+def test_from_build_refuses_device_loop_before_loading_engines(tiny_build, monkeypatch):
+    import toonark.engines
+    loaded = []
+    monkeypatch.setattr(toonark.engines, "load_engine", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(ValueError, match="device_loop runs ONNX Runtime engines"):
+        Text2ImagePipeline.from_build(tiny_build, backend="trt", device_loop=True)
+    assert loaded == []

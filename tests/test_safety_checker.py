@@ -35,6 +35,16 @@ def test_default_pipeline_has_no_checker(tiny_model, tmp_path):
     assert export_safety_checker(tiny_model, tmp_path) is None
 
 
+def test_export_without_checker_removes_a_previous_models_checker(tiny_model, tmp_path):
+    from toonark.export.safety_checker import checker_dir
+    stale = checker_dir(tmp_path)
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"previous model's checker")
+    (stale / METADATA_FILE).write_text("{}")
+    assert export_safety_checker(tiny_model, tmp_path) is None
+    assert not stale.exists()
+
+
 def test_export_matches_pytorch_and_the_spec(exported, torch_checker):
     import onnx
     meta = json.loads((exported / METADATA_FILE).read_text())

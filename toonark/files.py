@@ -29,9 +29,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            # A fresh, empty, uniquely named sibling: renaming a folder over an empty one replaces it,
+            # so neither a leftover from a crashed run nor a concurrent writer can make this fail.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             final.rename(old)
-            tmp.rename(final)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)  # put the previous content back rather than lose it
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)

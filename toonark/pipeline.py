@@ -186,6 +186,26 @@ class Text2ImageResult:
     timesteps: np.ndarray | None = None
 
 
+def use_device_loop(backend: str, device_loop: bool | None, scheduler) -> bool:
+    """Whether from_build runs the device loop. None means "where it can": on for ort-cuda unless the
+    scheduler is one the step graph does not implement (e.g. v_prediction), which the host loop runs.
+    An explicit True on a backend or scheduler without one raises ValueError."""
+    from toonark.engines.ort_loop import check_scheduler
+    if device_loop is None:
+        if backend != "ort-cuda":
+            return False
+        try:
+            check_scheduler(scheduler)
+        except ValueError:
+            return False
+        return True
+    if device_loop:
+        if backend not in ("ort-cuda", "ort-cpu"):
+            raise ValueError(f"device_loop runs ONNX Runtime engines (ort-cuda); {backend} has none")
+        check_scheduler(scheduler)
+    return bool(device_loop)
+
+
 class Text2ImagePipeline:
     """Prompt -> images with the engines of one build (any backend / precision).
 
@@ -224,19 +244,16 @@ class Text2ImagePipeline:
         if missing:
             raise ValueError(f"precision mapping {precision!r} lacks {missing}; give one for each of "
                              f"{list(SERVED_SUBMODELS)}")
-        if device_loop is None:
-            device_loop = backend == "ort-cuda"
+        # Decide (and refuse) before any engine is loaded: loading is the slow part.
+        scheduler = DPMSolverMultistep.from_file(layout.pipeline / "scheduler")
+        device_loop = use_device_loop(backend, device_loop, scheduler)
         graph_options = {k: engine_options.pop(k) for k in ("cuda_graph", "graph_sizes") if k in engine_options}
         engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options,
                                      **(graph_options if name != "text_encoder" else {}))
                    for name in SERVED_SUBMODELS}
-        scheduler = DPMSolverMultistep.from_file(layout.pipeline / "scheduler")
         loop = None
         if device_loop:
-            if backend not in ("ort-cuda", "ort-cpu"):
-                raise ValueError(f"device_loop runs ONNX Runtime engines (ort-cuda); {backend} has none")
-            from toonark.engines.ort_loop import DeviceLoop, check_scheduler
-            check_scheduler(scheduler)
+            from toonark.engines.ort_loop import DeviceLoop
             loop = DeviceLoop(engines, info.dims)
         return cls(engines, load_tokenizer(layout.pipeline / "tokenizer"), scheduler, info.dims, info.limits,
                    device_loop=loop)
