@@ -67,6 +67,12 @@ def check_int8_calibration(build_dir: Path) -> dict:
         raise EngineError(f"INT8 calibration is stale: {report_path} was made from UNet ONNX sha256 "
                           f"{str(recorded)[:12]}, the current export has {now}; run `make calibrate OUT={build_dir}` "
                           f"again")
+    # The gate scored one INT8 model: refuse another one in its place (a re-calibration that died
+    # after quantizing, a hand-copied file).
+    scored, on_disk = report.get("int8_onnx_sha256"), sha256_onnx(layout.int8_unet)
+    if scored != on_disk:
+        raise EngineError(f"INT8 UNet {layout.int8_unet} (sha256 {on_disk[:12]}) is not the model the quality gate "
+                          f"scored ({str(scored)[:12]}); run `make calibrate OUT={build_dir}` again")
     return report
 
 

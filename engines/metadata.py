@@ -214,9 +214,9 @@ def prepare_feeds(spec, metadata: dict, feeds: dict) -> dict:
             low, high = profile[tensor.name]["min"], profile[tensor.name]["max"]
             if any(not lo <= v <= hi for v, lo, hi in zip(value.shape, low, high)):
                 raise ValueError(f"{spec.name} input {tensor.name!r} has shape {list(value.shape)}, outside the "
-                                 f"engine profile {low}..{high}; rebuild with wider limits "
-                                 f"(make export / make engine)")
-        # Not np.ascontiguousarray: it turns the 0-d timestep into shape (1,).
+                                 f"engine profile {low}..{high}; re-export with wider limits (`scripts/export.py "
+                                 f"--max-batch/--min-image/--max-image`), then `make engine`")
+        # Not np.ascontiguousarray: it would turn a 0-d input into shape (1,).
         out[tensor.name] = value if value.flags.c_contiguous else value.copy(order="C")
     return out
 

@@ -143,7 +143,8 @@ def test_feeds_are_checked(tiny_engines):
     with pytest.raises(ValueError) as err:
         engine.run({**feeds, "sample": np.zeros((2, 4, 48, 48), np.float32)})
     assert str(err.value) == ("unet input 'sample' has shape [2, 4, 48, 48], outside the engine profile "
-                              "[2, 4, 8, 8]..[4, 4, 32, 32]; rebuild with wider limits (make export / make engine)")
+                              "[2, 4, 8, 8]..[4, 4, 32, 32]; re-export with wider limits (`scripts/export.py "
+                              "--max-batch/--min-image/--max-image`), then `make engine`")
     with pytest.raises(ValueError) as err:
         engine.run({k: v for k, v in feeds.items() if k != "timestep"})
     assert str(err.value) == ("unet engine takes inputs ['sample', 'timestep', 'encoder_hidden_states']; got "
@@ -206,6 +207,7 @@ def _calibrate(build_dir: Path, passed=True, source_sha=None) -> Path:
     report = layout.calibration / "report.json"
     write_json(report, {"passed": passed,
                         "source_onnx_sha256": source_sha or sha256_onnx(layout.onnx_model("fp32", "unet")),
+                        "int8_onnx_sha256": sha256_onnx(layout.int8_unet),
                         "metrics": {"rel_l2": 0.31, "cosine": 0.95}, "thresholds": {"rel_l2": 0.1, "cosine": 0.99},
                         "advice": "raise --percentile to 99.999 or exclude more convs (--exclude)"})
     return report
@@ -230,6 +232,17 @@ def test_int8_refuses_failed_gate(build_copy):
     write_json(report, {**data, "failing": ["psnr_db 17.2 < 25"]})
     with pytest.raises(EngineError, match=r"quality gate \(.*report\.json\): psnr_db 17\.2 < 25\. Advice: raise"):
         build_engines(build_copy, "ort-cpu", "int8")
+
+
+def test_int8_refuses_a_model_the_gate_did_not_score(build_copy):
+    _calibrate(build_copy)
+    layout = BuildLayout(build_copy)
+    shutil.copy(layout.onnx_model("fp16", "unet"), layout.int8_unet)   # e.g. a re-calibration that died mid-way
+    on_disk, scored = sha256_onnx(layout.int8_unet), sha256_onnx(layout.onnx_model("fp32", "unet"))
+    with pytest.raises(EngineError) as err:
+        build_engines(build_copy, "ort-cpu", "int8")
+    assert str(err.value) == (f"INT8 UNet {layout.int8_unet} (sha256 {on_disk[:12]}) is not the model the quality "
+                              f"gate scored ({scored[:12]}); run `make calibrate OUT={build_copy}` again")
 
 
 def test_int8_refuses_stale_calibration(build_copy):

@@ -197,8 +197,8 @@ class RequestPreparer:
                 raise RequestError(f"NUM_IMAGES {count} is out of range; use 1..{MAX_NUM_IMAGES}")
             if count > self.info.limits.max_batch:
                 raise RequestError(f"NUM_IMAGES {count} is more than this build serves per request "
-                                   f"({self.info.limits.max_batch}, its max batch); ask for fewer or rebuild "
-                                   f"with a wider --max-batch (make export / make engine)")
+                                   f"({self.info.limits.max_batch}, its max batch); ask for fewer, or re-export with "
+                                   f"`scripts/export.py --max-batch {count}`, then `make engine`")
             if len(subjects) != 1 and count != 1:
                 raise RequestError(f"NUM_IMAGES repeats one prompt, but {len(subjects)} prompts were sent; send "
                                    f"one PROMPT with NUM_IMAGES, or one prompt per image without it")
