@@ -32,7 +32,7 @@ def _out(name: str, data: dict) -> None:
 def build(out: Path) -> None:
     from toonark.bench import export_onnx, make_modules, pipeline_dims
     from toonark.engines import build_engines
-    from toonark.export.specs import BuildInfo, ShapeLimits
+    from toonark.specs import BuildInfo, ShapeLimits
     from toonark.layout import BuildLayout
     started = time.perf_counter()
     layout = BuildLayout(out)
@@ -100,7 +100,7 @@ def pipeline(out: Path, reps: int = 5) -> None:
 
 
 def repo(out: Path) -> None:
-    from toonark.triton_model_repo.generate import write_repo
+    from toonark.serving.repository import write_repo
     path = write_repo(out, "ort-cuda", "fp16", layout="python", verify_engines=False)
     configs = {p.parent.name: p.read_text() for p in Path(out, "triton_model_repo").glob("*/config.pbtxt")}
     _out("repo", {"path": str(path), "unet_config": configs.get("unet", ""), "models": sorted(configs)})

@@ -61,7 +61,7 @@ def build_unet(kind: str, seed: int = 0):
 
 def unet_dims(kind: str, unet):
     from toonark.export.pipelines import CLIP_MAX_LENGTH, CONFIGS
-    from toonark.export.specs import PipelineDims
+    from toonark.specs import PipelineDims
     return PipelineDims(text_length=CLIP_MAX_LENGTH, text_hidden=int(unet.config.cross_attention_dim),
                         latent_channels=int(unet.config.in_channels),
                         vae_scale=2 ** (len(CONFIGS[kind]["vae"]["block_out_channels"]) - 1),

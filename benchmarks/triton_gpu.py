@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--reps {args.reps} must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup {args.warmup} must be >= 0")
-    from toonark.triton_model_repo import server as server_module
-    from toonark.triton_model_repo.client import GenerateOptions, connect, generate
-    from toonark.triton_model_repo.server import TritonServer
+    from toonark.serving import launcher as server as server_module
+    from toonark.serving.client import GenerateOptions, connect, generate
+    from toonark.serving.launcher import TritonServer
     try:
         import pytriton  # noqa: F401
     except ImportError as err:

@@ -26,7 +26,7 @@ from toonark.calibration.gate import (DEFAULT_THRESHOLDS, THRESHOLD_REASONS, Gat
 from toonark.calibration.prompts import prompt_set
 from toonark.calibration.quantize import QuantConfig, quantize_unet, read_quantize_info
 from toonark.calibration.sheets import write_sheets
-from toonark.export.specs import BuildInfo
+from toonark.specs import BuildInfo
 from toonark.files import read_json, sha256_onnx, write_json
 from toonark.layout import BuildLayout
 

@@ -5,7 +5,7 @@ import abc
 
 import numpy as np
 
-from toonark.export.specs import SubmodelSpec
+from toonark.specs import SubmodelSpec
 
 
 class Engine(abc.ABC):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from toonark.engines.metadata import (ENGINE_JSON, EngineError, check_metadata, engine_file_name, make_command,
                                       make_metadata, read_metadata)
-from toonark.export.specs import PRECISIONS, SERVED_SUBMODELS, BuildInfo
+from toonark.specs import PRECISIONS, SERVED_SUBMODELS, BuildInfo
 from toonark.files import atomic_dir, read_json, sha256_onnx, write_json
 from toonark.layout import BACKENDS, BuildLayout
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from toonark.engines.build import source_onnx
 from toonark.engines.tensorrt import DEFAULT_OPTIMIZATION_LEVEL, DEFAULT_WORKSPACE_BYTES
-from toonark.export.specs import PRECISIONS, Axis, BuildInfo
+from toonark.specs import PRECISIONS, Axis, BuildInfo
 from toonark.layout import BuildLayout
 
 # trtexec / polygraphy precision flags; int8 plans come from the explicit QDQ UNet (no calibrator).

@@ -223,7 +223,7 @@ def prepare_feeds(spec, metadata: dict, feeds: dict) -> dict:
 
 def sizes_from_shapes(spec, shapes: dict) -> dict[str, int]:
     """Recover the request sizes {B, H, W} from concrete input shapes (inverse of spec.shapes)."""
-    from toonark.export.specs import Axis
+    from toonark.specs import Axis
     sizes: dict[str, int] = {}
     for tensor in spec.inputs:
         if tensor.name not in shapes:

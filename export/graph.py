@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from toonark.export.specs import Axis, SubmodelSpec
+from toonark.specs import Axis, SubmodelSpec
 
 log = logging.getLogger(__name__)
 

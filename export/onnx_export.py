@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toonark.export.specs import BuildInfo, PipelineDims, ShapeLimits, SubmodelSpec, submodel_specs
+from toonark.specs import BuildInfo, PipelineDims, ShapeLimits, SubmodelSpec, submodel_specs
 from toonark.files import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from toonark.layout import BuildLayout
 

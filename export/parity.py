@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.export.specs import SubmodelSpec
+from toonark.specs import SubmodelSpec
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.export.specs import Axis, SubmodelSpec, TensorSpec
+from toonark.specs import Axis, SubmodelSpec, TensorSpec
 
 NAME = "safety_checker"
 OPSET = 18

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from toonark.export.specs import PRECISIONS, submodel_specs
+from toonark.specs import PRECISIONS, submodel_specs
 from toonark.layout import BACKENDS
 
 

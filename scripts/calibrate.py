@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from toonark.calibration.run import GateFailed, calibrate
     try:
         if args.size is None:
-            from toonark.export.specs import BuildInfo
+            from toonark.specs import BuildInfo
             args.size = BuildInfo.read(args.out).limits.min_image
         capture_config = CaptureConfig(prompts=args.calib_prompts, size=args.size, steps=args.steps,
                                        guidance=args.guidance)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from toonark.triton_model_repo.client import PROTOCOLS
+from toonark.serving.client import PROTOCOLS
 
 DEFAULT_MODEL = Path("build/tiny-pipeline")
 
@@ -37,10 +37,10 @@ def _stage(label: str, started: float) -> float:
 def run_demo(args) -> Path:
     from toonark.engines import build_engines
     from toonark.export.onnx_export import export_pipeline
-    from toonark.export.specs import BuildInfo, ShapeLimits
-    from toonark.triton_model_repo.client import GenerateOptions, format_profile, generate
-    from toonark.triton_model_repo.generate import write_repo
-    from toonark.triton_model_repo.server import TritonServer
+    from toonark.specs import BuildInfo, ShapeLimits
+    from toonark.serving.client import GenerateOptions, format_profile, generate
+    from toonark.serving.repository import write_repo
+    from toonark.serving.launcher import TritonServer
 
     t = time.perf_counter()
     print(f"toonark demo: {args.model} -> {args.out} -> {args.image}")
@@ -75,7 +75,7 @@ def run_demo(args) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toonark.triton_model_repo.client import ServerError
+    from toonark.serving.client import ServerError
     try:
         run_demo(args)
     except (ValueError, RuntimeError, FileNotFoundError, TimeoutError, ServerError) as err:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from toonark.export.specs import ShapeLimits
+from toonark.specs import ShapeLimits
 
 EXPORTABLE_PRECISIONS = ("fp32", "fp16")
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from toonark.triton_model_repo.client import PROTOCOLS
+from toonark.serving.client import PROTOCOLS
 from toonark.triton_model_repo.runtime import DEFAULT_QUALITY, IMAGE_FORMATS
 
 
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toonark.triton_model_repo.client import GenerateOptions, ServerError, format_profile, generate
+    from toonark.serving.client import GenerateOptions, ServerError, format_profile, generate
     fmt = args.format or ("webp" if args.out.suffix.lower() == ".webp" else None)
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                               preset=args.preset,

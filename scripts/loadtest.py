@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from toonark.triton_model_repo.client import PROTOCOLS
+from toonark.serving.client import PROTOCOLS
 from toonark.triton_model_repo.runtime import IMAGE_FORMATS
 
 
@@ -40,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toonark.triton_model_repo.loadtest import LoadConfig, format_table, run_load, write_report
-    from toonark.triton_model_repo.client import one_line
+    from toonark.serving.loadtest import LoadConfig, format_table, run_load, write_report
+    from toonark.serving.client import one_line
     protocols = tuple(args.protocol or PROTOCOLS)
     server = None
     try:
         if args.start:
-            from toonark.triton_model_repo.server import TritonServer
+            from toonark.serving.launcher import TritonServer
             repo = args.start / "triton_model_repo" if (args.start / "triton_model_repo").is_dir() else args.start
             server = TritonServer(repo)
             server.start()

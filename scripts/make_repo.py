@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from toonark.layout import BACKENDS
-from toonark.triton_model_repo.generate import LAYOUTS
+from toonark.serving.repository import LAYOUTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toonark.triton_model_repo.generate import write_repo
+    from toonark.serving.repository import write_repo
     try:
         repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
                           out=args.repo, intra_op_threads=args.threads)

@@ -21,8 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toonark.triton_model_repo.client import one_line
-    from toonark.triton_model_repo.server import ServerOptions, serve_forever
+    from toonark.serving.client import one_line
+    from toonark.serving.launcher import ServerOptions, serve_forever
     try:
         return serve_forever(ServerOptions(repo=args.repo, host=args.host, http_port=args.http_port,
                                            grpc_port=args.grpc_port, metrics_port=args.metrics_port,

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from toonark.export.specs import PRECISIONS
+from toonark.specs import PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

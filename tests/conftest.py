@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from toonark.export.specs import ShapeLimits
+from toonark.specs import ShapeLimits
 
 
 def _has_cuda() -> bool:

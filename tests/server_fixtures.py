@@ -15,13 +15,13 @@ READY_TIMEOUT_S = 300   # 2 loaded cores: 6 Python stubs importing onnxruntime t
 
 @pytest.fixture(scope="session")
 def triton_repo(tiny_engines) -> Path:
-    from toonark.triton_model_repo.generate import write_repo
+    from toonark.serving.repository import write_repo
     return write_repo(tiny_engines, backend="ort-cpu", precision="fp32", layout="python", intra_op_threads=1)
 
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, tmp_path_factory):
-    from toonark.triton_model_repo.server import TritonServer
+    from toonark.serving.launcher import TritonServer
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     server = TritonServer(triton_repo, log_path=log)
     try:

@@ -110,8 +110,8 @@ def test_triton_bench_takes_the_image_size_from_a_timed_request(tmp_path, monkey
     import importlib.util
     import sys
     import types
-    from toonark.triton_model_repo import client as client_module
-    from toonark.triton_model_repo import server as server_module
+    from toonark.serving import client as client_module
+    from toonark.serving import launcher as server as server_module
     spec = importlib.util.spec_from_file_location(
         "triton_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "triton_gpu.py")
     module = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ from toonark.engines import build_engines, load_engine
 from toonark.engines.commands import build_dir_commands, polygraphy_compare, trtexec_benchmark, trtexec_build
 from toonark.engines.metadata import EngineError
 from toonark.engines.tensorrt import trt_build_plan
-from toonark.export.specs import SERVED_SUBMODELS, BuildInfo, PipelineDims, submodel_specs
+from toonark.specs import SERVED_SUBMODELS, BuildInfo, PipelineDims, submodel_specs
 from toonark.files import sha256_file, sha256_onnx, write_json
 from toonark.layout import BuildLayout
 

@@ -16,7 +16,7 @@ from conftest import TEST_LIMITS
 from toonark.export.graph import check_against_spec
 from toonark.export.onnx_export import export_pipeline
 from toonark.export.parity import Parity, compare, ort_session, raise_on_failure
-from toonark.export.specs import Axis, BuildInfo, PipelineDims, submodel_specs
+from toonark.specs import Axis, BuildInfo, PipelineDims, submodel_specs
 from toonark.files import sha256_tree
 from toonark.layout import BuildLayout
 
@@ -252,14 +252,14 @@ def test_models_past_the_protobuf_limit_use_one_external_data_file(tiny_model, t
 
 
 def test_image_step_must_be_positive():
-    from toonark.export.specs import ShapeLimits
+    from toonark.specs import ShapeLimits
     for step in (0, -64):
         with pytest.raises(ValueError, match=f"image step must be a positive number of pixels, got {step}"):
             ShapeLimits(min_image=64, opt_image=64, max_image=64, image_step=step)
 
 
 def test_image_step_off_the_vae_scale_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
-    from toonark.export.specs import ShapeLimits
+    from toonark.specs import ShapeLimits
     import toonark.export.onnx_export as onnx_export
     scale = PipelineDims.from_folder(tiny_model).vae_scale
     assert scale > 1
@@ -272,7 +272,7 @@ def test_image_step_off_the_vae_scale_is_refused_before_any_work(tiny_model, tmp
 
 
 def test_check_request_names_the_bound_and_the_fix():
-    from toonark.export.specs import ShapeLimits
+    from toonark.specs import ShapeLimits
     limits = ShapeLimits(min_batch=2, opt_batch=2, max_batch=3, min_image=64, opt_image=128, max_image=256)
     cases = [
         ((4, 64, 64), "batch 4 is outside the built range 2..3 (above max_batch); to serve it re-export with "

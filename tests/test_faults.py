@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from toonark.triton_model_repo.client import GenerateOptions, ServerError, generate
+from toonark.serving.client import GenerateOptions, ServerError, generate
 
 pytestmark = pytest.mark.server
 
@@ -27,8 +27,8 @@ QUEUE_FULL = "Exceeds maximum queue size"
 
 @pytest.fixture(scope="module")
 def fault_server(tiny_engines, tmp_path_factory):
-    from toonark.triton_model_repo.generate import QueuePolicy, write_repo
-    from toonark.triton_model_repo.server import TritonServer
+    from toonark.serving.repository import QueuePolicy, write_repo
+    from toonark.serving.launcher import TritonServer
     root = tmp_path_factory.mktemp("faults")
     repo = write_repo(tiny_engines, out=root / "repo", intra_op_threads=1, queue=QueuePolicy(max_queue_size=1))
     server = TritonServer(repo, log_path=root / "tritonserver.log", exit_timeout_s=5)
@@ -47,8 +47,8 @@ def small(seed: int = 1, steps: int = 1) -> GenerateOptions:
 
 
 def test_queue_policy_is_generated_for_every_model_but_the_ensemble(tiny_engines):
-    from toonark.export.specs import BuildInfo
-    from toonark.triton_model_repo.generate import ENSEMBLE, QueuePolicy, repo_configs
+    from toonark.specs import BuildInfo
+    from toonark.serving.repository import ENSEMBLE, QueuePolicy, repo_configs
     configs = repo_configs(BuildInfo.read(tiny_engines), queue=QueuePolicy(max_queue_size=3, timeout_s=2.5))
     for name, text in configs.items():
         policy = ("dynamic_batching { default_queue_policy { timeout_action: REJECT "
@@ -139,7 +139,7 @@ def test_corrupt_engine_is_refused_with_the_fix(build_copy, tmp_path, capsys):
     from toonark.engines.build import load_engine
     from toonark.engines.metadata import EngineError
     from toonark.scripts.make_repo import main as make_repo
-    from toonark.triton_model_repo.generate import write_repo
+    from toonark.serving.repository import write_repo
     engine = _engine(build_copy, "unet")
     data = bytearray(engine.read_bytes())
     middle = len(data) // 2
@@ -162,7 +162,7 @@ def test_engine_built_from_another_onnx_is_refused_then_rebuilt(build_copy, tmp_
     from toonark.engines.build import build_engines, load_engine
     from toonark.engines.metadata import EngineError
     from toonark.layout import BuildLayout
-    from toonark.triton_model_repo.generate import write_repo
+    from toonark.serving.repository import write_repo
     onnx = BuildLayout(build_copy).onnx_dir("fp32")
     source = onnx / "vae_decoder" / "model.onnx"
     import onnx as onnx_lib
@@ -220,7 +220,7 @@ def test_interrupted_export_leaves_nothing_trusted(tiny_model, build_copy):
     from toonark.engines.build import build_engines, load_engine
     from toonark.layout import BuildLayout
     from toonark.export.onnx_export import export_pipeline
-    from toonark.export.specs import BuildInfo
+    from toonark.specs import BuildInfo
     onnx = BuildLayout(build_copy).onnx_dir("fp32")
     shutil.rmtree(onnx)
     limits = BuildInfo.read(build_copy).limits

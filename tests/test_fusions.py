@@ -97,7 +97,7 @@ def test_kernel_limits_switch_fusions_off(tiny_onnx, tmp_path):
 def test_cpu_safe_fusion_matches_unfused(tiny_onnx, tmp_path):
     """Attention / LayerNorm fusions have CPU kernels: fused fp32 == unfused fp32 on the CPU EP."""
     import onnxruntime as ort
-    from toonark.export.specs import submodel_specs
+    from toonark.specs import submodel_specs
     report = fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet", fp16=False,
                            cpu_safe=True)
     assert report.fused.get("MultiHeadAttention", 0) + report.fused.get("Attention", 0) == 8
@@ -119,7 +119,7 @@ def test_heads_from_config():
 @pytest.mark.gpu
 def test_fused_fp16_matches_fp32_on_cuda(tiny_onnx, tmp_path):
     import onnxruntime as ort
-    from toonark.export.specs import submodel_specs
+    from toonark.specs import submodel_specs
     fuse_for_cuda(tiny_onnx["paths"]["unet"], tmp_path / "unet" / "model.onnx", "unet", fp16=True)
     spec = submodel_specs(tiny_onnx["dims"])["unet"]
     feeds = spec.sample_inputs({"B": 1, "H": 64, "W": 64}, "fp32", seed=4)

@@ -11,7 +11,7 @@ import pytest
 
 from toonark.engines import build_engines, load_engine
 from toonark.engines.ort import ort_build_settings
-from toonark.export.specs import BuildInfo
+from toonark.specs import BuildInfo
 from toonark.layout import BuildLayout
 
 from conftest import TEST_LIMITS
@@ -107,7 +107,7 @@ def test_device_loop_refuses_other_schedulers(tiny_engines):
 
 
 def test_python_layout_on_gpu_uses_kind_gpu_and_cuda_graphs(tiny_build):
-    from toonark.triton_model_repo.generate import repo_configs
+    from toonark.serving.repository import repo_configs
     info = BuildInfo.read(tiny_build)
     configs = repo_configs(info, backend="ort-cuda", precision="fp16", layout="python")
     limits = info.limits

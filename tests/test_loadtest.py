@@ -7,7 +7,7 @@ import time
 import pytest
 from server_fixtures import triton_repo, triton_server  # noqa: F401  (pytest fixtures)
 
-from toonark.triton_model_repo.loadtest import REPORT_KEYS, LoadConfig, format_table, run_load
+from toonark.serving.loadtest import REPORT_KEYS, LoadConfig, format_table, run_load
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from toonark.export.specs import PipelineDims
+from toonark.specs import PipelineDims
 from toonark.pipeline import (Text2ImagePipeline, classifier_free_guidance, initial_latents, load_tokenizer,
                               to_uint8_hwc, tokenize)
 

@@ -186,7 +186,7 @@ def test_clients_cannot_change_the_repository(triton_server):
 def test_bundled_tritonserver_has_no_request_size_flags():
     """2.51 has no --http-max-input-size / gRPC max message flags (later releases do): the request-size
     limits are the prompt policy's caps and the build's max batch, checked in preprocess (above)."""
-    from toonark.triton_model_repo.server import triton_bundle
+    from toonark.serving.launcher import triton_bundle
     run = subprocess.run([str(triton_bundle() / "bin" / "tritonserver"), "--help"], capture_output=True,
                          text=True, timeout=60)
     text = run.stdout + run.stderr   # the usage goes to stderr
@@ -211,7 +211,7 @@ def test_pickle_checkpoints_are_refused_by_the_export_cli(tiny_model, tmp_path, 
 # --- the launcher's own failure paths (no tritonserver needed) ------------------------------------------
 
 def _tiny_repo(root):
-    from toonark.triton_model_repo.generate import model_config
+    from toonark.serving.repository import model_config
     for name, kind in (("denoise", {"backend": "python"}), ("toonark", {"platform": "ensemble"})):
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(model_config(name, [], [], **kind))
@@ -219,7 +219,7 @@ def _tiny_repo(root):
 
 
 def test_watchdog_backs_off_and_gives_up_on_failing_reloads(tmp_path, monkeypatch):
-    from toonark.triton_model_repo import server as launcher
+    from toonark.serving import launcher as server as launcher
     server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
     assert server.python_models == ["denoise"]
     server._log_file = open(tmp_path / "server.log", "w", encoding="utf-8")
@@ -257,7 +257,7 @@ def test_watchdog_backs_off_and_gives_up_on_failing_reloads(tmp_path, monkeypatc
 
 
 def test_a_failed_start_leaves_no_log_file_or_workdir(tmp_path, monkeypatch):
-    from toonark.triton_model_repo import server as launcher
+    from toonark.serving import launcher as server as launcher
     monkeypatch.setattr(launcher, "check_environment", lambda: None)
     monkeypatch.setattr(launcher, "triton_bundle", lambda: tmp_path)
     monkeypatch.setattr(launcher, "install_python_stub", lambda bundle: None)
@@ -275,7 +275,7 @@ def test_a_failed_start_leaves_no_log_file_or_workdir(tmp_path, monkeypatch):
 def test_wait_ready_stops_when_cancelled(tmp_path, monkeypatch):
     import threading
 
-    from toonark.triton_model_repo import server as launcher
+    from toonark.serving import launcher as server as launcher
     server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
     server.process = subprocess.Popen(["sleep", "30"])
     try:
@@ -294,7 +294,7 @@ def test_wait_ready_stops_when_cancelled(tmp_path, monkeypatch):
 def test_serve_forever_restores_signal_handlers_when_the_server_cannot_be_built(tmp_path):
     import signal
 
-    from toonark.triton_model_repo.server import ServerOptions, serve_forever
+    from toonark.serving.launcher import ServerOptions, serve_forever
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(FileNotFoundError):
         serve_forever(ServerOptions(repo=tmp_path / "missing"))

@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 import pytest
 
-from toonark.triton_model_repo.client import GenerateOptions, ServerError, generate
+from toonark.serving.client import GenerateOptions, ServerError, generate
 
 pytestmark = pytest.mark.server
 
@@ -49,8 +49,8 @@ def checker_build(checker_model, tiny_engines, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checker_build, tmp_path_factory):
-    from toonark.triton_model_repo.generate import write_repo
-    from toonark.triton_model_repo.server import TritonServer
+    from toonark.serving.repository import write_repo
+    from toonark.serving.launcher import TritonServer
     repo = write_repo(checker_build, backend="ort-cpu", precision="fp32", layout="python", intra_op_threads=1,
                       safety_checker=True)
     log = tmp_path_factory.mktemp("triton-sc-log") / "tritonserver.log"
@@ -244,7 +244,7 @@ def reload_checker(server, **params):
     config = client.get_model_config("safety_checker")
     for key, text in params.items():
         config["parameters"][key] = {"string_value": text}
-    from toonark.triton_model_repo.server import ADMIN_HEADER   # the model-control API is restricted
+    from toonark.serving.launcher import ADMIN_HEADER   # the model-control API is restricted
     client.load_model("safety_checker", config=json.dumps(config), headers={ADMIN_HEADER: server.admin_key})
     assert client.is_model_ready("safety_checker") and client.is_model_ready("toonark")
     return config

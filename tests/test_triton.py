@@ -10,7 +10,7 @@ import pytest
 # tests/ has no __init__.py: pytest's default import mode puts it on sys.path, so the sibling imports.
 from server_fixtures import triton_repo, triton_server  # noqa: F401  (pytest fixtures)
 
-from toonark.triton_model_repo.client import GenerateOptions, ServerError, generate
+from toonark.serving.client import GenerateOptions, ServerError, generate
 
 pytestmark = pytest.mark.server
 
@@ -32,7 +32,7 @@ def decode(data: bytes):
 def test_every_model_is_ready(triton_server, triton_repo):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
-    from toonark.triton_model_repo.server import repo_models
+    from toonark.serving.launcher import repo_models
     models = repo_models(triton_repo)
     assert set(models) == {"toonark", "preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "postprocess"}
     for client in (httpclient.InferenceServerClient(triton_server.http_url),
@@ -68,7 +68,7 @@ def test_seed_decides_the_image(triton_server):
 
 
 def test_defaults_apply_when_only_the_prompt_is_sent(triton_server, tiny_engines):
-    from toonark.export.specs import BuildInfo
+    from toonark.specs import BuildInfo
     limits = BuildInfo.read(tiny_engines).limits
     result = generate(triton_server.http_url, GenerateOptions(SUBJECT, preset="fast"), timings=True)
     assert decode(result.images[0]).size == (limits.opt_image, limits.opt_image)
@@ -142,15 +142,15 @@ def io_rows(entries) -> list[tuple]:
 
 
 def spec_rows(tensors) -> list[tuple]:
-    from toonark.triton_model_repo.generate import triton_type
+    from toonark.serving.repository import triton_type
     return [(t.name, "TYPE_" + triton_type(t.numpy_dtype("fp32")), t.triton_dims() or [1]) for t in tensors]
 
 
 @pytest.mark.parametrize("layout, backend", [("python", "ort-cpu"), ("onnxruntime_onnx", "ort-cpu"),
                                              ("tensorrt_plan", "tensorrt")])
 def test_config_io_equals_spec(tiny_engines, layout, backend):
-    from toonark.export.specs import SERVED_SUBMODELS, BuildInfo
-    from toonark.triton_model_repo.generate import repo_configs
+    from toonark.specs import SERVED_SUBMODELS, BuildInfo
+    from toonark.serving.repository import repo_configs
     info = BuildInfo.read(tiny_engines)
     configs = {name: parse_config(text) for name, text in
                repo_configs(info, backend=backend, precision="fp32", layout=layout).items()}
@@ -176,7 +176,7 @@ def test_config_io_equals_spec(tiny_engines, layout, backend):
 
 def test_served_configs_are_the_generated_ones(triton_server, triton_repo, tiny_engines):
     import tritonclient.http as httpclient
-    from toonark.export.specs import BuildInfo
+    from toonark.specs import BuildInfo
     info = BuildInfo.read(tiny_engines)
     client = httpclient.InferenceServerClient(triton_server.http_url)
     for name in ("text_encoder", "unet", "vae_decoder"):
@@ -186,8 +186,8 @@ def test_served_configs_are_the_generated_ones(triton_server, triton_repo, tiny_
 
 
 def test_layout_mismatch_is_refused(tiny_engines):
-    from toonark.export.specs import BuildInfo
-    from toonark.triton_model_repo.generate import repo_configs
+    from toonark.specs import BuildInfo
+    from toonark.serving.repository import repo_configs
     info = BuildInfo.read(tiny_engines)
     with pytest.raises(ValueError, match="tensorrt_plan"):
         repo_configs(info, backend="ort-cpu", layout="tensorrt_plan")

@@ -130,7 +130,7 @@ def make_modules(kind: str, seed: int = 0):
 
 
 def pipeline_dims(modules):
-    from toonark.export.specs import PipelineDims
+    from toonark.specs import PipelineDims
     text, unet, vae = modules["text_encoder"].config, modules["unet"].config, modules["vae"].config
     return PipelineDims(text_length=text.max_position_embeddings, text_hidden=text.hidden_size,
                         latent_channels=unet.in_channels, vae_scale=2 ** (len(vae.block_out_channels) - 1),
@@ -144,7 +144,7 @@ def export_onnx(modules, dims, out_dir: Path,
     neither optimum nor the tokenizer files. Skips a submodel whose file exists."""
     import torch
 
-    from toonark.export.specs import submodel_specs
+    from toonark.specs import submodel_specs
 
     specs = submodel_specs(dims)
     sizes = {"B": 1, "H": 8 * dims.vae_scale, "W": 8 * dims.vae_scale}
@@ -246,7 +246,7 @@ def ort_engines(paths: dict[str, Path], dims, device: str, cuda_graph: bool = Fa
     """toonark.engines.ort.OrtEngine over the bench's ONNX files with the settings `make engine` records for
     ort-cuda fp16 (fused graph, ORT optimizers at load, CUDA EP options), CUDA graphs for UNet + VAE."""
     from toonark.engines.ort import OrtEngine, ort_build_settings
-    from toonark.export.specs import submodel_specs
+    from toonark.specs import submodel_specs
     specs = submodel_specs(dims)
     backend = "ort-cuda" if device == "cuda" else "ort-cpu"
     # small shared CPUs: one intra-op thread keeps the numbers stable (optimum-notes.md)

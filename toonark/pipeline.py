@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toonark.export.specs import SERVED_SUBMODELS, PipelineDims, ShapeLimits
+from toonark.specs import SERVED_SUBMODELS, PipelineDims, ShapeLimits
 from toonark.scheduler import DPMSolverMultistep
 
 # CLIP's pre-tokenizer pattern (transformers' CLIPTokenizer / CLIPConverter): contractions,
@@ -235,7 +235,7 @@ class Text2ImagePipeline:
         (toonark.engines.ort_loop). engine_options cuda_graph=True, graph_sizes={"B", "H", "W"} capture the
         UNet and the VAE decoder as CUDA graphs at those sizes (the text encoder runs without)."""
         from toonark.engines import load_engine   # lazy: engine backends import heavy runtimes
-        from toonark.export.specs import BuildInfo
+        from toonark.specs import BuildInfo
         from toonark.layout import BuildLayout
 
         info, layout = BuildInfo.read(build_dir), BuildLayout(build_dir)

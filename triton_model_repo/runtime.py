@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from toonark.export.specs import BuildInfo
+from toonark.specs import BuildInfo
 
 # Every config parameter a toonark model reads, with its type (config parameters are strings).
 PARAMETER_TYPES: dict[str, type] = {

@@ -4,7 +4,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from toonark.triton_model_repo import runtime
-from toonark.triton_model_repo.generate import ENSEMBLE_INPUTS
+from toonark.serving.repository import ENSEMBLE_INPUTS
 from toonark.triton_model_repo.metrics import Metrics
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.triton_model_repo.client import PROTOCOLS, GenerateOptions, ServerError, connect, generate, one_line
+from toonark.serving.client import PROTOCOLS, GenerateOptions, ServerError, connect, generate, one_line
 
 REPORT_KEYS = ("config", "planned", "requests", "ok", "errors", "error_rate", "errors_by_message", "seconds",
                "throughput_rps", "images_per_s", "latency_ms", "by_protocol", "stopped_by")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toonark.triton_model_repo.generate import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
+from toonark.serving.repository import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
 
 PROTOCOLS = ("http", "grpc")
 # Stages in request order; `unet` runs once per step, called by `denoise`.

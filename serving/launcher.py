@@ -34,8 +34,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from toonark.triton_model_repo.client import one_line
-from toonark.triton_model_repo.generate import ENSEMBLE
+from toonark.serving.client import one_line
+from toonark.serving.repository import ENSEMBLE
 
 # APIs a client may not use without the launcher's per-server key: model load/unload/index, shared-memory
 # registration (the server would read client-named memory), trace and log settings.
