@@ -226,12 +226,12 @@ def test_generate_cli_num_images_and_quality(server, tmp_path, capsys):
 # --- 4. safety checker ---------------------------------------------------------------------------------
 
 def test_safety_checker_passes_unflagged_images_through(server, checker_build):
-    from toonark.pipeline import Text2ImagePipeline
+    from toonark.engines.pipeline import load_pipeline
     from toonark.prompts import PromptPolicy
     result = run(server, "grpc", seed=9, steps=3)
     assert result.nsfw == [False]
     prompt, negative = PromptPolicy.load().compose(SUBJECT)
-    offline = Text2ImagePipeline.from_build(checker_build, backend="ort-cpu", precision="fp32")
+    offline = load_pipeline(checker_build, backend="ort-cpu", precision="fp32")
     expected = offline(prompt, negative, seed=9, steps=3, guidance=7.5, width=SIZE, height=SIZE).images[0]
     assert np.abs(pixels(result.images[0]) - expected.astype(np.int16)).max() <= 1
     assert (pixels(result.images[0]) != 255).any()

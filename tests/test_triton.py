@@ -81,11 +81,11 @@ def test_defaults_apply_when_only_the_prompt_is_sent(triton_server, tiny_engines
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_served_image_equals_offline_pipeline(triton_server, tiny_engines, protocol):
     """Same seed, prompt policy and engines: the server's pixels equal Text2ImagePipeline's."""
-    from toonark.pipeline import Text2ImagePipeline
+    from toonark.engines.pipeline import load_pipeline
     from toonark.prompts import PromptPolicy
     seed, steps, guidance = 11, 4, 6.0
     prompt, negative = PromptPolicy.load().compose(SUBJECT)
-    offline = Text2ImagePipeline.from_build(tiny_engines, backend="ort-cpu", precision="fp32")
+    offline = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32")
     expected = offline(prompt, negative, seed=seed, steps=steps, guidance=guidance, width=SIZE_W,
                        height=SIZE_H).images[0]
     served = generate(url(triton_server, protocol), GenerateOptions(SUBJECT, seed=seed, steps=steps,
