@@ -11,7 +11,7 @@ if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl || exit 3
 fi
 rm -rf /tmp/tkpkg && mkdir -p /tmp/tkpkg && cp -r toonark /tmp/tkpkg/
-for d in export engines calibration triton_model_repo scripts; do [ -d "$d" ] && cp -r "$d" "/tmp/tkpkg/toonark/$d"; done
+for d in export engines calibration triton_model_repo serving benchmarks scripts; do [ -d "$d" ] && cp -r "$d" "/tmp/tkpkg/toonark/$d"; done
 export PYTHONPATH=/tmp/tkpkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
   --format=csv > "$OUT/nvidia-smi.csv" 2>&1

@@ -1,11 +1,11 @@
 """The product path on a GPU with SD-1.5-shaped random weights (benchmarks/triton_gpu.sh runs it):
 
     python benchmarks/gpu_product.py build OUT        # fp32 export -> `make engine BACKEND=ort-cuda PRECISION=fp16`
-    python benchmarks/gpu_product.py pipeline OUT     # Text2ImagePipeline.from_build(OUT, "ort-cuda", "fp16"): timings
+    python benchmarks/gpu_product.py pipeline OUT     # load_pipeline(OUT, "ort-cuda", "fp16"): timings
     python benchmarks/gpu_product.py repo OUT         # `make repo BACKEND=ort-cuda PRECISION=fp16` (python layout)
 
 `build` writes a build folder as `make export` would lay it out (pipeline/ with tokenizer + scheduler from
-PIPELINE_SRC, toonark.json with the SD-1.5 dims, onnx/fp32/<submodel>/model.onnx from toonark.bench's exporter:
+PIPELINE_SRC, toonark.json with the SD-1.5 dims, onnx/fp32/<submodel>/model.onnx from toonark.benchmarks.bench's exporter:
 the GPU image has no optimum), then calls the library function behind `make engine`.
 Results: JSON lines on stdout and $OUT/<phase>.json.
 """
@@ -30,7 +30,7 @@ def _out(name: str, data: dict) -> None:
 
 
 def build(out: Path) -> None:
-    from toonark.bench import export_onnx, make_modules, pipeline_dims
+    from toonark.export.torch_onnx import export_onnx, make_modules, pipeline_dims
     from toonark.engines import build_engines
     from toonark.specs import BuildInfo, ShapeLimits
     from toonark.layout import BuildLayout
@@ -64,7 +64,7 @@ def build(out: Path) -> None:
 def pipeline(out: Path, reps: int = 5) -> None:
     """In-process product numbers: device loop with CUDA graphs (what `from_build(..., "ort-cuda")` gives),
     device loop without graphs, and the host loop (numpy per step) for parity."""
-    from toonark.pipeline import Text2ImagePipeline
+    from toonark.engines.pipeline import load_pipeline
     prompt, seed = "a friendly cartoon cat reading a book", 1
     res: dict = {}
     images = {}
@@ -72,7 +72,7 @@ def pipeline(out: Path, reps: int = 5) -> None:
                 ("device_loop", {}), ("host_loop", dict(device_loop=False)))
     for name, options in variants:
         t0 = time.perf_counter()
-        pipe = Text2ImagePipeline.from_build(out, "ort-cuda", "fp16", verify=False, **options)
+        pipe = load_pipeline(out, "ort-cuda", "fp16", verify=False, **options)
         load_s = time.perf_counter() - t0
         for _ in range(2 if name == "host_loop" else 3):   # cuDNN EXHAUSTIVE search + graph capture
             pipe(prompt, seed=seed, steps=20, width=512, height=512)

@@ -5,7 +5,7 @@
 
 One process, one device, same weights, same inputs:
   1. the UNet of `make_modules(kind)` (random weights, same seed: torch.manual_seed(seed + 1)), built alone;
-  2. fp32 ONNX with toonark.bench's export recipe (torch.onnx TorchScript exporter, opset 18, the spec's
+  2. fp32 ONNX with toonark.benchmarks.bench's export recipe (torch.onnx TorchScript exporter, opset 18, the spec's
      names and dynamic axes; optimum is not needed), weights in one model.onnx.data when big;
   3. fp16 ONNX: onnxruntime.transformers' float16 converter, keep_io_types (the `ort-unfused` graph of
      benchmarks/NOTES.md); optionally the fused fp16 graph (export.fusions.fuse_for_cuda) if time is left;
@@ -48,7 +48,7 @@ FUSION_ESTIMATE_S = {"sd15": 230, "tiny": 30}   # fuse_for_cuda + session + timi
 # ----------------------------------------------------------------------------- model and files
 
 def build_unet(kind: str, seed: int = 0):
-    """The UNet `toonark.bench.make_modules(kind, seed)` builds (same config, same seed), without the
+    """The UNet `toonark.benchmarks.bench.make_modules(kind, seed)` builds (same config, same seed), without the
     text encoder and VAE."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -93,14 +93,14 @@ def _stamp(folder: Path) -> dict:
 
 
 def export_fp32(unet, dims, work: Path, key: dict) -> tuple[Path, dict]:
-    """fp32 UNet ONNX from toonark.bench.export_onnx (TorchScript exporter, opset 18, spec names and
+    """fp32 UNet ONNX from toonark.export.torch_onnx.export_onnx (TorchScript exporter, opset 18, spec names and
     axes), then re-saved with one external data file (the TorchScript exporter writes one file per
     tensor past 2 GB; quantize_unet sizes a model by its *.data files)."""
     import shutil
 
     import onnx
 
-    from toonark.bench import export_onnx
+    from toonark.export.torch_onnx import export_onnx
     dst = work / "fp32" / "model.onnx"
     if dst.is_file() and _stamp(dst.parent) == key:
         return dst, {"cached": True}
@@ -121,7 +121,7 @@ def export_fp32(unet, dims, work: Path, key: dict) -> tuple[Path, dict]:
 
 def make_fp16(fp32: Path, work: Path, key: dict) -> tuple[Path, dict]:
     """Plain fp16 graph: onnxruntime.transformers OnnxModel.convert_float_to_float16(keep_io_types=True),
-    as toonark.bench's `ort-unfused` (no fusions)."""
+    as toonark.benchmarks.bench's `ort-unfused` (no fusions)."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
     dst = work / "fp16" / "model.onnx"
@@ -152,7 +152,7 @@ def sampler_inputs(dims, image: int, count: int, seed: int, steps: int = 20, bat
     """`count` UNet feeds like a 20-step DPM-Solver++ run with CFG would give: timesteps spread over the
     schedule, x_t = alpha_t x0 + sigma_t eps (x0, eps ~ N(0, 1)) duplicated to the CFG batch, text =
     [a fixed "uncond" embedding, a random "cond" one] ~ N(0, 1)."""
-    from toonark.bench import dpm_schedule
+    from toonark.benchmarks.bench import dpm_schedule
     schedule = dpm_schedule(steps)
     rng = np.random.default_rng(seed)
     lat = image // dims.vae_scale
@@ -278,7 +278,7 @@ def errors(outputs: list[np.ndarray], references: list[np.ndarray]) -> dict:
 
 
 def measure(name: str, path: Path, cfg, time_feed: dict, eval_feeds: list[dict], **session_kw) -> dict:
-    from toonark.bench import DeviceMemory, time_ms
+    from toonark.benchmarks.bench import DeviceMemory, time_ms
     mem = DeviceMemory(cfg.device)
     started = time.perf_counter()
     session = make_session(path, cfg.device, threads=cfg.threads, **session_kw)
@@ -326,7 +326,7 @@ def summarize(results: dict) -> None:
 def write(results: dict, results_dir: Path | None, tag: str) -> Path | None:
     if results_dir is None:
         return None
-    from toonark.bench import write_results
+    from toonark.benchmarks.bench import write_results
     results["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results["total_s"] = round(time.perf_counter() - results["_started"], 1)
     results["host_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -394,7 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def versions() -> dict:
-    from toonark.bench import versions as bench_versions
+    from toonark.benchmarks.bench import versions as bench_versions
     return bench_versions()
 
 
@@ -409,7 +409,7 @@ def main(argv=None) -> dict:
     import torch
     if cfg.device == "cpu":
         torch.set_num_threads(max(cfg.threads, 1))
-    from toonark.bench import device_name
+    from toonark.benchmarks.bench import device_name
     work = Path(cfg.work or f"build/int8-{cfg.kind}")
     results_dir = Path(cfg.results) if cfg.results else None
     skip = {s for s in cfg.skip.split(",") if s}
@@ -426,12 +426,12 @@ def main(argv=None) -> dict:
     results["unet"] = {"params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
                        "config": f"export.pipelines.CONFIGS[{cfg.kind!r}]['unet'], torch.manual_seed({cfg.seed + 1})"}
     timings["build_s"] = round(time.perf_counter() - t0, 1)
-    from toonark.bench import OPSET
+    from toonark.export.torch_onnx import OPSET
     key = {"kind": cfg.kind, "seed": cfg.seed, "opset": OPSET}
     t0 = time.perf_counter()
     fp32, info = export_fp32(unet, dims, work, key)
     timings["export_s"] = round(time.perf_counter() - t0, 1)
-    results["export"] = {**info, "tool": "torch.onnx.export TorchScript (dynamo=False), opset 18, toonark.bench "
+    results["export"] = {**info, "tool": "torch.onnx.export TorchScript (dynamo=False), opset 18, toonark.benchmarks.bench "
                          "recipe (spec names/axes)", "bytes": onnx_bytes(fp32)}
     log.info("fp32 ONNX %s (%.2f GB) in %.1f s", fp32, onnx_bytes(fp32) / 1e9, timings["export_s"])
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--reps {args.reps} must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup {args.warmup} must be >= 0")
-    from toonark.serving import launcher as server as server_module
+    from toonark.serving import launcher as server_module
     from toonark.serving.client import GenerateOptions, connect, generate
     from toonark.serving.launcher import TritonServer
     try:

@@ -125,16 +125,20 @@ def read_capture(build_dir: Path) -> Capture | None:
                    manifest["max_shard_bytes"], manifest["seconds"], cached=True)
 
 
-def open_pipeline(build_dir: Path, backend: str, precision: str):
-    """toonark's sampler (toonark.pipeline) on the built engines of one backend and precision."""
-    from toonark.pipeline import Text2ImagePipeline
-    return Text2ImagePipeline.from_build(build_dir, backend, precision)
+def open_pipeline(build_dir: Path, backend: str, precision: str, load_pipeline=None):
+    """toonark's sampler (toonark.pipeline) on the built engines of one backend and precision.
+    Engines are a later stage than calibration: the caller hands over their loader
+    (toonark.engines.pipeline.load_pipeline; scripts/calibrate.py does)."""
+    if load_pipeline is None:
+        raise ValueError("calibration samples on built engines: pass load_pipeline="
+                         "toonark.engines.pipeline.load_pipeline (scripts/calibrate.py does)")
+    return load_pipeline(build_dir, backend, precision)
 
 
 def replace_unet(pipeline, unet):
     """The same pipeline (tokenizer, scheduler, text encoder, VAE) with another UNet Engine."""
     return type(pipeline)({**pipeline.engines, "unet": unet}, pipeline.tokenizer, pipeline.scheduler,
-                          pipeline.dims, pipeline.limits)
+                          pipeline.dims, pipeline.limits, family=pipeline.family)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -143,7 +147,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def capture(build_dir: Path, config: CaptureConfig = CaptureConfig(), *, force: bool = False,
-            progress: bool = True) -> Capture:
+            progress: bool = True, load_pipeline=None) -> Capture:
     """Run the sampler over the first `config.prompts` calibration prompts and write one shard per
     step and prompt. An existing capture with the same key is reused unless `force`."""
     build_dir = Path(build_dir)
@@ -154,7 +158,7 @@ def capture(build_dir: Path, config: CaptureConfig = CaptureConfig(), *, force: 
     if existing is not None and existing.key == key and not force:
         return existing
 
-    pipeline = open_pipeline(build_dir, config.backend, config.precision)
+    pipeline = open_pipeline(build_dir, config.backend, config.precision, load_pipeline)
     negative = prompt_set().negative
     started = time.perf_counter()
     names, sizes = [], []

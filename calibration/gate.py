@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.engines.base import Engine
+from toonark.engine import Engine
+from toonark.ort_session import ort_session
 
 # The gate's thresholds, in one place, with the measurements they come from (tiny pipeline,
 # 20 DPM-Solver++ steps, CFG 7.5, 128 px, 4 evaluation prompts, fp16 reference; int8-notes.md):
@@ -85,17 +86,10 @@ class OnnxUnet(Engine):
     Feeds are cast to the model's input dtypes (fp16 models take fp16); outputs come back float32."""
 
     def __init__(self, model_path: Path, spec, *, exact_qdq: bool = False, threads: int = 0):
-        import onnxruntime as ort
         self.spec, self.model_path = spec, Path(model_path)
         self.metadata = {"source": str(model_path), "exact_qdq": exact_qdq}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if exact_qdq:
-            options.add_session_config_entry("session.disable_quant_qdq", "1")
-        self.session = ort.InferenceSession(str(model_path), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort_session(model_path, threads=threads, inter_threads=1,
+                                   config={"session.disable_quant_qdq": "1"} if exact_qdq else None)
         self._dtypes = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
                         for i in self.session.get_inputs()}
 
@@ -152,10 +146,11 @@ def worst(values) -> float:
 
 
 class _LatentTap(Engine):
-    """The VAE decoder, keeping the latents it decodes: the result of the sampler's last step."""
+    """The VAE decoder, keeping the latents it decodes: the result of the sampler's last step in the
+    VAE's scale (the family's latents_to_vae applied; cosine does not see that constant factor)."""
 
-    def __init__(self, decoder: Engine, scaling_factor: float):
-        self.decoder, self.scaling_factor, self.latents = decoder, float(scaling_factor), None
+    def __init__(self, decoder: Engine):
+        self.decoder, self.latents = decoder, None
 
     def __getattr__(self, name):   # spec, metadata, ... of the wrapped engine
         if name == "decoder":
@@ -163,14 +158,14 @@ class _LatentTap(Engine):
         return getattr(self.decoder, name)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.latents = np.array(feeds["latent_sample"], dtype=np.float32) * np.float32(self.scaling_factor)
+        self.latents = np.array(feeds["latent_sample"], dtype=np.float32)
         return self.decoder.run(feeds)
 
 
 def _tapped(pipeline):
-    tap = _LatentTap(pipeline.engines["vae_decoder"], pipeline.dims.vae_scaling_factor)
+    tap = _LatentTap(pipeline.engines["vae_decoder"])
     return type(pipeline)({**pipeline.engines, "vae_decoder": tap}, pipeline.tokenizer, pipeline.scheduler,
-                          pipeline.dims, pipeline.limits), tap
+                          pipeline.dims, pipeline.limits, family=pipeline.family), tap
 
 
 def post_step_latents(pipeline, tap: _LatentTap, prompt: str, **kwargs):
@@ -251,6 +246,6 @@ def advice(quant: dict, calib_prompts: int, failing: list[str]) -> str:
 def unet_latency_ms(model_path: Path, spec, feeds: dict, runs: int = 5, warmup: int = 2,
                     exact_qdq: bool = False, threads: int = 0) -> float:
     """Median wall time of one UNet call on ORT CPU (default graph optimizations)."""
-    from toonark.bench import time_ms   # lazy: the bench module pulls in the device-loop code
+    from toonark.timing import time_ms
     engine = OnnxUnet(model_path, spec, exact_qdq=exact_qdq, threads=threads)
     return time_ms(lambda: engine.run(feeds), "cpu", reps=runs, warmup=warmup)["median_ms"]

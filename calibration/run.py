@@ -71,9 +71,10 @@ def invalidate_stale(build_dir: Path, source_sha: str) -> list[str]:
 
 def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_config: QuantConfig = QuantConfig(),
               gate_config: GateConfig = GateConfig(), thresholds: dict | None = None, *, force: bool = False,
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log=print, load_pipeline=None) -> dict:
     """Run the whole stage; return the report. Raises GateFailed (after writing the report) when
-    the INT8 UNet misses a threshold."""
+    the INT8 UNet misses a threshold. load_pipeline: toonark.engines.pipeline.load_pipeline (the
+    engines stage comes after this one, so its caller passes it in)."""
     build_dir = Path(build_dir)
     started = time.perf_counter()
     quant_config.check_available()
@@ -87,7 +88,7 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
         log(f"calibrate: removed {path} (made from another UNet ONNX)")
     evaluation = prompt_set().take("evaluation", gate_config.prompts)
 
-    captured = capture(build_dir, capture_config, force=force, progress=progress)
+    captured = capture(build_dir, capture_config, force=force, progress=progress, load_pipeline=load_pipeline)
     log(f"calibrate: capture {'reused' if captured.cached else 'written'}: {len(captured.shards)} shards, "
         f"{captured.bytes / 1e6:.1f} MB ({captured.folder})")
     # The old verdict belongs to the old INT8 model: drop it (one unlink) before that model can be replaced.
@@ -106,7 +107,7 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
     ref_precision, ref_path, ref_reason = choose_reference(layout.onnx_model("fp16", "unet"), source, spec, probe,
                                                            gate_config.reference)
     log(f"calibrate: reference UNet {ref_precision} ({ref_reason})")
-    base = open_pipeline(build_dir, capture_config.backend, capture_config.precision)
+    base = open_pipeline(build_dir, capture_config.backend, capture_config.precision, load_pipeline)
     reference_pipeline = replace_unet(base, OnnxUnet(ref_path, spec)) if ref_precision != "fp32" else base
     int8_pipeline = replace_unet(base, OnnxUnet(layout.int8_unet, spec, exact_qdq=True))
     per_prompt, ref_images, int8_images = [], [], []

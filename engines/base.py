@@ -1,23 +1,5 @@
-"""The one interface the rest of toonark uses to run a built submodel, whatever the backend."""
-from __future__ import annotations
+"""The Engine interface lives in the core (toonark/engine.py) so the offline pipeline and calibration
+take engine objects without importing this stage; re-exported here for the backends."""
+from toonark.engine import Engine
 
-import abc
-
-import numpy as np
-
-from toonark.specs import SubmodelSpec
-
-
-class Engine(abc.ABC):
-    """A built submodel. `run` takes numpy arrays by input name (the spec's names and dtypes)
-    and returns numpy arrays by output name. `metadata` is the engine.json beside the engine."""
-
-    spec: SubmodelSpec
-    metadata: dict
-
-    @abc.abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ...
-
-    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run(feeds)
+__all__ = ["Engine"]

@@ -9,6 +9,7 @@ inside it, so a folder either holds a finished, recorded engine or nothing.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from toonark.engines.metadata import (ENGINE_JSON, EngineError, check_metadata, 
                                       make_metadata, read_metadata)
 from toonark.specs import PRECISIONS, SERVED_SUBMODELS, BuildInfo
 from toonark.files import atomic_dir, read_json, sha256_onnx, write_json
-from toonark.layout import BACKENDS, BuildLayout
+from toonark.layout import BuildLayout
+from toonark.engines.backends import backend_for
+
+log = logging.getLogger(__name__)
 
 OPTIONAL_SUBMODELS = ("vae_encoder",)  # built when its ONNX was exported (image-to-image users)
 
@@ -24,19 +28,12 @@ OPTIONAL_SUBMODELS = ("vae_encoder",)  # built when its ONNX was exported (image
 def source_onnx(build_dir: Path, backend: str, precision: str, submodel: str, fused: bool | None = None) -> Path:
     """The ONNX an engine is built from. int8: the calibrated QDQ UNet; the other submodels of an int8
     build come from fp16 on GPUs and from fp32 on the CPU (ORT's CPU fp16 kernels are few).
-    Fused builds (default for ort-cuda fp16, see engines/ort.py `default_fuse`) start from the fp32 export:
+    Fused builds (default for ort-cuda fp16, Backend.default_fuse) start from the fp32 export:
     ORT's fusions match fp32 graphs and convert to fp16 themselves."""
-    layout = BuildLayout(build_dir)
+    kind = backend_for(backend)
     if fused is None:
-        from toonark.engines.ort import default_fuse
-        fused = default_fuse(backend, precision)
-    if fused and precision == "fp16":
-        return layout.onnx_model("fp32", submodel)
-    if precision == "int8":
-        if submodel == "unet":
-            return layout.int8_unet
-        return layout.onnx_model("fp32" if backend == "ort-cpu" else "fp16", submodel)
-    return layout.onnx_model(precision, submodel)
+        fused = kind.default_fuse(precision)
+    return kind.source_onnx(BuildLayout(build_dir), precision, submodel, fused)
 
 
 def check_int8_calibration(build_dir: Path) -> dict:
@@ -87,23 +84,6 @@ def select_submodels(build_dir: Path, backend: str, precision: str, specs: dict,
     return chosen
 
 
-def _settings(backend: str, precision: str, spec, limits, build_dir: Path, threads, device_id, trt_options,
-              fuse: bool = False) -> dict:
-    if backend == "tensorrt":
-        options = {"timing_cache": str(BuildLayout(build_dir).timing_cache), **(trt_options or {})}
-        from toonark.engines.tensorrt import trt_build_plan
-        return {"device_id": device_id, "trt": trt_build_plan(spec, limits, precision, options).to_json()}
-    from toonark.engines.ort import ort_build_settings
-    return ort_build_settings(backend, threads=threads, device_id=device_id, fuse=fuse)
-
-
-def _comparable(settings: dict) -> dict:
-    """Settings minus the timing cache's location (a moved build folder is still up to date)."""
-    if "trt" in settings:
-        return {**settings, "trt": {**settings["trt"], "timing_cache": None}}
-    return settings
-
-
 def _up_to_date(build_dir: Path, backend: str, precision: str, name: str, source: Path, settings: dict,
                 limits, source_sha256: str | None = None) -> dict | None:
     try:
@@ -111,7 +91,8 @@ def _up_to_date(build_dir: Path, backend: str, precision: str, name: str, source
     except (EngineError, RuntimeError):
         return None
     # The cheap comparisons first: a changed setting or limit needs no hashing to be rebuilt.
-    if (_comparable(metadata.get("settings", {})) != _comparable(settings)
+    comparable = backend_for(backend).comparable
+    if (comparable(metadata.get("settings", {})) != comparable(settings)
             or metadata.get("limits") != limits.to_json()):
         return None
     try:
@@ -135,24 +116,16 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     the fusion report (op counts) goes into engine.json["fusion"].
     """
     build_dir = Path(build_dir)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kind = backend_for(backend)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     info = BuildInfo.read(build_dir)
     specs = info.specs
     if fuse is None:
-        from toonark.engines.ort import default_fuse
-        fuse = default_fuse(backend, precision)
-    if fuse and (backend == "tensorrt" or precision != "fp16"):
-        raise ValueError(f"fuse applies to ORT fp16 engines (fusions, then fp16 conversion); not {backend} {precision}")
+        fuse = kind.default_fuse(precision)
+    kind.check_fuse(precision, fuse)
     names = select_submodels(build_dir, backend, precision, specs, submodels)
-    if backend == "tensorrt":
-        from toonark.engines.tensorrt import import_tensorrt
-        import_tensorrt()  # fail before any work, with the install hint
-    elif backend == "ort-cuda":
-        from toonark.engines.ort import check_cuda_available
-        check_cuda_available()
+    kind.check_available()  # fail before any work, with the install hint
     if precision == "int8" and "unet" in names:
         check_int8_calibration(build_dir)
     for name in names:
@@ -166,33 +139,27 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     for name in names:
         spec = specs[name]
         source = source_onnx(build_dir, backend, precision, name, fused=fuse)
-        settings = _settings(backend, precision, spec, info.limits, build_dir, threads, device_id, trt_options, fuse)
+        settings = kind.settings(precision, spec, info.limits, build_dir, threads=threads, device_id=device_id,
+                                 trt_options=trt_options, fuse=fuse)
         final = layout.engine_dir(backend, precision) / name
         source_sha = sha256_onnx(source)  # once: the up-to-date check and engine.json both need it
         if not force and (current := _up_to_date(build_dir, backend, precision, name, source, settings, info.limits,
                                                  source_sha)):
-            print(f"{backend}-{precision}/{name}: up to date ({final})")
+            log.info("%s-%s/%s: up to date (%s)", backend, precision, name, final)
             results[name] = {**current, "status": "up to date"}
             continue
         started = time.perf_counter()
         with atomic_dir(final) as tmp:
-            if backend == "tensorrt":
-                from toonark.engines.tensorrt import TrtBuildPlan, build_trt_engine
-                io = build_trt_engine(source, tmp / engine_file_name(backend), TrtBuildPlan.from_json(settings["trt"]))
-            else:
-                from toonark.engines.ort import build_ort_engine, fuse_engine_source
-                if settings.get("fusion"):
-                    fusion = fuse_engine_source(source, tmp, name, settings)
-                io = build_ort_engine(source, tmp, settings)
+            io, fusion = kind.build(source, tmp, name, settings)
             seconds = time.perf_counter() - started
             metadata = make_metadata(submodel=name, backend=backend, precision=precision, source_onnx=source,
                                      engine_dir=tmp, profile=spec.profile(info.limits), limits=info.limits,
                                      settings=settings, io=io, build_seconds=seconds, build_dir=build_dir,
                                      source_sha256=source_sha)
-            if settings.get("fusion"):
+            if fusion is not None:
                 metadata["fusion"] = fusion   # op counts before / after, fused ops (MultiHeadAttention, GroupNorm...)
             write_json(tmp / ENGINE_JSON, metadata)
-        print(f"{backend}-{precision}/{name}: built in {seconds:.1f} s ({final})")
+        log.info("%s-%s/%s: built in %.1f s (%s)", backend, precision, name, seconds, final)
         results[name] = {**metadata, "status": "built"}
     return results
 
@@ -215,11 +182,7 @@ def load_engine(build_dir, backend: str, precision: str, submodel: str, *, verif
     check_metadata(metadata, build_dir=build_dir, backend=backend, precision=precision, submodel=submodel,
                    source_onnx=source, verify_hashes=verify)
     engine_path = BuildLayout(build_dir).engine_dir(backend, precision) / submodel / engine_file_name(backend)
-    if backend == "tensorrt":
-        from toonark.engines.tensorrt import TrtEngine
-        return TrtEngine(engine_path, specs[submodel], metadata, **options)
-    from toonark.engines.ort import OrtEngine
-    return OrtEngine(engine_path, specs[submodel], metadata, **options)
+    return backend_for(backend).load(engine_path, specs[submodel], metadata, **options)
 
 
 __all__ = ["build_engines", "load_engine", "source_onnx", "check_int8_calibration", "make_command"]

@@ -11,16 +11,13 @@ import datetime
 import platform
 from pathlib import Path
 
-from toonark.files import read_json, sha256_file, sha256_onnx
-from toonark.layout import BACKENDS, BuildLayout
+from toonark.engines.backends import EngineError, backend_for
+from toonark.files import read_json, sha256_onnx
+from toonark.layout import BuildLayout
 
 ENGINE_JSON = "engine.json"
 # Bumped when the layout of engine.json or of the engine folder changes.
 METADATA_FORMAT = 1
-
-
-class EngineError(RuntimeError):
-    """An engine that must not be used (missing, corrupt, stale, built elsewhere); the message names the fix."""
 
 
 def make_command(build_dir: Path, backend: str, precision: str) -> str:
@@ -28,24 +25,16 @@ def make_command(build_dir: Path, backend: str, precision: str) -> str:
 
 
 def engine_file_name(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return "model.plan" if backend == "tensorrt" else "model.onnx"
+    return backend_for(backend).engine_file
 
 
 def engine_files(engine_dir: Path, backend: str) -> list[Path]:
     """The engine file plus, for ORT, its external-data file when there is one."""
-    main = Path(engine_dir) / engine_file_name(backend)
-    files = [main]
-    if backend != "tensorrt":
-        files += sorted(p for p in Path(engine_dir).iterdir() if p.name.startswith(main.name + ".") and p.is_file()) \
-            if Path(engine_dir).is_dir() else []
-    return files
+    return backend_for(backend).engine_files(engine_dir)
 
 
 def engine_hash(engine_dir: Path, backend: str) -> str:
-    main = Path(engine_dir) / engine_file_name(backend)
-    return sha256_file(main) if backend == "tensorrt" else sha256_onnx(main)
+    return backend_for(backend).engine_hash(engine_dir)
 
 
 def toonark_version() -> str:
@@ -58,30 +47,12 @@ def toonark_version() -> str:
 
 def library_info(backend: str) -> dict:
     """Name and version of the runtime that builds and runs this backend's engines."""
-    if backend == "tensorrt":
-        from toonark.engines.tensorrt import import_tensorrt
-        return {"name": "tensorrt", "version": import_tensorrt().__version__}
-    import onnxruntime
-    return {"name": "onnxruntime", "version": onnxruntime.__version__}
+    return backend_for(backend).library_info()
 
 
 def device_name(backend: str, device_id: int = 0) -> str:
     """"cpu" for ort-cpu, else the CUDA device's name (what a TensorRT plan is tied to)."""
-    if backend == "ort-cpu":
-        return "cpu"
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(device_id)
-    except ImportError:
-        pass
-    try:  # No torch with CUDA: ask the driver through NVML, which the CUDA toolkit ships.
-        import pynvml
-        pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(device_id))
-        return name.decode() if isinstance(name, bytes) else name
-    except Exception:  # noqa: BLE001 - any NVML failure means "unknown", never a crash
-        return "unknown-gpu"
+    return backend_for(backend).device_name(device_id)
 
 
 def profile_json(profile: dict) -> dict:
@@ -147,17 +118,7 @@ def check_metadata(metadata: dict, *, build_dir: Path, backend: str, precision: 
             or metadata.get("precision") != precision or metadata.get("submodel") != submodel:
         raise EngineError(f"{where} does not describe a {backend} {precision} {submodel} engine of this toonark "
                           f"version (format {metadata.get('format')!r}). {fix}")
-    if backend == "tensorrt":
-        from toonark.engines.tensorrt import import_tensorrt
-        current = import_tensorrt().__version__
-        built = metadata.get("library", {}).get("version")
-        if built != current:
-            raise EngineError(f"{engine_dir / 'model.plan'} was built with TensorRT {built}, this machine has "
-                              f"TensorRT {current}; plans do not move between versions. {fix}")
-        gpu = device_name(backend, metadata.get("settings", {}).get("device_id", 0))
-        if metadata.get("device") != gpu:
-            raise EngineError(f"{engine_dir / 'model.plan'} was built for GPU {metadata.get('device')!r}, "
-                              f"this machine has {gpu!r}; plans are tuned per GPU. {fix}")
+    backend_for(backend).check_engine(metadata, engine_dir, fix)
     if not verify_hashes:
         return
     actual = engine_hash(engine_dir, backend)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from toonark.engines.base import Engine
+from toonark.ort_session import LEVELS as _LEVELS, ort_session
 from toonark.engines.metadata import onnx_type_to_numpy, prepare_feeds, sizes_from_shapes
 
 # Models whose source ONNX is at least this big get their optimized initializers in model.onnx.data
@@ -19,7 +20,6 @@ from toonark.engines.metadata import onnx_type_to_numpy, prepare_feeds, sizes_fr
 EXTERNAL_DATA_BYTES = 1 << 30
 EXTERNAL_DATA_NAME = "model.onnx.data"
 
-_LEVELS = ("disable_all", "basic", "extended", "all")
 
 
 def _ort():
@@ -41,8 +41,9 @@ def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[
 
 
 def default_fuse(backend: str, precision: str) -> bool:
-    """ort-cuda fp16 engines are built from ORT's diffusion fusions over the fp32 export (export/fusions.py)."""
-    return backend == "ort-cuda" and precision == "fp16"
+    """ort-cuda fp16 engines are built from ORT's diffusion fusions over the fp32 export (engines/fusions.py)."""
+    from toonark.engines.backends import backend_for
+    return backend_for(backend).default_fuse(precision)
 
 
 def ort_build_settings(backend: str, *, threads: int | None = None, device_id: int = 0,
@@ -58,12 +59,11 @@ def ort_build_settings(backend: str, *, threads: int | None = None, device_id: i
         raise ValueError(f"unknown ORT optimization level {optimization_level!r}; choose one of {', '.join(_LEVELS)}")
     if threads is not None and threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 lets ONNX Runtime pick), got {threads}")
-    if backend == "ort-cpu":
-        providers = [["CPUExecutionProvider", {}]]
-    elif backend == "ort-cuda":
-        providers = [["CUDAExecutionProvider", cuda_provider_options(device_id)], ["CPUExecutionProvider", {}]]
-    else:
-        raise ValueError(f"{backend!r} is not an ONNX Runtime backend (ort-cpu, ort-cuda)")
+    from toonark.engines.backends import OrtBackend, backend_for
+    kind = backend_for(backend)
+    if not isinstance(kind, OrtBackend):
+        raise ValueError(f"{kind.name!r} is not an ONNX Runtime backend (ort-cpu, ort-cuda)")
+    providers = kind.providers(device_id)
     return {
         "providers": providers,
         "device_id": device_id,
@@ -76,7 +76,7 @@ def ort_build_settings(backend: str, *, threads: int | None = None, device_id: i
         "external_data_bytes": external_data_bytes,
     } | ({"graph_optimization_level": "all", "load_optimization_level": "all",
           "fusion": {"recipe": "export.fusions.fuse_for_cuda", "source_precision": "fp32", "fp16": True,
-                     "keep_io_types": True, "cpu_safe": backend == "ort-cpu"}} if fuse else {})
+                     "keep_io_types": True, "cpu_safe": kind.on_cpu}} if fuse else {})
 
 
 def check_cuda_available() -> None:
@@ -93,40 +93,23 @@ def check_cuda_available() -> None:
                            f"{providers}. Install onnxruntime-gpu on a CUDA machine, or build BACKEND=ort-cpu.")
 
 
-def _level(name: str):
-    ort = _ort()
-    return {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
-
-
 def make_session(model_path: Path, settings: dict, *, level: str, threads: int | None = None,
                  save_to: Path | None = None, external_data: bool = False,
                  free_dimensions: dict[str, int] | None = None, cuda_graph: bool = False):
     """An InferenceSession with the recorded settings; `save_to` writes the optimized graph there."""
-    ort = _ort()
     providers = [(name, dict(options)) for name, options in settings["providers"]]
     if providers[0][0] == "CUDAExecutionProvider":
         check_cuda_available()
         if cuda_graph:
             providers[0][1]["enable_cuda_graph"] = "1"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _level(level)
-    options.intra_op_num_threads = settings["intra_op_num_threads"] if threads is None else threads
-    options.inter_op_num_threads = settings["inter_op_num_threads"]
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only; ORT warns about every Memcpy node and unused initializer
-    for name, value in (free_dimensions or {}).items():
-        options.add_free_dimension_override_by_name(name, value)
-    if save_to is not None:
-        options.optimized_model_filepath = str(save_to)
-        if external_data:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             EXTERNAL_DATA_NAME)
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                             "1024")
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    config = {}
+    if save_to is not None and external_data:
+        config = {"session.optimized_model_external_initializers_file_name": EXTERNAL_DATA_NAME,
+                  "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
+    session = ort_session(model_path, providers=providers, level=level,
+                          threads=settings["intra_op_num_threads"] if threads is None else threads,
+                          inter_threads=settings["inter_op_num_threads"], sequential=True,
+                          free_dimensions=free_dimensions, save_to=save_to, config=config)
     wanted = providers[0][0]
     if session.get_providers()[0] != wanted:
         # ORT falls back to CPU silently when the CUDA EP fails to load (missing cuDNN, driver too old).

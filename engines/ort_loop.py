@@ -8,13 +8,14 @@ ORT I/O binding to OrtValue buffers allocated once per request shape; the UNet w
 prediction into a fixed buffer; a 20-node ONNX graph (`step_model`) does classifier-free guidance
 plus the DPM-Solver++(2M) update on the device and writes the next UNet input in place. Per step
 the host sends the timestep (4 bytes) and six coefficients (24 bytes) computed from
-toonark.scheduler's schedule (`step_coefficients`), so the math is the one scheduler's. The last
-step folds in 1 / vae_scaling_factor and writes the VAE decoder's input buffer directly.
+toonark.scheduler's schedule (`step_coefficients`, beside the host update it is tested against), so
+the math is the one sampler's. The last step folds in the family's vae_input_scale (1 / scaling factor)
+and writes the VAE decoder's input buffer directly.
 
 Engines loaded with `cuda_graph=True` own their bound buffers (a CUDA-graph replay reuses the
 addresses it captured): the loop then reads and writes those buffers instead of its own, so the
 VAE always reads the same `latent_sample` buffer and the UNet the same `sample` buffer.
-Text2ImagePipeline (toonark.pipeline) uses this loop for ort-cuda builds and toonark.bench times it.
+Text2ImagePipeline (toonark.pipeline) uses this loop for ort-cuda builds and toonark.benchmarks.bench times it.
 """
 from __future__ import annotations
 
@@ -22,32 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
+from toonark.ort_session import ort_session
+from toonark.family import FAMILIES, ModelFamily, StableDiffusion
+# The sampler's linear form lives with the sampler; re-exported for the bench and older callers.
+from toonark.scheduler import step_coefficients  # noqa: F401
+
 STEP_OPSET = 18
 
 
-def step_coefficients(schedule, i: int, guidance: float, out_scale: float = 1.0, solver_order: int = 2) -> np.ndarray:
-    """[guidance, 1/alpha_s, sigma_s/alpha_s, a, b, c] for x_next = a*x + b*m0 + c*m_prev with
-    m0 = x/alpha_s - sigma_s/alpha_s * eps: DPM-Solver++ 2M (midpoint), first order at the first
-    and the last step, the same arithmetic as toonark.scheduler.DPMSolverMultistep.step
-    (epsilon prediction). `out_scale` multiplies x_next (the last step folds in 1/vae_scaling_factor)."""
-    alpha_s, sigma_s = schedule.alpha_t[i], schedule.sigma_t[i]
-    alpha_t, sigma_t = schedule.alpha_t[i + 1], schedule.sigma_t[i + 1]
-    h = schedule.lambda_t[i + 1] - schedule.lambda_t[i]
-    em1 = np.expm1(-h)
-    a, b, c = sigma_t / sigma_s, -alpha_t * em1, 0.0
-    if solver_order >= 2 and 0 < i < len(schedule) - 1:
-        r0 = (schedule.lambda_t[i] - schedule.lambda_t[i - 1]) / h
-        b, c = -alpha_t * em1 * (1.0 + 0.5 / r0), alpha_t * em1 * 0.5 / r0
-    return np.array([guidance, 1.0 / alpha_s, sigma_s / alpha_s, a * out_scale, b * out_scale, c * out_scale],
-                    dtype=np.float32)
-
-
 def check_scheduler(scheduler) -> None:
-    """The step graph implements epsilon-prediction DPM-Solver++ of order 1 or 2 (SD-1.5's)."""
+    """The step graph runs DPM-Solver++ of order 1 or 2 for epsilon and v_prediction models: the linear
+    form toonark.scheduler.step_coefficients gives."""
     config = scheduler.config
-    if config.prediction_type != "epsilon" or config.solver_order not in (1, 2):
-        raise ValueError(f"the device loop implements epsilon-prediction DPM-Solver++ of order 1-2; this scheduler "
-                         f"has prediction_type={config.prediction_type!r}, solver_order={config.solver_order}: "
+    if config.prediction_type not in ("epsilon", "v_prediction") or config.solver_order not in (1, 2):
+        raise ValueError(f"the device loop implements DPM-Solver++ of order 1-2 for epsilon / v_prediction; this "
+                         f"scheduler has prediction_type={config.prediction_type!r}, solver_order={config.solver_order}: "
                          f"use the host loop (device_loop=False)")
 
 
@@ -127,7 +117,7 @@ class DeviceLoop:
 
     ROLES = ("text_encoder", "unet", "vae_decoder")
 
-    def __init__(self, engines: dict, dims):
+    def __init__(self, engines: dict, dims, family: ModelFamily | None = None):
         import onnxruntime as ort
         if "unet" not in engines:
             raise ValueError(f"the device loop needs engines {list(self.ROLES)} (the UNet at least)")
@@ -135,6 +125,7 @@ class DeviceLoop:
         if unknown:
             raise ValueError(f"unknown engines {unknown}; the device loop runs {list(self.ROLES)}")
         self.ort, self.engines, self.dims = ort, dict(engines), dims
+        self.family = family or FAMILIES[StableDiffusion.name]
         unet = engines["unet"]
         self.on_cuda = bool(getattr(unet, "on_cuda", False))
         if any(bool(getattr(e, "on_cuda", False)) != self.on_cuda for e in engines.values()):
@@ -150,15 +141,12 @@ class DeviceLoop:
                     if info["dtype"] not in ("float32", "int64"):
                         raise ValueError(f"the device loop needs float32 I/O (keep_io_types builds); {name} "
                                          f"{tensor} is {info['dtype']}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
         if self.on_cuda:
             from toonark.engines.ort import cuda_provider_options
             providers = [("CUDAExecutionProvider", cuda_provider_options(self.device_id)), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.step = ort.InferenceSession(step_model_proto().SerializeToString(), options, providers=providers)
+        self.step = ort_session(step_model_proto().SerializeToString(), providers=providers, threads=1)
         timestep = engines["unet"].metadata["io"]["inputs"]["timestep"]["shape"]
         self.timestep_shape = tuple(1 for _ in timestep)
         self._buffers: dict = {}
@@ -242,7 +230,7 @@ class DeviceLoop:
         # Always the same input buffer: a captured CUDA graph replays with the addresses it was captured with.
         self._run_engine("vae_decoder", {"latent_sample": buf["final"]}, {"sample": buf["image"]})
 
-    def denoise(self, buf, schedule, guidance: float, solver_order: int = 2) -> None:
+    def denoise(self, buf, schedule, guidance: float, solver_order: int = 2, prediction_type: str = "epsilon") -> None:
         """The scheduler loop on the device: from buf["x"][0] / buf["sample"] to buf["final"]."""
         cur, steps = 0, len(schedule)
         for i in range(steps):
@@ -250,7 +238,8 @@ class DeviceLoop:
             self.unet(buf)
             last = i == steps - 1
             self._coef[:] = step_coefficients(schedule, i, guidance, solver_order=solver_order,
-                                              out_scale=1.0 / self.dims.vae_scaling_factor if last else 1.0)
+                                              prediction_type=prediction_type,
+                                              out_scale=self.family.vae_input_scale(self.dims) if last else 1.0)
             # Reads x[cur], m[cur] (previous data prediction); writes x[1-cur], m[1-cur] and the next UNet input.
             self.run(self.step, {"noise_pred": buf["noise"], "x": buf["x"][cur], "m_prev": buf["m"][cur],
                                  "coef": self._coef_value},
@@ -259,7 +248,7 @@ class DeviceLoop:
             cur = 1 - cur
 
     def image(self, ids: np.ndarray, latents: np.ndarray, schedule, guidance: float, solver_order: int = 2,
-              timings: dict | None = None) -> np.ndarray:
+              timings: dict | None = None, prediction_type: str = "epsilon") -> np.ndarray:
         """Token ids (2B, L) [uncond x B, cond x B] + initial latents (host) -> decoded images
         (host, float32 NCHW in about [-1, 1]). `timings` (optional) gets text_encoder_ms, denoise_ms,
         vae_decoder_ms (host clock; on CUDA each stage ends with ORT's stream synchronization)."""
@@ -276,7 +265,7 @@ class DeviceLoop:
         buf["sample"].update_inplace(np.concatenate([latents, latents]))
         self.text(buf)
         encoded = time.perf_counter()
-        self.denoise(buf, schedule, guidance, solver_order)
+        self.denoise(buf, schedule, guidance, solver_order, prediction_type)
         denoised = time.perf_counter()
         self.vae(buf)
         out = np.array(buf["image"].numpy(), copy=True)

@@ -291,7 +291,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
     stale = []
     for precision in precisions:
         if not force and is_up_to_date(layout, precision, keys[precision]):
-            print(f"onnx/{precision}: up to date ({layout.onnx_dir(precision)})")
+            log.info("onnx/%s: up to date (%s)", precision, layout.onnx_dir(precision))
             report[precision] = read_json(layout.export_report(precision), "export report", "")
         else:
             stale.append(precision)
@@ -319,7 +319,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
             modules = {c: getattr(pipeline, c) for c in COMPONENTS}
             rows = measure_parity(specs, submodels, {p: staged[p] for p in stale}, modules, limits)
             for precision in stale:
-                print(format_table(rows[precision]))
+                log.info("%s", format_table(rows[precision]))
                 raise_on_failure(rows[precision])
             for precision in stale:
                 kept_names, old_report = kept[precision]
@@ -343,7 +343,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
                     }
                     write_json(tmp / "export.json", content)
                 report[precision] = content
-                print(f"onnx/{precision}: wrote {', '.join(submodels)} to {layout.onnx_dir(precision)}")
+                log.info("onnx/%s: wrote %s to %s", precision, ", ".join(submodels), layout.onnx_dir(precision))
     write_pipeline_folder(model_dir, out_dir, dims, limits)
     # The pipeline's safety_checker/, when it has one: OUT/safety_checker/ (torch.onnx, not optimum; see there).
     from toonark.export.safety_checker import export_safety_checker

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toonark.ort_session import ort_session as core_ort_session
 from toonark.specs import SubmodelSpec
 
 
@@ -78,10 +79,8 @@ def ort_session(model_path: Path):
     fp32 (tiny UNet: 97 Casts in the graph, 391 after ORT's transforms; only Reshape/Transpose/
     Shape/Concat-like ops stay fp16). So CPU fp16 parity measures fp16 weight and activation
     storage rounding, not fp16 arithmetic; GPU engines must re-check with their own EP."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the fp16 graphs' "cast inserted" notes are expected, not warnings
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    # log_severity 3 (the factory's default): the fp16 graphs' "cast inserted" notes are expected, not warnings
+    return core_ort_session(model_path)
 
 
 FP16_CPU_PARITY_METHOD = ("onnxruntime CPUExecutionProvider: ops without fp16 CPU kernels (Conv, MatMul, norms, "

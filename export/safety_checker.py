@@ -8,7 +8,7 @@ Why torch.onnx.export and not optimum: optimum's diffusers export (`onnx_export_
 task text-to-image) exports text_encoder / unet / vae_encoder / vae_decoder only and has no
 OnnxConfig for StableDiffusionSafetyChecker, so the checker is traced here with the TorchScript
 exporter (`dynamo=False`, the exporter optimum itself uses, opset 18) from a spec-style declaration
-(`checker_spec`: the same SubmodelSpec/TensorSpec/Axis types as export/specs.py, so names and the
+(`checker_spec`: declared in toonark/specs.py beside the other submodels, so names and the
 dynamic batch axis are written down once).
 
 Why the graph stops at the cosine distances: diffusers' own decision (`forward`) rounds every score
@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.specs import Axis, SubmodelSpec, TensorSpec
+from toonark.ort_session import ort_session
+from toonark.specs import SAFETY_CHECKER, SubmodelSpec, TensorSpec  # noqa: F401
+from toonark.specs import safety_checker_spec as checker_spec  # noqa: F401  (the declaration lives in the core)
 
-NAME = "safety_checker"
+NAME = SAFETY_CHECKER
 OPSET = 18
 EXPORT_CODE_VERSION = 1
 METADATA_FILE = "safety_checker.json"
@@ -49,15 +51,6 @@ def checker_dir(build_dir: Path) -> Path:
 
 def has_safety_checker(model_dir: Path) -> bool:
     return (Path(model_dir) / NAME / "config.json").is_file()
-
-
-def checker_spec(image_size: int, special: int = 3, concepts: int = 17) -> SubmodelSpec:
-    batch = Axis("B")
-    return SubmodelSpec(
-        NAME, NAME,
-        inputs=(TensorSpec("clip_input", "float32", (batch, 3, image_size, image_size)),),
-        outputs=(TensorSpec("special_cos_dist", "float32", (batch, special)),
-                 TensorSpec("cos_dist", "float32", (batch, concepts))))
 
 
 # --- serving half (numpy + Pillow) ------------------------------------------------------------------
@@ -167,7 +160,6 @@ class SafetyChecker:
 
     def __init__(self, folder: Path, thresholds: Thresholds | None = None, threads: int | None = None,
                  providers=("CPUExecutionProvider",)):
-        import onnxruntime as ort
         folder = Path(folder)
         meta = json.loads((folder / METADATA_FILE).read_text())
         self.preprocess = ClipPreprocess(**{k: tuple(v) if isinstance(v, list) else v
@@ -175,10 +167,8 @@ class SafetyChecker:
         self.thresholds = thresholds or Thresholds(tuple(meta["thresholds"]["special_care"]),
                                                    tuple(meta["thresholds"]["concept"]),
                                                    float(meta["thresholds"].get("adjustment", 0.0)))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
+        self.session = ort_session(folder / "model.onnx", providers=providers, threads=threads or None,
+                                   log_severity=None)
 
     def scores(self, uint8_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         special, concept = self.session.run(["special_cos_dist", "cos_dist"],
@@ -258,7 +248,6 @@ def export_safety_checker(model_dir: Path, build_dir: Path, force: bool = False)
     if not force and is_up_to_date(model_dir, build_dir):
         return checker_dir(build_dir)
     import torch
-    import onnxruntime as ort
     extractor = model_dir / "feature_extractor" / "preprocessor_config.json"
     if not extractor.is_file():
         raise FileNotFoundError(f"{model_dir} has a safety_checker but no {extractor.relative_to(model_dir)}: the "
@@ -279,7 +268,7 @@ def export_safety_checker(model_dir: Path, build_dir: Path, force: bool = False)
                               input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort_session(tmp / "model.onnx", log_severity=None)
         parity = []
         for batch in (1, 2):
             feeds = spec.sample_inputs({"B": batch}, seed=batch)

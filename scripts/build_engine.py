@@ -4,6 +4,7 @@ engine.json still matches their source ONNX and settings are kept unless --force
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from toonark.engines.build import build_engines
     from toonark.layout import BuildLayout
+    # The library logs progress ("unet: up to date ..."); a CLI shows it.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     trt_options = {}
     if args.workspace_mib is not None:
         trt_options["workspace_bytes"] = args.workspace_mib << 20

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from toonark.calibration.run import GateFailed, calibrate
+    from toonark.engines.pipeline import load_pipeline
     try:
         if args.size is None:
             from toonark.specs import BuildInfo
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                                  guidance=args.guidance, reference=args.reference)
         report = calibrate(args.out, capture_config, quant_config, gate_config,
                            {"psnr_db": args.min_psnr, "latent_cosine": args.min_latent_cosine},
-                           force=args.force, progress=not args.quiet)
+                           force=args.force, progress=not args.quiet, load_pipeline=load_pipeline)
     except GateFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

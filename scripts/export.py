@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # The export's status lines (up to date / parity table / wrote) always show; cleanup passes with -v.
+    logging.getLogger("toonark.export.onnx_export").setLevel(logging.INFO)
     from toonark.export.onnx_export import export_pipeline
     try:
         limits = ShapeLimits(**{f"{level}_{field}": getattr(args, f"{level}_{field}")

@@ -1,5 +1,5 @@
 """`make bench` on the CPU with the tiny pipeline: checks the table and the JSON's structure
-(not speed), and the on-device DPM-Solver++ step graph against toonark.scheduler."""
+(not speed). The step graph's cross-check against the host sampler is in tests/test_scheduler.py."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
-    from toonark.bench import main
+    from toonark.benchmarks.bench import main
     root = tmp_path_factory.mktemp("bench")
     results = main(["--tiny", "--work", str(root / "work"), "--results", str(root / "results"), "--tag", "test"])
     return results, root
@@ -42,42 +42,18 @@ def test_bench_writes_table_and_json(tiny_bench, capsys):
 
 
 def test_table_lists_every_backend(tiny_bench):
-    from toonark.bench import table
+    from toonark.benchmarks.bench import table
     text = table(tiny_bench[0])
     assert "UNet step b2" in text and "img/s b2" in text
     for name in ("torch-eager", "torch-compile", "ort", "ort-graph", "ort-unfused"):
         assert name in text
 
 
-def test_step_graph_matches_scheduler(tmp_path):
-    """CFG + DPM-Solver++(2M) as an ONNX graph == toonark.scheduler.DPMSolverMultistep.step."""
-    import onnxruntime as ort
-    from toonark.bench import dpm_schedule, step_coefficients, step_model
-    from toonark.export.pipelines import SCHEDULER_CONFIG
-    from toonark.scheduler import DPMSolverConfig, DPMSolverMultistep
-    keys = set(DPMSolverConfig.__dataclass_fields__)
-    scheduler = DPMSolverMultistep(DPMSolverConfig.from_dict({k: v for k, v in SCHEDULER_CONFIG.items() if k in keys}))
-    steps, guidance = 6, 7.5
-    schedule = dpm_schedule(steps)
-    session = ort.InferenceSession(str(step_model(tmp_path / "step.onnx")), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
-    x_ref, state, m_prev = x.copy(), scheduler.initial_state(scheduler.schedule(steps)), np.zeros_like(x)
-    for i in range(steps):
-        noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-        eps = noise[:1] + guidance * (noise[1:] - noise[:1])
-        x_ref, state = scheduler.step(eps, x_ref, state)
-        x, m_prev, sample = session.run(None, {"noise_pred": noise, "x": x, "m_prev": m_prev,
-                                                "coef": step_coefficients(schedule, i, guidance)})
-        np.testing.assert_allclose(x, x_ref, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(sample, np.concatenate([x, x]))
-
-
 def test_interrupted_export_and_fusion_leave_nothing_to_trust(tmp_path, monkeypatch):
     """A run killed mid-write must not leave a model.onnx that the next run skips over."""
     import torch
     import toonark.export.fusions as fusions
-    from toonark.bench import export_onnx, make_modules, pipeline_dims, prepare_engines
+    from toonark.benchmarks.bench import export_onnx, make_modules, pipeline_dims, prepare_engines
 
     class Killed(Exception):
         pass

@@ -22,6 +22,7 @@ from toonark.calibration.gate import (DEFAULT_THRESHOLDS, GateConfig, compare_ru
 from toonark.calibration.prompts import MIN_PROMPTS, prompt_set
 from toonark.calibration.quantize import QuantConfig, qdq_summary, sensitive_nodes
 from toonark.calibration.run import GateFailed, calibrate, invalidate_stale, report_path
+from toonark.engines.pipeline import load_pipeline
 from toonark.files import read_json, sha256_onnx
 from toonark.layout import BuildLayout
 
@@ -75,7 +76,8 @@ def build(tiny_engines, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calibrated(build) -> dict:
-    return calibrate(build, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None)
+    return calibrate(build, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None,
+              load_pipeline=load_pipeline)
 
 
 def test_capture_writes_one_bounded_shard_per_step(build, calibrated):
@@ -167,7 +169,8 @@ def test_gate_fails_with_impossible_thresholds_and_the_script_says_why(build, ca
 def test_gate_fails_a_broken_quantization(build, calibrated):
     broken = QuantConfig(method="minmax", op_types=("all",), keep_float=(), output_quantization=True)
     with pytest.raises(GateFailed) as failed:
-        calibrate(build, SMALL_CAPTURE, broken, SMALL_GATE, progress=False, log=lambda *_: None)
+        calibrate(build, SMALL_CAPTURE, broken, SMALL_GATE, progress=False, log=lambda *_: None,
+              load_pipeline=load_pipeline)
     message = str(failed.value)
     assert message.startswith("INT8 UNet failed the quality gate: ")
     assert "latent_cosine 0.9" in message and "thresholds psnr_db >= 32.0, latent_cosine >= 0.993" in message
@@ -175,7 +178,8 @@ def test_gate_fails_a_broken_quantization(build, calibrated):
     assert report["passed"] is False
     assert "drop --output-quantization" in report["advice"] and "--method percentile" in report["advice"]
     assert read_json(report_path(build), "report", "")["passed"] is False
-    calibrate(build, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None)  # restore
+    calibrate(build, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None,
+              load_pipeline=load_pipeline)  # restore
 
 
 def test_changed_source_onnx_invalidates_capture_and_int8(build, calibrated, tmp_path):
@@ -204,7 +208,8 @@ def test_a_crash_after_quantizing_leaves_no_passing_report(build, calibrated, tm
         raise RuntimeError("simulated crash between quantize and gate")
     monkeypatch.setattr(run_module, "choose_reference", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        calibrate(out, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None)
+        calibrate(out, SMALL_CAPTURE, QuantConfig(), SMALL_GATE, progress=False, log=lambda *_: None,
+              load_pipeline=load_pipeline)
     assert not report_path(out).exists()                   # no passed=true beside an unscored INT8 model
     assert BuildLayout(out).int8_unet.is_file()
 
@@ -235,8 +240,8 @@ class _FakePipeline:
     """Steps latents 1, 2, ... (the callback sees each step's input, as toonark.pipeline's does) and
     decodes the last; engines["last"] is applied in the final step, so two pipelines can differ there only."""
 
-    def __init__(self, engines, tokenizer=None, scheduler=None, dims=None, limits=None):
-        self.engines, self.tokenizer, self.scheduler, self.limits = engines, tokenizer, scheduler, limits
+    def __init__(self, engines, tokenizer=None, scheduler=None, dims=None, limits=None, family=None):
+        self.engines, self.tokenizer, self.scheduler, self.limits, self.family = engines, tokenizer, scheduler, limits, family
         self.dims = dims or SimpleNamespace(vae_scaling_factor=0.5)
 
     def __call__(self, prompt, step_callback=None, steps=3, **_kwargs):

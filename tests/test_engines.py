@@ -101,11 +101,12 @@ def test_engine_json_records_source_settings_and_versions(tiny_engines):
         assert key in meta
 
 
-def test_rebuild_is_skipped_when_up_to_date_and_forced_otherwise(build_copy, capsys):
+def test_rebuild_is_skipped_when_up_to_date_and_forced_otherwise(build_copy, caplog):
     plan = BuildLayout(build_copy).engine_dir("ort-cpu", "fp32") / "unet" / "model.onnx"
     before = plan.stat().st_mtime_ns
-    results = build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"])
-    out = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="toonark.engines.build"):
+        results = build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"])
+    out = caplog.text
     assert results["unet"]["status"] == "up to date"
     assert f"ort-cpu-fp32/unet: up to date ({plan.parent})" in out
     assert plan.stat().st_mtime_ns == before

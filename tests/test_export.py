@@ -137,16 +137,25 @@ def test_pipeline_folder(tiny_model, tiny_build):
     assert (layout.pipeline / "model_index.json").is_file()
 
 
-def test_reexport_is_skipped_and_byte_identical(tiny_model, tiny_build, capsys):
+def _drain(caplog) -> str:
+    """The export's status lines logged since the last call (toonark.export.onnx_export logs them)."""
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def test_reexport_is_skipped_and_byte_identical(tiny_model, tiny_build, caplog):
+    caplog.set_level("INFO", logger="toonark.export.onnx_export")
     before = sha256_tree(tiny_build / "onnx")
     report = export_pipeline(tiny_model, tiny_build, precisions=PRECISIONS, limits=TEST_LIMITS)
-    out = capsys.readouterr().out
+    out = _drain(caplog)
     assert "onnx/fp32: up to date" in out and "onnx/fp16: up to date" in out
     assert sha256_tree(tiny_build / "onnx") == before
     assert set(report) == set(PRECISIONS)
 
 
-def test_changed_weights_invalidate_the_export(tiny_model, tmp_path, capsys, monkeypatch):
+def test_changed_weights_invalidate_the_export(tiny_model, tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="toonark.export.onnx_export")
     from safetensors.numpy import load_file, save_file
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
@@ -155,7 +164,7 @@ def test_changed_weights_invalidate_the_export(tiny_model, tmp_path, capsys, mon
     export_pipeline(model, out, **kwargs)
     onnx_path = BuildLayout(out).onnx_model("fp32", "text_encoder")
     first = onnx_path.read_bytes()
-    capsys.readouterr()
+    caplog.clear()
 
     weights_path = model / "text_encoder" / "model.safetensors"
     weights = load_file(weights_path)
@@ -177,17 +186,17 @@ def test_changed_weights_invalidate_the_export(tiny_model, tmp_path, capsys, mon
     assert BuildLayout(out).export_report("fp32").read_bytes() == report_before
     assert onnx_path.read_bytes() == first
     assert sorted(p.name for p in out.rglob(".*")) == []
-    capsys.readouterr()
+    caplog.clear()
     export_pipeline(model, out, **kwargs)
-    assert "up to date" not in capsys.readouterr().out
+    assert "up to date" not in _drain(caplog)
     assert onnx_path.read_bytes() != first
 
     # A tampered output file is not trusted either.
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
     export_pipeline(model, out, **kwargs)
-    assert "up to date" not in capsys.readouterr().out
+    assert "up to date" not in _drain(caplog)
     export_pipeline(model, out, **kwargs)
-    assert "onnx/fp32: up to date" in capsys.readouterr().out
+    assert "onnx/fp32: up to date" in _drain(caplog)
 
 
 def test_missing_folder_error(tmp_path):
@@ -309,7 +318,8 @@ def test_pipeline_folder_and_build_info_are_swapped_together(tiny_model, tmp_pat
     assert BuildInfo.read(tmp_path) == BuildInfo(dims, TEST_LIMITS)
 
 
-def test_subset_export_keeps_the_other_submodels(tiny_model, tiny_build, tmp_path, capsys):
+def test_subset_export_keeps_the_other_submodels(tiny_model, tiny_build, tmp_path, caplog):
+    caplog.set_level("INFO", logger="toonark.export.onnx_export")
     build = tmp_path / "build"
     shutil.copytree(tiny_build, build)
     layout = BuildLayout(build)
@@ -325,10 +335,10 @@ def test_subset_export_keeps_the_other_submodels(tiny_model, tiny_build, tmp_pat
     assert set(report["passes"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert any(name.startswith("unet/") for name in report["files"])
     assert any(name.startswith("text_encoder/") for name in report["files"])
-    capsys.readouterr()
+    caplog.clear()
     # Everything now matches a full export: not exported again.
     export_pipeline(tiny_model, build, precisions=("fp32",), limits=TEST_LIMITS)
-    assert "onnx/fp32: up to date" in capsys.readouterr().out
+    assert "onnx/fp32: up to date" in _drain(caplog)
 
 
 def test_subset_export_refuses_to_mix_with_another_models_submodels(tiny_model, tiny_build, tmp_path, monkeypatch):

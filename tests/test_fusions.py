@@ -13,7 +13,7 @@ from toonark.export.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_conf
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     """fp32 ONNX of the tiny pipeline, exported the way the benchmark exports it (TorchScript, opset 18)."""
-    from toonark.bench import export_onnx, make_modules, pipeline_dims
+    from toonark.export.torch_onnx import export_onnx, make_modules, pipeline_dims
     modules = make_modules("tiny", seed=0)
     dims = pipeline_dims(modules)
     paths = export_onnx(modules, dims, tmp_path_factory.mktemp("fusion-src"))

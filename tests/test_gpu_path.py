@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from toonark.engines import build_engines, load_engine
-from toonark.engines.ort import ort_build_settings
 from toonark.specs import BuildInfo
 from toonark.layout import BuildLayout
 
@@ -28,17 +28,6 @@ def build_copy(tiny_engines, tmp_path) -> Path:
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
-def test_ort_cuda_fp16_settings_fuse_and_keep_cuda_options():
-    settings = ort_build_settings("ort-cuda", fuse=True)
-    cuda = dict(settings["providers"])["CUDAExecutionProvider"]
-    assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE" and cuda["cudnn_conv_use_max_workspace"] == "1"
-    assert settings["fusion"]["recipe"] == "export.fusions.fuse_for_cuda"
-    assert settings["fusion"]["source_precision"] == "fp32" and settings["fusion"]["fp16"]
-    assert not settings["fusion"]["cpu_safe"]
-    assert settings["load_optimization_level"] == "all"   # ORT's optimizers at load, as the bench measured
-    assert "fusion" not in ort_build_settings("ort-cuda")
 
 
 def test_default_fuse_and_source_for_ort_cuda_fp16(tiny_build):
@@ -81,10 +70,10 @@ def test_fused_build_records_fusion_and_runs_on_cpu(build_copy):
 def test_device_loop_pipeline_equals_host_loop_on_cpu(tiny_engines):
     """Text2ImagePipeline with the device loop (step graph: CFG + DPM-Solver++ on the engines' device,
     here ort-cpu) gives the host loop's image: one scheduler, two loops."""
-    from toonark.pipeline import Text2ImagePipeline
-    host = Text2ImagePipeline.from_build(tiny_engines, "ort-cpu", "fp32")
+    from toonark.engines.pipeline import load_pipeline
+    host = load_pipeline(tiny_engines, "ort-cpu", "fp32")
     assert host.device_loop is None
-    loop = Text2ImagePipeline.from_build(tiny_engines, "ort-cpu", "fp32", device_loop=True)
+    loop = load_pipeline(tiny_engines, "ort-cpu", "fp32", device_loop=True)
     assert loop.device_loop is not None
     for kwargs in (dict(steps=6, guidance=7.5), dict(steps=3, guidance=1.0, batch=2)):
         a = host("a cartoon fox", seed=3, width=128, height=128, **kwargs)
@@ -98,12 +87,27 @@ def test_device_loop_pipeline_equals_host_loop_on_cpu(tiny_engines):
     assert seen == [0, 1]
 
 
-def test_device_loop_refuses_other_schedulers(tiny_engines):
+def test_device_loop_runs_v_prediction_like_the_host_loop(tiny_engines, tmp_path):
+    """The step graph's coefficients come from the sampler for v_prediction too: the same build with a
+    v_prediction scheduler gives the host loop's image on the device loop (ort-cpu here); a scheduler
+    it cannot express (order 3) is refused with the way out."""
+    import json
     from toonark.engines.ort_loop import check_scheduler
-    from toonark.scheduler import DPMSolverConfig, DPMSolverMultistep
-    check_scheduler(DPMSolverMultistep(DPMSolverConfig()))
+    from toonark.engines.pipeline import load_pipeline
+    build = tmp_path / "build"
+    shutil.copytree(tiny_engines, build, ignore=shutil.ignore_patterns("ort-cpu-fp16", "ort-cpu-int8", "ort-cuda*",
+                                                                      "triton_model_repo", "calibration"))
+    config_path = BuildLayout(build).pipeline / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "v_prediction"}))
+    host = load_pipeline(build, "ort-cpu", "fp32")
+    loop = load_pipeline(build, "ort-cpu", "fp32", device_loop=True)
+    assert host.scheduler.config.prediction_type == "v_prediction"
+    a = host("a cartoon fox", seed=3, steps=4, width=128, height=128)
+    b = loop("a cartoon fox", seed=3, steps=4, width=128, height=128)
+    assert b.timings["device_loop"]
+    assert _rel(b.decoded, a.decoded) < 1e-4
     with pytest.raises(ValueError, match="host loop"):
-        check_scheduler(DPMSolverMultistep(DPMSolverConfig(prediction_type="v_prediction")))
+        check_scheduler(SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon", solver_order=3)))
 
 
 def test_python_layout_on_gpu_uses_kind_gpu_and_cuda_graphs(tiny_build):
@@ -126,15 +130,15 @@ def test_ort_cuda_fp16_device_loop_with_cuda_graphs(build_copy):
     """Device loop + CUDA graphs on ort-cuda fp16. The tiny pipeline is built *without* the fusions: ORT's
     fused CUDA kernels refuse its sizes (BiasSplitGelu: hidden size 2560..12288 only; GroupNorm: not 8
     channels in 8 groups), seen on the H100; the fused SD-1.5 build runs in benchmarks/gpu_product.py."""
-    from toonark.pipeline import Text2ImagePipeline
+    from toonark.engines.pipeline import load_pipeline
     results = build_engines(build_copy, "ort-cuda", "fp16", fuse=False)
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert "fusion" not in results[name] and results[name]["source_onnx"].endswith(f"onnx/fp16/{name}/model.onnx")
     size = TEST_LIMITS.opt_image
-    host = Text2ImagePipeline.from_build(build_copy, "ort-cuda", "fp16", device_loop=False)
+    host = load_pipeline(build_copy, "ort-cuda", "fp16", device_loop=False)
     ref = host("a cartoon fox", seed=3, steps=6, width=size, height=size)
-    loop = Text2ImagePipeline.from_build(build_copy, "ort-cuda", "fp16")
-    graph = Text2ImagePipeline.from_build(build_copy, "ort-cuda", "fp16", cuda_graph=True,
+    loop = load_pipeline(build_copy, "ort-cuda", "fp16")
+    graph = load_pipeline(build_copy, "ort-cuda", "fp16", cuda_graph=True,
                                           graph_sizes={"B": 1, "H": size, "W": size})
     assert graph.engines["unet"].graph_values is not None and graph.engines["text_encoder"].graph_values is None
     for pipe in (loop, graph, graph):   # the graph pipeline twice: capture, then replay on the same buffers

@@ -100,7 +100,7 @@ def test_calibration_providers_reach_quantize_static(tiny_int8, monkeypatch, tmp
 
 def test_sampler_inputs_follow_the_schedule():
     module = _module()
-    from toonark.bench import dpm_schedule
+    from toonark.benchmarks.bench import dpm_schedule
     from toonark.specs import PipelineDims
     dims = PipelineDims(text_length=77, text_hidden=32, latent_channels=4, vae_scale=8, vae_scaling_factor=0.18215)
     feeds = module.sampler_inputs(dims, 64, 3, seed=1)

@@ -198,3 +198,62 @@ def test_bad_step_count_raises(steps):
     scheduler = DPMSolverMultistep(DPMSolverConfig.from_dict(SD15))
     with pytest.raises(ValueError, match=re.escape(f"num_inference_steps={steps!r} must be an integer in 1..999")):
         scheduler.schedule(steps)
+
+
+# ---- host update vs the coefficient form the device step graph runs ---------------------------
+
+SOLVER_GRID = [dict(prediction_type=prediction, solver_order=order, use_karras_sigmas=karras, timestep_spacing=spacing)
+               for prediction in ("epsilon", "v_prediction") for order in (1, 2) for karras in (False, True)
+               for spacing in ("leading", "trailing")]
+
+
+@pytest.mark.parametrize("options", SOLVER_GRID, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_coefficient_form_equals_host_step(options):
+    """DPMSolverMultistep.step_coefficients (what engines/ort_loop.py's step graph multiplies) gives the
+    host `step`'s next sample at every step, in float64, for each prediction type, order, Karras on/off."""
+    scheduler = DPMSolverMultistep(DPMSolverConfig.from_dict({**SD15, **options}))
+    steps, guidance = 7, 5.0
+    schedule = scheduler.schedule(steps)
+    rng = np.random.default_rng(3)
+    x_host = rng.standard_normal((1, 4, 8, 8))
+    x_coef, m_prev, state = x_host.copy(), np.zeros_like(x_host), scheduler.initial_state(schedule)
+    for i in range(steps):
+        noise = rng.standard_normal((2, 4, 8, 8))
+        guided = noise[:1] + guidance * (noise[1:] - noise[:1])
+        x_host, state = scheduler.step(guided, x_host, state)
+        g, k1, k2, a, b, c = scheduler.step_coefficients(schedule, i, guidance).astype(np.float64)
+        assert g == guidance
+        m0 = k1 * x_coef - k2 * (noise[:1] + g * (noise[1:] - noise[:1]))
+        x_coef, m_prev = a * x_coef + b * m0 + c * m_prev, m0
+        # float32 coefficients: relative agreement to float32 rounding of the six numbers
+        np.testing.assert_allclose(x_coef, x_host, rtol=2e-5, atol=2e-5 * np.abs(x_host).max())
+
+
+def test_coefficient_form_refuses_what_it_cannot_express():
+    scheduler = DPMSolverMultistep(DPMSolverConfig.from_dict(SD15))
+    from toonark.scheduler import step_coefficients
+    with pytest.raises(ValueError, match="prediction_type 'sample' has no linear step form"):
+        step_coefficients(scheduler.schedule(4), 0, 7.5, prediction_type="sample")
+
+
+@pytest.mark.parametrize("prediction_type, solver_order", [("epsilon", 2), ("epsilon", 1), ("v_prediction", 2)])
+def test_step_graph_matches_host_sampler(tmp_path, prediction_type, solver_order):
+    """CFG + DPM-Solver++ as the ONNX step graph on ORT CPU == toonark.scheduler.DPMSolverMultistep.step."""
+    from toonark.engines.ort_loop import step_model
+    from toonark.ort_session import ort_session
+    scheduler = DPMSolverMultistep(DPMSolverConfig.from_dict({**SD15, "prediction_type": prediction_type,
+                                                              "solver_order": solver_order}))
+    steps, guidance = 6, 7.5
+    schedule = scheduler.schedule(steps)
+    session = ort_session(step_model(tmp_path / "step.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x_ref, state, m_prev = x.copy(), scheduler.initial_state(schedule), np.zeros_like(x)
+    for i in range(steps):
+        noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        eps = noise[:1] + guidance * (noise[1:] - noise[:1])
+        x_ref, state = scheduler.step(eps, x_ref, state)
+        x, m_prev, sample = session.run(None, {"noise_pred": noise, "x": x, "m_prev": m_prev,
+                                                "coef": scheduler.step_coefficients(schedule, i, guidance)})
+        np.testing.assert_allclose(x, x_ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(sample, np.concatenate([x, x]))

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toonark.specs import SERVED_SUBMODELS, PipelineDims, ShapeLimits
+from toonark.specs import PipelineDims, ShapeLimits
 from toonark.scheduler import DPMSolverMultistep
 from toonark.family import FAMILIES, ModelFamily, StableDiffusion
 
@@ -113,26 +113,6 @@ class Text2ImageResult:
     timesteps: np.ndarray | None = None
 
 
-def use_device_loop(backend: str, device_loop: bool | None, scheduler) -> bool:
-    """Whether from_build runs the device loop. None means "where it can": on for ort-cuda unless the
-    scheduler is one the step graph does not implement (e.g. v_prediction), which the host loop runs.
-    An explicit True on a backend or scheduler without one raises ValueError."""
-    from toonark.engines.ort_loop import check_scheduler
-    if device_loop is None:
-        if backend != "ort-cuda":
-            return False
-        try:
-            check_scheduler(scheduler)
-        except ValueError:
-            return False
-        return True
-    if device_loop:
-        if backend not in ("ort-cuda", "ort-cpu"):
-            raise ValueError(f"device_loop runs ONNX Runtime engines (ort-cuda); {backend} has none")
-        check_scheduler(scheduler)
-    return bool(device_loop)
-
-
 class Text2ImagePipeline:
     """Prompt -> images with the engines of one build (any backend / precision).
 
@@ -143,47 +123,15 @@ class Text2ImagePipeline:
     """
 
     def __init__(self, engines: dict, tokenizer: ClipTokenizer, scheduler: DPMSolverMultistep, dims: PipelineDims,
-                 limits: ShapeLimits | None = None, device_loop=None):
-        missing = [name for name in SERVED_SUBMODELS if name not in engines]
+                 limits: ShapeLimits | None = None, device_loop=None, family: ModelFamily = STABLE_DIFFUSION):
+        missing = [name for name in family.served_submodels if name not in engines]
         if missing:
-            raise ValueError(f"engines {missing} are missing; the pipeline needs {list(SERVED_SUBMODELS)}")
+            raise ValueError(f"engines {missing} are missing; the pipeline needs {list(family.served_submodels)}")
         self.engines, self.tokenizer, self.scheduler, self.dims, self.limits = engines, tokenizer, scheduler, dims, limits
-        # toonark.engines.ort_loop.DeviceLoop: the whole loop on the engines' device (ort-cuda builds).
+        self.family = family
+        # A DeviceLoop (toonark.engines.ort_loop): the whole loop on the engines' device (ort-cuda builds).
+        # Built engines and the loop come from toonark.engines.pipeline.load_pipeline.
         self.device_loop = device_loop
-
-    @classmethod
-    def from_build(cls, build_dir: Path, backend: str = "ort-cpu", precision: str | dict[str, str] = "fp32",
-                   device_loop: bool | None = None, **engine_options) -> "Text2ImagePipeline":
-        """Tokenizer and scheduler from OUT/pipeline, engines via toonark.engines.load_engine.
-        precision may map submodels to precisions, e.g. {"unet": "int8", "text_encoder": "fp16", ...}.
-
-        device_loop (default: on for ort-cuda): latents stay on the GPU for the whole request; the UNet writes
-        into fixed buffers and a small ONNX graph does guidance + the DPM-Solver++ update there
-        (toonark.engines.ort_loop). engine_options cuda_graph=True, graph_sizes={"B", "H", "W"} capture the
-        UNet and the VAE decoder as CUDA graphs at those sizes (the text encoder runs without)."""
-        from toonark.engines import load_engine   # lazy: engine backends import heavy runtimes
-        from toonark.specs import BuildInfo
-        from toonark.layout import BuildLayout
-
-        info, layout = BuildInfo.read(build_dir), BuildLayout(build_dir)
-        precisions = precision if isinstance(precision, dict) else dict.fromkeys(SERVED_SUBMODELS, precision)
-        missing = [name for name in SERVED_SUBMODELS if name not in precisions]
-        if missing:
-            raise ValueError(f"precision mapping {precision!r} lacks {missing}; give one for each of "
-                             f"{list(SERVED_SUBMODELS)}")
-        # Decide (and refuse) before any engine is loaded: loading is the slow part.
-        scheduler = DPMSolverMultistep.from_file(layout.pipeline / "scheduler")
-        device_loop = use_device_loop(backend, device_loop, scheduler)
-        graph_options = {k: engine_options.pop(k) for k in ("cuda_graph", "graph_sizes") if k in engine_options}
-        engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options,
-                                     **(graph_options if name != "text_encoder" else {}))
-                   for name in SERVED_SUBMODELS}
-        loop = None
-        if device_loop:
-            from toonark.engines.ort_loop import DeviceLoop
-            loop = DeviceLoop(engines, info.dims)
-        return cls(engines, load_tokenizer(layout.pipeline / "tokenizer"), scheduler, info.dims, info.limits,
-                   device_loop=loop)
 
     def _prompts(self, prompt: str | Sequence[str], batch: int, label: str) -> list[str]:
         if isinstance(prompt, str):
@@ -196,7 +144,7 @@ class Text2ImagePipeline:
     def encode_text(self, prompts: list[str], negative_prompts: list[str]) -> tuple[np.ndarray, list[bool], dict]:
         """[uncond x B, cond x B] text embeddings, per-prompt truncation, and the two timings."""
         start = time.perf_counter()
-        ids, truncated = tokenize(self.tokenizer, negative_prompts + prompts, self.dims.text_length)
+        ids, truncated = self.family.encode_prompts(self.tokenizer, prompts, negative_prompts, self.dims)
         tokenized = time.perf_counter()
         embeddings = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
         encoded = time.perf_counter()
@@ -240,7 +188,7 @@ class Text2ImagePipeline:
         latents, unet_ms, scheduler_ms = denoise_latents(self.scheduler, latents, text_embeddings, schedule, scale,
                                                          lambda feeds: unet.run(feeds)["out_sample"], step_callback)
         before = time.perf_counter()
-        decoded = decode(self.engines["vae_decoder"], latents, self.dims)
+        decoded = decode(self.engines["vae_decoder"], latents, self.dims, self.family)
         decoded_at = time.perf_counter()
         images = to_uint8_hwc(decoded)
         timings.update(unet_ms=unet_ms, scheduler_ms=scheduler_ms, vae_decoder_ms=(decoded_at - before) * 1e3,
@@ -253,10 +201,11 @@ class Text2ImagePipeline:
         """The same request on the device loop: token ids and the starting noise go up once, the image
         comes back once; per step only the timestep and six solver coefficients cross."""
         before = time.perf_counter()
-        ids, truncated = tokenize(self.tokenizer, negatives + prompts, self.dims.text_length)
+        ids, truncated = self.family.encode_prompts(self.tokenizer, prompts, negatives, self.dims)
         timings = {"tokenize_ms": (time.perf_counter() - before) * 1e3}
-        decoded = self.device_loop.image(ids, latents, schedule, guidance, solver_order=self.scheduler.config.solver_order,
-                                         timings=timings)
+        config = self.scheduler.config
+        decoded = self.device_loop.image(ids, latents, schedule, guidance, solver_order=config.solver_order,
+                                         prediction_type=config.prediction_type, timings=timings)
         images = to_uint8_hwc(decoded)
         timings.update(total_ms=(time.perf_counter() - start) * 1e3, device_loop=True)
         return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated[len(prompts):],

@@ -339,6 +339,16 @@ class DPMSolverMultistep:
                 - (alpha_t * np.expm1(-h)) * D0
                 - 0.5 * (alpha_t * np.expm1(-h)) * D1)
 
+    # ---- the same step as coefficients (the device loop's step graph) ----------------------
+
+    def step_coefficients(self, schedule: Schedule, i: int, guidance: float, out_scale: float = 1.0) -> np.ndarray:
+        """Step i of `step` as float32 [guidance, k1, k2, a, b, c] for the on-device step graph
+        (toonark.engines.ort_loop): eps = uncond + guidance * (cond - uncond), m0 = k1 * x - k2 * eps
+        (the data prediction of convert_model_output), x_next = out_scale * (a * x + b * m0 + c * m_prev).
+        tests/test_scheduler.py checks it against `step` for every prediction type, order and spacing."""
+        return step_coefficients(schedule, i, guidance, out_scale=out_scale, solver_order=self.config.solver_order,
+                                 prediction_type=self.config.prediction_type)
+
     # ---- Karras sigmas ----------------------------------------------------------------------
 
     def _karras_sigmas(self, n: int) -> np.ndarray:
@@ -358,3 +368,25 @@ class DPMSolverMultistep:
         low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
         w = float(np.clip((low - log_sigma) / (low - high), 0, 1))
         return (1 - w) * low_idx + w * (low_idx + 1)
+
+
+def step_coefficients(schedule: Schedule, i: int, guidance: float, out_scale: float = 1.0, solver_order: int = 2,
+                      prediction_type: str = "epsilon") -> np.ndarray:
+    """DPMSolverMultistep.step in linear form (see the method of that name): the first-order update at
+    the first step (no previous data prediction) and at the last (lower_order_final), 2M midpoint
+    otherwise; the same schedule arrays as _first_order_update / _second_order_update."""
+    alpha_s, sigma_s = schedule.alpha_t[i], schedule.sigma_t[i]
+    alpha_t, sigma_t = schedule.alpha_t[i + 1], schedule.sigma_t[i + 1]
+    if prediction_type == "epsilon":      # x0 = (x - sigma_s * eps) / alpha_s
+        k1, k2 = 1.0 / alpha_s, sigma_s / alpha_s
+    elif prediction_type == "v_prediction":   # x0 = alpha_s * x - sigma_s * v
+        k1, k2 = alpha_s, sigma_s
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r} has no linear step form; use epsilon or v_prediction")
+    h = schedule.lambda_t[i + 1] - schedule.lambda_t[i]
+    em1 = np.expm1(-h)
+    a, b, c = sigma_t / sigma_s, -alpha_t * em1, 0.0
+    if solver_order >= 2 and 0 < i < len(schedule) - 1:
+        r0 = (schedule.lambda_t[i] - schedule.lambda_t[i - 1]) / h
+        b, c = -alpha_t * em1 * (1.0 + 0.5 / r0), alpha_t * em1 * 0.5 / r0
+    return np.array([guidance, k1, k2, a * out_scale, b * out_scale, c * out_scale], dtype=np.float32)

@@ -240,6 +240,20 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
     }
 
 
+SAFETY_CHECKER = "safety_checker"
+
+
+def safety_checker_spec(image_size: int, special: int = 3, concepts: int = 17) -> SubmodelSpec:
+    """The exported safety checker (export/safety_checker.py): CLIP-preprocessed images in, the cosine
+    distances to its special-care and concept embeddings out (thresholded on the host)."""
+    batch = Axis("B")
+    return SubmodelSpec(
+        SAFETY_CHECKER, SAFETY_CHECKER,
+        inputs=(TensorSpec("clip_input", "float32", (batch, 3, image_size, image_size)),),
+        outputs=(TensorSpec("special_cos_dist", "float32", (batch, special)),
+                 TensorSpec("cos_dist", "float32", (batch, concepts))))
+
+
 # The submodels a text-to-image request runs; vae_encoder is exported for image-to-image users.
 SERVED_SUBMODELS = ("text_encoder", "unet", "vae_decoder")
 
