@@ -1,6 +1,6 @@
 """Client of the `toonark` ensemble over HTTP or gRPC (tritonclient), with a per-stage profile.
 
-    result = generate("127.0.0.1:8000", GenerateOptions(prompt="a happy robot", seed=3), protocol="http")
+    result = generate(api.DEFAULT_HTTP_URL, GenerateOptions(prompt="a happy robot", seed=3), protocol="http")
     open("robot.png", "wb").write(result.images[0])
 
 Optional inputs left as None are not sent, so the server's defaults apply. The profile comes
@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toonark.serving.repository import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
+from toonark import api
+from toonark.api import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
 
 PROTOCOLS = ("http", "grpc")
 # Stages in request order; `unet` runs once per step, called by `denoise`.
 STAGES = ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "safety_checker", "postprocess")
 
-_NUMPY = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+_NUMPY = api.NUMPY_TYPES
 _WIRE = {"STRING": "BYTES"}
 
 
@@ -41,7 +42,7 @@ class GenerateOptions:
     height: int | None = None
     format: str | None = None
     num_images: int | None = None   # 1..4 images of one prompt; image i uses seed + i
-    quality: int | None = None      # WebP quality 1..100 (server default runtime.DEFAULT_QUALITY); PNG ignores it
+    quality: int | None = None      # WebP quality 1..100 (server default api.DEFAULT_QUALITY); PNG ignores it
 
     def inputs(self) -> dict[str, np.ndarray]:
         """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order; each input is the

@@ -34,8 +34,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from toonark import api
 from toonark.serving.client import one_line
-from toonark.serving.repository import ENSEMBLE
+from toonark.api import ENSEMBLE
 
 # APIs a client may not use without the launcher's per-server key: model load/unload/index, shared-memory
 # registration (the server would read client-named memory), trace and log settings.
@@ -110,10 +111,10 @@ def python_models(repo: Path) -> list[str]:
 @dataclass
 class ServerOptions:
     repo: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    host: str = api.DEFAULT_HOST
+    http_port: int = api.DEFAULT_HTTP_PORT
+    grpc_port: int = api.DEFAULT_GRPC_PORT
+    metrics_port: int = api.DEFAULT_METRICS_PORT
     log_verbose: int = 0
     exit_timeout_s: int = 10
     extra_args: tuple[str, ...] = ()

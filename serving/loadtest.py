@@ -1,7 +1,7 @@
 """Load test of a running `toonark` server: N clients x M requests, HTTP and gRPC mixed, bounded in
 count and in time, with throughput, latency percentiles and errors grouped by message.
 
-    report = run_load(LoadConfig(http_url="127.0.0.1:8000", grpc_url="127.0.0.1:8001", clients=8,
+    report = run_load(LoadConfig(http_url=api.DEFAULT_HTTP_URL, grpc_url=api.DEFAULT_GRPC_URL, clients=8,
                                  requests_per_client=200, steps=2, width=64, height=64))
     print(format_table(report)); write_report(Path("loadtest.json"), report)
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toonark import api
 from toonark.serving.client import PROTOCOLS, GenerateOptions, ServerError, connect, generate, one_line
 
 REPORT_KEYS = ("config", "planned", "requests", "ok", "errors", "error_rate", "errors_by_message", "seconds",
@@ -42,7 +43,7 @@ class LoadConfig:
     steps: int = 2
     width: int = 64
     height: int = 64
-    format: str = "png"
+    format: str = api.DEFAULT_FORMAT
     request_timeout_s: float = 120.0
     seed_base: int = 0
 

@@ -40,56 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.specs import SERVED_SUBMODELS, BuildInfo, SubmodelSpec, TensorSpec
 from toonark import triton_model_repo
+# The served API (ensemble I/O, resolved tensors, defaults) is declared in toonark/api.py; re-exported here
+# for the generator's readers.
+from toonark.api import (ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT, RESOLVED,  # noqa: F401
+                         DENOISE_INPUTS, POSTPROCESS_INPUTS, Port, config_defaults)
+from toonark.engines.backends import backend_for
 from toonark.files import atomic_dir
 from toonark.layout import BuildLayout
-from toonark.triton_model_repo.runtime import DEFAULT_QUALITY
+from toonark.specs import SERVED_SUBMODELS, BuildInfo, SubmodelSpec, TensorSpec
 
 LAYOUTS = ("python", "onnxruntime_onnx", "tensorrt_plan")
-ENSEMBLE = "toonark"
 # The model folders Triton loads (thin model.py files) live in the triton_model_repo package.
 SOURCE_DIR = Path(triton_model_repo.__file__).resolve().parent
 
-
-@dataclass(frozen=True)
-class Port:
-    """One tensor of a hand-written (non-spec) model: name, Triton type, dims."""
-    name: str
-    triton_type: str
-    dims: tuple[int, ...]
-    optional: bool = False
-    reshape: tuple[int, ...] | None = None   # the shape the model sees, when it differs from dims
-
-
-# The served API, declared once. Defaults of the optional inputs are resolved in `preprocess`
-# (config parameters from `serving_defaults()`, template / negative prompt / presets from toonark.prompts).
-ENSEMBLE_INPUTS = (
-    # Required, but declared optional: Triton 2.51 does not check an ensemble's required inputs and
-    # answers a request without PROMPT with "unexpected deadlock"; preprocess says "PROMPT is missing".
-    Port("PROMPT", "STRING", (-1,), True),           # one prompt per image (B prompts -> B images)
-    Port("NEGATIVE_PROMPT", "STRING", (-1,), True),  # 1 or B strings, appended to the policy's negative prompt
-    Port("SEED", "INT64", (1,), True),               # noise seed of the whole request (default 0)
-    Port("STEPS", "INT32", (1,), True),              # DPM-Solver++ steps (default: the preset's)
-    Port("PRESET", "STRING", (1,), True),            # "fast" | "standard" | "hq" (toonark.prompts policy)
-    Port("GUIDANCE", "FP32", (1,), True),            # classifier-free guidance scale
-    Port("WIDTH", "INT32", (1,), True),              # pixels, a multiple of the build's image step
-    Port("HEIGHT", "INT32", (1,), True),
-    Port("FORMAT", "STRING", (1,), True),            # "png" | "webp"
-    Port("NUM_IMAGES", "INT32", (1,), True),         # 1..4 images of one PROMPT (<= the build's max batch);
-                                                     # image i is drawn from seed SEED + i alone
-    Port("QUALITY", "INT32", (1,), True),            # WebP quality 1..100 (default DEFAULT_QUALITY); PNG ignores it
-)
-ENSEMBLE_OUTPUTS = (Port("IMAGE", "STRING", (-1,)),)  # encoded image bytes, one per prompt
-# Only when the build has a safety checker (export/safety_checker.py): True where the image was
-# flagged and replaced by a white one. Absent otherwise: no checker ran, so nothing is claimed.
-NSFW_OUTPUT = Port("NSFW", "BOOL", (-1,))
-
-# Request parameters after preprocess resolved the defaults: its outputs, denoise's/postprocess' inputs.
-# seed holds 1 value (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
-RESOLVED = (Port("seed", "INT64", (-1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
-            Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)),
-            Port("quality", "INT32", (1,)))
 
 _TRITON_TYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
                  "float16": "FP16", "float32": "FP32", "float64": "FP64"}
@@ -116,10 +80,9 @@ def spec_port(tensor: TensorSpec, precision: str, name: str | None = None, dtype
 
 
 def serving_defaults(info: BuildInfo) -> dict[str, str]:
-    """Defaults of the optional ensemble inputs (strings: Triton config parameters are strings).
-    Steps, the template and the negative prompt come from toonark.prompts' policy at serve time."""
-    return {"default_seed": "0", "default_guidance": "7.5", "default_width": str(info.limits.opt_image),
-            "default_height": str(info.limits.opt_image), "default_format": "png", "default_quality": str(DEFAULT_QUALITY)}
+    """Defaults of the optional ensemble inputs (toonark.api.config_defaults; strings: Triton config parameters
+    are strings). Steps, the template and the negative prompt come from toonark.prompts' policy at serve time."""
+    return config_defaults(info)
 
 
 # --- config.pbtxt text ------------------------------------------------------------------------
@@ -212,15 +175,17 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout == "tensorrt_plan" and backend != "tensorrt":
+    # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
+    serves_plans = backend_for(backend, strict=False).engine_file.endswith(".plan")
+    if layout == "tensorrt_plan" and not serves_plans:
         raise ValueError(f"layout tensorrt_plan serves TensorRT plans, but backend is {backend!r}; "
                          f"use --backend tensorrt (build it with `make engine BACKEND=tensorrt`)")
-    if layout != "tensorrt_plan" and backend == "tensorrt":
+    if layout != "tensorrt_plan" and serves_plans:
         raise ValueError(f"backend tensorrt builds .plan files; serve them with --layout tensorrt_plan, not {layout!r}")
     specs = info.specs
     metadata = metadata or {}
     te, unet, vae = (specs[n] for n in SERVED_SUBMODELS)
-    engine_kind = "KIND_CPU" if backend == "ort-cpu" else "KIND_GPU"
+    engine_kind = backend_for(backend, strict=False).triton_kind
     configs = {}
     for spec in (te, unet, vae):
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
@@ -236,7 +201,7 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
-            graph = backend == "ort-cuda" and spec.name != te.name
+            graph = backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
@@ -261,19 +226,19 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                                          [te_in[0], *RESOLVED],
                                          backend="python", params=serving_defaults(info))
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *RESOLVED[:5]], [vae_in[0]],
+        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
         backend="python",
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
                 "latent_name": vae_in[0].name})
-    configs["postprocess"] = model_config("postprocess", [vae_out[0], *RESOLVED[5:]], list(ENSEMBLE_OUTPUTS),
+    configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
     steps = [
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
          {te_in[0].name: "input_ids", **resolved}),
         (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
-        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in RESOLVED[:5]}},
+        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
     ]
@@ -290,10 +255,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                     "concept_thresholds": Thresholds.format(thresholds["concept"]),
                     "special_care_thresholds": Thresholds.format(thresholds["special_care"]),
                     "safety_adjustment": str(float(thresholds.get("adjustment", 0.0)))})
-        steps.append(("safety_checker", {"images": "decoded"}, {"checked": "checked", "NSFW": "NSFW"}))
+        steps.append(("safety_checker", {"images": "decoded"}, {"checked": "checked", NSFW_OUTPUT.name: NSFW_OUTPUT.name}))
         outputs, images = ENSEMBLE_OUTPUTS + (NSFW_OUTPUT,), "checked"
-    steps.append(("postprocess", {vae_out[0].name: images, "format": "format", "quality": "quality"},
-                  {"IMAGE": "IMAGE"}))
+    steps.append(("postprocess", {vae_out[0].name: images, **{p.name: p.name for p in POSTPROCESS_INPUTS}},
+                  {p.name: p.name for p in ENSEMBLE_OUTPUTS}))
     configs[ENSEMBLE] = ensemble_config(steps, outputs)
     policy = (queue or QueuePolicy()).config_text()
     for name in configs:
@@ -334,8 +299,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     info = BuildInfo.read(build_dir)
     fix_export = f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first."
     engine_root = paths.engine_dir(backend, precision)
-    from toonark.engines.metadata import engine_file_name, engine_files
-    engine_name = engine_file_name(backend)
+    engine_backend = backend_for(backend)
+    engine_name = engine_backend.engine_file
     metadata = {}
     for name in SERVED_SUBMODELS:
         engine = engine_root / name / engine_name
@@ -370,7 +335,7 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         for name in SERVED_SUBMODELS:
             version = tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
-            for source in engine_files(engine_root / name, backend) + ([metadata_file] if metadata_file.is_file() else []):
+            for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
                 _link_or_copy(source, version / source.name)
             if layout == "python":
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
@@ -389,6 +354,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             pipeline = tmp / name / "1" / "pipeline"
             pipeline.mkdir()
             shutil.copy2(paths.pipeline_info, pipeline / paths.pipeline_info.name)
+            if (paths.pipeline / "model_index.json").is_file():   # the model family (toonark.family_for_folder)
+                shutil.copy2(paths.pipeline / "model_index.json", pipeline / "model_index.json")
             for part in folders:
                 _copy_tree(paths.pipeline / part, pipeline / part, f"pipeline {part}", fix_export)
         (tmp / "README.txt").write_text(

@@ -3,8 +3,8 @@
 Each `triton_model_repo/<name>/1/model.py` only parses its config (`model_parameters`), builds
 one object from here in `initialize`, and moves tensors in and out in `execute`:
 
-    preprocess   RequestPreparer.prepare   prompts + optional inputs -> input_ids (2B, L), resolved values
-    denoise      Denoiser.run              text embeddings -> latents / vae_scaling_factor (unet by callback)
+    preprocess   RequestPreparer.prepare   prompts + optional inputs -> resolved values, input_ids (2B, L)
+    denoise      Denoiser.run              text embeddings -> the VAE's input latents (unet by callback)
     postprocess  encode_images             decoded (B, 3, H, W) in [-1, 1] -> PNG / WebP bytes
     engines      load_runner               the built engine in <model>/1/ (ONNX Runtime)
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, one_value,  # noqa: F401
+                         resolve_request, text_value)
 from toonark.specs import BuildInfo
 
 # Every config parameter a toonark model reads, with its type (config parameters are strings).
@@ -34,20 +35,6 @@ PARAMETER_TYPES: dict[str, type] = {
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
 }
-
-IMAGE_FORMATS = ("png", "webp")
-MAX_NUM_IMAGES = 4          # NUM_IMAGES range 1..4 (and at most the build's max batch)
-QUALITY_RANGE = (1, 100)    # WebP quality; PNG is lossless and ignores it
-DEFAULT_QUALITY = 90        # WebP quality when a request sends none (the preprocess config may set another)
-
-
-class RequestError(ValueError):
-    """A bad request: sent back to the client as the response's error message, the server stays up.
-    `reason` is the safety category when the prompt was refused (a metrics label), else None."""
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason
 
 
 class UpstreamError(RuntimeError):
@@ -117,136 +104,25 @@ def build_info(args: dict) -> BuildInfo:
 
 # --- preprocess -----------------------------------------------------------------------------------
 
-def one_value(values, name: str, default):
-    """A scalar request input (absent -> default)."""
-    if values is None:
-        return default
-    flat = np.asarray(values).reshape(-1)
-    if flat.size != 1:
-        raise RequestError(f"{name} must hold exactly one value, got {flat.size}")
-    value = flat[0]
-    return value.item() if isinstance(value, np.generic) else value   # BYTES arrays hold bytes
-
-
-def _texts(values, name: str) -> list[str]:
-    out = []
-    for value in np.asarray(values, dtype=object).reshape(-1):
-        try:
-            out.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
-        except UnicodeDecodeError:
-            raise RequestError(f"{name} is not valid UTF-8 text") from None
-    return out
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """One request's parameters after defaults and checks (preprocess' outputs)."""
-    input_ids: np.ndarray        # (2B, L) int64, uncond rows first
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    format: str
-    quality: int = DEFAULT_QUALITY
-    # NUM_IMAGES requests: one seed per image (SEED + i); empty: the whole batch's noise from `seed`.
-    image_seeds: tuple[int, ...] = ()
-
-    def tensors(self, input_ids_name: str) -> dict[str, np.ndarray]:
-        return {input_ids_name: self.input_ids,
-                "seed": np.array(self.image_seeds or [self.seed], np.int64),
-                "quality": np.array([self.quality], np.int32), "steps": np.array([self.steps], np.int32),
-                "guidance": np.array([self.guidance], np.float32), "width": np.array([self.width], np.int32),
-                "height": np.array([self.height], np.int32),
-                "format": np.array([self.format.encode()], dtype=np.object_)}
-
-
 class RequestPreparer:
-    """Kid-safe prompt handling (toonark.prompts: template, safety check, default negative prompt,
-    step presets) and tokenization; the one place request defaults are applied."""
+    """A request's ensemble inputs -> (ResolvedRequest, token ids): toonark.api.resolve_request (defaults,
+    ranges, the kid-safe prompt policy: template, safety check, negative prompt, step presets; the same
+    resolver the offline pipeline calls) and the model family's tokenization."""
 
     def __init__(self, pipeline: Path, info: BuildInfo, params: dict, policy=None):
-        from toonark import pipeline as offline
+        from toonark.family import family_for_folder
         from toonark.prompts import PromptPolicy
         self.info = info
-        self.params = params
         self.policy = policy or PromptPolicy.load()
-        self.tokenizer = offline.load_tokenizer(Path(pipeline) / "tokenizer")
-        self._tokenize = offline.tokenize
+        self.family = family_for_folder(pipeline)
+        self.tokenizer = self.family.load_tokenizer(pipeline)
+        # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).
+        self.defaults = {key[len("default_"):]: value for key, value in params.items() if key.startswith("default_")}
 
-    def prepare(self, prompt, negative_prompt=None, seed=None, steps=None, guidance=None, width=None, height=None,
-                format=None, preset=None, num_images=None, quality=None) -> Resolved:
+    def prepare(self, **inputs) -> tuple[ResolvedRequest, np.ndarray]:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
-        p = self.params
-        negative, fmt = negative_prompt, format
-        if prompt is None:   # preprocess declares PROMPT optional so that this message reaches the client
-            raise RequestError("PROMPT is missing: send one prompt per image (a BYTES tensor of shape [B])")
-        subjects = _texts(prompt, "PROMPT")
-        if not subjects:
-            raise RequestError("PROMPT is empty: send one prompt per image")
-        extras = _texts(negative, "NEGATIVE_PROMPT") if negative is not None else [None]
-        if len(extras) not in (1, len(subjects)):
-            raise RequestError(f"NEGATIVE_PROMPT has {len(extras)} entries; send 1 or one per prompt "
-                               f"({len(subjects)})")
-        count = one_value(num_images, "NUM_IMAGES", None)
-        image_seeds: tuple[int, ...] = ()
-        seed = int(one_value(seed, "SEED", p["default_seed"]))
-        if count is not None:
-            count = int(count)
-            if not 1 <= count <= MAX_NUM_IMAGES:
-                raise RequestError(f"NUM_IMAGES {count} is out of range; use 1..{MAX_NUM_IMAGES}")
-            if count > self.info.limits.max_batch:
-                raise RequestError(f"NUM_IMAGES {count} is more than this build serves per request "
-                                   f"({self.info.limits.max_batch}, its max batch); ask for fewer, or re-export with "
-                                   f"`scripts/export.py --max-batch {count}`, then `make engine`")
-            if len(subjects) != 1 and count != 1:
-                raise RequestError(f"NUM_IMAGES repeats one prompt, but {len(subjects)} prompts were sent; send "
-                                   f"one PROMPT with NUM_IMAGES, or one prompt per image without it")
-            subjects = subjects * count
-            # Image i is drawn from seed SEED + i alone: the same picture a NUM_IMAGES=1 request with that seed gets.
-            image_seeds = tuple(seed + i for i in range(count))
-        quality = int(one_value(quality, "QUALITY", p.get("default_quality", DEFAULT_QUALITY)))
-        if not QUALITY_RANGE[0] <= quality <= QUALITY_RANGE[1]:
-            raise RequestError(f"QUALITY {quality} is out of range; use {QUALITY_RANGE[0]}..{QUALITY_RANGE[1]} "
-                               f"(WebP only; PNG ignores it)")
-        guidance = float(one_value(guidance, "GUIDANCE", p["default_guidance"]))
-        width = int(one_value(width, "WIDTH", p["default_width"]))
-        height = int(one_value(height, "HEIGHT", p["default_height"]))
-        fmt = str(text_value(fmt, "FORMAT", p["default_format"])).lower()
-        preset = text_value(preset, "PRESET", None)
-        if fmt not in IMAGE_FORMATS:
-            raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
-        if not 0.0 <= guidance <= 30.0 or not np.isfinite(guidance):
-            raise RequestError(f"GUIDANCE {guidance} is out of range; use 0..30 (7.5 is typical)")
-        if not 0 <= seed < 2 ** 63 - max(len(image_seeds) - 1, 0):
-            raise RequestError(f"SEED {seed} is out of range; use 0..2**63-1"
-                               + (f" minus NUM_IMAGES-1 ({len(image_seeds) - 1})" if len(image_seeds) > 1 else ""))
-        try:
-            steps = self.policy.steps_for(preset, None if steps is None else int(one_value(steps, "STEPS", None)))
-            self.info.limits.check_request(len(subjects), height, width)
-            pairs = [self.policy.compose(subject, extras[0 if len(extras) == 1 else i])
-                     for i, subject in enumerate(subjects)]
-        except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
-            raise RequestError(str(err), getattr(err, "category", None)) from None
-        prompts, negatives = [a for a, _ in pairs], [b for _, b in pairs]
-        input_ids, truncated = self._tokenize(self.tokenizer, negatives + prompts, self.info.dims.text_length)
-        # A prompt past the text encoder's window would lose its tail silently: the kid-style words of the
-        # template follow the subject, so refuse instead. (Negative prompts are the policy's own words first;
-        # a user's extra negative words past the window are dropped, which only weakens the extra steering.)
-        for i, cut in enumerate(truncated[len(negatives):]):
-            if cut:
-                used = len(self.tokenizer.backend.encode(prompts[i], add_special_tokens=False).ids)
-                raise RequestError(f"PROMPT{f' {i}' if len(prompts) > 1 else ''} is too long: {used} tokens with the "
-                                   f"style words, the text encoder reads {self.info.dims.text_length - 2}; "
-                                   f"shorten the subject")
-        return Resolved(np.ascontiguousarray(input_ids, dtype=np.int64), seed, steps, guidance, width, height, fmt,
-                        quality, image_seeds)
-
-
-def text_value(values, name: str, default):
-    """A scalar text request input (absent -> default), BYTES decoded as UTF-8."""
-    value = one_value(values, name, default)
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs)
+        return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
 
 
 # --- denoise --------------------------------------------------------------------------------------
@@ -259,14 +135,15 @@ class Denoiser:
     (the Triton model passes a BLS call to the `unet` model)."""
 
     def __init__(self, pipeline: Path, info: BuildInfo):
-        from toonark.scheduler import DPMSolverMultistep
+        from toonark.family import family_for_folder
         self.info = info
-        self.scheduler = DPMSolverMultistep.from_file(Path(pipeline) / "scheduler")
+        self.family = family_for_folder(pipeline)
+        self.scheduler = self.family.sampler(pipeline)
         self.last_unet_seconds: list[float] = []
 
     def run(self, text_embeddings: np.ndarray, *, seed: int | list[int], steps: int, guidance: float, width: int,
             height: int, unet: UnetCall, float_dtype=np.float32) -> np.ndarray:
-        """Latents ready for the VAE decoder (already divided by vae_scaling_factor).
+        """Latents ready for the VAE decoder (the family's latents_to_vae: divided by vae_scaling_factor).
         seed: one int (the batch's noise from one generator, as the offline pipeline draws it) or one
         seed per image (each image's noise drawn alone: NUM_IMAGES requests)."""
         from toonark import pipeline as offline
@@ -293,7 +170,7 @@ class Denoiser:
         latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings,
                                                       self.scheduler.schedule(steps), guidance, typed_unet)
         self.last_unet_seconds = [ms / 1e3 for ms in unet_ms]
-        return (latents / np.float32(dims.vae_scaling_factor)).astype(np.float32)
+        return self.family.latents_to_vae(latents, dims)
 
 
 # --- postprocess ----------------------------------------------------------------------------------

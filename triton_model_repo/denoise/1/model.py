@@ -4,6 +4,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from toonark import api
 from toonark.triton_model_repo import runtime
 from toonark.triton_model_repo.metrics import Metrics
 
@@ -37,13 +38,16 @@ class TritonPythonModel:
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
     def _one(self, request):
-        def value(name):
-            return runtime.one_value(pb_utils.get_input_tensor_by_name(request, name).as_numpy(), name, None)
+        def tensor(port):
+            return pb_utils.get_input_tensor_by_name(request, port.name).as_numpy()
+
+        def value(port):
+            return api.one_value(tensor(port), port.name, None)
         text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
-        seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1).tolist()
-        latents = self.denoiser.run(text, seed=seeds, steps=int(value("steps")), guidance=float(value("guidance")),
-                                    width=int(value("width")), height=int(value("height")), unet=self._unet,
+        seeds = tensor(api.SEED).reshape(-1).tolist()
+        latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
+                                    width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)), unet=self._unet,
                                     float_dtype=self.float_dtype)
         calls = self.denoiser.last_unet_seconds
         self.metrics.count("toonark_steps_total", len(calls))

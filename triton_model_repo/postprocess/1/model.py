@@ -4,6 +4,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from toonark import api
 from toonark.triton_model_repo import runtime
 from toonark.triton_model_repo.metrics import Metrics
 
@@ -21,9 +22,10 @@ class TritonPythonModel:
     def _one(self, request):
         decoded = pb_utils.get_input_tensor_by_name(request, self.decoded_name).as_numpy()
         # Both always come from preprocess, which applied the defaults.
-        fmt = runtime.text_value(pb_utils.get_input_tensor_by_name(request, "format").as_numpy(), "format", None)
-        quality = int(runtime.one_value(pb_utils.get_input_tensor_by_name(request, "quality").as_numpy(),
-                                        "quality", None))
+        fmt = api.text_value(pb_utils.get_input_tensor_by_name(request, api.FORMAT.name).as_numpy(), api.FORMAT.name,
+                             None)
+        quality = int(api.one_value(pb_utils.get_input_tensor_by_name(request, api.QUALITY.name).as_numpy(),
+                                    api.QUALITY.name, None))
         images = runtime.encode_images(decoded, fmt, quality)
         self.metrics.count("toonark_images_total", len(images), format=fmt)
         return [pb_utils.Tensor(self.output_name, np.array(images, dtype=np.object_))]

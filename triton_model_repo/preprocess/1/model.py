@@ -3,8 +3,8 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from toonark import api
 from toonark.triton_model_repo import runtime
-from toonark.serving.repository import ENSEMBLE_INPUTS
 from toonark.triton_model_repo.metrics import Metrics
 
 
@@ -24,13 +24,14 @@ class TritonPythonModel:
     def _one(self, request):
         # Every ensemble input, PROMPT included, is optional here, so that a missing one gets prepare's message.
         values = {}
-        for port in ENSEMBLE_INPUTS:
+        for port in api.ENSEMBLE_INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, port.name)
             values[port.name.lower()] = None if tensor is None else tensor.as_numpy()
         try:
-            resolved = self.preparer.prepare(**values)
-        except runtime.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
+            resolved, input_ids = self.preparer.prepare(**values)
+        except api.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
             if err.reason:
                 self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
             raise
-        return [pb_utils.Tensor(name, value) for name, value in resolved.tensors(self.input_ids_name).items()]
+        tensors = {self.input_ids_name: input_ids, **resolved.tensors()}
+        return [pb_utils.Tensor(name, value) for name, value in tensors.items()]
