@@ -99,7 +99,7 @@ class DeviceMemory:
 
 def prepare_engines(fp32: dict[str, Path], work: Path, modules, device: str, variants: set[str]) -> dict:
     """Fused (and, for comparison, plain) fp16 graphs for CUDA; the fp32 export as is for CPU."""
-    from toonark.export.fusions import fuse_for_cuda, heads_from_config
+    from toonark.engines.fusions import fuse_for_cuda, heads_from_config
     out: dict = {"fused": {}, "plain": {}, "reports": {}}
     if device != "cuda":
         out["fused"] = dict(fp32)

@@ -8,7 +8,7 @@ One process, one device, same weights, same inputs:
   2. fp32 ONNX with toonark.benchmarks.bench's export recipe (torch.onnx TorchScript exporter, opset 18, the spec's
      names and dynamic axes; optimum is not needed), weights in one model.onnx.data when big;
   3. fp16 ONNX: onnxruntime.transformers' float16 converter, keep_io_types (the `ort-unfused` graph of
-     benchmarks/NOTES.md); optionally the fused fp16 graph (export.fusions.fuse_for_cuda) if time is left;
+     benchmarks/NOTES.md); optionally the fused fp16 graph (engines.fusions.fuse_for_cuda) if time is left;
   4. INT8 QDQ ONNX: toonark.calibration.quantize.quantize_unet (TensorRT-style placement, default
      keep-float layers), MinMax over `--calib` DPM-Solver-like inputs (x_t = alpha_t x0 + sigma_t eps at
      timesteps of the 20-step schedule, CFG batch 2, random text embeddings); calibration runs on the
@@ -136,7 +136,7 @@ def make_fp16(fp32: Path, work: Path, key: dict) -> tuple[Path, dict]:
 
 
 def make_fused(fp32: Path, work: Path, unet, key: dict) -> tuple[Path, dict]:
-    from toonark.export.fusions import fuse_for_cuda, heads_from_config
+    from toonark.engines.fusions import fuse_for_cuda, heads_from_config
     dst = work / "fp16-fused" / "model.onnx"
     if dst.is_file() and _stamp(dst.parent) == key:
         return dst, {"cached": True}

@@ -25,13 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
+from toonark.api import DEFAULT_GUIDANCE
 from toonark.calibration.prompts import Prompt, prompt_set
 from toonark.files import atomic_dir, read_json, sha256_onnx, write_json
 from toonark.layout import BuildLayout
 
 MANIFEST = "manifest.json"
-SERVED_STEPS = 20        # the served default step count (Triton ensemble / pipeline default)
-SERVED_GUIDANCE = 7.5
+
+
+def _served_steps() -> int:
+    from toonark.prompts import PromptPolicy
+    return PromptPolicy.load().steps_for()
+
+
+# What a request without STEPS / GUIDANCE gets served with: the policy's default preset, the API's default.
+SERVED_STEPS = _served_steps()
+SERVED_GUIDANCE = DEFAULT_GUIDANCE
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toonark.calibration.capture import SERVED_GUIDANCE, SERVED_STEPS
 from toonark.engine import Engine
 from toonark.ort_session import ort_session
 
@@ -55,8 +56,8 @@ EMBEDDING_NOTE = ("not computed: no image-embedding model with weights (CLIP ima
 class GateConfig:
     prompts: int = 4            # evaluation prompts (the first N of the evaluation part)
     size: int = 128
-    steps: int = 20
-    guidance: float = 7.5
+    steps: int = SERVED_STEPS
+    guidance: float = SERVED_GUIDANCE
     reference: str = "auto"     # "auto" (fp16 if ORT CPU runs it, else fp32) | "fp16" | "fp32"
     latency_runs: int = 5
 
@@ -209,7 +210,7 @@ def summarize(per_prompt: list[dict]) -> dict:
             "psnr_db_mean": round(statistics.fmean(m["psnr_db"] for m in per_prompt), 3),
             "latent_cosine": worst(m["latent_cosine"] for m in per_prompt),
             "latent_cosine_mean": round(statistics.fmean(m["latent_cosine"] for m in per_prompt), 6),
-            "embedding_distance": None, "embedding_distance_note": EMBEDDING_NOTE,
+            "embedding_distance_note": EMBEDDING_NOTE,
             "prompts": len(per_prompt)}
 
 

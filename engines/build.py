@@ -112,7 +112,7 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     Engines whose engine.json still matches their source ONNX, settings and limits are kept
     ("up to date") unless `force`. threads: ORT intra-op threads recorded as the load default
     (0 = ONNX Runtime's choice). trt_options: see `trt_build_plan`. fuse: build ORT fp16 engines from
-    export.fusions.fuse_for_cuda over the fp32 export (None: on for ort-cuda fp16, engines/ort.py default_fuse);
+    engines.fusions.fuse_for_cuda over the fp32 export (None: on for ort-cuda fp16, engines/ort.py default_fuse);
     the fusion report (op counts) goes into engine.json["fusion"].
     """
     build_dir = Path(build_dir)

@@ -51,7 +51,7 @@ def ort_build_settings(backend: str, *, threads: int | None = None, device_id: i
                        fuse: bool = False) -> dict:
     """The session settings an ORT engine is built with; stored in engine.json and reused at load.
 
-    fuse: build from `export.fusions.fuse_for_cuda` over the fp32 export (fusions first, then fp16, float32
+    fuse: build from `engines.fusions.fuse_for_cuda` over the fp32 export (fusions first, then fp16, float32
     I/O kept), the path toonark's GPU benchmark measured. The engine file is then the fused graph itself and
     ORT's own optimizers run at load (level "all", as measured), not at build: saving an ORT-optimized CUDA
     graph is not what was timed. On ort-cpu, fuse keeps the CPU-runnable subset (cpu_safe)."""
@@ -75,7 +75,7 @@ def ort_build_settings(backend: str, *, threads: int | None = None, device_id: i
         "execution_mode": "sequential",
         "external_data_bytes": external_data_bytes,
     } | ({"graph_optimization_level": "all", "load_optimization_level": "all",
-          "fusion": {"recipe": "export.fusions.fuse_for_cuda", "source_precision": "fp32", "fp16": True,
+          "fusion": {"recipe": "engines.fusions.fuse_for_cuda", "source_precision": "fp32", "fp16": True,
                      "keep_io_types": True, "cpu_safe": kind.on_cpu}} if fuse else {})
 
 
@@ -129,9 +129,9 @@ def session_io(session) -> dict:
 def fuse_engine_source(source_onnx: Path, out_dir: Path, submodel: str, settings: dict) -> dict:
     """settings["fusion"] builds: ORT's diffusion fusions + fp16 over the fp32 `source_onnx`, written as
     out_dir/model.onnx (+ model.onnx.data past the protobuf limit). Returns the fusion report (op counts).
-    num_heads=0: the attention head count is read from the graph (export.fusions._robust_num_heads); the
+    num_heads=0: the attention head count is read from the graph (engines.fusions._robust_num_heads); the
     diffusers UNet config that heads_from_config reads is not copied into the build folder."""
-    from toonark.export.fusions import fuse_for_cuda
+    from toonark.engines.fusions import fuse_for_cuda
     fusion = settings["fusion"]
     report = fuse_for_cuda(source_onnx, Path(out_dir) / "model.onnx", submodel, num_heads=0,
                            fp16=fusion["fp16"], keep_io_types=fusion["keep_io_types"], cpu_safe=fusion["cpu_safe"])

@@ -52,7 +52,7 @@ def test_table_lists_every_backend(tiny_bench):
 def test_interrupted_export_and_fusion_leave_nothing_to_trust(tmp_path, monkeypatch):
     """A run killed mid-write must not leave a model.onnx that the next run skips over."""
     import torch
-    import toonark.export.fusions as fusions
+    import toonark.engines.fusions as fusions
     from toonark.benchmarks.bench import export_onnx, make_modules, pipeline_dims, prepare_engines
 
     class Killed(Exception):
@@ -81,52 +81,50 @@ def test_interrupted_export_and_fusion_leave_nothing_to_trust(tmp_path, monkeypa
     assert not (tmp_path / "work" / "fused-fp16" / "vae_decoder").exists()
 
 
-def test_triton_bench_takes_the_image_size_from_a_timed_request(tmp_path, monkeypatch):
-    """--warmup 0 used to raise NameError (the byte count came from the last warm-up request)."""
+def _triton_gpu_module():
     import importlib.util
-    import sys
-    import types
-    from toonark.serving import client as client_module
-    from toonark.serving import launcher as server as server_module
     spec = importlib.util.spec_from_file_location(
         "triton_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "triton_gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
 
-    class Server:
-        http_url, grpc_url = "localhost:1", "localhost:2"
 
-        def __init__(self, *args, **kwargs):
-            pass
+def _stats(unet_calls: int, unet_infer_ns: int, vae_calls: int) -> dict:
+    """Triton's statistics extension as tritonclient's HTTP client returns it (the JSON of the API)."""
+    def model(name, calls, infer_ns):
+        return {"name": name, "version": "1", "inference_stats": {
+            "success": {"count": calls, "ns": infer_ns + 10 * calls}, "queue": {"count": calls, "ns": 5 * calls},
+            "compute_input": {"count": calls, "ns": 0}, "compute_infer": {"count": calls, "ns": infer_ns},
+            "compute_output": {"count": calls, "ns": 0}}}
+    return {"model_stats": [model("unet", unet_calls, unet_infer_ns), model("vae_decoder", vae_calls, 3_000_000 * vae_calls),
+                            model("idle", 4, 400)]}
 
-        def start(self):
-            pass
 
-        def wait_ready(self, timeout):
-            return 0.1
-
-        def stop(self):
-            pass
+def test_triton_bench_stage_table_is_per_call_and_per_request_deltas():
+    """The per-stage numbers of benchmarks/triton_gpu.py: only the calls between the two snapshots count,
+    per call and per timed request; a model not called in between is left out."""
+    module = _triton_gpu_module()
 
     class Client:
+        def __init__(self, stats):
+            self.stats = stats
+
         def get_inference_statistics(self, **kwargs):
-            return {}
+            return self.stats
 
-        def close(self):
-            pass
+    before = module.full_stats(Client(_stats(unet_calls=20, unet_infer_ns=20_000_000, vae_calls=1)), "http")
+    after = module.full_stats(Client(_stats(unet_calls=60, unet_infer_ns=100_000_000, vae_calls=3)), "http")
+    table = module.stage_table(before, after, requests=2)
+    assert set(table) == {"unet", "vae_decoder"}
+    unet = table["unet"]
+    assert unet["calls"] == 40 and unet["calls_per_request"] == 20.0
+    assert unet["compute_infer_ms_per_call"] == 2.0 and unet["compute_infer_ms_per_request"] == 40.0
+    assert table["vae_decoder"]["compute_infer_ms_per_call"] == 3.0
 
-    calls = []
 
-    def generate(url, options, protocol):
-        calls.append(protocol)
-        return types.SimpleNamespace(seconds=0.01, images=[b"\x89PNG" + b"x" * 96])
-
-    monkeypatch.setitem(sys.modules, "pytriton", types.ModuleType("pytriton"))
-    monkeypatch.setattr(server_module, "TritonServer", Server)
-    monkeypatch.setattr(client_module, "generate", generate)
-    monkeypatch.setattr(client_module, "connect", lambda url, protocol: Client())
-    result = module.main([str(tmp_path / "repo"), "--warmup", "0", "--reps", "2", "--out", str(tmp_path / "out")])
-    assert result["image_png_bytes"] == 100 and calls == ["http", "http", "grpc", "grpc"]
-    assert json.loads((tmp_path / "out" / "triton.json").read_text())["http"]["median_ms"] == 10.0
-    with pytest.raises(SystemExit):
-        module.main([str(tmp_path / "repo"), "--reps", "0"])
+def test_triton_bench_refuses_bad_counts(tmp_path):
+    module = _triton_gpu_module()
+    for argv in (["--reps", "0"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            module.main([str(tmp_path / "repo"), *argv])

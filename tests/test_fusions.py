@@ -1,4 +1,4 @@
-"""ORT's diffusion fusions applied to toonark's export (export/fusions.py), on the tiny pipeline."""
+"""ORT's diffusion fusions applied to toonark's export (engines/fusions.py), on the tiny pipeline."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from toonark.export.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_config, kernel_refusals, op_counts
+from toonark.engines.fusions import CUDA_ONLY_OPS, fuse_for_cuda, heads_from_config, kernel_refusals, op_counts
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _numpy2_int_of_array_is_an_error():
 
 def test_upstream_unet_fusion_fails_under_numpy2_rules(tiny_onnx):
     from onnxruntime.transformers.optimizer import optimize_model
-    from toonark.export.fusions import fusion_options
+    from toonark.engines.fusions import fusion_options
     with warnings.catch_warnings():
         _numpy2_int_of_array_is_an_error()
         # NumPy 1.25-2.3: the DeprecationWarning (made an error above); NumPy 2.4+: a TypeError.

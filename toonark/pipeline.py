@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toonark.specs import PipelineDims, ShapeLimits
+from toonark import api
+from toonark.specs import BuildInfo, PipelineDims, ShapeLimits
 from toonark.scheduler import DPMSolverMultistep
 from toonark.family import FAMILIES, ModelFamily, StableDiffusion
 
@@ -152,7 +153,8 @@ class Text2ImagePipeline:
                 {"tokenize_ms": (tokenized - start) * 1e3, "text_encoder_ms": (encoded - tokenized) * 1e3})
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", seed: int = 0,
-                 steps: int = 20, guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                 steps: int = 20, guidance: float = api.DEFAULT_GUIDANCE, width: int | None = None,
+                 height: int | None = None,
                  batch: int = 1, step_callback: StepCallback | None = None,
                  latents: np.ndarray | None = None) -> Text2ImageResult:
         """Generate `batch` images. width/height default to the build's opt image size (512 without
@@ -168,7 +170,12 @@ class Text2ImagePipeline:
         except (TypeError, ValueError):
             scale = math.nan
         if not math.isfinite(scale):
-            raise ValueError(f"guidance {guidance!r} must be a finite number (7.5 is SD-1.5's usual value)")
+            raise ValueError(f"guidance {guidance!r} must be a finite number ({api.DEFAULT_GUIDANCE} is SD-1.5's "
+                             f"usual value)")
+        low, high = api.GUIDANCE_RANGE
+        if not low <= scale <= high:   # the served range (toonark.api): offline accepts what the server accepts
+            raise ValueError(f"guidance {guidance!r} is out of range; use {low:g}..{high:g} "
+                             f"({api.DEFAULT_GUIDANCE} is typical)")
         if self.limits is not None:
             self.limits.check_request(batch, height, width)
         prompts = self._prompts(prompt, batch, "prompt")
@@ -195,6 +202,29 @@ class Text2ImagePipeline:
                        total_ms=(time.perf_counter() - start) * 1e3)
         return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated,
                                 timesteps=schedule.timesteps)
+
+    def generate(self, policy=None, **request) -> Text2ImageResult:
+        """A served request, offline: the ensemble's inputs as keywords (prompt=<subject>, negative_prompt,
+        seed, steps, preset, guidance, width, height, num_images; format / quality are accepted and only
+        matter to the server's encoder), resolved by toonark.api.resolve_request with the prompt policy
+        (template, negative prompt, presets, safety check), so it accepts and refuses exactly what the
+        server does (api.RequestError) and draws the same pixels."""
+        if self.limits is None:
+            raise ValueError("generate needs the build's limits (load the pipeline with "
+                             "toonark.engines.pipeline.load_pipeline)")
+        if policy is None:
+            from toonark.prompts import PromptPolicy
+            policy = PromptPolicy.load()
+        resolved = api.resolve_request(BuildInfo(self.dims, self.limits), policy, **request)
+        resolved.input_ids(self.tokenizer, self.family, self.dims)   # refuses a prompt past the text window
+        latents = None
+        if resolved.image_seeds:   # NUM_IMAGES: image i from seed SEED + i alone, as the served denoise draws it
+            latents = np.concatenate([initial_latents(s, 1, self.dims, resolved.height, resolved.width,
+                                                      init_noise_sigma=self.scheduler.init_noise_sigma)
+                                      for s in resolved.image_seeds])
+        return self(list(resolved.prompts), list(resolved.negatives), seed=resolved.seed, steps=resolved.steps,
+                    guidance=resolved.guidance, width=resolved.width, height=resolved.height, batch=resolved.batch,
+                    latents=latents)
 
     def _call_on_device(self, prompts: list[str], negatives: list[str], latents: np.ndarray, schedule, guidance: float,
                         start: float) -> Text2ImageResult:
