@@ -9,20 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+from toonark.scripts import _cli as cli
 from toonark.serving.client import PROTOCOLS
 
 DEFAULT_MODEL = Path("build/tiny-pipeline")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"diffusers folder (default {DEFAULT_MODEL}, created when missing)")
     parser.add_argument("--out", type=Path, default=Path("build/tiny"), help="build folder")
     parser.add_argument("--image", type=Path, default=Path("out/demo.png"), help="image file to write")
     parser.add_argument("--prompt", default="a happy otter flying a kite")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="default: the prompt policy's default preset")
     parser.add_argument("--size", type=int, help="width and height (default: the build's smallest size)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     return parser.parse_args(argv)
@@ -64,7 +65,7 @@ def run_demo(args) -> Path:
         url = server.http_url if args.protocol == "http" else server.grpc_url
         result = generate(url, GenerateOptions(args.prompt, seed=args.seed, steps=args.steps, width=size,
                                                height=size), args.protocol, timings=True)
-        t = _stage(f"{size}x{size}, {args.steps} steps over {args.protocol}", t)
+        t = _stage(f"{size}x{size}, {args.steps or 'preset'} steps over {args.protocol}", t)
     t = _stage("server stopped", t)
     args.image.parent.mkdir(parents=True, exist_ok=True)
     args.image.write_bytes(result.images[0])
@@ -73,15 +74,12 @@ def run_demo(args) -> Path:
     return args.image
 
 
+def run(args: argparse.Namespace) -> None:
+    run_demo(args)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from toonark.serving.client import ServerError
-    try:
-        run_demo(args)
-    except (ValueError, RuntimeError, FileNotFoundError, TimeoutError, ServerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from toonark import api
+from toonark.scripts import _cli as cli
 from toonark.serving.client import PROTOCOLS
-from toonark.triton_model_repo.runtime import DEFAULT_QUALITY, IMAGE_FORMATS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT of the HTTP or gRPC endpoint")
+    parser = cli.parser(__doc__, raw=True)
+    parser.add_argument("--url", default=api.DEFAULT_HTTP_URL, help="HOST:PORT of the HTTP or gRPC endpoint")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", help="negative prompt (default: the server's kid-safe one)")
@@ -25,29 +26,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--format", choices=IMAGE_FORMATS, help="default: png, or the --out suffix")
+    parser.add_argument("--format", choices=api.IMAGE_FORMATS, help=f"default: {api.DEFAULT_FORMAT}, or the --out suffix")
     parser.add_argument("--num-images", type=int, help="1..4 images of the prompt (seeds SEED, SEED+1, ...); "
                         "written as OUT, then OUT's name with -2, -3, ...")
-    parser.add_argument("--quality", type=int, help=f"WebP quality 1..100 (server default {DEFAULT_QUALITY}); PNG ignores it")
+    parser.add_argument("--quality", type=int, help=f"WebP quality {api.QUALITY_RANGE[0]}..{api.QUALITY_RANGE[1]} (server default "
+                        f"{api.DEFAULT_QUALITY}); PNG ignores it")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from toonark.serving.client import GenerateOptions, ServerError, format_profile, generate
+def run(args: argparse.Namespace) -> int:
+    from toonark.serving.client import GenerateOptions, format_profile, generate
     fmt = args.format or ("webp" if args.out.suffix.lower() == ".webp" else None)
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                               preset=args.preset,
                               guidance=args.guidance, width=args.width, height=args.height, format=fmt,
                               num_images=args.num_images, quality=args.quality)
-    try:
-        result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
-    except (ServerError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = args.out if i == 0 else args.out.with_name(f"{args.out.stem}-{i + 1}{args.out.suffix}")
@@ -58,6 +55,10 @@ def main(argv=None) -> int:
     if args.timings:
         print(format_profile(result))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from toonark import api
+from toonark.scripts import _cli as cli
 from toonark.serving.client import PROTOCOLS
-from toonark.triton_model_repo.runtime import IMAGE_FORMATS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, raw=True)
     target = parser.add_argument_group("server")
     target.add_argument("--http-url", help="HOST:PORT of a running server's HTTP endpoint")
     target.add_argument("--grpc-url", help="HOST:PORT of a running server's gRPC endpoint")
@@ -32,16 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--format", choices=IMAGE_FORMATS, default="png")
+    parser.add_argument("--format", choices=api.IMAGE_FORMATS, default=api.DEFAULT_FORMAT)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     parser.add_argument("--json", type=Path, help="write the report here (atomically)")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     from toonark.serving.loadtest import LoadConfig, format_table, run_load, write_report
-    from toonark.serving.client import one_line
     protocols = tuple(args.protocol or PROTOCOLS)
     server = None
     try:
@@ -62,9 +61,6 @@ def main(argv=None) -> int:
                             prompt=args.prompt, steps=args.steps, width=args.width, height=args.height,
                             format=args.format, request_timeout_s=args.timeout)
         report = run_load(config)
-    except (ValueError, RuntimeError, FileNotFoundError, TimeoutError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
     finally:
         if server is not None:
             server.stop()
@@ -73,6 +69,10 @@ def main(argv=None) -> int:
         write_report(args.json, report)
         print(f"wrote {args.json}")
     return 0 if report["errors"] == 0 and report["ok"] > 0 else 1
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from toonark.layout import BACKENDS
+from toonark.scripts import _cli as cli
 from toonark.serving.repository import LAYOUTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="build folder (engines built by `make engine`)")
     parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
     parser.add_argument("--precision", default="fp32", help="engine precision: fp32, fp16 or int8")
@@ -24,18 +25,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     from toonark.serving.repository import write_repo
-    try:
-        repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
-                          out=args.repo, intra_op_threads=args.threads)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
+                      out=args.repo, intra_op_threads=args.threads)
     print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
           f"`make serve OUT={args.out}`")
-    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

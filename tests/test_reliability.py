@@ -183,15 +183,24 @@ def test_clients_cannot_change_the_repository(triton_server):
     assert http.get_model_metadata("toonark")["name"] == "toonark"
 
 
-def test_bundled_tritonserver_has_no_request_size_flags():
-    """2.51 has no --http-max-input-size / gRPC max message flags (later releases do): the request-size
-    limits are the prompt policy's caps and the build's max batch, checked in preprocess (above)."""
-    from toonark.serving.launcher import triton_bundle
-    run = subprocess.run([str(triton_bundle() / "bin" / "tritonserver"), "--help"], capture_output=True,
-                         text=True, timeout=60)
-    text = run.stdout + run.stderr   # the usage goes to stderr
-    assert "--http-restricted-api" in text
-    assert "max-input-size" not in text
+def test_oversized_requests_are_refused_by_the_caps_and_the_server_goes_on(triton_server):
+    """The bundled 2.51 has no request-size flags (later releases do), so the request-size limits are the prompt
+    policy's character caps and the build's max batch, checked in preprocess before any engine runs: a 256 KiB
+    subject, a 256 KiB negative prompt and 64 prompts are refused at once and the next request is served."""
+    from tritonclient.utils import InferenceServerException
+    big = "otter " * (1 << 16)
+    cases = [({"PROMPT": texts(big)}, f"subject is {len(big.strip())} characters long; keep it to 200 or fewer"),
+             ({"NEGATIVE_PROMPT": texts(big)}, f"negative is {len(big.strip())} characters long; keep it to 200"),
+             ({"PROMPT": texts(*["a cat"] * 64)}, "batch 64 is outside the built range 1..2")]
+    for changes, message in cases:
+        for protocol in ("http", "grpc"):
+            start = time.monotonic()
+            with pytest.raises(InferenceServerException) as caught:
+                infer(triton_server, protocol, {**good_inputs(), **changes})
+            assert time.monotonic() - start < 2.0, (message, time.monotonic() - start)
+            assert message in caught.value.message(), caught.value.message()
+            assert status_of(caught.value) in ("400", "StatusCode.INVALID_ARGUMENT")
+    assert infer(triton_server, "http", good_inputs()).shape == (1,)
 
 
 def test_pickle_checkpoints_are_refused_by_the_export_cli(tiny_model, tmp_path, capsys):
@@ -219,7 +228,7 @@ def _tiny_repo(root):
 
 
 def test_watchdog_backs_off_and_gives_up_on_failing_reloads(tmp_path, monkeypatch):
-    from toonark.serving import launcher as server as launcher
+    from toonark.serving import launcher
     server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
     assert server.python_models == ["denoise"]
     server._log_file = open(tmp_path / "server.log", "w", encoding="utf-8")
@@ -257,7 +266,7 @@ def test_watchdog_backs_off_and_gives_up_on_failing_reloads(tmp_path, monkeypatc
 
 
 def test_a_failed_start_leaves_no_log_file_or_workdir(tmp_path, monkeypatch):
-    from toonark.serving import launcher as server as launcher
+    from toonark.serving import launcher
     monkeypatch.setattr(launcher, "check_environment", lambda: None)
     monkeypatch.setattr(launcher, "triton_bundle", lambda: tmp_path)
     monkeypatch.setattr(launcher, "install_python_stub", lambda bundle: None)
@@ -275,7 +284,7 @@ def test_a_failed_start_leaves_no_log_file_or_workdir(tmp_path, monkeypatch):
 def test_wait_ready_stops_when_cancelled(tmp_path, monkeypatch):
     import threading
 
-    from toonark.serving import launcher as server as launcher
+    from toonark.serving import launcher
     server = launcher.TritonServer(_tiny_repo(tmp_path / "repo"))
     server.process = subprocess.Popen(["sleep", "30"])
     try:

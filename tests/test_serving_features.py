@@ -108,28 +108,24 @@ def value(metrics, name, **labels) -> float:
 
 # --- 1. prompt-embedding cache ------------------------------------------------------------------------
 
-def test_repeated_prompt_hits_the_text_encoder_cache_and_is_faster(server):
+def test_repeated_prompt_hits_the_text_encoder_cache(server):
+    """Behaviour from Triton's own statistics counters (never wall time, which 2 busy cores make noisy): a
+    repeated prompt is answered from the cache without running the text encoder, the cache key is the whole
+    token input (a new negative prompt misses), and a cached embedding draws the same picture."""
     before = stats(server, "text_encoder")
     prompts = [f"a happy otter number {uuid.uuid4().hex[:6]}" for _ in range(3)]
     first = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 misses
     again = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 hits
     other_seed = run(server, prompt=prompts[0], seed=2).images[0]         # 1 hit
+    other_negative = run(server, prompt=prompts[0], seed=1, negative_prompt="rain").images[0]   # 1 miss
     after = stats(server, "text_encoder")
     delta = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}
-    assert delta["cache_miss"][0] == 3 and delta["cache_hit"][0] == 4, delta
-    assert delta["success"][0] == 7
-    assert delta["compute_infer"][0] == 3, "a hit must not run the text encoder"
+    assert delta["cache_miss"][0] == 4 and delta["cache_hit"][0] == 4, delta
+    assert delta["success"][0] == 8
+    assert delta["compute_infer"][0] == 4, "a hit must not run the text encoder"
     assert first == again, "the cached embeddings must give the same picture"
     assert other_seed != first[0]
-    # Per-request text_encoder time from the same run's statistics: a hit costs the cache lookup,
-    # a miss its queue + compute (input, infer, output) + the lookup and insertion.
-    hit_us = delta["cache_hit"][1] / delta["cache_hit"][0] / 1e3
-    miss_us = sum(delta[k][1] for k in ("queue", "compute_input", "compute_infer", "compute_output", "cache_miss")) \
-        / delta["cache_miss"][0] / 1e3
-    print(f"\ntext_encoder per request: cache hit {hit_us:.1f} us, miss {miss_us:.1f} us "
-          f"(compute_infer {delta['compute_infer'][1] / 3e3:.1f} us, cache insert+lookup "
-          f"{delta['cache_miss'][1] / 3e3:.1f} us); success avg {delta['success'][1] / 7e3:.1f} us")
-    assert hit_us < miss_us
+    assert other_negative != first[0], "a new negative prompt must be encoded, not served from the cache"
 
 
 def test_only_the_text_encoder_caches(server):
