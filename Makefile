@@ -6,10 +6,11 @@ MODEL       ?= build/tiny-pipeline
 OUT         ?= build/tiny
 BACKEND     ?= ort-cpu
 PRECISION   ?= fp32
-HTTP_PORT   ?= 8000
-GRPC_PORT   ?= 8001
-METRICS_PORT?= 8002
-HOST        ?= 127.0.0.1
+# Empty: scripts/serve.py's defaults, which come from toonark/api.py (8000 / 8001 / 8002 on 127.0.0.1).
+HTTP_PORT   ?=
+GRPC_PORT   ?=
+METRICS_PORT?=
+HOST        ?=
 PYTEST_ARGS ?=
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean
@@ -64,7 +65,7 @@ repo: setup
 	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT)
 
 serve: setup
-	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 trtexec: setup
 	$(PY) scripts/trtexec.py --out $(OUT)

@@ -52,7 +52,7 @@ class GenerateOptions:
         out = {}
         for port in ENSEMBLE_INPUTS:
             value = getattr(self, port.name.lower())
-            if port.name == "PROMPT" and isinstance(value, tuple):
+            if port.dims == (-1,) and isinstance(value, tuple):   # one entry per image (PROMPT, NEGATIVE_PROMPT)
                 value = list(value)
             if value is None:
                 continue
