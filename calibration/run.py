@@ -13,6 +13,7 @@ beside an unscored model) rather than the old one.
 from __future__ import annotations
 
 import shutil
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from toonark.calibration.prompts import prompt_set
 from toonark.calibration.quantize import QuantConfig, quantize_unet, read_quantize_info
 from toonark.calibration.sheets import write_sheets
 from toonark.specs import BuildInfo
+
+logger = logging.getLogger(__name__)
 from toonark.files import read_json, sha256_onnx, write_json
 from toonark.layout import BuildLayout
 
@@ -71,11 +74,12 @@ def invalidate_stale(build_dir: Path, source_sha: str) -> list[str]:
 
 def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_config: QuantConfig = QuantConfig(),
               gate_config: GateConfig = GateConfig(), thresholds: dict | None = None, *, force: bool = False,
-              progress: bool = True, log=print, load_pipeline=None) -> dict:
+              progress: bool = True, log=None, load_pipeline=None) -> dict:
     """Run the whole stage; return the report. Raises GateFailed (after writing the report) when
     the INT8 UNet misses a threshold. load_pipeline: toonark.engines.pipeline.load_pipeline (the
     engines stage comes after this one, so its caller passes it in)."""
     build_dir = Path(build_dir)
+    log = log or logger.info   # the stage's progress lines; scripts/calibrate.py shows them
     started = time.perf_counter()
     quant_config.check_available()
     thresholds = check_thresholds(thresholds or {})

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from toonark.ort_session import ort_session
+from toonark.specs import SD
 from toonark.family import FAMILIES, ModelFamily, StableDiffusion
 # The sampler's linear form lives with the sampler; re-exported for the bench and older callers.
 from toonark.scheduler import step_coefficients  # noqa: F401
@@ -147,7 +148,7 @@ class DeviceLoop:
         else:
             providers = ["CPUExecutionProvider"]
         self.step = ort_session(step_model_proto().SerializeToString(), providers=providers, threads=1)
-        timestep = engines["unet"].metadata["io"]["inputs"]["timestep"]["shape"]
+        timestep = engines["unet"].metadata["io"]["inputs"][SD.timestep]["shape"]
         self.timestep_shape = tuple(1 for _ in timestep)
         self._buffers: dict = {}
         self._coef = np.zeros(6, np.float32)
@@ -184,21 +185,22 @@ class DeviceLoop:
         width = height if width is None else width
         key = (batch, height, width)
         if key not in self._buffers:
-            d = self.dims
-            lat = (batch, d.latent_channels, height // d.vae_scale, width // d.vae_scale)
-            cfg_lat = (2 * batch,) + lat[1:]
-            text_shape = (2 * batch, d.text_length, d.text_hidden)
+            # Every shape from the declarations (toonark.specs via the family) at this request's sizes.
+            specs = self.family.specs(self.dims)
+            sizes = {"B": batch, "H": height, "W": width}
+            te, unet, vae = (specs[name].shapes(sizes) for name in ("text_encoder", "unet", "vae_decoder"))
+            lat = vae[SD.latent_sample]
             self._buffers[key] = {
-                "ids": self.value(np.zeros((2 * batch, d.text_length), np.int64)),
-                "text": self._owned("unet", "encoder_hidden_states", text_shape),
-                "sample": self._owned("unet", "sample", cfg_lat),
-                "timestep": self._owned("unet", "timestep", self.timestep_shape),
-                "noise": self._owned("unet", "out_sample", cfg_lat),
+                "ids": self.value(np.zeros(te[SD.input_ids], np.int64)),
+                "text": self._owned("unet", SD.encoder_hidden_states, unet[SD.encoder_hidden_states]),
+                "sample": self._owned("unet", SD.sample, unet[SD.sample]),
+                "timestep": self._owned("unet", SD.timestep, self.timestep_shape),
+                "noise": self._owned("unet", SD.noise_pred, unet[SD.noise_pred]),
                 # zero-filled: the first step multiplies m_prev by c = 0, and 0 * (uninitialized NaN) is NaN
                 "x": [self.zeros(lat), self.zeros(lat)], "m": [self.zeros(lat), self.zeros(lat)],
-                # the last step's output, already divided by the VAE scaling factor: the VAE's one input buffer
-                "final": self._owned("vae_decoder", "latent_sample", lat),
-                "image": self._owned("vae_decoder", "sample", (batch, d.in_channels, height, width)),
+                # the last step's output, already scaled for the VAE: the VAE's one input buffer
+                "final": self._owned("vae_decoder", SD.latent_sample, lat),
+                "image": self._owned("vae_decoder", SD.image, vae[SD.image]),
             }
         return self._buffers[key]
 
@@ -220,15 +222,15 @@ class DeviceLoop:
             self.run(engine.session, inputs, outputs)
 
     def text(self, buf):
-        self._run_engine("text_encoder", {"input_ids": buf["ids"]}, {"last_hidden_state": buf["text"]})
+        self._run_engine("text_encoder", {SD.input_ids: buf["ids"]}, {SD.text_embeddings: buf["text"]})
 
     def unet(self, buf):
-        self._run_engine("unet", {"sample": buf["sample"], "timestep": buf["timestep"],
-                                  "encoder_hidden_states": buf["text"]}, {"out_sample": buf["noise"]})
+        self._run_engine("unet", {SD.sample: buf["sample"], SD.timestep: buf["timestep"],
+                                  SD.encoder_hidden_states: buf["text"]}, {SD.noise_pred: buf["noise"]})
 
     def vae(self, buf):
         # Always the same input buffer: a captured CUDA graph replays with the addresses it was captured with.
-        self._run_engine("vae_decoder", {"latent_sample": buf["final"]}, {"sample": buf["image"]})
+        self._run_engine("vae_decoder", {SD.latent_sample: buf["final"]}, {SD.image: buf["image"]})
 
     def denoise(self, buf, schedule, guidance: float, solver_order: int = 2, prediction_type: str = "epsilon") -> None:
         """The scheduler loop on the device: from buf["x"][0] / buf["sample"] to buf["final"]."""

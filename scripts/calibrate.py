@@ -8,6 +8,7 @@ reference.png, compare.png}; exits 1 when the gate fails (the report is still wr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from toonark.calibration.capture import SERVED_GUIDANCE, SERVED_STEPS, CaptureConfig
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from toonark.calibration.run import GateFailed, calibrate
     from toonark.engines.pipeline import load_pipeline
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # the stage's progress lines
     try:
         if args.size is None:
             from toonark.specs import BuildInfo

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from toonark import api
-from toonark.specs import BuildInfo, PipelineDims, ShapeLimits
+from toonark.specs import SD, BuildInfo, PipelineDims, ShapeLimits
 from toonark.scheduler import DPMSolverMultistep
 from toonark.family import FAMILIES, ModelFamily, StableDiffusion
 
@@ -57,9 +57,9 @@ def unet_feeds(latents: np.ndarray, timestep: int, text_embeddings: np.ndarray) 
     if text_embeddings.shape[0] != 2 * latents.shape[0]:
         raise ValueError(f"text embeddings have {text_embeddings.shape[0]} rows for {latents.shape[0]} latents; "
                          f"classifier-free guidance needs 2B rows ([uncond x B, cond x B])")
-    return {"sample": np.concatenate([latents, latents]),
-            "timestep": np.full((1,), timestep, dtype=np.float32),
-            "encoder_hidden_states": text_embeddings}
+    return {SD.sample: np.concatenate([latents, latents]),
+            SD.timestep: np.full((1,), timestep, dtype=np.float32),
+            SD.encoder_hidden_states: text_embeddings}
 
 
 def classifier_free_guidance(noise_pred: np.ndarray, guidance: float) -> np.ndarray:
@@ -93,7 +93,7 @@ def denoise_latents(scheduler, latents: np.ndarray, text_embeddings: np.ndarray,
 def decode(vae_decoder, latents: np.ndarray, dims: PipelineDims, family: ModelFamily = STABLE_DIFFUSION) -> np.ndarray:
     """Latents -> float32 images (B, 3, H, W) in about [-1, 1]."""
     scaled = family.latents_to_vae(latents, dims)
-    return vae_decoder.run({"latent_sample": scaled})["sample"].astype(np.float32, copy=False)
+    return vae_decoder.run({SD.latent_sample: scaled})[SD.image].astype(np.float32, copy=False)
 
 
 def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
@@ -147,7 +147,7 @@ class Text2ImagePipeline:
         start = time.perf_counter()
         ids, truncated = self.family.encode_prompts(self.tokenizer, prompts, negative_prompts, self.dims)
         tokenized = time.perf_counter()
-        embeddings = self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        embeddings = self.engines["text_encoder"].run({SD.input_ids: ids})[SD.text_embeddings]
         encoded = time.perf_counter()
         return (embeddings.astype(np.float32, copy=False), truncated[len(prompts):],
                 {"tokenize_ms": (tokenized - start) * 1e3, "text_encoder_ms": (encoded - tokenized) * 1e3})
@@ -193,7 +193,7 @@ class Text2ImagePipeline:
         text_embeddings, truncated, timings = self.encode_text(prompts, negatives)
         unet = self.engines["unet"]
         latents, unet_ms, scheduler_ms = denoise_latents(self.scheduler, latents, text_embeddings, schedule, scale,
-                                                         lambda feeds: unet.run(feeds)["out_sample"], step_callback)
+                                                         lambda feeds: unet.run(feeds)[SD.noise_pred], step_callback)
         before = time.perf_counter()
         decoded = decode(self.engines["vae_decoder"], latents, self.dims, self.family)
         decoded_at = time.perf_counter()

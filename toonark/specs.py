@@ -205,6 +205,21 @@ class SubmodelSpec:
         return feeds
 
 
+class SD:
+    """Tensor names of the Stable Diffusion submodels, declared once: submodel_specs below builds the
+    specs from them, and the loops (toonark.pipeline, engines/ort_loop.py) and the served models read
+    them from here instead of retyping strings."""
+    input_ids = "input_ids"                         # text_encoder in
+    text_embeddings = "last_hidden_state"           # text_encoder out
+    sample = "sample"                               # unet in: latents (2B for classifier-free guidance)
+    timestep = "timestep"                           # unet in
+    encoder_hidden_states = "encoder_hidden_states"  # unet in: the text embeddings
+    noise_pred = "out_sample"                       # unet out
+    latent_sample = "latent_sample"                 # vae_decoder in
+    image = "sample"                                # vae_decoder out (and vae_encoder in)
+    latent_parameters = "latent_parameters"         # vae_encoder out
+
+
 def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
     """The four submodels of a SD-1.5/2.1-style pipeline, in data-flow order."""
     batch, cfg_batch = Axis("B"), Axis("B", mul=2)
@@ -214,28 +229,28 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
     return {
         "text_encoder": SubmodelSpec(
             "text_encoder", "text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", (cfg_batch, dims.text_length)),),
+            inputs=(TensorSpec(SD.input_ids, "int64", (cfg_batch, dims.text_length)),),
             # optimum also exports pooler_output; export prunes it (SD conditions on the last hidden state only).
-            outputs=(TensorSpec("last_hidden_state", "float", (cfg_batch, dims.text_length, dims.text_hidden)),),
+            outputs=(TensorSpec(SD.text_embeddings, "float", (cfg_batch, dims.text_length, dims.text_hidden)),),
         ),
         "unet": SubmodelSpec(
             "unet", "unet",
-            inputs=(TensorSpec("sample", "float", (cfg_batch,) + latents),
+            inputs=(TensorSpec(SD.sample, "float", (cfg_batch,) + latents),
                     # Shape [1], not a scalar: Triton has no 0-d tensors and TensorRT's demo feeds [1] too;
                     # export reshapes it to the scalar the traced UNet wants (GraphPasses.vectorize_scalar_inputs).
-                    TensorSpec("timestep", "float32", (1,)),
-                    TensorSpec("encoder_hidden_states", "float", (cfg_batch, dims.text_length, dims.text_hidden))),
-            outputs=(TensorSpec("out_sample", "float", (cfg_batch,) + latents),),
+                    TensorSpec(SD.timestep, "float32", (1,)),
+                    TensorSpec(SD.encoder_hidden_states, "float", (cfg_batch, dims.text_length, dims.text_hidden))),
+            outputs=(TensorSpec(SD.noise_pred, "float", (cfg_batch,) + latents),),
         ),
         "vae_decoder": SubmodelSpec(
             "vae_decoder", "vae",
-            inputs=(TensorSpec("latent_sample", "float", (batch,) + latents),),
-            outputs=(TensorSpec("sample", "float", (batch, dims.in_channels, img_h, img_w)),),
+            inputs=(TensorSpec(SD.latent_sample, "float", (batch,) + latents),),
+            outputs=(TensorSpec(SD.image, "float", (batch, dims.in_channels, img_h, img_w)),),
         ),
         "vae_encoder": SubmodelSpec(
             "vae_encoder", "vae",
-            inputs=(TensorSpec("sample", "float", (batch, dims.in_channels, img_h, img_w)),),
-            outputs=(TensorSpec("latent_parameters", "float", (batch, 2 * dims.latent_channels, lat_h, lat_w)),),
+            inputs=(TensorSpec(SD.image, "float", (batch, dims.in_channels, img_h, img_w)),),
+            outputs=(TensorSpec(SD.latent_parameters, "float", (batch, 2 * dims.latent_channels, lat_h, lat_w)),),
         ),
     }
 
