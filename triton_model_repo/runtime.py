@@ -196,8 +196,9 @@ def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY)
 # --- engines --------------------------------------------------------------------------------------
 
 def load_runner(args: dict, params: dict):
-    """The engine of a served submodel, from <model>/1/ (model.onnx + engine.json + pipeline/toonark.json)."""
-    from toonark.engines.ort import OrtEngine
+    """The engine of a served submodel, from <model>/1/ (model.onnx + engine.json + pipeline/toonark.json),
+    loaded by the backend object engine.json names (the python layout serves ONNX Runtime engines)."""
+    from toonark.engines.backends import backend_for
     folder = version_dir(args)
     name = json.loads(args["model_config"])["name"]
     spec = build_info(args).specs[name]
@@ -209,5 +210,6 @@ def load_runner(args: dict, params: dict):
     # "B=1,H=512,W=512": replay a CUDA graph at that size (ort-cuda; other sizes use a dynamic session).
     sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in params.get("cuda_graph_sizes", "").split(",")
                                             if item.strip())}
-    return OrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads,
-                     cuda_graph=bool(sizes), graph_sizes=sizes or None)
+    return backend_for(metadata["backend"]).load(
+        folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
+        graph_sizes=sizes or None)
