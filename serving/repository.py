@@ -7,7 +7,8 @@
       text_encoder  (engine)  input_ids -> last_hidden_state; Triton's response cache on (the prompt-embedding
                               cache: needs the server's --cache-config; why only here: repo_configs)
       denoise       (python)  DPM-Solver++ 2M with classifier-free guidance; calls `unet` by BLS each step;
-                              returns latents / vae_scaling_factor (the only place that factor is applied)
+                              returns the VAE decoder's input (the model family's latents_to_vae: the
+                              one place the scaling factor is applied)
       unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
       vae_decoder   (engine)  latent_sample -> sample
       safety_checker (python) only when OUT/safety_checker/ exists (export/safety_checker.py): CLIP safety
@@ -16,8 +17,8 @@
 
 Every Python model reports toonark_* Prometheus metrics (triton_model_repo/metrics.py).
 
-Every config.pbtxt is written here: the ensemble I/O comes from ENSEMBLE_INPUTS / ENSEMBLE_OUTPUTS
-below, every submodel I/O block from the export specs (toonark.specs). Triton 2.51 ensembles
+Every config.pbtxt is written here: the ensemble I/O comes from toonark.api's ENSEMBLE_INPUTS /
+ENSEMBLE_OUTPUTS (the served API, declared once), every submodel I/O block from the specs (toonark.specs). Triton 2.51 ensembles
 accept `optional: true` inputs (checked on the bundled server) and hand "absent" on to the step that
 declares the same input optional, so `preprocess` declares them optional and fills in the defaults.
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from server_fixtures import triton_repo, triton_server  # noqa: F401  (pytest fixtures)
 
+from toonark import api
 from toonark.serving.client import GenerateOptions, generate
 
 pytestmark = pytest.mark.server
@@ -78,15 +79,14 @@ def offline_hashes(build: Path, request: dict) -> list[str]:
         latents = np.concatenate([initial_latents(seed + i, 1, info.dims, height, width) for i in range(count)])
     result = pipe([p for p, _ in pairs], [n for _, n in pairs], seed=seed,
                   steps=policy.steps_for(request.get("preset"), request.get("steps")),
-                  guidance=7.5 if request.get("guidance") is None else request["guidance"],
+                  guidance=api.DEFAULT_GUIDANCE if request.get("guidance") is None else request["guidance"],
                   width=width, height=height, batch=len(pairs), latents=latents)
     return [sha256(np.ascontiguousarray(image).tobytes()) for image in result.images]
 
 
 def test_golden_requests_cover_every_optional_input():
-    from toonark.serving.repository import ENSEMBLE_INPUTS
     sent = {key.upper() for request in REQUESTS.values() for key in request}
-    assert sent == {port.name for port in ENSEMBLE_INPUTS}
+    assert sent == {port.name for port in api.ENSEMBLE_INPUTS}
 
 
 def test_served_and_offline_images_match_the_golden_hashes(triton_server, tiny_engines):
