@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toonark.specs import BuildInfo, PipelineDims, ShapeLimits, SubmodelSpec, submodel_specs
+from toonark.family import family_for_folder
+from toonark.specs import BuildInfo, PipelineDims, ShapeLimits, SubmodelSpec
 from toonark.files import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from toonark.layout import BuildLayout
 
@@ -69,7 +70,7 @@ def check_model_folder(model_dir: Path) -> PipelineDims:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder not found: {model_dir}. Pass a diffusers folder saved by "
                                 f"save_pretrained (make tiny MODEL={model_dir} writes a random-weight one)")
-    dims = PipelineDims.from_folder(model_dir)
+    dims = family_for_folder(model_dir).dims_from_folder(model_dir)
     for component in COMPONENTS:
         folder = model_dir / component
         if any(folder.glob("*.safetensors")):
@@ -275,7 +276,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
             raise ValueError(f"precision {precision!r} cannot be exported; choose from {', '.join(EXPORT_PRECISIONS)} "
                              f"(int8 comes from `make calibrate`)")
     dims = check_model_folder(model_dir)
-    specs = submodel_specs(dims)
+    specs = family_for_folder(model_dir).specs(dims)   # the family's declarations (model_index.json)
     check_profiles(specs, limits)
     submodels = tuple(specs) if submodels is None else tuple(submodels)
     for name in submodels:

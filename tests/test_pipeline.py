@@ -205,3 +205,21 @@ def test_generate_draws_the_golden_pixels_and_refuses_like_the_server(tiny_engin
         pipe.generate(prompt="a kite", num_images=5)
     with pytest.raises(ValueError, match="guidance 31 is out of range; use 0..30"):
         pipe("a kite", guidance=31, width=SIZE, height=SIZE)
+
+
+def test_model_family_comes_from_model_index(tiny_model, tmp_path):
+    """The family is read from model_index.json: the tiny diffusers folder is Stable Diffusion (its specs are
+    the declarations the build uses); a pipeline class toonark has no family for is refused by name."""
+    import json
+    from toonark.family import StableDiffusion, family_for_folder
+    from toonark.specs import submodel_specs
+    family = family_for_folder(tiny_model)
+    assert isinstance(family, StableDiffusion)
+    dims = family.dims_from_folder(tiny_model)
+    assert family.specs(dims) == submodel_specs(dims) and family.served_submodels[0] == "text_encoder"
+    latents = np.full((1, dims.latent_channels, 2, 2), 2.0, np.float32)
+    np.testing.assert_array_equal(family.latents_to_vae(latents, dims), latents / np.float32(dims.vae_scaling_factor))
+    assert family.vae_input_scale(dims) == 1.0 / dims.vae_scaling_factor
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="'FluxPipeline' is not a model family toonark knows"):
+        family_for_folder(tmp_path)
