@@ -8,12 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from toonark.specs import PRECISIONS, submodel_specs
 from toonark.layout import BACKENDS
+from toonark.scripts import _cli as cli
+from toonark.specs import PRECISIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="build folder (made by `make export`)")
     parser.add_argument("--backend", choices=BACKENDS, required=True)
     parser.add_argument("--precision", choices=PRECISIONS, required=True,
@@ -43,8 +44,7 @@ def format_table(results: dict, engine_root: Path) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     from toonark.engines.build import build_engines
     from toonark.layout import BuildLayout
     # The library logs progress ("unet: up to date ..."); a CLI shows it.
@@ -58,14 +58,13 @@ def main(argv=None) -> int:
         trt_options["refit"] = True
     if args.strongly_typed:
         trt_options["strongly_typed"] = True
-    try:
-        results = build_engines(args.out, args.backend, args.precision, submodels=args.submodel, force=args.force,
-                                threads=args.threads, device_id=args.device_id, trt_options=trt_options or None)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    results = build_engines(args.out, args.backend, args.precision, submodels=args.submodel, force=args.force,
+                            threads=args.threads, device_id=args.device_id, trt_options=trt_options or None)
     print(format_table(results, BuildLayout(args.out).engine_dir(args.backend, args.precision)))
-    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

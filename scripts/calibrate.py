@@ -14,6 +14,7 @@ import sys
 from toonark.calibration.capture import SERVED_GUIDANCE, SERVED_STEPS, CaptureConfig
 from toonark.calibration.gate import DEFAULT_THRESHOLDS, GateConfig
 from toonark.calibration.quantize import DEFAULT_KEEP_FLOAT, DEFAULT_OP_TYPES, KEEP_FLOAT_GROUPS, METHODS, QuantConfig
+from toonark.scripts import _cli as cli
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -21,8 +22,8 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calibrate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, raw=True)
+    parser.prog = "calibrate.py"
     parser.add_argument("--out", required=True, help="build folder (OUT of make export)")
     sampling = parser.add_argument_group("sampling (capture and gate)")
     sampling.add_argument("--calib-prompts", type=int, default=CaptureConfig.prompts,
@@ -63,36 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from toonark.calibration.run import GateFailed, calibrate
+def run(args: argparse.Namespace) -> None:
+    """A failing gate raises GateFailed (a RuntimeError): `error: INT8 UNet failed the quality gate: ...`, exit 1."""
+    from toonark.calibration.run import calibrate
     from toonark.engines.pipeline import load_pipeline
     logging.basicConfig(level=logging.INFO, format="%(message)s")   # the stage's progress lines
-    try:
-        if args.size is None:
-            from toonark.specs import BuildInfo
-            args.size = BuildInfo.read(args.out).limits.min_image
-        capture_config = CaptureConfig(prompts=args.calib_prompts, size=args.size, steps=args.steps,
-                                       guidance=args.guidance)
-        quant_config = QuantConfig(method=args.method, percentile=args.percentile, op_types=args.op_types,
-                                   keep_float=args.keep_float, exclude_patterns=tuple(args.exclude_pattern),
-                                   output_quantization=args.output_quantization, smooth_quant=args.smooth_quant,
-                                   smooth_quant_alpha=args.smooth_quant_alpha, preprocess=args.preprocess,
-                                   chunk=args.chunk)
-        gate_config = GateConfig(prompts=args.eval_prompts, size=args.size, steps=args.steps,
-                                 guidance=args.guidance, reference=args.reference)
-        report = calibrate(args.out, capture_config, quant_config, gate_config,
-                           {"psnr_db": args.min_psnr, "latent_cosine": args.min_latent_cosine},
-                           force=args.force, progress=not args.quiet, load_pipeline=load_pipeline)
-    except GateFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.size is None:
+        from toonark.specs import BuildInfo
+        args.size = BuildInfo.read(args.out).limits.min_image
+    capture_config = CaptureConfig(prompts=args.calib_prompts, size=args.size, steps=args.steps,
+                                   guidance=args.guidance)
+    quant_config = QuantConfig(method=args.method, percentile=args.percentile, op_types=args.op_types,
+                               keep_float=args.keep_float, exclude_patterns=tuple(args.exclude_pattern),
+                               output_quantization=args.output_quantization, smooth_quant=args.smooth_quant,
+                               smooth_quant_alpha=args.smooth_quant_alpha, preprocess=args.preprocess,
+                               chunk=args.chunk)
+    gate_config = GateConfig(prompts=args.eval_prompts, size=args.size, steps=args.steps,
+                             guidance=args.guidance, reference=args.reference)
+    report = calibrate(args.out, capture_config, quant_config, gate_config,
+                       {"psnr_db": args.min_psnr, "latent_cosine": args.min_latent_cosine},
+                       force=args.force, progress=not args.quiet, load_pipeline=load_pipeline)
     print(f"INT8 UNet passed the quality gate: {report['int8_onnx']}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

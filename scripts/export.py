@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from toonark.scripts import _cli as cli
 from toonark.specs import ShapeLimits
 
 EXPORTABLE_PRECISIONS = ("fp32", "fp16")
@@ -15,7 +16,7 @@ EXPORTABLE_PRECISIONS = ("fp32", "fp16")
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = ShapeLimits()
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--model", type=Path, required=True, help="diffusers folder (safetensors weights)")
     parser.add_argument("--out", type=Path, required=True, help="build folder")
     parser.add_argument("--precision", action="append", choices=EXPORTABLE_PRECISIONS,
@@ -34,22 +35,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # The export's status lines (up to date / parity table / wrote) always show; cleanup passes with -v.
     logging.getLogger("toonark.export.onnx_export").setLevel(logging.INFO)
     from toonark.export.onnx_export import export_pipeline
-    try:
-        limits = ShapeLimits(**{f"{level}_{field}": getattr(args, f"{level}_{field}")
-                                for field in ("batch", "image") for level in ("min", "opt", "max")},
-                             image_step=args.image_step)
-        export_pipeline(args.model, args.out, precisions=tuple(args.precision or EXPORTABLE_PRECISIONS),
-                        limits=limits, force=args.force)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    limits = ShapeLimits(**{f"{level}_{field}": getattr(args, f"{level}_{field}")
+                            for field in ("batch", "image") for level in ("min", "opt", "max")},
+                         image_step=args.image_step)
+    export_pipeline(args.model, args.out, precisions=tuple(args.precision or EXPORTABLE_PRECISIONS),
+                    limits=limits, force=args.force)
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

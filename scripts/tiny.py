@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from toonark.scripts import _cli as cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from toonark.export.pipelines import CONFIGS
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="tiny",
                         help="tiny: seconds on CPU, for tests; sd15: SD-1.5 shapes (UNet 860 M), for benchmarks")
@@ -17,16 +19,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     from toonark.export.pipelines import build_pipeline
-    try:
-        folder = build_pipeline(args.out, kind=args.kind, seed=args.seed)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    folder = build_pipeline(args.out, kind=args.kind, seed=args.seed)
     print(f"wrote {args.kind} pipeline (seed {args.seed}) to {folder}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
