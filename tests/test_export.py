@@ -103,7 +103,11 @@ def test_parity_numbers_are_reproducible(tiny_model, tiny_build, specs):
     max_abs, _, _ = compare(reference, actual)
     row = next(r for r in json.loads(BuildLayout(tiny_build).export_report("fp32").read_text())["parity"]
                if r["submodel"] == "unet" and r["level"] == "min")
-    assert max_abs == pytest.approx(row["max_abs"], rel=1e-3, abs=1e-9)
+    # fp32 vs fp32: max_abs is reduction-order noise (~1e-6), and torch's thread count (set by whichever test
+    # imported torch first) changes that order; so the recomputation agrees in size, not to the last digit.
+    # A report that stored another quantity (max_rel, another level's row, the fp16 error) is off by orders.
+    assert max_abs == pytest.approx(row["max_abs"], rel=0.5)
+    assert row["max_rel"] == pytest.approx(row["max_abs"] / float(np.abs(reference).max()), rel=1e-3)
 
 
 def test_parity_failure_message():
