@@ -28,7 +28,8 @@ ports=()
 
 build() {
   if [ ! -f "$build_dir/pipeline/toonark.json" ]; then
-    echo "error: $build_dir has no pipeline/toonark.json: mount the folder \`make export OUT=...\` wrote at $build_dir" >&2
+    echo "error: $build_dir has no pipeline/toonark.json:" \
+      "mount the folder \`make export OUT=...\` wrote at $build_dir" >&2
     exit 2
   fi
   python3 -m toonark.scripts.build_engine --out "$build_dir" --backend "$backend" --precision "$precision"

@@ -118,7 +118,8 @@ def check_torch(ort_cuda: str | None) -> dict:
         import torch
     except ImportError:
         return {"torch": None}
-    result = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_path": str(Path(torch.__file__).parent)}
+    result = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+              "torch_path": str(Path(torch.__file__).parent)}
     if torch.version.cuda is None:
         raise CheckFailed(f"torch {torch.__version__} is a CPU build; the GPU setup needs a CUDA build (PyPI's Linux "
                           f"torch is one: `.venv/bin/python -m pip install --force-reinstall --no-deps -r "

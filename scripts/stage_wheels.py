@@ -62,8 +62,9 @@ def offline_specs(skip: tuple[str, ...] = ()) -> list[str]:
 def download(specs: list[str], dest: Path, python_version: str) -> None:
     abi = "cp" + python_version.replace(".", "")
     for spec in specs:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-               python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none", "-d", str(dest)]
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
+               "--abi", "none", "-d", str(dest)]
         for platform in PLATFORMS:
             cmd += ["--platform", platform]
         subprocess.run(cmd + [spec], check=True)
