@@ -34,8 +34,9 @@ def test_gpu_check_without_a_driver_stops_before_installing(tmp_path):
     assert "no NVIDIA driver on this machine" in result.stderr and "use `make setup` (CPU build)" in result.stderr
     assert json.loads(report.read_text())["ok"] is False
     # The Makefile asks this before anything else: no venv is touched, nothing downloaded.
-    dry = subprocess.run(["make", "-n", "setup", "GPU=1", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}   # under make test
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "setup", "GPU=1", "VENV=/nonexistent-venv"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
     assert dry.stdout.splitlines()[0].endswith("scripts/gpu_check.py --driver-only")
 
 
