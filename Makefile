@@ -12,11 +12,18 @@ GRPC_PORT   ?=
 METRICS_PORT?=
 HOST        ?=
 PYTEST_ARGS ?=
+# GPU=1: onnxruntime-gpu + CUDA torch (requirements-gpu.txt), checked by scripts/gpu_check.py at the end.
+# WHEELS=dir (with GPU=1): offline machine; install only the wheels in dir (scripts/stage_wheels.py) and reuse
+# the CUDA torch of the python3 that makes the venv (its site-packages go on the venv's path, after the venv's own).
+GPU         ?=
+WHEELS      ?=
+SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean
 
 help:
 	@echo "make setup                      venv with CPU torch, optimum export set, Triton bundle, tests"
+	@echo "make setup GPU=1 [WHEELS=dir]   the same with onnxruntime-gpu + CUDA torch, checked on the GPU"
 	@echo "make demo                       tiny pipeline -> export -> engine -> repo -> server -> out/demo.png"
 	@echo "make test                       the test suite (real tritonserver included)"
 	@echo "make tiny MODEL=dir             a random-weight diffusers folder (tests, demo)"
@@ -37,7 +44,32 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@
 
-setup: $(VENV)/.installed
+# The CUDA check runs first (no driver: stop before downloading GBs) and last (provider listed, tiny session
+# runs on it); its report stays in $(VENV)/gpu-check.json.
+$(VENV)/.installed-gpu: pyproject.toml requirements-gpu.txt
+	$(PYTHON) scripts/gpu_check.py --driver-only
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	# Same `onnxruntime` module in both packages: remove the CPU one before the GPU one goes in.
+	$(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+	$(PY) -m pip install -q -r requirements-gpu.txt
+	$(PY) scripts/gpu_check.py --json $(VENV)/gpu-check.json
+	touch $@ $(VENV)/.installed   # later targets (make test / serve / bench) need no GPU=1
+
+$(VENV)/.installed-gpu-offline: pyproject.toml requirements-gpu.txt
+	$(PYTHON) scripts/gpu_check.py --driver-only
+	@ls $(WHEELS)/*.whl > /dev/null || { echo "error: no wheels in WHEELS=$(WHEELS); join the carried parts first: python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out $(WHEELS)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	# The image's packages (its CUDA torch and nvidia-* libraries) after the venv's own (numpy < 2, onnxruntime-gpu).
+	$(PYTHON) -c 'import site; print(site.getsitepackages()[0])' > "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/zz_system_site.pth"
+	$(PY) -m pip install -q --no-index --no-deps --no-compile $(WHEELS)/*.whl
+	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	$(PY) scripts/gpu_check.py --json $(VENV)/gpu-check.json
+	touch $@ $(VENV)/.installed   # later targets (make test / serve / bench) need no GPU=1
+
+setup: $(SETUP_STAMP)
 
 demo: setup
 	$(PY) scripts/demo.py --model $(MODEL) --out $(OUT) --image out/demo.png

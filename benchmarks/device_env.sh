@@ -1,17 +1,14 @@
-# Sourced by the device commands (gpu_run.sh, int8_gpu.sh) on the lent GPU machine, from the repo root:
-# installs the staged wheel bundle into /tmp/site once per warm machine, lays toonark out as installed
-# (toonark.export = export/, ...) under /tmp/tkpkg, and records the GPU's state under $OUT.
-# Needs /tmp/parts/bundle.part* (carried by earlier calls) and BUNDLE_SHA (see benchmarks/NOTES.md).
+# Sourced by the device commands (gpu_run.sh, int8_gpu.sh, triton_gpu.sh) on an offline GPU machine, from the
+# repo root, after the one setup sequence of benchmarks/NOTES.md ("Offline GPU machines"):
+#   python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels && make setup GPU=1 WHEELS=/tmp/wheels
+# Puts that venv first on PATH (python3 = .venv's: numpy 1.26, onnxruntime-gpu, toonark editable from this
+# checkout; the image's CUDA torch after them) and records the GPU's state under $OUT.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -d /tmp/site ]; then
-  cat /tmp/parts/bundle.part* > /tmp/bundle.tar || exit 3
-  echo "${BUNDLE_SHA:?set BUNDLE_SHA}  /tmp/bundle.tar" | sha256sum -c --quiet - || exit 3
-  mkdir -p /tmp/wheels && tar -xf /tmp/bundle.tar -C /tmp/wheels && rm -f /tmp/bundle.tar
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl || exit 3
+if [ ! -f .venv/.installed-gpu-offline ] && [ ! -f .venv/.installed-gpu ]; then
+  echo "error: no GPU venv here: run the setup sequence of benchmarks/NOTES.md (make setup GPU=1 WHEELS=...) first" >&2
+  exit 3
 fi
-rm -rf /tmp/tkpkg && mkdir -p /tmp/tkpkg && cp -r toonark /tmp/tkpkg/
-for d in export engines calibration triton_model_repo serving benchmarks scripts; do [ -d "$d" ] && cp -r "$d" "/tmp/tkpkg/toonark/$d"; done
-export PYTHONPATH=/tmp/tkpkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PATH="$PWD/.venv/bin:$PATH" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
   --format=csv > "$OUT/nvidia-smi.csv" 2>&1

@@ -5,7 +5,7 @@
     python benchmarks/gpu_product.py repo OUT         # `make repo BACKEND=ort-cuda PRECISION=fp16` (python layout)
 
 `build` writes a build folder as `make export` would lay it out (pipeline/ with tokenizer + scheduler from
-PIPELINE_SRC, toonark.json with the SD-1.5 dims, onnx/fp32/<submodel>/model.onnx from toonark.benchmarks.bench's exporter:
+PIPELINE_SRC (default build/tiny-pipeline, made by `make tiny`), toonark.json with the SD-1.5 dims, onnx/fp32/<submodel>/model.onnx from toonark.benchmarks.bench's exporter:
 the GPU image has no optimum), then calls the library function behind `make engine`.
 Results: JSON lines on stdout and $OUT/<phase>.json.
 """
@@ -36,7 +36,7 @@ def build(out: Path) -> None:
     from toonark.layout import BuildLayout
     started = time.perf_counter()
     layout = BuildLayout(out)
-    src = Path(os.environ.get("PIPELINE_SRC", ".devcarry/pipeline"))
+    src = Path(os.environ.get("PIPELINE_SRC", "build/tiny-pipeline"))   # `make tiny`
     if not layout.pipeline_info.is_file():
         layout.pipeline.mkdir(parents=True, exist_ok=True)
         for part in ("tokenizer", "scheduler"):

@@ -2,10 +2,8 @@
 # The device command for `make bench` on a lent GPU (see benchmarks/NOTES.md).
 #   bash benchmarks/gpu_run.sh prepare     # SD-1.5-shaped modules -> fp32 ONNX -> fused fp16 (in /tmp/tkwork)
 #   bash benchmarks/gpu_run.sh bench [BACKENDS]   # time them all in one process, JSON under $OUT
-# Needs the wheels staged under /tmp/parts by ../shared/tools/stage-gpu-wheels (onnxruntime-gpu 1.31.1,
-# diffusers 0.39.0, transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.1, optimum 2.1.0,
-# optimum-onnx 0.1.0); BUNDLE_SHA is the sha256 that tool printed. toonark itself is copied into
-# /tmp/tkpkg in the installed layout (toonark.export = export/, ...): no pip build needed there.
+# Needs the GPU venv of benchmarks/NOTES.md ("Offline GPU machines"; device_env.sh checks it and puts it first
+# on PATH): carried wheel parts, then `make setup GPU=1 WHEELS=/tmp/wheels`.
 set -uo pipefail
 phase=${1:-bench}
 backends=${2:-torch-eager,ort,ort-graph,ort-unfused,torch-compile}

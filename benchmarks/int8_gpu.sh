@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The device command for benchmarks/int8_gpu.py (INT8 QDQ vs fp16 UNet on ORT's CUDA EP, issue 5):
-#   BUNDLE_SHA=<sha> bash benchmarks/int8_gpu.sh [int8_gpu.py args]    # ~6-9 min on the H100
-# Needs the wheel bundle of benchmarks/gpu_run.sh (onnxruntime-gpu 1.31.1, diffusers 0.39.0,
-# transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.1, optimum 2.1.0, optimum-onnx 0.1.0)
-# joined under /tmp/parts by earlier calls on the same warm machine (see benchmarks/NOTES.md).
-# toonark is copied into /tmp/tkpkg in the installed layout, as gpu_run.sh does. JSON + log under $OUT.
+#   bash benchmarks/int8_gpu.sh [int8_gpu.py args]    # ~6-9 min on the H100
+# Needs the GPU venv of benchmarks/NOTES.md ("Offline GPU machines"; device_env.sh checks it and puts it first
+# on PATH). JSON + log under $OUT.
 set -uo pipefail
 . benchmarks/device_env.sh
 echo "staged in ${SECONDS} s"

@@ -59,8 +59,18 @@ def check_environment() -> None:
                            f"PYTHON_CONFIGURE_OPTS=--enable-shared)")
 
 
+# A tritonserver install to use instead of pytriton's bundle: the NGC image's /opt/tritonserver (deploy/Dockerfile).
+TRITONSERVER_ENV = "TOONARK_TRITONSERVER"
+
+
 def triton_bundle() -> Path:
-    """The tritonserver folder inside the installed nvidia-pytriton wheel."""
+    """The tritonserver folder: $TOONARK_TRITONSERVER when set, else the one inside the nvidia-pytriton wheel."""
+    home = os.environ.get(TRITONSERVER_ENV)
+    if home:
+        if not (Path(home) / "bin" / "tritonserver").is_file():
+            raise RuntimeError(f"{TRITONSERVER_ENV}={home} has no bin/tritonserver; point it at a tritonserver install "
+                               f"(NGC image: /opt/tritonserver) or unset it to use nvidia-pytriton's")
+        return Path(home)
     # Located, not imported: importing pytriton needs pyzmq, which a GPU image may lack.
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
@@ -77,6 +87,8 @@ def install_python_stub(bundle: Path) -> Path:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     source = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not source.is_file():
+        if not (bundle / "python_backend_stubs").is_dir() and target.is_file():
+            return target   # a tritonserver install (NGC image) whose stub is built for its own python3
         raise RuntimeError(f"the Triton bundle has no Python backend stub for Python {version} ({source}); "
                            f"use a Python the bundle supports (3.8-3.13)")
     target = bundle / "backends" / "python" / "triton_python_backend_stub"
