@@ -44,9 +44,23 @@ class Speller:
             for i in range(len(t)):
                 self._deletions.setdefault(t[:i] + t[i + 1:], set()).add(t)
 
+    def is_known(self, token: str) -> bool:
+        """A known word, or one with a known stem: the CLIP vocabulary lists "salute" but not
+        "saluting", which one dropped letter away from a blocked word would otherwise be "corrected"."""
+        if token in self.known:
+            return True
+        for end in ("ing", "ed", "es", "s", "er", "ers", "ly", "est"):
+            if token.endswith(end) and len(token) - len(end) >= 4:
+                stem = token[: -len(end)]
+                if stem in self.known or stem + "e" in self.known or (stem[-1:] == stem[-2:-1] and stem[:-1] in self.known):
+                    return True
+                if stem.endswith("i") and stem[:-1] + "y" in self.known:
+                    return True
+        return False
+
     def correct(self, token: str) -> str | None:
         """The rule word `token` misspells, or None (known word, rule word, too short, or no match)."""
-        if len(token) < 4 or not token.isalpha() or token in self.targets or token in self.known:
+        if len(token) < 4 or not token.isalpha() or token in self.targets or self.is_known(token):
             return None
         # Most likely edit first (typing studies: swapped letters, then a missing or doubled letter,
         # then a wrong one); alphabetical within a kind, so the answer never depends on set order.
