@@ -16,8 +16,8 @@ from pathlib import Path
 
 SAFE = "safe"
 DATA_NAME = "safety_prompts.json"
-# One perturbation kind per slot; base i gets kinds 2i and 2i+1 (mod len), so every kind is used
-# about equally in every category and in both splits.
+# Each base gets two neighbouring kinds, picked by the base's sha256 (not its position, so adding a
+# prompt changes no other prompt's perturbations).
 KINDS = ("misspell", "spaced", "lookalike", "leet", "mixed-case")
 _LOOKALIKE = {"a": "а", "e": "е", "o": "о", "c": "с", "p": "р", "i": "і", "x": "х", "y": "у", "s": "ѕ"}
 _LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "$", "t": "7"}
@@ -110,12 +110,13 @@ def load(path: Path | None = None) -> list[Example]:
         groups = {g: v for g, v in data[section].items() if not g.startswith("_")}
         for group, bases in groups.items():
             label = group if is_unsafe else SAFE
-            for n, base in enumerate(bases):
+            for base in bases:
                 if base in seen:
                     raise ValueError(f"{path}: {section}.{group}: {base!r} is already listed under {seen[base]}")
                 seen[base] = f"{section}.{group}"
                 out.append(Example(base, label, group, base, "base", split_of(base)))
-                for kind in (KINDS[(2 * n) % len(KINDS)], KINDS[(2 * n + 1) % len(KINDS)]):
+                first = int(_digest(base)[8:16], 16) % len(KINDS)
+                for kind in (KINDS[first], KINDS[(first + 1) % len(KINDS)]):
                     variant = perturb(base, kind)
                     if variant != base:
                         out.append(Example(variant, label, group, base, kind, split_of(base)))

@@ -37,6 +37,7 @@ def load_known_words() -> frozenset[str]:
 
 class Speller:
     def __init__(self, targets: set[str], known: frozenset[str]):
+        self.rule_words = frozenset(targets)
         self.targets = frozenset(t for t in targets if len(t) >= 4 and t.isalpha())
         self.known = known
         self._deletions: dict[str, set[str]] = {}
@@ -80,10 +81,20 @@ class Speller:
                 # 6+ letters: at 5 a wrong last letter is often another ending ("booby" / "boobs").
                 if len(t) == len(token) >= 6 and t[:i] == token[:i] and t[i + 1:] == token[i + 1:]:
                     wrong.add(t)
-        for found in (swaps, missing, extra, wrong):
-            if found:
-                return min(found)
-        return None
+        best = next((min(found) for found in (swaps, missing, extra, wrong) if found), None)
+        if best is not None and self._near_known(token):
+            return None   # as likely a typo of an ordinary word: "gorwing" is "growing", not "goring"
+        return best
+
+    def _near_known(self, token: str) -> bool:
+        """One swap or one extra letter away from a known word (cheap checks; no index of the vocabulary)."""
+        def innocent(word: str) -> bool:   # a known word that no rule names ("sex" is no excuse for "seyx")
+            return word not in self.rule_words and self.is_known(word)
+
+        for i in range(len(token) - 1):
+            if innocent(token[:i] + token[i + 1] + token[i] + token[i + 2:]):
+                return True
+        return len(token) > 4 and any(innocent(token[:i] + token[i + 1:]) for i in range(len(token)))
 
     def variant(self, text: str) -> str | None:
         """`text` (normalised) with every misspelt rule word corrected, or None when nothing changed."""

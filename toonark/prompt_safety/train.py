@@ -85,6 +85,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     from toonark.prompt_safety.layered import LayeredFilter
     from toonark.prompts import PromptPolicy
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_known_words(out_dir)   # the spelling layer reads it, and the rule layers run below
     data_path = Path(data_path or evalset.data_path())
     examples = evalset.load(data_path)
@@ -120,6 +122,12 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     model = to_onnx(pipe, initial_types=[(INPUT_NAME, StringTensorType([None, 1]))],
                     options={id(pipe[-1]): {"zipmap": False}}, target_opset=OPSETS)
     model.producer_name, model.producer_version, model.doc_string = "toonark.prompt_safety.train", "1", ""
+    # skl2onnx collects the opset domains in a set: their order follows Python's string hashing, which
+    # changes per process. Sorted, the bytes do not.
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.add(domain=domain, version=version)
     blob = model.SerializeToString()
 
     # Parity of the exported graph with scikit-learn, on every example (dev and test).
@@ -152,8 +160,6 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "built_with": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
                        "onnx_opsets": OPSETS},
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / MODEL_NAME, blob)
     _atomic_write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
     log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f", out_dir / MODEL_NAME, len(blob),
@@ -195,6 +201,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; package data is read by the serving user too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
