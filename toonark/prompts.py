@@ -15,8 +15,10 @@ How matching works (see `normalize` and `_SafetyRules`):
     even inside longer words;
   * a match that lies entirely inside an allow-list phrase ("killer whale", "blood orange")
     is excused; anything else in the same prompt is still checked.
-Only the user's subject is checked. Negative prompts are not: they name bad things on
-purpose ("gore, blood") to steer the model away from them.
+`PromptPolicy.check` delegates to the layered filter of toonark.prompt_safety (these word rules,
+then phrase and relation rules, a language check and a small ONNX classifier). A request's own
+negative words name bad things on purpose ("gore, blood"), so they get only that package's
+negative-prompt rules (what would undo safety, e.g. naming clothing).
 """
 from __future__ import annotations
 
