@@ -1,21 +1,25 @@
 """The layered kid-safety filter that `PromptPolicy.check` delegates to.
 
-Layers, in order, the first refusal wins (each refusal names its layer and rule or score):
-  1. word      safety_rules.json terms on the normalised text (toonark.prompts), excused by its allow
-               list or by an idiom allow-rule that names the term;
-  2. phrase    relation and phrase rules of safety_phrases.json (harm verb + child, self-harm action +
-               body part, compounds), excused only by an idiom allow-rule naming that rule;
-  3. language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
-  4. classifier the shipped ONNX n-gram classifier (toonark/data/safety_classifier.onnx), refusing
-               when P(unsafe) reaches the threshold tuned on the dev part of the labelled set.
-Negative prompts get their own rules (`check_negative`): they name bad things on purpose, so only
-what would undo safety is refused (naming clothing steers towards nudity).
+Layers (each refusal names its layer and its rule or score):
+  word      safety_rules.json terms on the normalised text (toonark.prompts), excused by its allow
+            list or by an idiom allow-rule that names the term;
+  phrase    relation and phrase rules of safety_phrases.json (harm verb + child, self-harm action +
+            body part, compounds), excused only by an idiom allow-rule naming that rule; when a word
+            and a phrase rule both fire, the phrase rule (more specific) names the refusal;
+  language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
+  classifier the shipped ONNX n-gram classifier (toonark/data/safety_classifier.onnx), refusing
+            when P(unsafe) reaches the threshold chosen on the dev part of the labelled set.
+The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
+words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
+bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
+nudity).
 
 Layers whose category is not among the word rules' categories are skipped, so a custom rules file
 (PromptPolicy.load(rules_path=...)) keeps exactly its own labels.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +66,8 @@ class LayeredFilter:
     @classmethod
     def build(cls, words: _SafetyRules, phrases_path: str | Path | None = None,
               classifier: object | None = "default") -> "LayeredFilter":
-        from toonark.prompt_safety.classifier import SafetyClassifier
         if classifier == "default":
-            classifier = SafetyClassifier()
+            classifier = _default_classifier()
         phrases = load_phrases(phrases_path)
         vocabulary = phrases.vocabulary | rule_words([r.term for r in words.rules], [], [p.pattern for p in words.allow])
         speller = Speller(set(vocabulary), load_known_words())
@@ -170,6 +173,13 @@ class LayeredFilter:
         refusal = self.negative_verdict(text)
         if refusal is not None:
             raise refusal
+
+
+@functools.lru_cache(maxsize=1)
+def _default_classifier():
+    """The shipped classifier, loaded once per process and shared by every policy."""
+    from toonark.prompt_safety.classifier import SafetyClassifier
+    return SafetyClassifier()
 
 
 _CACHE: dict[int, tuple[_SafetyRules, LayeredFilter]] = {}

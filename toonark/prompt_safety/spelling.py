@@ -11,6 +11,7 @@ one more reading checked by the word and phrase layers, next to the normaliser's
 """
 from __future__ import annotations
 
+import functools
 import re
 from importlib import resources
 
@@ -30,6 +31,7 @@ def forms(word: str) -> set[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def load_known_words() -> frozenset[str]:
     text = (resources.files("toonark") / "data" / KNOWN_WORDS_NAME).read_text(encoding="utf-8")
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
