@@ -106,7 +106,7 @@ def test_classifier_matches_its_data_and_sidecar():
     assert sidecar["trained_on"]["split"] == "dev" and sidecar["trained_on"]["limit"] is None
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
     assert 0 < sidecar["threshold"] < 1
-    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.02
+    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.05
 
 
 def test_classifier_scores_prompts(examples):

@@ -76,14 +76,23 @@ class PhraseRules:
 
     def find(self, variants: set[str], raw: str, rules: tuple[PhraseRule, ...] | None = None,
              only: frozenset[str] | None = None) -> tuple[PhraseRule, str] | None:
-        """(rule, matched text) of the first rule (file order) that matches and is not excused."""
+        """(rule, matched text) of the first rule (file order) that matches and is not excused. The
+        variants are readings of one text (see toonark.prompts._variants, plus spelling corrections);
+        as in the word layer, a rule is excused when some reading matches it only inside an allow-rule
+        ("a boy getitng a flu shot" read as "getting" is the allowed idiom)."""
         for rule in self.rules if rules is None else rules:
             if only is not None and rule.category not in only:
                 continue
+            hit, excused = None, False
             for text in ([raw] if rule.raw else sorted(variants)):
-                for m in rule.pattern.finditer(text):
-                    if self.excused(rule.id, m.span(), text) is None:
-                        return rule, m.group(0)
+                matches = list(rule.pattern.finditer(text))
+                open_ = [m for m in matches if self.excused(rule.id, m.span(), text) is None]
+                if matches and not open_:
+                    excused = True
+                elif open_ and hit is None:
+                    hit = open_[0].group(0)
+            if hit is not None and not excused:
+                return rule, hit
         return None
 
 
