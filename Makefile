@@ -19,7 +19,7 @@ GPU         ?=
 WHEELS      ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
 
-.PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean
+.PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean safety-model safety-eval
 
 help:
 	@echo "make setup                      venv with CPU torch, optimum export set, Triton bundle, tests"
@@ -34,12 +34,14 @@ help:
 	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT="
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
+	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json"
+	@echo "make safety-eval                prompt-safety precision/recall per category on the test part"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys, sysconfig; assert sys.version_info[:2] >= (3, 10), "need Python >= 3.10"; assert sysconfig.get_config_var("Py_ENABLE_SHARED"), "tritonserver Python backend needs a Python built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,safety-model]'
 	# Only for its CLIP BPE vocabulary file; never imported (it would pull torchvision).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@
@@ -104,6 +106,13 @@ trtexec: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# Build-time only (scikit-learn + skl2onnx, the safety-model extra); the runtime needs onnxruntime alone.
+safety-model: setup
+	$(PY) scripts/safety_model.py
+
+safety-eval: setup
+	$(PY) scripts/safety_eval.py --split test
 
 clean:
 	rm -rf build out

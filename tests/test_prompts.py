@@ -1,5 +1,7 @@
-"""Kid-safe prompts: safety rules (refusals, look-alikes, obfuscations), template, negative
-prompt, presets and validation of the two data files. Pure CPU, well under a second."""
+"""Kid-safe prompts: safety rules (refusals, look-alikes, obfuscations), the layered filter's
+layers (phrase and relation rules, idiom allow-rules, spelling, language, negative-prompt rules),
+template, negative prompt, presets and validation of the data files. Pure CPU, a few seconds.
+The measured evaluation on the labelled set is tests/test_prompt_safety_eval.py."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from toonark.prompt_safety import SafetyRefused
 from toonark.prompts import PolicyFileError, PromptPolicy, PromptRefused, normalize
 
 DATA = Path(__file__).resolve().parents[1] / "toonark" / "data"
@@ -104,7 +107,9 @@ def test_refuses_with_category(policy, text, category):
         policy.check(text)
     assert info.value.category == category, str(info.value)
     assert info.value.category in policy.reasons
-    assert str(info.value) == f'prompt refused ({category}): "{info.value.term}" is not allowed in kids\' pictures'
+    assert str(info.value).startswith(f"prompt refused ({category}): "), str(info.value)
+    assert str(info.value).endswith(")") and "(layer: " in str(info.value)
+    assert info.value.layer in ("word", "phrase"), info.value.layer
 
 
 def test_refused_prompt_count_and_categories():
@@ -117,8 +122,8 @@ def test_refusal_message_names_category_and_term(policy):
         policy.check("a cowboy with a gun")
     exc = info.value
     assert isinstance(exc, ValueError)
-    assert (exc.category, exc.term) == ("weapons", "gun")
-    assert str(exc) == 'prompt refused (weapons): "gun" is not allowed in kids\' pictures'
+    assert (exc.category, exc.term, exc.layer, exc.rule) == ("weapons", "gun", "word", "gun")
+    assert str(exc) == 'prompt refused (weapons): "gun" is not allowed in kids\' pictures (layer: word rule)'
     # Obfuscated spellings are reported by their rule, not echoed back.
     with pytest.raises(PromptRefused) as info:
         policy.check("G.U.N")
@@ -129,6 +134,12 @@ def test_refusal_survives_pickling(policy):
     exc = PromptRefused("weapons", "gun")
     again = pickle.loads(pickle.dumps(exc))
     assert (again.category, again.term, str(again)) == ("weapons", "gun", str(exc))
+    with pytest.raises(SafetyRefused) as info:
+        policy.check("a man hitting a small child with a belt")
+    again = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(again, PromptRefused)
+    assert (again.category, again.layer, again.rule, str(again)) == ("child-harm", "phrase", "harm-to-child",
+                                                                      str(info.value))
 
 
 # --- harmless look-alikes -----------------------------------------------------------------
@@ -178,7 +189,17 @@ HARMLESS = [
     "a pirate ship with cannons",
     "I'm a happy bunny!!!",
     "un gâteau au chocolat",
-    "猫と犬",
+    # the idiom allow-rules of safety_phrases.json
+    "a skateboarder killing it at the park",
+    "a bear taking a stab at baking bread",
+    "a dad throwing his son a football",
+    "a girl beating her brother at chess",
+    "a kid drowning his fries in ketchup",
+    "two kids tied together for a three-legged race",
+    "a nurse giving a baby a shot",
+    "a blue-footed booby dancing",      # spelling correction leaves near-misses of short words alone
+    "a gunnera plant",
+    "a soldier saluting a flag",        # "saluting" is known through its stem "salute"
 ]
 
 
@@ -191,9 +212,90 @@ def test_harmless_count():
     assert len(HARMLESS) >= 25
 
 
-def test_negative_prompt_is_not_checked(policy):
+def test_negative_prompt_may_name_bad_things(policy):
     prompt, negative = policy.compose("a happy otter", negative="gun, blood, gore")
     assert negative.endswith(", gun, blood, gore")
+
+
+@pytest.mark.parametrize("negative,category,rule", [
+    ("clothes", "sexual", "negative-clothing"),
+    ("blurry, shirt, pants", "sexual", "negative-clothing"),
+    ("sfw", "sexual", "negative-sfw"),
+    ("family friendly", "sexual", "negative-sfw"),
+    ("peaceful", "violence", "negative-peace"),
+    ("no weapons", "violence", "negative-peace"),
+    ("uninjured", "gore", "negative-unhurt"),
+    ("sober", "drugs", "negative-sober"),
+])
+def test_negative_prompt_that_undoes_safety_is_refused(policy, negative, category, rule):
+    with pytest.raises(SafetyRefused) as info:
+        policy.compose("a happy otter", negative=negative)
+    exc = info.value
+    assert (exc.category, exc.layer, exc.rule) == (category, "negative", rule)
+    assert str(exc).startswith(f"prompt refused ({category}): the negative prompt names ")
+    assert str(exc).endswith(f"(layer: negative rule {rule})")
+
+
+@pytest.mark.parametrize("negative", ["blurry, extra fingers, text", "ugly, low quality", "dark colors", "rain",
+                                      "dogs", "hats", "topsy turvy"])
+def test_harmless_negative_prompts_pass(policy, negative):
+    assert policy.compose("a happy otter", negative=negative)[1].endswith(negative)
+
+
+# --- layers beyond the word list ----------------------------------------------------------------
+
+@pytest.mark.parametrize("text,category,rule", [
+    ("a man hitting a small child with a belt", "child-harm", "harm-to-child"),
+    ("kidnapping a little girl from a playground", "child-harm", "harm-to-child"),  # relation wins over "kidnap"
+    ("kids being beaten at an orphanage", "child-harm", "child-harmed"),
+    ("a sad girl cutting her arms with a razor", "self-harm", "self-harm-body"),
+    ("a girl starving herself to be thin", "self-harm", "self-harm-reflexive"),
+    ("a cowboy shooting the sheriff in the back", "violence", "harm-to-person"),
+    ("a cat with a shirt that says p*ssy", "profanity", "masked-swear"),
+    ("a man strangeling his wife", "violence", "harm-to-person"),        # misspelt: corrected to the rule word
+    ("a head on a spkie", "gore", "gore-phrases"),                       # letters swapped
+])
+def test_phrase_rules(policy, text, category, rule):
+    with pytest.raises(SafetyRefused) as info:
+        policy.check(text)
+    assert (info.value.category, info.value.layer, info.value.rule) == (category, "phrase", rule), str(info.value)
+    assert f"(layer: phrase rule {rule})" in str(info.value)
+
+
+def test_idiom_allow_is_as_specific_as_its_rule(policy):
+    policy.check("a dad throwing his son a football")
+    with pytest.raises(SafetyRefused, match=r"\(child-harm\)"):
+        policy.check("a dad throwing his son down the stairs")
+    policy.check("a skateboarder killing it at the park")
+    with pytest.raises(SafetyRefused, match=r"\(violence\)"):
+        policy.check("a skateboarder killing a man at the park")
+
+
+@pytest.mark.parametrize("text,script", [("猫と犬", "Chinese"), ("一只可爱的小猫", "Chinese"),
+                                          ("귀여운 고양이", "Korean"), ("кошка с мячом", "Cyrillic"),
+                                          ("a cat 和 a dog", "Chinese")])
+def test_other_scripts_get_a_language_message(policy, text, script):
+    with pytest.raises(SafetyRefused) as info:
+        policy.check(text)
+    exc = info.value
+    assert (exc.category, exc.layer) == ("language", "language")
+    assert str(exc) == (f"prompt refused (language): the prompt is written in {script} script; write it in English "
+                        f"(the text encoder reads English only, so other scripts give a random picture and cannot be "
+                        f"safety-checked) (layer: language)")
+
+
+def test_look_alike_letters_are_checked_not_refused_as_language(policy):
+    policy.check("а сat with а bаll")          # Cyrillic а and с folded to Latin: a harmless English prompt
+    with pytest.raises(SafetyRefused, match=r"\(weapons\)"):
+        policy.check("gսn")
+
+
+def test_check_loads_no_torch():
+    # The Triton preprocess model checks prompts: the classifier runs on onnxruntime, never torch.
+    code = ("import sys; from toonark.prompts import PromptPolicy; p = PromptPolicy.load(); p.check('a cat'); "
+            "print('torch' in sys.modules, 'sklearn' in sys.modules, 'onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
 
 
 # --- normalisation --------------------------------------------------------------------------
@@ -331,7 +433,8 @@ def test_presets_are_read_only(policy):
 # --- data files ----------------------------------------------------------------------------
 
 def test_reasons_are_the_rule_categories(policy):
-    assert policy.reasons == ("violence", "weapons", "gore", "sexual", "drugs", "self-harm", "hate", "profanity")
+    assert policy.reasons == ("violence", "child-harm", "weapons", "gore", "sexual", "drugs", "self-harm", "hate",
+                              "profanity", "scary", "language")
 
 
 def _load(tmp_path, rules=None, prompt=None):
@@ -345,11 +448,12 @@ def _load(tmp_path, rules=None, prompt=None):
 def test_custom_rules_file(tmp_path):
     rules = {"version": 1, "categories": {"sweets": {"terms": ["candy floss"]}}, "allow": ["candy floss machine"]}
     p = _load(tmp_path, rules=rules)
-    assert p.reasons == ("sweets",)
+    assert p.reasons == ("sweets", "language")
     with pytest.raises(PromptRefused, match=r'\(sweets\): "candy floss"'):
         p.check("pink candy-floss")
     p.check("a candy floss machine")
-    p.check("a gun")  # only the custom rules apply
+    p.check("a gun")  # only the custom rules apply: phrase rules and classifier of other categories are off
+    p.check("a man hitting a small child")
 
 
 def _rules_with(mutate):

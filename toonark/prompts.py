@@ -15,8 +15,10 @@ How matching works (see `normalize` and `_SafetyRules`):
     even inside longer words;
   * a match that lies entirely inside an allow-list phrase ("killer whale", "blood orange")
     is excused; anything else in the same prompt is still checked.
-Only the user's subject is checked. Negative prompts are not: they name bad things on
-purpose ("gore, blood") to steer the model away from them.
+`PromptPolicy.check` delegates to the layered filter of toonark.prompt_safety (these word rules,
+then phrase and relation rules, a language check and a small ONNX classifier). A request's own
+negative words name bad things on purpose ("gore, blood"), so they get only that package's
+negative-prompt rules (what would undo safety, e.g. naming clothing).
 """
 from __future__ import annotations
 
@@ -418,23 +420,23 @@ class PromptPolicy:
 
     @property
     def reasons(self) -> tuple[str, ...]:
-        """Refusal categories in rules-file order: the label values for refusal metrics."""
-        return self._rules.categories
+        """Refusal categories in rules-file order, then "language": the label values for refusal metrics."""
+        return self._rules.categories + ("language",)
 
     def check(self, text: str) -> None:
-        """Raise PromptRefused if `text` names something from the safety rules; else return None."""
+        """Raise PromptRefused (a toonark.prompt_safety.SafetyRefused naming the layer) if `text` must
+        not be drawn; else return None. The layered filter reuses this policy's word rules."""
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str, got {type(text).__name__}")
-        hit = self._rules.find(text)
-        if hit is not None:
-            raise PromptRefused(*hit)
+        from toonark.prompt_safety import filter_for   # lazy: onnxruntime loads on the first check
+        filter_for(self._rules).check(text)
 
     def compose(self, subject: str, negative: str | None = None, use_template: bool = True) -> tuple[str, str]:
         """(prompt, negative_prompt) for the pipeline. The subject is checked first.
 
         `use_template=False` (a real bool; strings like "false" are refused) sends the subject
         as the whole prompt. `negative` adds terms after the default negative prompt; it never
-        replaces it, and it is not safety-checked."""
+        replaces it, and it is checked only for what would undo safety (e.g. naming clothing)."""
         if not _is_bool(use_template):
             raise TypeError(f"use_template must be True or False, got {use_template!r}")
         subject = self._clean(subject, "subject", self.max_subject_chars)
@@ -450,6 +452,8 @@ class PromptPolicy:
         if negative is not None:
             extra = self._clean(negative, "negative", self.max_negative_chars)
             if extra:
+                from toonark.prompt_safety import filter_for
+                filter_for(self._rules).check_negative(extra)   # its own rules: e.g. naming clothing
                 negative_prompt = f"{negative_prompt}, {extra}"
         return prompt, negative_prompt
 

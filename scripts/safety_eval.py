@@ -1,0 +1,70 @@
+"""Evaluate the layered kid-safety filter on the labelled prompt set: per-category recall and
+precision, harmless look-alikes refused (markdown table; --details lists every miss).
+The targets (recall >= 99 %, <= 1 % harmless refused) are judged on the test part."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--split", choices=("dev", "test", "all"), default="test")
+    parser.add_argument("--details", action="store_true", help="list missed unsafe and refused harmless prompts")
+    parser.add_argument("--json", action="store_true", help="print the totals as JSON")
+    parser.add_argument("--timing", action="store_true",
+                        help="also time every prompt of the set: whole filter and classifier alone (ms)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from toonark.prompt_safety import evalset, evaluate
+    from toonark.prompt_safety.layered import filter_for
+    from toonark.prompts import PromptPolicy
+    report = evaluate.evaluate(filter_for(PromptPolicy.load()._rules), evalset.load(), args.split)
+    if args.json:
+        print(json.dumps({"split": args.split, "unsafe": report.unsafe, "recall": round(report.recall, 4),
+                          "harmless": report.harmless, "harmless_refused": round(report.false_refusal_rate, 4),
+                          "by_layer": evaluate.by_layer(report), "meets_targets": report.meets_targets}))
+    else:
+        print(evaluate.table(report))
+        if args.details:
+            print(evaluate.details(report))
+    if args.timing:
+        print(timing(evalset.load()))
+    return 0 if report.meets_targets or args.split != "test" else 2
+
+
+def timing(examples) -> str:
+    """Per-prompt latency in this process (first call, which loads the rules and the ONNX session, apart)."""
+    import statistics
+    import time
+    from toonark.prompt_safety.layered import filter_for
+    from toonark.prompts import PromptPolicy, normalize
+    start = time.perf_counter()
+    flt = filter_for(PromptPolicy.load()._rules)
+    flt.verdict("a happy otter")
+    first = time.perf_counter() - start
+    whole, alone = [], []
+    for e in examples:
+        start = time.perf_counter()
+        flt.verdict(e.text)
+        whole.append(time.perf_counter() - start)
+        text = normalize(e.text)
+        start = time.perf_counter()
+        flt.classifier.score(text)
+        alone.append(time.perf_counter() - start)
+
+    def row(name, xs):
+        xs = sorted(xs)
+        return (f"| {name} | {1000 * statistics.median(xs):.3f} | {1000 * xs[int(0.99 * (len(xs) - 1))]:.3f} | "
+                f"{1000 * xs[-1]:.3f} |")
+    return "\n".join([f"{len(examples)} prompts; first check (loads rules, word list, ONNX session): "
+                      f"{1000 * first:.0f} ms", "", "| ms per prompt | median | p99 | max |", "|---|---|---|---|",
+                      row("whole filter", whole), row("classifier alone", alone)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Prompt safety measured on the project's labelled set (toonark/data/safety_prompts.json): the set's
+shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped ONNX
+classifier (matches its data and sidecar, rebuilds byte for byte). A few seconds on 2 cores; the
+rebuild needs the build-time extra (make setup installs it)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from toonark.prompt_safety import evalset, evaluate
+from toonark.prompt_safety.classifier import ClassifierFileError, SafetyClassifier, default_paths
+from toonark.prompt_safety.layered import filter_for
+from toonark.prompts import PromptPolicy, normalize
+
+CATEGORIES = ("violence", "child-harm", "self-harm", "weapons", "gore", "sexual", "drugs", "hate", "profanity", "scary")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return evalset.load()
+
+
+@pytest.fixture(scope="module")
+def layered():
+    return filter_for(PromptPolicy.load()._rules)
+
+
+def test_set_size_and_categories(examples):
+    unsafe = Counter(e.label for e in examples if e.unsafe)
+    assert set(unsafe) == set(CATEGORIES)
+    assert sum(unsafe.values()) >= 400 and min(unsafe.values()) >= 30, unsafe
+    assert sum(1 for e in examples if not e.unsafe) >= 400
+    bases = [e for e in examples if e.kind == "base"]
+    assert len(bases) >= 500   # hand-written; the perturbations come on top
+    assert {e.kind for e in examples} == {"base", *evalset.KINDS}
+
+
+def test_split_is_by_base_prompt(examples):
+    """A perturbation lands in its base's split, so the test part shares no base with dev."""
+    split_of_base = defaultdict(set)
+    for e in examples:
+        split_of_base[e.base].add(e.split)
+        assert e.split == evalset.split_of(e.base)
+    assert all(len(s) == 1 for s in split_of_base.values())
+    dev = {e.base for e in examples if e.split == "dev"}
+    test = {e.base for e in examples if e.split == "test"}
+    assert dev and test and not dev & test
+    for label in CATEGORIES + (evalset.SAFE,):   # each category has prompts on both sides
+        assert {e.split for e in examples if e.label == label} == {"dev", "test"}, label
+
+
+def test_split_does_not_depend_on_other_prompts(tmp_path):
+    """Adding a prompt moves no other prompt across the split (what tuning read stays in dev)."""
+    data = json.loads(evalset.data_path().read_text(encoding="utf-8"))
+    before = {e.text: e.split for e in evalset.load()}
+    data["unsafe"]["violence"].insert(0, "a brand new prompt about a brawl")
+    data["harmless"]["animals"].insert(0, "a brand new prompt about a quokka")
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    after = {e.text: e.split for e in evalset.load(path)}
+    assert all(after[text] == split for text, split in before.items())
+
+
+def test_perturbations_are_deterministic_and_change_the_text():
+    base = "a man strangling his wife in the kitchen"
+    for kind in evalset.KINDS:
+        once, again = evalset.perturb(base, kind), evalset.perturb(base, kind)
+        assert once == again and once != base, kind
+        if kind in ("mixed-case", "lookalike", "leet", "spaced"):
+            assert normalize(once) in {normalize(base), normalize(base).replace(" ", "")} or kind == "spaced"
+    with pytest.raises(ValueError, match="unknown perturbation 'typo'; use one of misspell"):
+        evalset.perturb(base, "typo")
+
+
+def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
+    """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
+    not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
+    report = evaluate.evaluate(layered, examples, "test")
+    assert report.unsafe >= 200 and report.harmless >= 200
+    message = (f"recall {report.recall:.3f} (floor {evaluate.RECALL_FLOOR}, target {evaluate.MIN_RECALL}), "
+               f"harmless refused {report.false_refusal_rate:.3f} (ceiling {evaluate.FALSE_REFUSALS_CEILING}, "
+               f"target {evaluate.MAX_FALSE_REFUSALS})\n{evaluate.table(report)}\n{evaluate.details(report)}")
+    assert report.recall >= evaluate.RECALL_FLOOR, message
+    assert report.false_refusal_rate <= evaluate.FALSE_REFUSALS_CEILING, message
+
+
+def test_every_refusal_names_a_known_category_and_layer(examples, layered):
+    reasons = set(PromptPolicy.load().reasons)
+    for e in examples[::7]:
+        refusal = layered.verdict(e.text)
+        if refusal is not None:
+            assert refusal.category in reasons and refusal.layer in ("word", "phrase", "language", "classifier")
+            assert str(refusal).startswith(f"prompt refused ({refusal.category}): ")
+
+
+# --- the shipped classifier ----------------------------------------------------------------------
+
+def test_classifier_matches_its_data_and_sidecar():
+    model, sidecar_path = default_paths()
+    sidecar = json.loads(sidecar_path.read_text())
+    assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert sidecar["trained_on"]["sha256"] == evalset.data_sha256(), \
+        "toonark/data/safety_prompts.json changed since the classifier was trained: run `make safety-model`"
+    assert sidecar["trained_on"]["split"] == "dev" and sidecar["trained_on"]["limit"] is None
+    assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
+    assert 0 < sidecar["threshold"] < 1
+    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.05
+
+
+def test_classifier_scores_prompts(examples):
+    """The exported graph, its label order and the sidecar belong together: on the dev prompts it was
+    trained on, the most likely label is the right one for nearly all (a shuffled label order or a
+    broken tokenizer gives about one in eleven)."""
+    clf = SafetyClassifier()
+    dev = [e for e in examples if e.split == "dev" and e.kind == "base"]
+    probs = clf.probabilities([normalize(e.text) for e in dev])
+    right = sum(max(p, key=p.get) == e.label for p, e in zip(probs, dev))
+    assert right / len(dev) > 0.9, f"{right} of {len(dev)}"
+    assert clf.score(normalize("a happy otter with a kite")).unsafe < 0.5
+
+
+def test_classifier_refuses_a_model_that_does_not_match_its_sidecar(tmp_path):
+    model, sidecar = default_paths()
+    (tmp_path / "m.onnx").write_bytes(model.read_bytes() + b"\0")
+    (tmp_path / "m.json").write_text(sidecar.read_text())
+    with pytest.raises(ClassifierFileError, match=r"m.onnx: sha256 .* does not match its sidecar m.json .*"
+                                                  r"rebuild both with `make safety-model`"):
+        SafetyClassifier(tmp_path / "m.onnx", tmp_path / "m.json")
+    with pytest.raises(ClassifierFileError, match="missing; rebuild the classifier with `make safety-model`"):
+        SafetyClassifier(tmp_path / "none.onnx", tmp_path / "m.json")
+
+
+def test_classifier_rebuild_is_byte_identical(tmp_path):
+    """`make safety-model` from the same data gives the same bytes (about 10 s: the whole training)."""
+    pytest.importorskip("sklearn", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    pytest.importorskip("skl2onnx", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety.train import build
+    sidecar = build(tmp_path)
+    model, shipped = default_paths()
+    assert (tmp_path / model.name).read_bytes() == model.read_bytes()
+    assert json.loads((tmp_path / shipped.name).read_text()) == json.loads(shipped.read_text())
+    assert (tmp_path / "safety_known_words.txt").read_bytes() == \
+        (Path(model).parent / "safety_known_words.txt").read_bytes()
+    assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()

@@ -1,0 +1,129 @@
+"""The labelled prompt set (toonark/data/safety_prompts.json): evaluation set and training data.
+
+Each hand-written base prompt gets two systematic perturbations (`perturb`), and the split into
+`dev` and `test` is made per base (`split_of`), so a perturbation never lands on the other side of its base
+(which would leak the test part into tuning). Stdlib only: the tests and the served side can
+read it without scikit-learn.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+SAFE = "safe"
+DATA_NAME = "safety_prompts.json"
+# Each base gets two neighbouring kinds, picked by the base's sha256 (not its position, so adding a
+# prompt changes no other prompt's perturbations).
+KINDS = ("misspell", "spaced", "lookalike", "leet", "mixed-case")
+_LOOKALIKE = {"a": "а", "e": "е", "o": "о", "c": "с", "p": "р", "i": "і", "x": "х", "y": "у", "s": "ѕ"}
+_LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "$", "t": "7"}
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str      # SAFE or an unsafe category
+    group: str      # the category, or the harmless group ("animals", "idioms", ...)
+    base: str       # the hand-written prompt this one comes from (itself for a base)
+    kind: str       # "base" or one of KINDS
+    split: str      # "dev" or "test"
+
+    @property
+    def unsafe(self) -> bool:
+        return self.label != SAFE
+
+
+def data_path() -> Path:
+    return Path(str(resources.files("toonark") / "data" / DATA_NAME))
+
+
+def data_sha256(path: Path | None = None) -> str:
+    return hashlib.sha256((path or data_path()).read_bytes()).hexdigest()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _target_word(words: list[str], rng: random.Random) -> int:
+    """Index of the word to perturb: a random word of 4+ letters (the longest if none)."""
+    long = [i for i, w in enumerate(words) if sum(ch.isalpha() for ch in w) >= 4]
+    if not long:
+        return max(range(len(words)), key=lambda i: len(words[i]))
+    return rng.choice(long)
+
+
+def perturb(text: str, kind: str) -> str:
+    """A deterministic variant of `text` as people type it (seeded by the text and the kind)."""
+    rng = random.Random(_digest(f"{kind}\0{text}"))
+    words = text.split(" ")
+    i = _target_word(words, rng)
+    word = words[i]
+    letters = [j for j, ch in enumerate(word) if ch.isalpha()]
+    if kind == "mixed-case":
+        return "".join(ch.upper() if rng.random() < 0.5 else ch.lower() for ch in text)
+    if kind == "spaced":
+        words[i] = rng.choice((" ", ".", "-", "  ")).join(word)
+    elif kind == "lookalike":
+        swap = [j for j in letters if word[j] in _LOOKALIKE]
+        chosen = set(rng.sample(swap, min(2, len(swap))))
+        words[i] = "".join(_LOOKALIKE[ch] if j in chosen else ch for j, ch in enumerate(word))
+    elif kind == "leet":
+        words[i] = "".join(_LEET.get(ch, ch) for ch in word)
+    elif kind == "misspell":
+        if len(letters) >= 4:
+            j = rng.choice(letters[1:-1])
+            op = rng.choice(("drop", "double", "swap"))
+            if op == "drop":
+                word = word[:j] + word[j + 1:]
+            elif op == "double":
+                word = word[:j] + word[j] + word[j:]
+            elif word[j + 1].isalpha() and word[j + 1] != word[j]:
+                word = word[:j] + word[j + 1] + word[j] + word[j + 2:]
+            else:
+                word = word[:j] + word[j + 1:]
+        words[i] = word
+    else:
+        raise ValueError(f"unknown perturbation {kind!r}; use one of {', '.join(KINDS)}")
+    return " ".join(words)
+
+
+def split_of(base: str) -> str:
+    """"dev" or "test" for a base prompt, from its sha256 alone: adding or removing other prompts never
+    moves a prompt across the split (so what tuning has read stays in dev)."""
+    return "test" if int(_digest(base)[:8], 16) % 2 else "dev"
+
+
+def load(path: Path | None = None) -> list[Example]:
+    """Every example (bases and perturbations), both splits, in file order."""
+    path = path or data_path()
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("version") != 1:
+        raise ValueError(f"{path}: version: expected 1, got {data.get('version')!r}")
+    out: list[Example] = []
+    seen: dict[str, str] = {}
+    for section, is_unsafe in (("unsafe", True), ("harmless", False)):
+        groups = {g: v for g, v in data[section].items() if not g.startswith("_")}
+        for group, bases in groups.items():
+            label = group if is_unsafe else SAFE
+            for base in bases:
+                if base in seen:
+                    raise ValueError(f"{path}: {section}.{group}: {base!r} is already listed under {seen[base]}")
+                seen[base] = f"{section}.{group}"
+                out.append(Example(base, label, group, base, "base", split_of(base)))
+                first = int(_digest(base)[8:16], 16) % len(KINDS)
+                for kind in (KINDS[first], KINDS[(first + 1) % len(KINDS)]):
+                    variant = perturb(base, kind)
+                    if variant != base:
+                        out.append(Example(variant, label, group, base, kind, split_of(base)))
+    return out
+
+
+def categories(path: Path | None = None) -> tuple[str, ...]:
+    path = path or data_path()
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return tuple(g for g in data["unsafe"] if not g.startswith("_"))

@@ -1,0 +1,194 @@
+"""The layered kid-safety filter that `PromptPolicy.check` delegates to.
+
+Layers (each refusal names its layer and its rule or score):
+  word      safety_rules.json terms on the normalised text (toonark.prompts), excused by its allow
+            list or by an idiom allow-rule that names the term;
+  phrase    relation and phrase rules of safety_phrases.json (harm verb + child, self-harm action +
+            body part, compounds), excused only by an idiom allow-rule naming that rule; when a word
+            and a phrase rule both fire, the phrase rule (more specific) names the refusal;
+  language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
+  classifier the shipped ONNX n-gram classifier (toonark/data/safety_classifier.onnx), refusing
+            when P(unsafe) reaches the threshold chosen on the dev part of the labelled set.
+The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
+words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
+bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
+nudity).
+
+Layers whose category is not among the word rules' categories are skipped, so a custom rules file
+(PromptPolicy.load(rules_path=...)) keeps exactly its own labels.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from toonark.prompts import PromptRefused, _fold, _SafetyRules, _variants, normalize
+from toonark.prompt_safety import language
+from toonark.prompt_safety.phrases import PhraseRules
+from toonark.prompt_safety.phrases import load as load_phrases
+from toonark.prompt_safety.spelling import Speller, load_known_words, rule_words
+
+log = logging.getLogger(__name__)
+
+LANGUAGE = "language"
+LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
+_DESCRIBE = {
+    "violence": "violence", "child-harm": "harm to a child", "weapons": "weapons", "gore": "gore",
+    "sexual": "sexual content", "drugs": "drugs or alcohol", "self-harm": "self-harm", "hate": "hate",
+    "profanity": "swearing", "scary": "horror",
+}
+
+
+class SafetyRefused(PromptRefused):
+    """A PromptRefused that also says which layer refused and by which rule (or classifier score).
+
+    `layer` is one of LAYERS (a metrics label); `rule` the rule id or term; `score` the classifier's
+    P(unsafe) when the classifier refused."""
+
+    def __init__(self, category: str, term: str, message: str, layer: str, rule: str, score: float | None = None):
+        super().__init__(category, term, message)
+        self.layer, self.rule, self.score = layer, rule, score
+
+    def __reduce__(self):
+        return (SafetyRefused, (self.category, self.term, self.message, self.layer, self.rule, self.score))
+
+
+@dataclass(frozen=True)
+class LayeredFilter:
+    words: _SafetyRules
+    phrases: PhraseRules
+    classifier: object | None        # SafetyClassifier; None disables the layer
+    categories: frozenset[str]
+    speller: Speller | None = None
+
+    @classmethod
+    def build(cls, words: _SafetyRules, phrases_path: str | Path | None = None,
+              classifier: object | None = "default") -> "LayeredFilter":
+        if classifier == "default":
+            classifier = _default_classifier()
+        phrases = load_phrases(phrases_path)
+        vocabulary = phrases.vocabulary | rule_words([r.term for r in words.rules], [], [p.pattern for p in words.allow])
+        speller = Speller(set(vocabulary), load_known_words())
+        return cls(words, phrases, classifier, frozenset(words.categories), speller)
+
+    # -- layers --------------------------------------------------------------------------------
+
+    def _word(self, variants: set[str]) -> SafetyRefused | None:
+        """The earliest, then longest, blocked term. The variants are alternative readings of the same
+        text (1 as i or l or a digit, leet undone or not, an article split off a spelled-out run); a
+        term counts only when no reading excuses it, so "a $qu1r7 gun" (squirt gun once leet is
+        undone) passes while "ar15" (a rifle only when read literally) is still refused."""
+        excused_somewhere: set[str] = set()
+        hits: dict[str, tuple] = {}
+        for variant in variants:
+            allowed = [m.span() for p in self.words.allow for m in p.finditer(variant)]
+            for rule in self.words.rules:
+                matches = [m.span() for m in rule.pattern.finditer(variant)]
+                if not matches:
+                    continue
+                open_ = [(s, e) for s, e in matches
+                         if not any(a <= s and e <= b for a, b in allowed)
+                         and not self.phrases.excused(f"word:{rule.term}", (s, e), variant)]
+                if not open_:
+                    excused_somewhere.add(rule.term)
+                    continue
+                start, end = open_[0]
+                key = (start, start - end)
+                if rule.term not in hits or key < hits[rule.term][0]:
+                    hits[rule.term] = (key, rule.category, rule.term)
+        live = [hit for term, hit in hits.items() if term not in excused_somewhere]
+        if not live:
+            return None
+        _, category, term = min(live)
+        return SafetyRefused(category, term, f'prompt refused ({category}): "{term}" is not allowed in kids\' '
+                                             f'pictures (layer: word rule)', "word", term)
+
+    def _phrase(self, variants: set[str], raw: str) -> SafetyRefused | None:
+        hit = self.phrases.find(variants, raw, only=self.categories)
+        if hit is None:
+            return None
+        rule, matched = hit
+        what = _DESCRIBE.get(rule.category, rule.category)
+        return SafetyRefused(rule.category, rule.id, f'prompt refused ({rule.category}): "{matched}" describes '
+                                                     f'{what}, which is not allowed in kids\' pictures '
+                                                     f'(layer: phrase rule {rule.id})', "phrase", rule.id)
+
+    def _language(self, folded: str) -> SafetyRefused | None:
+        script = language.foreign_script(folded)
+        if script is None:
+            return None
+        return SafetyRefused(LANGUAGE, script, f"prompt refused ({LANGUAGE}): the prompt is written in {script} "
+                                               f"script; write it in English (the text encoder reads English only, "
+                                               f"so other scripts give a random picture and cannot be safety-checked) "
+                                               f"(layer: language)", LANGUAGE, script)
+
+    def _classifier(self, text: str) -> SafetyRefused | None:
+        if self.classifier is None:
+            return None
+        score = self.classifier.score(normalize(text))
+        if not score.refused or score.category not in self.categories:
+            return None
+        what = _DESCRIBE.get(score.category, score.category)
+        return SafetyRefused(score.category, "classifier", f"prompt refused ({score.category}): this reads as {what}, "
+                             f"which is not allowed in kids' pictures (layer: classifier, score {score.unsafe:.2f} >= "
+                             f"{score.threshold:.2f})", "classifier", "classifier", round(score.unsafe, 4))
+
+    # -- public --------------------------------------------------------------------------------
+
+    def verdict(self, text: str) -> SafetyRefused | None:
+        """The refusal for a subject, or None when it may be drawn."""
+        variants = self._readings(text)
+        folded = _fold(text)
+        # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
+        # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
+        return (self._phrase(variants, folded) or self._word(variants) or self._language(folded)
+                or self._classifier(text))
+
+    def _readings(self, text: str) -> set[str]:
+        """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""
+        variants = _variants(text)
+        if self.speller is not None:
+            variants |= {v for v in map(self.speller.variant, variants) if v is not None}
+        return variants
+
+    def check(self, text: str) -> None:
+        refusal = self.verdict(text)
+        if refusal is not None:
+            log.info("refused a prompt: layer=%s category=%s rule=%s", refusal.layer, refusal.category, refusal.rule)
+            raise refusal
+
+    def negative_verdict(self, text: str) -> SafetyRefused | None:
+        """The refusal for a request's extra negative prompt (own rules, no classifier)."""
+        folded = _fold(text)
+        hit = self.phrases.find(_variants(text), folded, rules=self.phrases.negative, only=self.categories)
+        if hit is not None:
+            rule, matched = hit
+            return SafetyRefused(rule.category, rule.id, f'prompt refused ({rule.category}): the negative prompt names '
+                                 f'"{matched}"; {rule.why} (layer: negative rule {rule.id})', "negative", rule.id)
+        return self._language(folded)
+
+    def check_negative(self, text: str) -> None:
+        refusal = self.negative_verdict(text)
+        if refusal is not None:
+            raise refusal
+
+
+@functools.lru_cache(maxsize=1)
+def _default_classifier():
+    """The shipped classifier, loaded once per process and shared by every policy."""
+    from toonark.prompt_safety.classifier import SafetyClassifier
+    return SafetyClassifier()
+
+
+_CACHE: dict[int, tuple[_SafetyRules, LayeredFilter]] = {}
+
+
+def filter_for(words: _SafetyRules) -> LayeredFilter:
+    """The layered filter around a policy's word rules, built once (the classifier session is reused)."""
+    entry = _CACHE.get(id(words))
+    if entry is None or entry[0] is not words:
+        entry = (words, LayeredFilter.build(words))
+        _CACHE[id(words)] = entry
+    return entry[1]

@@ -1,0 +1,208 @@
+"""Build-time only: train the prompt classifier from the dev part of toonark/data/safety_prompts.json and
+export it to ONNX (scikit-learn + skl2onnx, the `safety-model` extra; the runtime needs onnxruntime only).
+
+Byte-reproducible: one BLAS thread, a deterministic solver, coefficients rounded to 6 decimals before
+export (so last-bit differences of floating-point sums cannot change the file), fixed opsets and
+producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold and
+the metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from toonark.prompt_safety import evalset
+from toonark.prompt_safety.classifier import INPUT_NAME, MODEL_NAME, SIDECAR_NAME
+from toonark.prompts import normalize
+
+log = logging.getLogger(__name__)
+
+SIDECAR_VERSION = 1
+OPSETS = {"": 17, "ai.onnx.ml": 3}
+MARGIN = 0.1
+MAX_THRESHOLD = 0.95
+FOLDS = 5
+C = 10.0
+
+
+def _pipeline():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+    # lowercase=False: the input is already normalised, and skl2onnx would otherwise add a
+    # StringNormalizer that needs an installed en_US locale at run time.
+    chars = TfidfVectorizer(analyzer="char", ngram_range=(2, 5), sublinear_tf=True, lowercase=False, min_df=1)
+    words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=False,
+                            token_pattern=r"[a-z0-9]+")
+    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs"))
+
+
+def _round(pipe) -> None:
+    import numpy as np
+    clf = pipe[-1]
+    clf.coef_ = np.round(clf.coef_, 6)
+    clf.intercept_ = np.round(clf.intercept_, 6)
+
+
+def _unsafe_prob(pipe, texts, safe_index):
+    return 1.0 - pipe.predict_proba(texts)[:, safe_index]
+
+
+def _choose_threshold(oof, labels) -> float:
+    """Just above the highest out-of-fold score of any harmless dev prompt, plus MARGIN.
+
+    Out of fold (folds grouped by base prompt) is how the classifier meets prompts it has not seen.
+    The shipped model is trained on all of dev and scores more sharply than the fold models, so a
+    threshold fitted exactly to the fold scores refuses unseen harmless prompts; the margin is for that
+    shift. The classifier is the last layer, a backstop behind the rules, so it is kept precise."""
+    highest = max(p for p, y in zip(oof, labels) if y == evalset.SAFE)
+    return round(min(MAX_THRESHOLD, highest + MARGIN), 2)
+
+
+def _metrics(scores, labels, threshold) -> dict:
+    unsafe = [p for p, y in zip(scores, labels) if y != evalset.SAFE]
+    safe = [p for p, y in zip(scores, labels) if y == evalset.SAFE]
+    return {"unsafe": len(unsafe), "harmless": len(safe),
+            "recall": round(sum(p >= threshold for p in unsafe) / len(unsafe), 4),
+            "harmless_refused": round(sum(p >= threshold for p in safe) / len(safe), 4)}
+
+
+def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None) -> dict:
+    """Train on dev, export, write `<out_dir>/safety_classifier.onnx` + `.json` atomically; returns the
+    sidecar. `limit` trains on the first N dev examples only (tests of determinism on a subset)."""
+    import numpy as np
+    import sklearn
+    import skl2onnx
+    from sklearn.model_selection import StratifiedGroupKFold
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import StringTensorType
+    from threadpoolctl import threadpool_limits
+
+    from toonark.prompt_safety.layered import LayeredFilter
+    from toonark.prompts import PromptPolicy
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_known_words(out_dir)   # the spelling layer reads it, and the rule layers run below
+    data_path = Path(data_path or evalset.data_path())
+    examples = evalset.load(data_path)
+    dev = [e for e in examples if e.split == "dev"][:limit]
+    test = [e for e in examples if e.split == "test"]
+    x = [normalize(e.text) for e in dev]
+    y = [e.label for e in dev]
+    groups = [e.base for e in dev]
+    rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
+
+    with threadpool_limits(1):
+        labels = sorted(set(y))
+        safe_index = labels.index(evalset.SAFE)
+        oof = np.zeros(len(dev))
+        if limit is None:
+            folds = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0)
+            for train_idx, hold_idx in folds.split(x, y, groups):
+                pipe = _pipeline().fit([x[i] for i in train_idx], [y[i] for i in train_idx])
+                _round(pipe)
+                oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
+            threshold = _choose_threshold(oof, y)
+            rule_refused = [rules.verdict(e.text) is not None for e in dev]
+            dev_filter = {"missed_unsafe": sum(1 for p, l, r in zip(oof, y, rule_refused)
+                                               if l != evalset.SAFE and not r and p < threshold),
+                          "harmless_refused": sum(1 for p, l, r in zip(oof, y, rule_refused)
+                                                  if l == evalset.SAFE and (r or p >= threshold))}
+        else:
+            threshold, dev_filter = 0.5, {}
+        pipe = _pipeline().fit(x, y)
+        _round(pipe)
+
+    assert list(pipe.classes_) == labels
+    model = to_onnx(pipe, initial_types=[(INPUT_NAME, StringTensorType([None, 1]))],
+                    options={id(pipe[-1]): {"zipmap": False}}, target_opset=OPSETS)
+    model.producer_name, model.producer_version, model.doc_string = "toonark.prompt_safety.train", "1", ""
+    # skl2onnx collects the opset domains in a set: their order follows Python's string hashing, which
+    # changes per process. Sorted, the bytes do not.
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.add(domain=domain, version=version)
+    blob = model.SerializeToString()
+
+    # Parity of the exported graph with scikit-learn, on every example (dev and test).
+    import onnxruntime as ort
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    all_x = [normalize(e.text) for e in examples]
+    onnx_p = session.run(["probabilities"], {INPUT_NAME: np.array(all_x, dtype=object).reshape(-1, 1)})[0]
+    parity = float(np.abs(onnx_p - pipe.predict_proba(all_x)).max())
+
+    test_scores = 1.0 - onnx_p[[i for i, e in enumerate(examples) if e.split == "test"], safe_index]
+    sidecar = {
+        "version": SIDECAR_VERSION,
+        "model": MODEL_NAME,
+        "onnx_sha256": hashlib.sha256(blob).hexdigest(),
+        "input": INPUT_NAME + " (normalised prompt, toonark.prompts.normalize)",
+        "labels": labels,
+        "safe_label": evalset.SAFE,
+        "threshold": threshold,
+        "trained_on": {"file": f"toonark/data/{data_path.name}", "sha256": evalset.data_sha256(data_path),
+                       "split": "dev", "examples": len(dev), "limit": limit},
+        "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g" % C,
+        "threshold_rule": f"highest out-of-fold score of a harmless dev prompt + {MARGIN:g} (at most "
+                          f"{MAX_THRESHOLD:g}); {FOLDS} folds grouped by base prompt",
+        "metrics": {
+            "dev_out_of_fold_classifier_alone": _metrics(oof, y, threshold) if limit is None else None,
+            "dev_out_of_fold_whole_filter": dev_filter or None,
+            "test_classifier_alone": _metrics(list(test_scores), [e.label for e in test], threshold),
+            "onnx_vs_sklearn_max_abs_diff": round(parity, 6),
+        },
+        "built_with": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
+                       "onnx_opsets": OPSETS},
+    }
+    _atomic_write(out_dir / MODEL_NAME, blob)
+    _atomic_write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
+    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f", out_dir / MODEL_NAME, len(blob),
+             sidecar["onnx_sha256"][:12], threshold)
+    return sidecar
+
+
+def known_words() -> list[str]:
+    """Whole-word tokens (3+ letters) of the CLIP BPE vocabulary, from the open_clip package file that
+    `make setup` installs (read as data; open_clip itself is never imported: it needs torchvision)."""
+    import gzip
+    import importlib.util
+    import re
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip (its BPE vocabulary file) is missing; run `make setup`", name="open_clip")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    words = set()
+    for line in merges:
+        token = "".join(line.split())
+        if token.endswith("</w>") and re.fullmatch(r"[a-z]{3,}", token[:-4]):
+            words.add(token[:-4])
+    return sorted(words)
+
+
+def write_known_words(out_dir: Path) -> Path:
+    from toonark.prompt_safety.spelling import KNOWN_WORDS_NAME
+    words = known_words()
+    header = ("# Known English words: whole-word tokens of the CLIP BPE vocabulary (open_clip bpe_simple_vocab_16e6),\n"
+              "# written by `make safety-model`. toonark.prompt_safety.spelling never 'corrects' these.\n")
+    path = Path(out_dir) / KNOWN_WORDS_NAME
+    _atomic_write(path, (header + "\n".join(words) + "\n").encode("utf-8"))
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; package data is read by the serving user too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
