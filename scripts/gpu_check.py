@@ -21,6 +21,11 @@ import json
 import sys
 from pathlib import Path
 
+try:
+    from toonark.scripts import _cli as cli
+except ImportError:   # run as a file before `make setup` installed toonark: python put scripts/ first on sys.path
+    import _cli as cli
+
 NO_DRIVER = ("no NVIDIA driver on this machine (libcuda.so.1 cannot be loaded: {error}). `make setup GPU=1` needs "
              "a CUDA GPU with its driver (nvidia-smi must work; in a container: --gpus all / the NVIDIA container "
              "toolkit). On a machine without a GPU use `make setup` (CPU build).")
@@ -32,20 +37,18 @@ NO_CUDA_PROVIDER = ("onnxruntime {version} ({path}) has no CUDAExecutionProvider
 
 
 class CheckFailed(RuntimeError):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+    """A check that did not pass; its message names the fix."""
 
 
 def check_driver() -> dict:
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as err:
-        raise CheckFailed(NO_DRIVER.format(error=err), code=2) from None
+        raise CheckFailed(NO_DRIVER.format(error=err)) from None
     version = ctypes.c_int(0)
     # cuDriverGetVersion needs no cuInit: it reports what the driver supports (13000 = CUDA 13.0).
     if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
-        raise CheckFailed(NO_DRIVER.format(error="cuDriverGetVersion failed"), code=2)
+        raise CheckFailed(NO_DRIVER.format(error="cuDriverGetVersion failed"))
     return {"driver_cuda": f"{version.value // 1000}.{version.value % 1000 // 10}"}
 
 
@@ -147,26 +150,31 @@ def run_checks(report: dict, driver_only: bool = False) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.parser(__doc__, raw=True)
     parser.add_argument("--json", type=Path, help="write the report (and a failure's message) to this file")
     parser.add_argument("--driver-only", action="store_true", help="only check that an NVIDIA driver is there")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     report: dict = {}
-    code = 0
     try:
         run_checks(report, args.driver_only)
         report["ok"] = True
         lines = [f"GPU check passed: {k} = {v}" for k, v in report.items() if k != "ok"]
         print("\n".join(lines) if not args.driver_only else f"NVIDIA driver found (CUDA {report['driver_cuda']})")
-    except CheckFailed as err:
+    except CheckFailed as err:   # the report says what failed; cli.main prints the message and exits 1
         report.update(ok=False, error=str(err))
-        print(f"error: {err}", file=sys.stderr)
-        code = err.code
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return code
+        raise
+    finally:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

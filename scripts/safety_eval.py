@@ -7,9 +7,11 @@ import argparse
 import json
 import sys
 
+from toonark.scripts import _cli as cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.parser(__doc__)
     parser.add_argument("--split", choices=("dev", "test", "all"), default="test")
     parser.add_argument("--details", action="store_true", help="list missed unsafe and refused harmless prompts")
     parser.add_argument("--json", action="store_true", help="print the totals as JSON")
@@ -18,8 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     from toonark.prompt_safety import evalset, evaluate
     from toonark.prompt_safety.layered import filter_for
     from toonark.prompts import PromptPolicy
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
     if args.timing:
         print(timing(evalset.load()))
     return 0 if report.meets_targets or args.split != "test" else 2
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 def timing(examples) -> str:

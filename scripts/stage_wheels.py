@@ -25,6 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+try:
+    from toonark.scripts import _cli as cli
+except ImportError:   # run as a file before `make setup` installed toonark: python put scripts/ first on sys.path
+    import _cli as cli
+
 ROOT = Path(__file__).resolve().parent.parent
 # What the lent H200 image (Python 3.12, torch 2.11 cu130, numpy 2.x) lacks or has at a version toonark cannot use
 # (numpy < 2 for the Triton Python backend; transformers 4.57 / hub 0.36 / tokenizers 0.22 for optimum-onnx).
@@ -54,7 +59,7 @@ def offline_specs(skip: tuple[str, ...] = ()) -> list[str]:
         try:
             specs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
-            raise SystemExit(f"error: {name} is not installed in {sys.prefix}; run `make setup` and call this script "
+            raise RuntimeError(f"{name} is not installed in {sys.prefix}; run `make setup` and call this script "
                              f"with .venv/bin/python (the versions come from that venv)") from None
     return [s for s in specs if s.split("==")[0] not in skip]
 
@@ -141,12 +146,12 @@ def stage(out: Path, part_mb: float, python_version: str, skip: tuple[str, ...])
 def join(part_dirs: list[Path], out: Path, partial: bool) -> int:
     found = {d.name: d for d in part_dirs if (d / MANIFEST).is_file()}
     if not found:
-        raise SystemExit(f"error: no {MANIFEST} in {', '.join(map(str, part_dirs))}: pass the carried part folders "
+        raise FileNotFoundError(f"no {MANIFEST} in {', '.join(map(str, part_dirs))}: pass the carried part folders "
                          f"(p0, p1, ...) made by `scripts/stage_wheels.py stage`")
     manifest = json.loads(next(iter(found.values())).joinpath(MANIFEST).read_text())
     missing = [f"p{i}" for i in range(manifest["parts"]) if f"p{i}" not in found]
     if missing and not partial:
-        raise SystemExit(f"error: parts {', '.join(missing)} of {manifest['parts']} are missing: carry them in the "
+        raise FileNotFoundError(f"parts {', '.join(missing)} of {manifest['parts']} are missing: carry them in the "
                          f"calls before this one, on the same warm machine (its /tmp is gone once it goes back)")
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
@@ -161,7 +166,7 @@ def join(part_dirs: list[Path], out: Path, partial: bool) -> int:
                     shutil.copyfileobj(src, dst)
         if sha256(Path(tmp)) != entry["sha256"]:
             os.unlink(tmp)
-            raise SystemExit(f"error: {name} does not match its sha256 after joining: a part was cut short in transit; "
+            raise ValueError(f"{name} does not match its sha256 after joining: a part was cut short in transit; "
                              f"carry it again")
         os.replace(tmp, out / name)
         written.append(name)
@@ -170,8 +175,8 @@ def join(part_dirs: list[Path], out: Path, partial: bool) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.parser(__doc__, raw=True)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stage", help="download the offline set and cut it into parts (needs network)")
     s.add_argument("--out", type=Path, default=ROOT / ".stage" / "gpu")
@@ -182,10 +187,17 @@ def main(argv=None) -> int:
     j.add_argument("--parts", type=Path, nargs="+", required=True)
     j.add_argument("--out", type=Path, required=True)
     j.add_argument("--partial", action="store_true", help="write the wheels whose parts are all there; skip the rest")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "stage":
         return stage(args.out, args.part_mb, args.python_version, tuple(args.skip))
     return join(args.parts, args.out, args.partial)
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
