@@ -17,6 +17,9 @@ PYTEST_ARGS ?=
 # the CUDA torch of the python3 that makes the venv (its site-packages go on the venv's path, after the venv's own).
 GPU         ?=
 WHEELS      ?=
+# TensorRT build options for `make engine BACKEND=tensorrt` and `make trtexec` (the same flags give the same plan),
+# e.g. TRT_FLAGS="--refit --strongly-typed --workspace-mib 4096 --optimization-level 4".
+TRT_FLAGS   ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean safety-model safety-eval
@@ -92,7 +95,7 @@ calibrate: setup
 	$(PY) scripts/calibrate.py --out $(OUT)
 
 engine: setup
-	$(PY) scripts/build_engine.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION)
+	$(PY) scripts/build_engine.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(TRT_FLAGS)
 
 LAYOUT      ?= python
 repo: setup
@@ -102,7 +105,7 @@ serve: setup
 	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 trtexec: setup
-	$(PY) scripts/trtexec.py --out $(OUT)
+	$(PY) scripts/trtexec.py --out $(OUT) $(TRT_FLAGS)
 
 bench: setup
 	$(PY) scripts/bench.py

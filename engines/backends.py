@@ -43,16 +43,22 @@ class Backend:
         """The precision the text encoder and VAE of an int8 build are built from."""
         return "fp16"
 
+    def build_precision(self, precision: str, submodel: str) -> str:
+        """The precision `submodel` of a `precision` build is built at: in an int8 build only the submodels
+        `make calibrate` quantizes (their graphs carry Q/DQ) are int8; the others are int8_companion_precision
+        graphs without Q/DQ, built as such (INT8 flags on them only warn and fall back)."""
+        if precision == "int8" and submodel not in QUANTIZED_SUBMODELS:
+            return self.int8_companion_precision()
+        return precision
+
     def source_onnx(self, layout: BuildLayout, precision: str, submodel: str, fused: bool) -> Path:
         """int8: the calibrated QDQ UNet, the other submodels from int8_companion_precision. Fused builds
         start from the fp32 export: ORT's fusions match fp32 graphs and convert to fp16 themselves."""
         if fused and precision == "fp16":
             return layout.onnx_model("fp32", submodel)
-        if precision == "int8":
-            if submodel == "unet":
-                return layout.int8_unet
-            return layout.onnx_model(self.int8_companion_precision(), submodel)
-        return layout.onnx_model(precision, submodel)
+        if precision == "int8" and submodel in QUANTIZED_SUBMODELS:
+            return layout.int8_unet
+        return layout.onnx_model(self.build_precision(precision, submodel), submodel)
 
     # -- build / load ------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -94,6 +100,15 @@ class Backend:
 
     def check_engine(self, metadata: dict, engine_dir: Path, fix: str) -> None:
         """Checks that always run at load (even verify=False); TensorRT: library version and GPU."""
+
+    # -- the served repository ---------------------------------------------------------------
+    def serving_runtime(self, metadata: dict[str, dict]) -> dict:
+        """What the server must have to load these engines ({submodel: engine.json}); recorded by `make repo`
+        in the repository and checked by the launcher at start (check_serving_runtime). ONNX needs nothing."""
+        return {}
+
+    def check_serving_runtime(self, runtime: dict, repo: Path, fix: str) -> None:
+        """Raise EngineError naming `fix` when this machine cannot serve engines recorded as `runtime`."""
 
 
 class OrtBackend(Backend):
@@ -168,7 +183,8 @@ class TensorRTBackend(Backend):
     def settings(self, precision, spec, limits, build_dir, *, threads, device_id, trt_options, fuse) -> dict:
         from toonark.engines.tensorrt import trt_build_plan
         options = {"timing_cache": str(BuildLayout(build_dir).timing_cache), **(trt_options or {})}
-        return {"device_id": device_id, "trt": trt_build_plan(spec, limits, precision, options).to_json()}
+        plan = trt_build_plan(spec, limits, self.build_precision(precision, spec.name), options)
+        return {"device_id": device_id, "trt": plan.to_json()}
 
     @staticmethod
     def comparable(settings: dict) -> dict:
@@ -176,10 +192,18 @@ class TensorRTBackend(Backend):
 
     def build(self, source, out_dir, submodel, settings):
         from toonark.engines.tensorrt import TrtBuildPlan, build_trt_engine
-        return build_trt_engine(source, Path(out_dir) / self.engine_file, TrtBuildPlan.from_json(settings["trt"])), None
+        return build_trt_engine(source, Path(out_dir) / self.engine_file, TrtBuildPlan.from_json(settings["trt"]),
+                                device_id=settings.get("device_id", 0)), None
 
     def load(self, engine_path, spec, metadata, **options):
+        """Runs on the GPU it was built on unless device_id says otherwise; that GPU must be the same model."""
         from toonark.engines.tensorrt import TrtEngine
+        built_on = metadata.get("settings", {}).get("device_id", 0)
+        device_id = options.setdefault("device_id", built_on)
+        if device_id != built_on and self.device_name(device_id) != metadata.get("device"):
+            raise EngineError(f"{engine_path} was built for GPU {metadata.get('device')!r}; device {device_id} is "
+                              f"{self.device_name(device_id)!r} (plans are tuned per GPU). Load it on device "
+                              f"{built_on}, or rebuild with `make engine BACKEND=tensorrt` and --device-id {device_id}")
         return TrtEngine(engine_path, spec, metadata, **options)
 
     def engine_files(self, engine_dir: Path) -> list[Path]:
@@ -205,9 +229,46 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{plan} was built for GPU {metadata.get('device')!r}, "
                               f"this machine has {gpu!r}; plans are tuned per GPU. {fix}")
 
+    def serving_runtime(self, metadata: dict[str, dict]) -> dict:
+        """The TensorRT version and GPU the plans were built with (one of each: Triton loads every plan with
+        the one libnvinfer of its image)."""
+        found = {(m.get("library", {}).get("version"), m.get("device")) for m in metadata.values()}
+        if len(found) != 1:
+            built = ", ".join(f"{name}: TensorRT {m.get('library', {}).get('version')} on {m.get('device')!r}"
+                              for name, m in sorted(metadata.items()))
+            raise EngineError(f"the plans were built with different TensorRT versions or GPUs ({built}); rebuild them "
+                              f"together with `make engine BACKEND=tensorrt --force`")
+        version, device = found.pop()
+        return {"library": {"name": "tensorrt", "version": version}, "device": device}
+
+    def check_serving_runtime(self, runtime: dict, repo: Path, fix: str) -> None:
+        """The TensorRT here must be the one that built the plans (Triton's tensorrt backend refuses any other
+        with a deserialization error that does not say why), and GPU 0 the GPU model they were tuned for
+        (checked when both names are known)."""
+        built = runtime.get("library", {}).get("version")
+        try:
+            import tensorrt
+            current = getattr(tensorrt, "__version__", "unknown")
+        except ImportError as err:
+            raise EngineError(f"{repo} serves TensorRT {built} plans, but there is no TensorRT here to check them "
+                              f"against (import tensorrt failed: {err}); the pip tritonserver has no tensorrt "
+                              f"backend. Serve it in the image of deploy/Dockerfile, or {fix}") from None
+        if current != built:
+            raise EngineError(f"{repo} holds plans built with TensorRT {built}; this machine has TensorRT {current}, "
+                              f"which cannot load them. {fix}")
+        gpu, recorded = self.device_name(0), runtime.get("device")
+        if UNKNOWN_GPU not in (gpu, recorded) and gpu != recorded:
+            raise EngineError(f"{repo} holds plans built for GPU {recorded!r}; this machine's GPU 0 is {gpu!r} "
+                              f"(plans are tuned per GPU model). {fix}")
+
 
 class EngineError(RuntimeError):
     """An engine that must not be used (missing, corrupt, stale, built elsewhere); the message names the fix."""
+
+
+UNKNOWN_GPU = "unknown-gpu"
+# The submodels `make calibrate` quantizes: their int8 graph carries Q/DQ (BuildLayout.int8_unet).
+QUANTIZED_SUBMODELS = ("unet",)
 
 
 def _gpu_name(device_id: int = 0) -> str:
@@ -224,7 +285,16 @@ def _gpu_name(device_id: int = 0) -> str:
         name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(device_id))
         return name.decode() if isinstance(name, bytes) else name
     except Exception:  # noqa: BLE001 - any NVML failure means "unknown", never a crash
-        return "unknown-gpu"
+        pass
+    try:  # The NGC image (CPU torch, no pynvml): nvidia-smi, which the driver mounts into the container.
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return UNKNOWN_GPU
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (OrtCpuBackend(), OrtCudaBackend(), TensorRTBackend())}

@@ -169,7 +169,8 @@ def load_engine(build_dir, backend: str, precision: str, submodel: str, *, verif
 
     verify=False skips the two content hashes (engine file, source ONNX) for fast restarts of a
     trusted build; the version / GPU checks of TensorRT plans always run.
-    options: ort-*: threads, cuda_graph, graph_sizes, fallback; tensorrt: device_id, stream.
+    options: ort-*: threads, cuda_graph, graph_sizes, fallback; tensorrt: device_id (default: the GPU it was
+    built on; another must be the same GPU model), stream.
     """
     build_dir = Path(build_dir)
     if precision not in PRECISIONS:

@@ -4,9 +4,16 @@ small runtime wrapper over IExecutionContext with torch CUDA tensors as buffers.
 The pure part, `trt_build_plan`, decides every build setting (flags, profile shapes, workspace,
 optimization level, timing cache) without importing tensorrt, so it is tested everywhere and
 recorded in engine.json; `build_trt_engine` only applies it through the TensorRT Python API.
+
+Supported TensorRT: 10.x (SUPPORTED_TENSORRT). Weakly typed builds (BuilderFlag.FP16 / INT8, what the fp16
+and the fp32-with-Q/DQ int8 UNet need) are deprecated since 10.12 and removed in 11, so 11 is refused with the
+fix rather than failing inside the builder; `strongly_typed` builds take the precisions from the ONNX instead.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,8 +23,33 @@ from toonark.engines.base import Engine
 from toonark.engines.metadata import prepare_feeds
 from toonark.files import atomic_file
 
+log = logging.getLogger(__name__)
+
 DEFAULT_WORKSPACE_BYTES = 8 << 30   # SD-1.5's UNet tactics want a few GiB at 768x768; the pool is a cap, not a reservation
 DEFAULT_OPTIMIZATION_LEVEL = 3      # TensorRT's default; 4-5 search longer for a few % more
+# The TensorRT versions this builder is written against: 10.0 has every API used here (execute_async_v3,
+# name-based I/O, set_memory_pool_limit, builder_optimization_level, OnnxParserRefitter); 11 removed
+# BuilderFlag.FP16 / INT8 (deprecated since 10.12), which the weakly typed fp16 and int8 builds set.
+SUPPORTED_TENSORRT = ((10, 0), (11, 0))   # [low, high)
+SUPPORTED_TENSORRT_TEXT = ">=10.0,<11"
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse a TensorRT outside SUPPORTED_TENSORRT, naming the fix."""
+    low, high = SUPPORTED_TENSORRT
+    found = _major_minor(version)
+    if found is None or not low <= found < high:
+        why = ("TensorRT 11 removed BuilderFlag.FP16/INT8 (weakly typed builds), which the fp16 and int8 plans use"
+               if found and found >= high else "toonark's builder and runtime use TensorRT 10 APIs")
+        raise RuntimeError(f"TensorRT {version} is not supported: toonark builds with TensorRT "
+                           f"{SUPPORTED_TENSORRT_TEXT} ({why}). Install it with `pip install "
+                           f"'tensorrt-cu12{SUPPORTED_TENSORRT_TEXT}'`, or use deploy/Dockerfile (NGC tritonserver "
+                           f"24.10, TensorRT 10.5).")
 
 
 def import_tensorrt():
@@ -26,7 +58,66 @@ def import_tensorrt():
     except ImportError as err:  # also catches the PyPI stub wheels that fail at import
         raise RuntimeError(f"TensorRT is not installed (import tensorrt failed: {err}). Install the TensorRT Python "
                            f"wheel for your CUDA on a GPU machine, or build BACKEND=ort-cuda / ort-cpu.") from None
+    check_tensorrt_version(getattr(tensorrt, "__version__", "unknown"))
     return tensorrt
+
+
+def _cuda_runtime():
+    """cuda-python's CUDA runtime bindings when installed (cuda.bindings.runtime; `cuda.cudart` before 12.6)."""
+    try:
+        from cuda.bindings import runtime
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart
+        return cudart
+    except ImportError:
+        return None
+
+
+def _cuda_call(result, what: str):
+    """cuda-python returns (cudaError_t, *values); raise on an error, return the values."""
+    error, values = result[0], tuple(result[1:])
+    if int(getattr(error, "value", error)) != 0:
+        raise RuntimeError(f"{what} failed: {error}")
+    return values
+
+
+@contextlib.contextmanager
+def cuda_device(device_id: int):
+    """Make `device_id` this thread's current CUDA device for the block, then restore the previous one.
+
+    TensorRT's builder and runtime work on the device that is current when they are created (there is no
+    device argument), so the build and the deserialization run inside this block. Uses cuda-python's
+    cudaGetDevice/cudaSetDevice when installed, else torch.cuda.device (a CUDA build of torch). With neither,
+    device 0 is CUDA's default and needs no call; another device is refused with the fix.
+    """
+    device_id = int(device_id)
+    runtime = _cuda_runtime()
+    if runtime is not None:
+        (previous,) = _cuda_call(runtime.cudaGetDevice(), "cudaGetDevice")
+        if previous != device_id:
+            _cuda_call(runtime.cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
+        try:
+            yield
+        finally:
+            if previous != device_id:
+                _cuda_call(runtime.cudaSetDevice(previous), f"cudaSetDevice({previous})")
+        return
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda:
+        with torch.cuda.device(device_id):
+            yield
+        return
+    if device_id != 0:
+        raise RuntimeError(f"device_id {device_id} needs cuda-python (`pip install cuda-python`) or a CUDA build of "
+                           f"torch to select the GPU; or run with CUDA_VISIBLE_DEVICES={device_id} and device id 0")
+    yield
 
 
 @dataclass(frozen=True)
@@ -66,9 +157,10 @@ def trt_build_plan(spec, limits, precision: str, options: dict | None = None) ->
     strongly_typed (bool: types come from the ONNX graph, no precision flags; TensorRT's preferred
     mode for a QDQ or already-fp16 graph).
 
-    fp32 -> no precision flag (TF32 stays on, TensorRT's default); fp16 -> FP16; int8 -> INT8 + FP16:
-    the int8 UNet is an explicit QDQ graph (make calibrate), TensorRT runs the Q/DQ-wrapped ops in
-    int8 and is free to pick fp16 for the rest.
+    precision: what this submodel is built at (Backend.build_precision): fp32 -> no precision flag (TF32
+    stays on, TensorRT's default); fp16 -> FP16; int8 -> INT8 + FP16, only for a graph with Q/DQ (the
+    calibrated UNet): TensorRT runs the Q/DQ-wrapped ops in int8 and is free to pick fp16 for the rest. The
+    other submodels of an int8 build come here as fp16 (INT8 on a graph without Q/DQ only warns and falls back).
     """
     options = dict(options or {})
     unknown = set(options) - {"workspace_bytes", "optimization_level", "timing_cache", "refit", "strongly_typed"}
@@ -110,62 +202,96 @@ def _io_record(trt, network) -> dict:
             "outputs": describe(network.get_output(i) for i in range(network.num_outputs))}
 
 
-def build_trt_engine(source_onnx: Path, plan_path: Path, plan: TrtBuildPlan) -> dict:
-    """Parse `source_onnx`, build with `plan`, write the serialized engine to `plan_path` atomically and
-    merge the tactic timings into the shared timing cache. Returns the network I/O record."""
+def build_trt_engine(source_onnx: Path, plan_path: Path, plan: TrtBuildPlan, device_id: int = 0) -> dict:
+    """Parse `source_onnx`, build with `plan` on CUDA device `device_id`, and return the network I/O record.
+
+    Nothing is written until everything that can fail has: the serialized plan and the merged timing
+    cache are both in memory first; then the plan is written (atomically), then the cache (atomically)."""
     trt = import_tensorrt()
-    logger = _trt_logger(trt)
-    builder = trt.Builder(logger)
-    network_flags = 0
-    for name in plan.network_flags:
-        network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file resolves external data (model.onnx.data) relative to the model file.
-    if not parser.parse_from_file(str(source_onnx)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {source_onnx}: {errors}")
+    with cuda_device(device_id):
+        logger = _trt_logger(trt)
+        builder = trt.Builder(logger)
+        network_flags = 0
+        for name in plan.network_flags:
+            network_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+        network = builder.create_network(network_flags)
+        parser = trt.OnnxParser(network, logger)
+        # parse_from_file resolves external data (model.onnx.data) relative to the model file.
+        if not parser.parse_from_file(str(source_onnx)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {source_onnx}: {errors}")
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    config.builder_optimization_level = plan.optimization_level
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+        config.builder_optimization_level = plan.optimization_level
+        for flag in plan.builder_flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
 
-    profile = builder.create_optimization_profile()
-    declared = {name: (mn, opt, mx) for name, mn, opt, mx in plan.profile}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        if tensor.name not in declared:
-            raise RuntimeError(f"{source_onnx} has input {tensor.name!r}, which the {plan.submodel} spec does not "
-                               f"declare ({sorted(declared)}); re-export with `make export`")
-        if -1 in tuple(tensor.shape):  # static inputs (the 0-d timestep) need no profile entry
-            profile.set_shape(tensor.name, *declared[tensor.name])
-    config.add_optimization_profile(profile)
+        profile = builder.create_optimization_profile()
+        declared = {name: (mn, opt, mx) for name, mn, opt, mx in plan.profile}
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            if tensor.name not in declared:
+                raise RuntimeError(f"{source_onnx} has input {tensor.name!r}, which the {plan.submodel} spec does "
+                                   f"not declare ({sorted(declared)}); re-export with `make export`")
+            if -1 in tuple(tensor.shape):  # static inputs (the 0-d timestep) need no profile entry
+                profile.set_shape(tensor.name, *declared[tensor.name])
+        config.add_optimization_profile(profile)
 
-    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+        cache_path = Path(plan.timing_cache) if plan.timing_cache else None
+        cache = attach_timing_cache(config, cache_path)  # referenced until the build is over, as TensorRT asks
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build {plan.submodel} from {source_onnx} (see the TensorRT log above)")
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError(f"TensorRT failed to build {plan.submodel} from {source_onnx} (see the TensorRT log "
+                               f"above)")
+        io = _io_record(trt, network)
+        cache_bytes = merged_timing_cache(config, cache_path) if cache_path is not None else None
+        del cache
     with atomic_file(plan_path) as handle:
         handle.write(memoryview(serialized))
-    if cache_path is not None:
-        save_timing_cache(trt, config, cache_path)
-    return _io_record(trt, network)
+    if cache_bytes is not None:
+        with atomic_file(cache_path) as handle:
+            handle.write(cache_bytes)
+    return io
 
 
-def save_timing_cache(trt, config, cache_path: Path) -> None:
-    """Merge this build's timings with what is on disk now (another build may have added some), then
-    replace the file atomically."""
+def attach_timing_cache(config, cache_path: Path | None):
+    """Give the builder the timing cache at `cache_path` (an empty one when there is none), as Polygraphy's
+    CreateConfig does, and check what TensorRT answers: create_timing_cache gives None for bytes it cannot
+    read (another TensorRT version, a damaged file) and set_timing_cache gives False for a cache made on a
+    GPU with other device properties. Either way the build starts from an empty cache, with a warning, and
+    its timings replace the file afterwards. Returns the attached cache."""
+    if cache_path is not None and cache_path.is_file():
+        cache = config.create_timing_cache(cache_path.read_bytes())
+        if cache is None:
+            log.warning("timing cache %s is not readable by this TensorRT (another version, or damaged); building "
+                        "with an empty one, which replaces it", cache_path)
+        elif config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        else:
+            log.warning("timing cache %s was made on another GPU (TensorRT refused it); building with an empty "
+                        "one, which replaces it", cache_path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT could not create an empty timing cache (see the TensorRT log above)")
+    return cache
+
+
+def merged_timing_cache(config, cache_path: Path) -> bytes | None:
+    """This build's timings merged with what is on disk now (another build may have added some), serialized.
+    A file TensorRT cannot read or combine (another GPU or version) is not merged: ours replaces it.
+    None when the builder has no cache to save (nothing is written then)."""
     cache = config.get_timing_cache()
+    if cache is None:
+        log.warning("TensorRT returned no timing cache after the build; %s is left as it is", cache_path)
+        return None
     if cache_path.is_file():
         on_disk = config.create_timing_cache(cache_path.read_bytes())
-        cache.combine(on_disk, ignore_mismatch=False)  # skipped (False) for another TensorRT version: ours wins
-    with atomic_file(cache_path) as handle:
-        handle.write(memoryview(cache.serialize()))
+        if on_disk is None or not cache.combine(on_disk, ignore_mismatch=False):
+            log.warning("timing cache %s is from another GPU or TensorRT version; replacing it with this build's",
+                        cache_path)
+    return bytes(memoryview(cache.serialize()))
 
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32",
@@ -183,12 +309,14 @@ class TrtEngine(Engine):
         self.device = torch.device("cuda", device_id)
         self._trt, self._torch = trt, torch
         self._logger = _trt_logger(trt)
-        self.runtime = trt.Runtime(self._logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {self.plan_path} (see the log above); rebuild it "
-                               f"with `make engine BACKEND=tensorrt`")
-        self.context = self.engine.create_execution_context()
+        # The runtime, engine and context live on the device current at their creation: make it device_id.
+        with torch.cuda.device(self.device):
+            self.runtime = trt.Runtime(self._logger)
+            self.engine = self.runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT could not deserialize {self.plan_path} (see the log above); rebuild it "
+                                   f"with `make engine BACKEND=tensorrt`")
+            self.context = self.engine.create_execution_context()
         self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -207,6 +335,10 @@ class TrtEngine(Engine):
             raise RuntimeError(f"refitting {self.plan_path} from {onnx_path} failed; was it built with refit=True?")
 
     def run_device(self, feeds: dict, outputs: dict | None = None) -> dict:
+        with self._torch.cuda.device(self.device):   # enqueue on the context's own device
+            return self._run_device(feeds, outputs)
+
+    def _run_device(self, feeds: dict, outputs: dict | None) -> dict:
         torch = self._torch
         keep = []
         for name in self.input_names:

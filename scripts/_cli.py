@@ -43,3 +43,28 @@ def main(run: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0 if code is None else int(code)
+
+
+def add_trt_options(parser: argparse.ArgumentParser) -> None:
+    """The TensorRT build options of `make engine` (scripts/build_engine.py) and `make trtexec` (scripts/trtexec.py):
+    one set, so the printed trtexec / polygraphy lines describe the plan `make engine` builds with the same flags."""
+    trt = parser.add_argument_group("TensorRT")
+    trt.add_argument("--workspace-mib", type=int, default=None, help="builder workspace cap (default 8192)")
+    trt.add_argument("--optimization-level", type=int, default=None, help="builder optimization level 0-5")
+    trt.add_argument("--refit", action="store_true", help="build refittable plans")
+    trt.add_argument("--strongly-typed", action="store_true",
+                     help="take layer precisions from the ONNX types (no FP16/INT8 flags)")
+
+
+def trt_options(args: argparse.Namespace) -> dict:
+    """add_trt_options' arguments as engines.tensorrt.trt_build_plan options (only those given)."""
+    options: dict = {}
+    if args.workspace_mib is not None:
+        options["workspace_bytes"] = args.workspace_mib << 20
+    if args.optimization_level is not None:
+        options["optimization_level"] = args.optimization_level
+    if args.refit:
+        options["refit"] = True
+    if args.strongly_typed:
+        options["strongly_typed"] = True
+    return options

@@ -25,12 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="ORT intra-op threads recorded as the load default (default 0: ORT's choice)")
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device (ort-cuda, tensorrt)")
-    trt = parser.add_argument_group("TensorRT")
-    trt.add_argument("--workspace-mib", type=int, default=None, help="builder workspace cap (default 8192)")
-    trt.add_argument("--optimization-level", type=int, default=None, help="builder optimization level 0-5")
-    trt.add_argument("--refit", action="store_true", help="build refittable plans")
-    trt.add_argument("--strongly-typed", action="store_true",
-                     help="take layer precisions from the ONNX types (no FP16/INT8 flags)")
+    cli.add_trt_options(parser)
     return parser.parse_args(argv)
 
 
@@ -49,15 +44,7 @@ def run(args: argparse.Namespace) -> None:
     from toonark.layout import BuildLayout
     # The library logs progress ("unet: up to date ..."); a CLI shows it.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trt_options = {}
-    if args.workspace_mib is not None:
-        trt_options["workspace_bytes"] = args.workspace_mib << 20
-    if args.optimization_level is not None:
-        trt_options["optimization_level"] = args.optimization_level
-    if args.refit:
-        trt_options["refit"] = True
-    if args.strongly_typed:
-        trt_options["strongly_typed"] = True
+    trt_options = cli.trt_options(args)
     results = build_engines(args.out, args.backend, args.precision, submodels=args.submodel, force=args.force,
                             threads=args.threads, device_id=args.device_id, trt_options=trt_options or None)
     print(format_table(results, BuildLayout(args.out).engine_dir(args.backend, args.precision)))

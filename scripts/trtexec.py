@@ -1,6 +1,7 @@
 """Print the trtexec / polygraphy command lines for a build folder (`make trtexec OUT=dir`): per
 submodel and precision, a trtexec build with the engine profile, a trtexec benchmark of that plan
-at the opt shapes, and a polygraphy TensorRT-vs-ONNX Runtime comparison. Nothing is run."""
+at the opt shapes, and a polygraphy TensorRT-vs-ONNX Runtime comparison. Nothing is run. The TensorRT options
+(--refit, --strongly-typed, --workspace-mib, --optimization-level) are `make engine`'s (TRT_FLAGS in the Makefile)."""
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="build folder (made by `make export`)")
     parser.add_argument("--precision", action="append", choices=PRECISIONS, help="repeatable; default: all")
     parser.add_argument("--submodel", action="append", help="repeatable; default: every exported submodel")
+    cli.add_trt_options(parser)   # the same flags as `make engine`: the lines then build the same plan
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     from toonark.engines.commands import build_dir_commands
-    commands = build_dir_commands(args.out, precisions=tuple(args.precision or PRECISIONS), submodels=args.submodel)
+    commands = build_dir_commands(args.out, precisions=tuple(args.precision or PRECISIONS), submodels=args.submodel,
+                                  trt_options=cli.trt_options(args))
     if not commands:
         raise FileNotFoundError(f"no ONNX to build in {args.out} for those precisions/submodels; run "
                                 f"`make export OUT={args.out}` (and `make calibrate` for int8)")

@@ -86,12 +86,12 @@ def install_python_stub(bundle: Path) -> Path:
     backends/python (recipe gotchas 1 and 2). Idempotent; returns the installed path."""
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     source = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
+    target = bundle / "backends" / "python" / "triton_python_backend_stub"
     if not source.is_file():
         if not (bundle / "python_backend_stubs").is_dir() and target.is_file():
             return target   # a tritonserver install (NGC image) whose stub is built for its own python3
         raise RuntimeError(f"the Triton bundle has no Python backend stub for Python {version} ({source}); "
                            f"use a Python the bundle supports (3.8-3.13)")
-    target = bundle / "backends" / "python" / "triton_python_backend_stub"
     if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
         tmp = target.with_name(f".stub.tmp-{os.getpid()}")
         shutil.copy2(source, tmp)
@@ -228,6 +228,8 @@ class TritonServer:
         if self.process is not None:
             raise RuntimeError("this TritonServer was already started; create a new one")
         check_environment()
+        from toonark.serving.repository import check_repo_runtime
+        check_repo_runtime(self.repo)   # plans from another TensorRT / GPU: refused here, with the fix
         bundle = triton_bundle()
         install_python_stub(bundle)
         try:

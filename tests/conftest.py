@@ -12,21 +12,59 @@ import pytest
 from toonark.specs import ShapeLimits
 
 
-def _has_cuda() -> bool:
+def _ort_providers() -> list[str]:
     try:
         import onnxruntime
-        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return list(onnxruntime.get_available_providers())
+    except ImportError as err:
+        return [f"none (import onnxruntime failed: {err})"]
+
+
+def _tensorrt_error() -> str | None:
+    """None when a supported TensorRT imports, else why not (the product's own message)."""
+    from toonark.engines.tensorrt import import_tensorrt
+    try:
+        import_tensorrt()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
     except ImportError:
         return False
 
 
+def gpu_skip_reason(markers: set[str], ort_providers: list[str], tensorrt_error: str | None,
+                    torch_cuda: bool) -> str | None:
+    """Why a test with these markers cannot run here, or None. Each marker names what it needs, so a machine
+    with TensorRT but CPU onnxruntime still runs the TensorRT tests, and a skip says exactly what is missing."""
+    if "tensorrt" in markers:
+        if tensorrt_error:
+            return f"needs TensorRT: {tensorrt_error}"
+        if not torch_cuda:
+            return ("needs a CUDA GPU and a CUDA build of torch (TrtEngine's buffers are torch CUDA tensors): "
+                    "torch.cuda.is_available() is False")
+    if "gpu" in markers and "CUDAExecutionProvider" not in ort_providers:
+        return f"needs a CUDA GPU with onnxruntime-gpu: onnxruntime here has {ort_providers}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with onnxruntime-gpu")
+    probes = {}   # each probe runs once, and only when a collected test needs it
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        markers = {name for name in ("gpu", "tensorrt") if name in item.keywords}
+        if not markers:
+            continue
+        if not probes:
+            probes = {"ort_providers": _ort_providers(), "tensorrt_error": _tensorrt_error(),
+                      "torch_cuda": _torch_cuda()}
+        reason = gpu_skip_reason(markers, **probes)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 # Small limits keep the tiny pipeline's CPU work short; production defaults are 256..768.

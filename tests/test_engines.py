@@ -323,24 +323,43 @@ def test_ort_cuda_without_cuda_is_a_clear_error(tiny_build):
 
 def test_trtexec_and_polygraphy_lines_for_tiny_unet():
     unet = submodel_specs(TINY_DIMS)["unet"]
-    onnx_path, plan, cache = Path("/b/onnx/fp16/unet/model.onnx"), Path("/b/p/unet.plan"), Path("/b/t.cache")
-    assert trtexec_build(onnx_path, plan, unet, TEST_LIMITS, "fp16", cache) == [
+    onnx_path, plan_path = Path("/b/onnx/fp16/unet/model.onnx"), Path("/b/p/unet.plan")
+    fp16 = trt_build_plan(unet, TEST_LIMITS, "fp16", {"timing_cache": "/b/t.cache"})
+    # A bare workspace number: MiB in every TensorRT 10 trtexec ("8192M" is 2^20 times too large on 10.0.x).
+    assert trtexec_build(onnx_path, plan_path, unet, fp16) == [
         "trtexec", "--onnx=/b/onnx/fp16/unet/model.onnx", "--saveEngine=/b/p/unet.plan",
         "--minShapes=sample:2x4x8x8,encoder_hidden_states:2x77x32",
         "--optShapes=sample:2x4x16x16,encoder_hidden_states:2x77x32",
         "--maxShapes=sample:4x4x32x32,encoder_hidden_states:4x77x32",
-        "--fp16", "--memPoolSize=workspace:8192M", "--builderOptimizationLevel=3", "--timingCacheFile=/b/t.cache"]
-    assert trtexec_build(onnx_path, plan, unet, TEST_LIMITS, "int8", cache)[6:8] == ["--int8", "--fp16"]
-    assert trtexec_benchmark(plan, unet, TEST_LIMITS) == [
+        "--fp16", "--memPoolSize=workspace:8192", "--builderOptimizationLevel=3", "--timingCacheFile=/b/t.cache"]
+    int8 = trt_build_plan(unet, TEST_LIMITS, "int8", {"workspace_bytes": 3 << 29})
+    assert trtexec_build(onnx_path, plan_path, unet, int8)[6:] == [
+        "--int8", "--fp16", "--memPoolSize=workspace:1536", "--builderOptimizationLevel=3"]
+    assert trtexec_benchmark(plan_path, unet, fp16) == [
         "trtexec", "--loadEngine=/b/p/unet.plan", "--shapes=sample:2x4x16x16,encoder_hidden_states:2x77x32",
         "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
-    assert polygraphy_compare(onnx_path, unet, TEST_LIMITS, "fp16") == [
+    assert polygraphy_compare(onnx_path, unet, fp16) == [
         "polygraphy", "run", "/b/onnx/fp16/unet/model.onnx", "--trt", "--onnxrt", "--fp16",
         "--trt-min-shapes", "sample:[2,4,8,8]", "encoder_hidden_states:[2,77,32]",
         "--trt-opt-shapes", "sample:[2,4,16,16]", "encoder_hidden_states:[2,77,32]",
         "--trt-max-shapes", "sample:[4,4,32,32]", "encoder_hidden_states:[4,77,32]",
         "--input-shapes", "sample:[2,4,16,16]", "encoder_hidden_states:[2,77,32]",
         "--atol", "0.02", "--rtol", "0.02"]
+
+
+def test_printed_lines_follow_strongly_typed_and_refit():
+    """The lines come from the TrtBuildPlan `make engine` builds: a strongly typed plan has no precision flags
+    (the ONNX types decide), a refittable one says so, to trtexec and to polygraphy alike."""
+    unet = submodel_specs(TINY_DIMS)["unet"]
+    onnx_path, plan_path = Path("/b/onnx/fp16/unet/model.onnx"), Path("/b/p/unet.plan")
+    typed = trt_build_plan(unet, TEST_LIMITS, "fp16", {"strongly_typed": True, "refit": True})
+    assert trtexec_build(onnx_path, plan_path, unet, typed)[6:8] == ["--stronglyTyped", "--refit"]
+    assert polygraphy_compare(onnx_path, unet, typed)[5:7] == ["--strongly-typed", "--refittable"]
+    refit = trt_build_plan(unet, TEST_LIMITS, "fp16", {"refit": True})
+    assert trtexec_build(onnx_path, plan_path, unet, refit)[6:8] == ["--fp16", "--refit"]
+    assert polygraphy_compare(onnx_path, unet, refit)[5:7] == ["--fp16", "--refittable"]
+    for line in (trtexec_build(onnx_path, plan_path, unet, typed), polygraphy_compare(onnx_path, unet, typed)):
+        assert not {"--fp16", "--int8"} & set(line)
 
 
 def test_build_dir_commands_cover_exported_submodels(tiny_build):
@@ -379,7 +398,14 @@ def test_trtexec_cli(tiny_build, tmp_path, capsys):
     assert lines[0].startswith("mkdir -p ")
     assert lines[2] == "# unet fp16: build, benchmark at opt, compare with ONNX Runtime"
     assert lines[3].startswith(f"trtexec --onnx={BuildLayout(tiny_build).onnx_model('fp16', 'unet')} ")
+    assert "--refit" not in lines[3] and "--stronglyTyped" not in lines[3]
     assert lines[5].startswith("polygraphy run ")
+    # make engine's TensorRT flags (TRT_FLAGS) give the lines of that plan.
+    assert main(["--out", str(tiny_build), "--precision", "fp16", "--submodel", "unet", "--refit", "--strongly-typed",
+                 "--workspace-mib", "2048"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " --stronglyTyped --refit --memPoolSize=workspace:2048 " in lines[3] and " --fp16" not in lines[3]
+    assert " --strongly-typed --refittable " in lines[5]
     assert main(["--out", str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err.startswith("error: build info not found: ")
 
@@ -408,11 +434,16 @@ def test_ort_cuda_engine_matches_cpu_and_binds_device_memory(build_copy):
         assert float(np.abs(graph.run(feeds)["out_sample"] - want).max()) <= tol
 
 
-@pytest.mark.gpu
-def test_tensorrt_engine_matches_onnx(build_copy):
-    pytest.importorskip("tensorrt")
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_onnx(build_copy, caplog):
+    """Needs TensorRT and a CUDA torch, not onnxruntime-gpu (the reference runs on ORT's CPU EP)."""
+    import logging
     build_engines(build_copy, "tensorrt", "fp16", submodels=["unet"])
     assert BuildLayout(build_copy).timing_cache.is_file()
+    # The cache this GPU just wrote is accepted by the next build (set_timing_cache says True: no warning).
+    with caplog.at_level(logging.WARNING, logger="toonark.engines.tensorrt"):
+        build_engines(build_copy, "tensorrt", "fp16", submodels=["unet"], force=True)
+    assert "timing cache" not in caplog.text
     engine = load_engine(build_copy, "tensorrt", "fp16", "unet")
     feeds = engine.spec.sample_inputs(TEST_LIMITS.sizes("opt"))
     want = _reference(BuildLayout(build_copy).onnx_model("fp32", "unet"), ["out_sample"], feeds)[0]
