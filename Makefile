@@ -12,6 +12,8 @@ GRPC_PORT   ?=
 METRICS_PORT?=
 HOST        ?=
 PYTEST_ARGS ?=
+# A folder of LoRA .safetensors files: `make tiny LORAS=dir` writes random ones, `make repo LORAS=dir` serves them.
+LORAS       ?=
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean
 
@@ -46,7 +48,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 tiny: setup
-	$(PY) scripts/tiny.py --out $(MODEL)
+	$(PY) scripts/tiny.py --out $(MODEL) $(if $(KIND),--kind $(KIND)) $(if $(LORAS),--loras $(LORAS))
 
 export: setup
 	@[ -d "$(MODEL)" ] || [ "$(MODEL)" != "build/tiny-pipeline" ] || $(PY) scripts/tiny.py --out $(MODEL)
@@ -62,7 +64,7 @@ engine: setup
 
 LAYOUT      ?= python
 repo: setup
-	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT)
+	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT) $(if $(LORAS),--loras $(LORAS))
 
 serve: setup
 	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
