@@ -47,7 +47,8 @@ def trtexec_plan_path(build_dir: Path, precision: str, submodel: str) -> Path:
 
 def trtexec_build(onnx: Path, plan: Path, spec, limits, precision: str, timing_cache: Path,
                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                  optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL) -> list[str]:
+                  optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL, refit: bool = False) -> list[str]:
+    """refit: a refittable plan (LoRA styles swap weights into it: `--refit`)."""
     argv = ["trtexec", f"--onnx={onnx}", f"--saveEngine={plan}"]
     if dynamic_inputs(spec):
         argv += [f"--minShapes={trtexec_shapes(spec, limits, 'min')}",
@@ -57,7 +58,7 @@ def trtexec_build(onnx: Path, plan: Path, spec, limits, precision: str, timing_c
     argv += [f"--memPoolSize=workspace:{workspace_bytes >> 20}M",
              f"--builderOptimizationLevel={optimization_level}",
              f"--timingCacheFile={timing_cache}"]
-    return argv
+    return argv + (["--refit"] if refit else [])
 
 
 def trtexec_benchmark(plan: Path, spec, limits) -> list[str]:
@@ -65,6 +66,17 @@ def trtexec_benchmark(plan: Path, spec, limits) -> list[str]:
     if dynamic_inputs(spec):
         argv.append(f"--shapes={trtexec_shapes(spec, limits, 'opt')}")
     return argv + ["--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+
+
+def polygraphy_refittable(onnx: Path, plan: Path, spec, limits, precision: str) -> list[str]:
+    """A refittable plan built by polygraphy (`--refittable`), same profile as trtexec's."""
+    argv = ["polygraphy", "convert", str(onnx), "--convert-to", "trt", "-o", str(plan), "--refittable"]
+    argv += list(PRECISION_FLAGS[precision])
+    if dynamic_inputs(spec):
+        argv += ["--trt-min-shapes", *polygraphy_shapes(spec, limits, "min"),
+                 "--trt-opt-shapes", *polygraphy_shapes(spec, limits, "opt"),
+                 "--trt-max-shapes", *polygraphy_shapes(spec, limits, "max")]
+    return argv
 
 
 def polygraphy_compare(onnx: Path, spec, limits, precision: str) -> list[str]:
@@ -89,8 +101,9 @@ class CommandSet:
     compare: list[str]
 
 
-def build_dir_commands(build_dir: Path, precisions=PRECISIONS, submodels=None) -> list[CommandSet]:
-    """Command lines for every submodel whose source ONNX exists, per precision (TensorRT sources:
+def build_dir_commands(build_dir: Path, precisions=PRECISIONS, submodels=None, refit: bool = False) -> list[CommandSet]:
+    """refit: refittable plans (LoRA styles); the compare line then builds with polygraphy --refittable.
+    Command lines for every submodel whose source ONNX exists, per precision (TensorRT sources:
     fp32 / fp16 exports, the calibrated QDQ UNet for int8 and fp16 for the rest of an int8 build)."""
     build_dir = Path(build_dir)
     info = BuildInfo.read(build_dir)
@@ -107,7 +120,10 @@ def build_dir_commands(build_dir: Path, precisions=PRECISIONS, submodels=None) -
                 continue
             plan = trtexec_plan_path(build_dir, precision, name)
             result.append(CommandSet(name, precision, onnx,
-                                     trtexec_build(onnx, plan, spec, info.limits, precision, layout.timing_cache),
+                                     trtexec_build(onnx, plan, spec, info.limits, precision, layout.timing_cache,
+                                                   refit=refit),
                                      trtexec_benchmark(plan, spec, info.limits),
+                                     polygraphy_refittable(onnx, plan.with_suffix(".polygraphy.plan"), spec,
+                                                           info.limits, precision) if refit else
                                      polygraphy_compare(onnx, spec, info.limits, precision)))
     return result

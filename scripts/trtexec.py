@@ -17,12 +17,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="build folder (made by `make export`)")
     parser.add_argument("--precision", action="append", choices=PRECISIONS, help="repeatable; default: all")
     parser.add_argument("--submodel", action="append", help="repeatable; default: every exported submodel")
+    parser.add_argument("--refit", action="store_true", help="refittable plans (LoRA styles swap weights into them)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     from toonark.engines.commands import build_dir_commands
-    commands = build_dir_commands(args.out, precisions=tuple(args.precision or PRECISIONS), submodels=args.submodel)
+    commands = build_dir_commands(args.out, precisions=tuple(args.precision or PRECISIONS), submodels=args.submodel,
+                                  refit=args.refit)
     if not commands:
         raise FileNotFoundError(f"no ONNX to build in {args.out} for those precisions/submodels; run "
                                 f"`make export OUT={args.out}` (and `make calibrate` for int8)")

@@ -288,3 +288,98 @@ def test_interleaved_served_loras_never_mix(lora_server, tiny_engines, bases, lo
     switches = [line for line in text.splitlines() if line.startswith("toonark_lora_switches_total")]
     assert any('stage="unet"' in line and float(line.split()[-1]) > 0 for line in switches), switches
     assert any(line.startswith("toonark_lora_switch_seconds_total") for line in text.splitlines())
+
+
+# --- TensorRT refit, up to the boundary (TensorRT is not installable here) ----------------------
+
+class RecordingTrt:
+    """A recording stand-in for the `tensorrt` module (NOT TensorRT): it only logs the calls TrtEngine makes, so
+    the order (sync before refit, every weight set, async refit then sync) and the error paths can be checked."""
+
+    def __init__(self, log, weights=("w_q", "w_k", "w_out"), parser_ok=True, missing=()):
+        self.log, self.all, self.parser_ok, self.missing = log, list(weights), parser_ok, list(missing)
+        outer = self
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                outer.log.append("Refitter")
+
+            def get_all_weights(self):
+                return outer.all
+
+            def set_named_weights(self, name, weights):
+                outer.log.append(f"set {name}={weights.value.reshape(-1)[0]:g}")
+                return True
+
+            def get_missing_weights(self):
+                return outer.missing
+
+            def refit_cuda_engine_async(self, stream):
+                outer.log.append("refit_async")
+                return True
+
+        class OnnxParserRefitter:
+            num_errors = 0 if parser_ok else 1
+
+            def __init__(self, refitter, logger):
+                pass
+
+            def refit_from_file(self, path):
+                return outer.parser_ok
+
+            def get_error(self, i):
+                return "initializer 'w_q' has a different shape"
+
+        class Weights:
+            def __init__(self, value):
+                self.value = value
+
+        self.Refitter, self.OnnxParserRefitter, self.Weights = Refitter, OnnxParserRefitter, Weights
+
+
+def _trt_engine(log, refittable=True, **trt):
+    from types import SimpleNamespace
+    from toonark.engines.tensorrt import TrtEngine
+    engine = object.__new__(TrtEngine)
+    stream = SimpleNamespace(synchronize=lambda: log.append("stream.sync"), cuda_stream=7)
+    torch = SimpleNamespace(cuda=SimpleNamespace(current_stream=lambda device: SimpleNamespace(
+        synchronize=lambda: log.append("torch.sync"))))
+    engine.__dict__.update(engine=SimpleNamespace(refittable=refittable), _trt=RecordingTrt(log, **trt), _logger=None,
+                           stream=stream, _torch=torch, device="cuda:0", plan_path=Path("unet/model.plan"))
+    return engine
+
+
+def test_trt_refit_order_and_errors():
+    log: list[str] = []
+    engine = _trt_engine(log)
+    base = {"w_q": np.zeros((2, 2), np.float32), "w_k": np.zeros((2, 2), np.float32)}
+    a = {"w_q": np.full((2, 2), 1, np.float32), "w_k": np.full((2, 2), 2, np.float32)}
+    b = {"w_out": np.full((2, 2), 3, np.float32)}
+    engine.refit_weights(a)
+    assert log == ["stream.sync", "torch.sync", "Refitter", "set w_q=1", "set w_k=2", "refit_async", "stream.sync"]
+    log.clear()
+    # A -> B: what A touched and B does not goes back to base (no blend of A and B)
+    assert engine.refit_weights(b, previous=base) == 3
+    assert sorted(x for x in log if x.startswith("set")) == ["set w_k=0", "set w_out=3", "set w_q=0"]
+    with pytest.raises(RuntimeError, match=r"weights \['w_v'\] are not refittable in this plan"):
+        engine.refit_weights({"w_v": np.zeros(1, np.float32)})
+    log.clear()
+    with pytest.raises(RuntimeError, match="built without refit, so its weights cannot be swapped.*--refit"):
+        _trt_engine(log, refittable=False).refit_weights(a)
+    assert "Refitter" not in log                          # refused before TensorRT's constructor
+    with pytest.raises(RuntimeError, match="could not read refit weights from x.onnx: initializer 'w_q' has a "
+                                           "different shape"):
+        _trt_engine([], parser_ok=False).refit_from_onnx(Path("x.onnx"))
+    with pytest.raises(RuntimeError, match=r"also needs weights \['w_bias'\]"):
+        _trt_engine([], missing=["w_bias"]).refit_weights(a)
+
+
+def test_trt_plan_refits_only_lora_targets(tiny_build):
+    from conftest import TEST_LIMITS
+    from toonark.engines.tensorrt import TrtBuildPlan, trt_build_plan
+    from toonark.specs import BuildInfo
+    unet = BuildInfo.read(tiny_build).specs["unet"]
+    plan = trt_build_plan(unet, TEST_LIMITS, "fp16", {"refit_weights": ["onnx::MatMul_2", "onnx::MatMul_1"]})
+    assert plan.refit and "REFIT_INDIVIDUAL" in plan.builder_flags and "REFIT" not in plan.builder_flags
+    assert TrtBuildPlan.from_json(plan.to_json()) == plan
+    assert plan.refit_weights == ("onnx::MatMul_1", "onnx::MatMul_2")

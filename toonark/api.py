@@ -204,10 +204,9 @@ class ResolvedRequest:
                 LORA_WEIGHT.name: np.array([self.lora_scale], dtype=np.float32)}
 
 
-def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=None, negative_prompt=None,
+def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(), *, prompt=None, negative_prompt=None,
                     seed=None, steps=None, preset=None, guidance=None, width=None, height=None, format=None,
-                    num_images=None, quality=None, lora=None, lora_scale=None,
-                    known_loras=()) -> ResolvedRequest:
+                    num_images=None, quality=None, lora=None, lora_scale=None) -> ResolvedRequest:
     """One request's inputs (keyword = the ensemble input's name in lower case; None = not sent; Python
     values or the arrays Triton hands over) -> ResolvedRequest, or RequestError naming the problem and the fix.
 
