@@ -332,8 +332,10 @@ class LoraOrtEngine:
 
     # -- sessions ----------------------------------------------------------------------------
     def _ortvalues(self, values: dict[str, np.ndarray]) -> dict:
+        """CPU: OrtValues over the numpy buffers themselves (a switch writes into them). CUDA: device OrtValues
+        (a switch copies into the same device memory, so a captured CUDA graph keeps reading valid addresses)."""
         import onnxruntime as ort
-        device = ("cuda", self.device_id) if self.on_cuda and self.strategy == "inplace_device" else ("cpu", 0)
+        device = ("cuda", self.device_id) if self.on_cuda else ("cpu", 0)
         return {name: ort.OrtValue.ortvalue_from_numpy(value, *device) for name, value in values.items()}
 
     def _new_engine(self, values: dict[str, np.ndarray], keep: bool = False):
@@ -379,6 +381,8 @@ class LoraOrtEngine:
             else:
                 for name_, value in full.items():
                     np.copyto(self.engine._lora_buffers[name_], value)
+                    if self.on_cuda:
+                        self.engine._lora_ortvalues[name_].update_inplace(value)
                 if self.verify:
                     self._verify(full)
             self.current = key
@@ -390,7 +394,11 @@ class LoraOrtEngine:
         feeds = _probe_feeds(self.spec, self.metadata)
         ours = self.engine.run(feeds)
         fresh = self._new_engine(full).run(feeds)
-        if not all(np.array_equal(ours[k], fresh[k]) for k in ours):
+        # CPU: bitwise. CUDA: another session may pick other cuDNN algorithms, so a small relative tolerance
+        # (a LoRA's effect is orders of magnitude larger).
+        tolerance = 2e-3 if self.on_cuda else 0.0
+        if not all(np.abs(ours[k].astype(np.float64) - fresh[k]).max() <= tolerance * max(np.abs(fresh[k]).max(), 1e-12)
+                   for k in ours):
             log.warning("%s: ONNX Runtime does not read in-place initializer updates here; switching by "
                         "re-creating the session", self.engine_path)
             self.strategy = "recreate"

@@ -69,6 +69,14 @@ def random_lora_tensors(shapes: dict[str, tuple[int, ...]], pattern: str, rank: 
 def write_random_loras(model_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0, strength: float = 0.5,
                        styles=STYLES) -> dict[str, Path]:
     """Write one safetensors LoRA per style into out_dir (each replaced atomically). Returns {name: path}."""
+    shapes = {sub: module_shapes(model_dir, sub) for sub in WEIGHT_FILES}
+    return write_random_loras_for(shapes, out_dir, rank=rank, seed=seed, strength=strength, styles=styles)
+
+
+def write_random_loras_for(shapes: dict[str, dict[str, tuple[int, ...]]], out_dir: Path, *, rank: int = 4,
+                           seed: int = 0, strength: float = 0.5, styles=STYLES) -> dict[str, Path]:
+    """write_random_loras from {submodel: {module: weight shape}} (e.g. engines.lora.LoraBase.shapes of a build's
+    fp32 export: the GPU bench has no diffusers folder)."""
     from safetensors.numpy import save
     out_dir = Path(out_dir)
     written = {}
@@ -77,9 +85,9 @@ def write_random_loras(model_dir: Path, out_dir: Path, *, rank: int = 4, seed: i
         tensors: dict[str, np.ndarray] = {}
         metadata = {"format": "pt"}
         for submodel, pattern in patterns.items():
-            layers = random_lora_tensors(module_shapes(model_dir, submodel), pattern, rank, rng, strength)
+            layers = random_lora_tensors(shapes[submodel], pattern, rank, rng, strength)
             if not layers:
-                raise ValueError(f"style {name}: no {submodel} layer of {model_dir} matches {pattern!r}")
+                raise ValueError(f"style {name}: no {submodel} layer matches {pattern!r}")
             for module, (down, up) in layers.items():
                 if fmt == "kohya":
                     prefix = ("lora_unet_" if submodel == "unet" else "lora_te_") + module.replace(".", "_")
