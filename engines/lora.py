@@ -227,6 +227,17 @@ class EngineWeightMap:
         self.engine_onnx = Path(engine_onnx)
         self.placements: dict[str, list[Placement]] = {}
         everything = base.weights
+        groups: dict[tuple, list[Placement]] = {}   # packed Q/K/V groups already found (one map per group)
+
+        def matches(typed: np.ndarray, prefix: np.ndarray | None = None):
+            """Engine initializers equal to `typed`; `prefix` (its first row) rules most out cheaply first."""
+            head = (typed.reshape(typed.shape[0], -1)[:1] if prefix is None else prefix).reshape(-1)
+            for name in by_shape.get((typed.shape, typed.dtype.str), ()):
+                value = self.values[name]
+                if np.array_equal(value.reshape(value.shape[0], -1)[:1].reshape(-1), head) and \
+                        np.array_equal(value, typed):
+                    yield name
+
         for module in sorted(base.weights if modules is None else modules):
             found = []
             weight = everything[module]
@@ -234,23 +245,32 @@ class EngineWeightMap:
             if weight.ndim == 4:
                 forms += ["nhwc"] + [f"nchwc{b}{o}" for b in (8, 16) for o in ("", "o")
                                      if weight.shape[0] % b == 0 and (o or weight.shape[1] % b == 0)]
-            candidates = [(form, (module,), 0, render(form, [weight])) for form in forms]
+            for form in forms:
+                value = render(form, [weight])
+                for dtype in (np.float32, np.float16):
+                    found += [Placement(name, form, (module,), np.dtype(dtype).name)
+                              for name in matches(value.astype(dtype))]
             for group in _siblings(module, everything):
                 if len({everything[m].shape for m in group}) != 1:
                     continue   # cross-attention: q reads the image, k/v the text
-                out = everything[group[0]].shape[0]
-                for heads in (n for n in range(1, out + 1) if out % n == 0 and n <= 64):
-                    candidates.append(("packed", group, heads, render("packed", [everything[m] for m in group], heads)))
-            for form, modules, heads, value in candidates:
-                for dtype in (np.float32, np.float16):
-                    typed = value.astype(dtype)
-                    for name in by_shape.get((typed.shape, typed.dtype.str), ()):
-                        if np.array_equal(self.values[name], typed):
-                            found.append(Placement(name, form, modules, np.dtype(dtype).name, heads))
+                if group not in groups:
+                    groups[group] = []
+                    out = everything[group[0]].shape[0]
+                    for heads in (n for n in range(1, out + 1) if out % n == 0 and n <= 128):
+                        first = render("packed", [everything[m][:, :1] for m in group], heads)   # row 0 only
+                        for dtype in (np.float32, np.float16):
+                            shape = (everything[group[0]].shape[1], first.shape[1])
+                            if not any(np.array_equal(self.values[n][:1].reshape(-1), first.astype(dtype).reshape(-1))
+                                       for n in by_shape.get((shape, np.dtype(dtype).str), ())):
+                                continue
+                            full = render("packed", [everything[m] for m in group], heads).astype(dtype)
+                            groups[group] += [Placement(name, "packed", group, np.dtype(dtype).name, heads)
+                                              for name in matches(full)]
+                found += groups[group]
             if not found:
                 raise LoraError(f"{engine_onnx}: the weight of layer {module!r} is not in this engine in any form "
-                                f"toonark knows (as exported, NHWC, packed QKV/KV; fp32/fp16); rebuild the engine "
-                                f"with `make engine`, or report the fusion that changed it")
+                                f"toonark knows (as exported, NCHWc, NHWC, packed QKV/KV; fp32/fp16); rebuild the "
+                                f"engine with `make engine`, or report the fusion that changed it")
             self.placements[module] = found
         self.seconds = time.perf_counter() - started
         log.info("%s: %d LoRA layers mapped to %d initializers in %.2f s", engine_onnx.name, len(self.placements),
