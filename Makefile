@@ -21,6 +21,8 @@ WHEELS      ?=
 # e.g. TRT_FLAGS="--refit --strongly-typed --workspace-mib 4096 --optimization-level 4".
 TRT_FLAGS   ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
+# A folder of LoRA .safetensors files: `make tiny LORAS=dir` writes random ones, `make repo LORAS=dir` serves them.
+LORAS       ?=
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean safety-model safety-eval
 
@@ -29,11 +31,11 @@ help:
 	@echo "make setup GPU=1 [WHEELS=dir]   the same with onnxruntime-gpu + CUDA torch, checked on the GPU"
 	@echo "make demo                       tiny pipeline -> export -> engine -> repo -> server -> out/demo.png"
 	@echo "make test                       the test suite (real tritonserver included)"
-	@echo "make tiny MODEL=dir             a random-weight diffusers folder (tests, demo)"
+	@echo "make tiny MODEL=dir [LORAS=dir]  a random-weight diffusers folder (tests, demo) [+ random LoRA files]"
 	@echo "make export MODEL=dir OUT=dir   ONNX fp32 + fp16 with parity report"
 	@echo "make calibrate OUT=dir          INT8 UNet calibration + quality gate"
 	@echo "make engine OUT=dir BACKEND=ort-cpu|ort-cuda|tensorrt PRECISION=fp32|fp16|int8"
-	@echo "make repo OUT=dir               Triton model repository for the built engines"
+	@echo "make repo OUT=dir [LORAS=dir]   Triton model repository for the built engines [+ LoRA styles]"
 	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT="
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
@@ -83,7 +85,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 tiny: setup
-	$(PY) scripts/tiny.py --out $(MODEL)
+	$(PY) scripts/tiny.py --out $(MODEL) $(if $(KIND),--kind $(KIND)) $(if $(LORAS),--loras $(LORAS))
 
 export: setup
 	@[ -d "$(MODEL)" ] || [ "$(MODEL)" != "build/tiny-pipeline" ] || $(PY) scripts/tiny.py --out $(MODEL)
@@ -99,7 +101,7 @@ engine: setup
 
 LAYOUT      ?= python
 repo: setup
-	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT)
+	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT) $(if $(LORAS),--loras $(LORAS))
 
 serve: setup
 	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))

@@ -95,8 +95,10 @@ def check_cuda_available() -> None:
 
 def make_session(model_path: Path, settings: dict, *, level: str, threads: int | None = None,
                  save_to: Path | None = None, external_data: bool = False,
-                 free_dimensions: dict[str, int] | None = None, cuda_graph: bool = False):
-    """An InferenceSession with the recorded settings; `save_to` writes the optimized graph there."""
+                 free_dimensions: dict[str, int] | None = None, cuda_graph: bool = False,
+                 initializers: dict | None = None, extra_config: dict[str, str] | None = None):
+    """An InferenceSession with the recorded settings; `save_to` writes the optimized graph there.
+    initializers / extra_config: LoRA weight sets (toonark.engines.lora) and the session entries they need."""
     providers = [(name, dict(options)) for name, options in settings["providers"]]
     if providers[0][0] == "CUDAExecutionProvider":
         check_cuda_available()
@@ -109,7 +111,8 @@ def make_session(model_path: Path, settings: dict, *, level: str, threads: int |
     session = ort_session(model_path, providers=providers, level=level,
                           threads=settings["intra_op_num_threads"] if threads is None else threads,
                           inter_threads=settings["inter_op_num_threads"], sequential=True,
-                          free_dimensions=free_dimensions, save_to=save_to, config=config)
+                          free_dimensions=free_dimensions, save_to=save_to, config={**config, **(extra_config or {})},
+                          initializers=initializers)
     wanted = providers[0][0]
     if session.get_providers()[0] != wanted:
         # ORT falls back to CPU silently when the CUDA EP fails to load (missing cuDNN, driver too old).
@@ -174,8 +177,11 @@ class OrtEngine(Engine):
     """
 
     def __init__(self, model_path: Path, spec, metadata: dict, *, threads: int | None = None,
-                 cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None, fallback: bool = True):
+                 cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None, fallback: bool = True,
+                 initializers: dict | None = None, extra_config: dict[str, str] | None = None):
         self.spec, self.metadata, self.model_path = spec, metadata, Path(model_path)
+        # LoRA weight sets (toonark.engines.lora): OrtValues that replace these initializers, dynamic session too.
+        self.initializers, self.extra_config = initializers, extra_config
         settings = metadata["settings"]
         self.on_cuda = settings["providers"][0][0] == "CUDAExecutionProvider"
         self.device_id = int(settings.get("device_id", 0))
@@ -194,7 +200,8 @@ class OrtEngine(Engine):
             free_dimensions = self._free_dimensions(graph_sizes)
         self.free_dimensions = free_dimensions
         self.session = make_session(self.model_path, settings, level=settings["load_optimization_level"],
-                                    threads=threads, free_dimensions=free_dimensions, cuda_graph=cuda_graph)
+                                    threads=threads, free_dimensions=free_dimensions, cuda_graph=cuda_graph,
+                                    initializers=initializers, extra_config=extra_config)
         if cuda_graph:
             self.graph_sizes = dict(graph_sizes)
             self._allocate_graph_buffers(graph_sizes)
@@ -222,7 +229,8 @@ class OrtEngine(Engine):
         if self._dynamic is None:
             settings = self.metadata["settings"]
             self._dynamic = make_session(self.model_path, settings, level=settings["load_optimization_level"],
-                                         threads=self.threads)
+                                         threads=self.threads, initializers=self.initializers,
+                                         extra_config=self.extra_config)
         return self._dynamic
 
     # -- device path (ort-cuda) ------------------------------------------------------------

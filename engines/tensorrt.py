@@ -132,6 +132,9 @@ class TrtBuildPlan:
     optimization_level: int
     timing_cache: str | None
     refit: bool
+    # REFIT_INDIVIDUAL: only these ONNX initializers are refittable (the LoRA targets); the builder keeps the
+    # rest as constants, so the plan is not slowed down everywhere as a fully refittable one can be.
+    refit_weights: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict) -> "TrtBuildPlan":
@@ -140,13 +143,15 @@ class TrtBuildPlan:
                    profile=tuple((name, tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
                                  for name, v in data["profile"].items()),
                    workspace_bytes=data["workspace_bytes"], optimization_level=data["optimization_level"],
-                   timing_cache=data["timing_cache"], refit=data["refit"])
+                   timing_cache=data["timing_cache"], refit=data["refit"],
+                   refit_weights=tuple(data.get("refit_weights", ())))
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["profile"] = {name: {"min": list(mn), "opt": list(opt), "max": list(mx)}
                            for name, mn, opt, mx in self.profile}
         data["builder_flags"], data["network_flags"] = list(self.builder_flags), list(self.network_flags)
+        data["refit_weights"] = list(self.refit_weights)
         return data
 
 
@@ -163,7 +168,8 @@ def trt_build_plan(spec, limits, precision: str, options: dict | None = None) ->
     other submodels of an int8 build come here as fp16 (INT8 on a graph without Q/DQ only warns and falls back).
     """
     options = dict(options or {})
-    unknown = set(options) - {"workspace_bytes", "optimization_level", "timing_cache", "refit", "strongly_typed"}
+    unknown = set(options) - {"workspace_bytes", "optimization_level", "timing_cache", "refit", "strongly_typed",
+                              "refit_weights"}
     if unknown:
         raise ValueError(f"unknown TensorRT build options {sorted(unknown)}")
     if precision not in ("fp32", "fp16", "int8"):
@@ -182,13 +188,17 @@ def trt_build_plan(spec, limits, precision: str, options: dict | None = None) ->
     else:
         flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
         network_flags = ()
-    if refit:
+    refit_weights = tuple(sorted(options.get("refit_weights", ())))
+    if refit_weights:      # LoRA targets only (TensorRT >= 10.0: BuilderFlag.REFIT_INDIVIDUAL)
+        refit = True
+        flags += ("REFIT_INDIVIDUAL",)
+    elif refit:
         flags += ("REFIT",)
     profile = tuple((name, tuple(mn), tuple(opt), tuple(mx)) for name, (mn, opt, mx) in spec.profile(limits).items())
     cache = options.get("timing_cache")
     return TrtBuildPlan(submodel=spec.name, precision=precision, builder_flags=flags, network_flags=network_flags,
                         profile=profile, workspace_bytes=workspace, optimization_level=level,
-                        timing_cache=None if cache is None else str(cache), refit=refit)
+                        timing_cache=None if cache is None else str(cache), refit=refit, refit_weights=refit_weights)
 
 
 def _trt_logger(trt):
@@ -225,7 +235,15 @@ def build_trt_engine(source_onnx: Path, plan_path: Path, plan: TrtBuildPlan, dev
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
         config.builder_optimization_level = plan.optimization_level
         for flag in plan.builder_flags:
+            if not hasattr(trt.BuilderFlag, flag):
+                raise RuntimeError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}; "
+                                   + ("refit individual weights needs TensorRT >= 10.0, or build with refit=True"
+                                      if flag == "REFIT_INDIVIDUAL" else "use another TensorRT"))
             config.set_flag(getattr(trt.BuilderFlag, flag))
+        for name in plan.refit_weights:
+            if not network.mark_weights_refittable(name):
+                raise RuntimeError(f"{source_onnx}: TensorRT cannot mark initializer {name!r} refittable (not a weight "
+                                   f"of the parsed network); the LoRA weights map names ONNX initializers of this graph")
 
         profile = builder.create_optimization_profile()
         declared = {name: (mn, opt, mx) for name, mn, opt, mx in plan.profile}
@@ -324,15 +342,72 @@ class TrtEngine(Engine):
         self.dtypes = {n: getattr(torch, _TORCH_DTYPES[np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name])
                        for n in names}
 
+    def _refitter(self):
+        """A Refitter, after checking the plan is refittable (TensorRT's Refitter constructor fails on a plan built
+        without refit with only a log line) and after the work already enqueued on the engine has finished
+        (refitting under a running enqueue changes weights mid-inference)."""
+        if not getattr(self.engine, "refittable", False):
+            raise RuntimeError(f"{self.plan_path} was built without refit, so its weights cannot be swapped; rebuild "
+                               f"it with `make engine BACKEND=tensorrt` and --refit (or trtexec --refit; "
+                               f"`make trtexec` prints the lines)")
+        self.synchronize()
+        return self._trt.Refitter(self.engine, self._logger)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+        self._torch.cuda.current_stream(self.device).synchronize()
+
+    def _apply_refit(self, refitter, what: str) -> None:
+        missing = list(refitter.get_missing_weights()) if hasattr(refitter, "get_missing_weights") else []
+        if missing:
+            raise RuntimeError(f"refitting {self.plan_path} from {what}: TensorRT also needs weights "
+                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (weights it fused together must "
+                               f"be refitted together)")
+        if hasattr(refitter, "refit_cuda_engine_async"):
+            ok = refitter.refit_cuda_engine_async(self.stream.cuda_stream)
+            self.stream.synchronize()     # the next enqueue must see the new weights, the arrays must outlive the copy
+        else:
+            ok = refitter.refit_cuda_engine()
+        if not ok:
+            raise RuntimeError(f"refitting {self.plan_path} from {what} failed (see the TensorRT log above)")
+
     def refit_from_onnx(self, onnx_path: Path) -> None:
-        """Swap in the weights of another ONNX with the same graph (engine built with refit=True)."""
+        """Swap in the weights of another ONNX with the same graph (engine built with refit=True); the ONNX
+        parser-refitter's own errors are reported."""
         trt = self._trt
-        refitter = trt.Refitter(self.engine, self._logger)
+        refitter = self._refitter()
         parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
         if not parser_refitter.refit_from_file(str(onnx_path)):
-            raise RuntimeError(f"TensorRT could not read refit weights from {onnx_path}")
-        if not refitter.refit_cuda_engine():
-            raise RuntimeError(f"refitting {self.plan_path} from {onnx_path} failed; was it built with refit=True?")
+            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+            raise RuntimeError(f"TensorRT could not read refit weights from {onnx_path}: {errors or 'no detail'}")
+        self._apply_refit(refitter, str(onnx_path))
+
+    def weights_map(self) -> dict[str, str]:
+        """{ONNX initializer name: engine weight name} of the refittable weights (the ONNX parser names engine
+        weights after the initializers, so the map is the identity over the names TensorRT reports)."""
+        refitter = self._refitter()
+        return {name: name for name in refitter.get_all_weights()}
+
+    def refit_weights(self, values: dict[str, np.ndarray], previous: dict[str, np.ndarray] | None = None) -> int:
+        """Refit every weight in `values` ({ONNX initializer: array in the engine's layout}, computed from the base:
+        toonark.engines.lora), plus `previous` ({name: base value}: what the last LoRA touched and this one does not,
+        so A -> B -> A leaves no B delta behind). Returns the number of weights refitted."""
+        trt = self._trt
+        full = {**(previous or {}), **values}
+        refitter = self._refitter()
+        known = set(refitter.get_all_weights())
+        unknown = sorted(set(full) - known)
+        if unknown:
+            raise RuntimeError(f"{self.plan_path}: weights {unknown[:5]} are not refittable in this plan; build it "
+                               f"with refit_weights covering the LoRA targets (REFIT_INDIVIDUAL) or refit=True")
+        keep = {name: np.ascontiguousarray(value) for name, value in full.items()}   # alive until the sync
+        for name, value in keep.items():
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise RuntimeError(f"{self.plan_path}: TensorRT refused weights {name!r} of shape {list(value.shape)} "
+                                   f"{value.dtype}")
+        self._apply_refit(refitter, f"{len(keep)} LoRA weights")
+        del keep
+        return len(full)
 
     def run_device(self, feeds: dict, outputs: dict | None = None) -> dict:
         with self._torch.cuda.device(self.device):   # enqueue on the context's own device

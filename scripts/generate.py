@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "written as OUT, then OUT's name with -2, -3, ...")
     parser.add_argument("--quality", type=int, help=f"WebP quality {api.QUALITY_RANGE[0]}..{api.QUALITY_RANGE[1]} (server default "
                         f"{api.DEFAULT_QUALITY}); PNG ignores it")
+    parser.add_argument("--lora", help="a LoRA style the server registered (`make repo LORAS=dir`); default: none")
+    parser.add_argument("--lora-scale", type=float, help=f"LoRA strength 0..2 (default {api.DEFAULT_LORA_SCALE})")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                               preset=args.preset,
                               guidance=args.guidance, width=args.width, height=args.height, format=fmt,
-                              num_images=args.num_images, quality=args.quality)
+                              num_images=args.num_images, quality=args.quality, lora=args.lora,
+                              lora_scale=args.lora_scale)
     result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):

@@ -21,6 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="python: ONNX Runtime inside the Python backend (the pip server); onnxruntime_onnx / "
                              "tensorrt_plan: native backends of NGC tritonserver images")
     parser.add_argument("--repo", type=Path, help="where to write it (default OUT/triton_model_repo)")
+    parser.add_argument("--loras", type=Path, help="folder of LoRA .safetensors styles to serve (LORA input)")
+    parser.add_argument("--lora-cache-size", type=int, default=4, help="LoRA weight sets each engine keeps (LRU)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per engine (0: auto)")
     return parser.parse_args(argv)
 
@@ -28,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     from toonark.serving.repository import write_repo
     repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
-                      out=args.repo, intra_op_threads=args.threads)
+                      out=args.repo, intra_op_threads=args.threads, loras=args.loras,
+                      lora_cache_size=args.lora_cache_size)
     print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
           f"`make serve OUT={args.out}`")
 

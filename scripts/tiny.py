@@ -16,6 +16,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="tiny",
                         help="tiny: seconds on CPU, for tests; sd15: SD-1.5 shapes (UNet 860 M), for benchmarks")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
+    parser.add_argument("--loras", type=Path, help="also write random LoRA files for it here (storybook: diffusers/"
+                        "PEFT, crayon: kohya, clay: PEFT with alpha metadata; export/loras.py)")
+    parser.add_argument("--lora-rank", type=int, default=4, help="rank of the random LoRAs")
     return parser.parse_args(argv)
 
 
@@ -23,6 +26,10 @@ def run(args: argparse.Namespace) -> None:
     from toonark.export.pipelines import build_pipeline
     folder = build_pipeline(args.out, kind=args.kind, seed=args.seed)
     print(f"wrote {args.kind} pipeline (seed {args.seed}) to {folder}")
+    if args.loras is not None:
+        from toonark.export.loras import write_random_loras
+        written = write_random_loras(folder, args.loras, rank=args.lora_rank, seed=args.seed)
+        print(f"wrote LoRAs {', '.join(written)} to {args.loras}")
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,8 @@ class GenerateOptions:
     format: str | None = None
     num_images: int | None = None   # 1..4 images of one prompt; image i uses seed + i
     quality: int | None = None      # WebP quality 1..100 (server default api.DEFAULT_QUALITY); PNG ignores it
+    lora: str | None = None         # a registered LoRA style name ("" or None: the base model)
+    lora_scale: float | None = None # its strength 0..2 (server default api.DEFAULT_LORA_SCALE)
 
     def inputs(self) -> dict[str, np.ndarray]:
         """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order; each input is the

@@ -45,7 +45,7 @@ from toonark import triton_model_repo
 # The served API (ensemble I/O, resolved tensors, defaults) is declared in toonark/api.py; re-exported here
 # for the generator's readers.
 from toonark.api import (ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT, RESOLVED,  # noqa: F401
-                         DENOISE_INPUTS, POSTPROCESS_INPUTS, Port, config_defaults)
+                         DENOISE_INPUTS, LORA_RESOLVED, POSTPROCESS_INPUTS, Port, config_defaults)
 from toonark.engines.backends import backend_for
 from toonark.files import atomic_dir, write_json
 from toonark.layout import BuildLayout
@@ -174,9 +174,16 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
-                 queue: QueuePolicy | None = None, safety_checker: dict | None = None) -> dict[str, str]:
+                 queue: QueuePolicy | None = None, safety_checker: dict | None = None,
+                 loras: list[str] | None = None, lora_cache_size: int = 4) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
-    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
+    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
+    loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
+    `lora_scale`, which text_encoder (so they are part of its response-cache key) and denoise -> unet read;
+    lora_cache_size: weight sets each engine keeps (LRU)."""
+    if loras and layout != "python":
+        raise ValueError(f"LoRA styles are switched inside toonark's Python-backend runners; use --layout python, "
+                         f"not {layout!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
@@ -210,6 +217,7 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
+                        **({"lora_cache_size": str(lora_cache_size)} if loras and spec.name != vae.name else {}),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {})})
         elif layout == "onnxruntime_onnx":
@@ -224,13 +232,21 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     unet_in, _ = _engine_io(unet, precision, metadata.get(unet.name))
     vae_in, vae_out = _engine_io(vae, precision, metadata.get(vae.name))
     hidden = te_out[0]
+    lora_ports = list(LORA_RESOLVED) if loras else []
+    if loras:   # the adapted engines read the resolved LoRA (python layout only, checked above)
+        for spec in (te, unet):
+            inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
+            head, _, tail = configs[spec.name].partition("output [")
+            configs[spec.name] = head.replace(_io_block("input", inputs), _io_block("input", inputs + lora_ports)) \
+                + "output [" + tail
     # Every preprocess input is optional, PROMPT too (the ensemble requires it): a request without PROMPT
     # then gets preprocess' clear refusal instead of Triton's "unexpected deadlock" of the ensemble.
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
-                                         [te_in[0], *RESOLVED],
-                                         backend="python", params=serving_defaults(info))
+                                         [te_in[0], *RESOLVED, *lora_ports], backend="python",
+                                         params={**serving_defaults(info),
+                                                 **({"lora_names": ",".join(loras)} if loras else {})})
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
+        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS, *lora_ports], [vae_in[0]],
         backend="python",
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
@@ -238,11 +254,12 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
+    lora_map = {p.name: p.name for p in lora_ports}
     steps = [
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
-         {te_in[0].name: "input_ids", **resolved}),
-        (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
-        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}},
+         {te_in[0].name: "input_ids", **resolved, **lora_map}),
+        (te.name, {te_in[0].name: "input_ids", **lora_map}, {hidden.name: "text_embeddings"}),
+        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}, **lora_map},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
     ]
@@ -273,6 +290,19 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
 
 # --- files ------------------------------------------------------------------------------------
 
+def _write_loras(repo: Path, lora_set, bases: dict) -> None:
+    """<repo>/loras/<name>.safetensors, and per adapted engine its base weights and the layer shapes."""
+    from toonark.engines.lora import with_siblings
+    from toonark.triton_model_repo.runtime import LORA_BASE_FILE, LORA_FOLDER, LORA_TARGETS_FILE
+    for name, lora in lora_set.files.items():
+        _link_or_copy(lora.path, repo / LORA_FOLDER / f"{name}.safetensors")
+    shapes = {sub: {m: list(shape) for m, shape in base.shapes.items()} for sub, base in bases.items()}
+    for sub, base in bases.items():
+        version = repo / sub / "1"
+        base.subset(with_siblings(lora_set.modules(sub), base.weights)).save(version / LORA_BASE_FILE)
+        (version / LORA_TARGETS_FILE).write_text(json.dumps(shapes))
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -289,7 +319,8 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
-               verify_engines: bool = True, safety_checker: bool | None = None) -> Path:
+               verify_engines: bool = True, safety_checker: bool | None = None, loras: Path | None = None,
+               lora_cache_size: int = 4) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -297,6 +328,9 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     scheduler config and toonark.json go into <model>/1/pipeline/ of the models that read them.
     queue: back-pressure limits (QueuePolicy). verify_engines: refuse (EngineError naming the fix) an
     engine that no longer matches its engine.json (corrupt) or its source ONNX (stale), as load_engine does.
+    loras: a folder of LoRA .safetensors files (`make repo LORAS=dir`), checked against the build's fp32 export
+    before anything is written and copied into <repo>/loras/; the adapted engines get their base weights
+    (lora_base.safetensors) and the layer shapes (lora_targets.json) beside them.
     """
     build_dir = Path(build_dir)
     paths = BuildLayout(build_dir)
@@ -329,8 +363,14 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     elif safety_checker is True:
         raise FileNotFoundError(f"no safety checker in {checker}: export one from a pipeline folder that has "
                                 f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
+    lora_set = lora_bases_ = None
+    if loras is not None:   # refuse a bad LoRA file before anything is written
+        from toonark.engines.lora import load_loras, lora_bases
+        lora_bases_ = lora_bases(build_dir)
+        lora_set = load_loras(Path(loras), lora_bases_)
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
-                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta)
+                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
+                           loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size)
     remake = (f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision} && "
               f"make repo OUT={build_dir} BACKEND={backend} PRECISION={precision} LAYOUT={layout}")
     record = {"backend": backend, "precision": precision, "layout": layout, "remake": remake,
@@ -347,6 +387,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                 _link_or_copy(source, version / source.name)
             if layout == "python":
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
+        if lora_set is not None:
+            _write_loras(tmp, lora_set, lora_bases_)
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
         if checker_meta is not None:   # safety_checker: None = when the build has one, True = required, False = off

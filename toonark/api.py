@@ -49,6 +49,7 @@ DEFAULT_QUALITY = 90                     # WebP quality when a request sends non
 QUALITY_RANGE = (1, 100)                 # WebP quality; PNG is lossless and ignores it
 MAX_NUM_IMAGES = 4                       # NUM_IMAGES range 1..4 (and at most the build's max batch)
 MAX_SEED = 2 ** 63 - 1                   # SEED range 0..MAX_SEED (INT64)
+DEFAULT_LORA_SCALE = 1.0                 # LORA_SCALE: the LoRA as trained (toonark.lora.SCALE_RANGE: 0..2)
 # Width and height default to the build's opt image size (BuildInfo.limits.opt_image); the build's
 # limits (min/max image, image step, max batch) are checked by ShapeLimits.check_request.
 
@@ -75,6 +76,8 @@ ENSEMBLE_INPUTS = (
     Port("NUM_IMAGES", "INT32", (1,), True),         # 1..MAX_NUM_IMAGES images of one PROMPT (<= the build's
                                                      # max batch); image i is drawn from seed SEED + i alone
     Port("QUALITY", "INT32", (1,), True),            # WebP quality (QUALITY_RANGE, default DEFAULT_QUALITY)
+    Port("LORA", "STRING", (1,), True),              # a registered LoRA style (`make repo LORAS=dir`); "" = base
+    Port("LORA_SCALE", "FP32", (1,), True),          # its strength, LORA_SCALE_RANGE (default DEFAULT_LORA_SCALE)
 )
 IMAGE_OUTPUT = Port("IMAGE", "STRING", (-1,))        # encoded image bytes, one per prompt
 ENSEMBLE_OUTPUTS = (IMAGE_OUTPUT,)
@@ -89,6 +92,10 @@ SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY = (
     Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)),
     Port("quality", "INT32", (1,)))
 RESOLVED = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY)
+# Only in repositories with a LoRA folder: preprocess emits them, text_encoder and denoise (-> unet) read them.
+# They are text_encoder inputs, so its prompt-embedding cache key includes the text-encoder LoRA.
+LORA_NAME, LORA_WEIGHT = Port("lora", "STRING", (1,)), Port("lora_scale", "FP32", (1,))
+LORA_RESOLVED = (LORA_NAME, LORA_WEIGHT)
 DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT)   # what denoise reads (after the text embeddings)
 POSTPROCESS_INPUTS = (FORMAT, QUALITY)                     # what postprocess reads (after the decoded images)
 
@@ -158,6 +165,8 @@ class ResolvedRequest:
     quality: int = DEFAULT_QUALITY
     # NUM_IMAGES requests: one seed per image (SEED + i); empty: the whole batch's noise from `seed`.
     image_seeds: tuple[int, ...] = ()
+    lora: str = ""                  # registered LoRA name ("" = the base model) and its scale
+    lora_scale: float = DEFAULT_LORA_SCALE
 
     @property
     def batch(self) -> int:
@@ -189,16 +198,21 @@ class ResolvedRequest:
                   HEIGHT: [self.height], FORMAT: [self.format.encode()], QUALITY: [self.quality]}
         return {port.name: np.array(values[port], dtype=NUMPY_TYPES[port.triton_type]) for port in RESOLVED}
 
+    def lora_tensors(self) -> dict[str, np.ndarray]:
+        """The LORA_RESOLVED tensors (repositories with a LoRA folder)."""
+        return {LORA_NAME.name: np.array([self.lora.encode()], dtype=np.object_),
+                LORA_WEIGHT.name: np.array([self.lora_scale], dtype=np.float32)}
 
-def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=None, negative_prompt=None,
+
+def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(), *, prompt=None, negative_prompt=None,
                     seed=None, steps=None, preset=None, guidance=None, width=None, height=None, format=None,
-                    num_images=None, quality=None) -> ResolvedRequest:
+                    num_images=None, quality=None, lora=None, lora_scale=None) -> ResolvedRequest:
     """One request's inputs (keyword = the ensemble input's name in lower case; None = not sent; Python
     values or the arrays Triton hands over) -> ResolvedRequest, or RequestError naming the problem and the fix.
 
     info: the build's BuildInfo (limits: sizes, max batch); policy: toonark.prompts.PromptPolicy (template,
     negative prompt, presets, safety check); defaults: request_defaults(info) unless given (the preprocess
-    config's values)."""
+    config's values); known_loras: the registered LoRA names (a LORA outside them is refused, listing them)."""
     d = dict(request_defaults(info))
     d.update(defaults or {})
     negative, fmt = negative_prompt, format
@@ -253,5 +267,12 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
         if isinstance(err, RequestError):
             raise
         raise RequestError(str(err), getattr(err, "category", None)) from None
+    from toonark.lora import check_lora_request
+    try:   # checked before any GPU work: an unknown style or a bad scale is a 400 listing the known names
+        lora_name, lora_weight = check_lora_request(str(text_value(lora, "LORA", "") or ""),
+                                                    float(one_value(lora_scale, "LORA_SCALE", DEFAULT_LORA_SCALE)),
+                                                    known_loras)
+    except (ValueError, TypeError) as err:
+        raise RequestError(str(err)) from None
     return ResolvedRequest(tuple(a for a, _ in pairs), tuple(b for _, b in pairs), seed, steps, guidance, width,
-                           height, fmt, quality, image_seeds)
+                           height, fmt, quality, image_seeds, lora_name, lora_weight if lora_name else DEFAULT_LORA_SCALE)

@@ -28,10 +28,13 @@ def optimization_level(name: str):
 def ort_session(model: Path | str | bytes, *, providers: Iterable = ("CPUExecutionProvider",),
                 level: str | None = None, threads: int | None = None, inter_threads: int | None = None,
                 sequential: bool = False, log_severity: int | None = 3, config: dict[str, str] | None = None,
-                free_dimensions: dict[str, int] | None = None, save_to: Path | None = None):
+                free_dimensions: dict[str, int] | None = None, save_to: Path | None = None,
+                initializers: dict | None = None):
     """An onnxruntime.InferenceSession. model: a path or serialized bytes. log_severity 3 (errors only):
     ORT warns about every Memcpy node, inserted fp16 Cast and unused initializer, all expected here.
-    config: session config entries (e.g. session.disable_quant_qdq); save_to: optimized_model_filepath."""
+    config: session config entries (e.g. session.disable_quant_qdq); save_to: optimized_model_filepath.
+    initializers: {name: OrtValue} used instead of the model's initializers of those names (LoRA weight sets,
+    toonark.engines.lora); the caller keeps them alive as long as the session."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     if level is not None:
@@ -50,5 +53,7 @@ def ort_session(model: Path | str | bytes, *, providers: Iterable = ("CPUExecuti
         options.optimized_model_filepath = str(save_to)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, sess_options=options, providers=list(providers))

@@ -42,6 +42,10 @@ FAMILIES = {
     "toonark_images_total": ("COUNTER", "Images returned, by format"),
     "toonark_nsfw_images_total": ("COUNTER", "Images flagged by the safety checker and replaced by a blank image"),
     "toonark_stage_duration_seconds": ("HISTOGRAM", "Time in each toonark model's execute per request, by stage"),
+    # LoRA styles (engines/lora.py), per engine stage (text_encoder, unet): weight-set switches, by whether the set
+    # came from the LRU (cache="hit") or was merged from the base (cache="miss"), and the seconds they took.
+    "toonark_lora_switches_total": ("COUNTER", "LoRA weight-set switches of an engine, by cache hit / miss"),
+    "toonark_lora_switch_seconds_total": ("COUNTER", "Seconds spent switching LoRA weight sets"),
 }
 
 

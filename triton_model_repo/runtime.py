@@ -34,6 +34,8 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_quality": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
+    # LoRA styles (repositories written with LORAS=dir): preprocess' registered names, the engines' LRU size
+    "lora_names": str, "lora_cache_size": int, "lora_strategy": str,
 }
 
 
@@ -118,10 +120,11 @@ class RequestPreparer:
         self.tokenizer = self.family.load_tokenizer(pipeline)
         # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).
         self.defaults = {key[len("default_"):]: value for key, value in params.items() if key.startswith("default_")}
+        self.known_loras = tuple(n for n in params.get("lora_names", "").split(",") if n)
 
     def prepare(self, **inputs) -> tuple[ResolvedRequest, np.ndarray]:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
-        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs)
+        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs, known_loras=self.known_loras)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
 
 
@@ -210,6 +213,25 @@ def load_runner(args: dict, params: dict):
     # "B=1,H=512,W=512": replay a CUDA graph at that size (ort-cuda; other sizes use a dynamic session).
     sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in params.get("cuda_graph_sizes", "").split(",")
                                             if item.strip())}
+    if "lora_cache_size" in params:   # a LoRA repository: the engine switches styles per request
+        return load_lora_runner(folder, spec, metadata, params, threads=threads, cuda_graph=bool(sizes),
+                                graph_sizes=sizes or None)
     return backend_for(metadata["backend"]).load(
         folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
         graph_sizes=sizes or None)
+
+
+LORA_FOLDER = "loras"                       # <repo>/loras/: the registered LoRA files
+LORA_BASE_FILE = "lora_base.safetensors"    # <model>/1/: fp32 base weights of the adapted layers (+ Q/K/V siblings)
+LORA_TARGETS_FILE = "lora_targets.json"     # <model>/1/: {submodel: {module: shape}} of every adaptable layer
+
+
+def load_lora_runner(folder: Path, spec, metadata: dict, params: dict, **options):
+    """toonark.engines.lora.LoraOrtEngine over <model>/1/'s engine, the base weights and <repo>/loras."""
+    from toonark.engines.lora import LoraBase, LoraOrtEngine, LoraSet
+    shapes = {sub: {m: tuple(v) for m, v in modules.items()}
+              for sub, modules in json.loads((folder / LORA_TARGETS_FILE).read_text()).items()}
+    loras = LoraSet.from_folder(folder.parent.parent / LORA_FOLDER, shapes)
+    return LoraOrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata,
+                         LoraBase.load(folder / LORA_BASE_FILE), loras, cache_size=params["lora_cache_size"],
+                         strategy=params.get("lora_strategy", "inplace"), **options)

@@ -23,12 +23,15 @@ class TritonPythonModel:
         self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
         self.logger = pb_utils.Logger
         self.metrics = Metrics("denoise")
+        self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])   # passed on to every unet call
+        self.lora_tensors = []
 
     def _unet(self, feeds):
         # Every feed has the spec's shape, the timestep included ((1,): Triton has no 0-d tensors).
         response = pb_utils.InferenceRequest(
             model_name=self.unet_model, requested_output_names=[self.unet_output],
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]).exec()
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]
+            + self.lora_tensors).exec()
         if response.has_error():   # passed on with unet's own code (INVALID_ARG, UNAVAILABLE, ...)
             error = response.error()
             raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
@@ -44,6 +47,8 @@ class TritonPythonModel:
         def value(port):
             return api.one_value(tensor(port), port.name, None)
         text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+        # Requests run one at a time in this instance, so the LoRA of the request being served goes with each call.
+        self.lora_tensors = [pb_utils.Tensor(port.name, tensor(port)) for port in api.LORA_RESOLVED] if self.lora else []
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
         seeds = tensor(api.SEED).reshape(-1).tolist()
         latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from toonark import api
 from toonark.triton_model_repo import runtime
 from toonark.triton_model_repo.metrics import Metrics
 
@@ -17,12 +18,31 @@ class TritonPythonModel:
         self.engine = runtime.load_runner(args, runtime.model_parameters(config))
         self.input_names = [t.name for t in self.engine.spec.inputs]
         self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
+        # LoRA repositories: the request names the style; the engine switches its weights under its lock.
+        self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])
+        self.switches = (0, 0, 0.0)
 
     def execute(self, requests):
         # A shape or dtype outside what the engine was built for is a ValueError: INVALID_ARG.
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
     def _one(self, request):
-        results = self.engine.run({name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                                   for name in self.input_names})
+        feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+        if self.lora:
+            name = api.text_value(pb_utils.get_input_tensor_by_name(request, api.LORA_NAME.name).as_numpy(), "lora", "")
+            scale = float(api.one_value(pb_utils.get_input_tensor_by_name(request, api.LORA_WEIGHT.name).as_numpy(),
+                                        "lora_scale", 1.0))
+            results = self.engine.run(feeds, lora=name, scale=scale)
+            self._count_switches()
+        else:
+            results = self.engine.run(feeds)
         return [pb_utils.Tensor(name, np.ascontiguousarray(results[name], dtype=dtype)) for name, dtype in self.outputs]
+
+    def _count_switches(self):
+        stats = self.engine.stats
+        hits, misses, seconds = self.switches
+        self.metrics.count("toonark_lora_switches_total", stats.cache_hits - hits, stage=self.metrics.stage, cache="hit")
+        self.metrics.count("toonark_lora_switches_total", stats.cache_misses - misses, stage=self.metrics.stage,
+                           cache="miss")
+        self.metrics.count("toonark_lora_switch_seconds_total", stats.seconds - seconds, stage=self.metrics.stage)
+        self.switches = (stats.cache_hits, stats.cache_misses, stats.seconds)

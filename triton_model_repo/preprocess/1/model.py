@@ -12,6 +12,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.input_ids_name = config["output"][0]["name"]
+        self.lora = any(o["name"] == api.LORA_NAME.name for o in config["output"])   # a LoRA repository
         self.preparer = runtime.RequestPreparer(runtime.pipeline_dir(args), runtime.build_info(args),
                                                 runtime.model_parameters(config))
         self.metrics = Metrics("preprocess")
@@ -33,5 +34,5 @@ class TritonPythonModel:
             if err.reason:
                 self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
             raise
-        tensors = {self.input_ids_name: input_ids, **resolved.tensors()}
+        tensors = {self.input_ids_name: input_ids, **resolved.tensors(), **(resolved.lora_tensors() if self.lora else {})}
         return [pb_utils.Tensor(name, value) for name, value in tensors.items()]
