@@ -49,6 +49,11 @@ DEFAULT_QUALITY = 90                     # WebP quality when a request sends non
 QUALITY_RANGE = (1, 100)                 # WebP quality; PNG is lossless and ignores it
 MAX_NUM_IMAGES = 4                       # NUM_IMAGES range 1..4 (and at most the build's max batch)
 MAX_SEED = 2 ** 63 - 1                   # SEED range 0..MAX_SEED (INT64)
+# STRENGTH (0 < s <= 1) when IMAGE_IN is sent without it: diffusers' defaults (img2img 0.8, inpainting 1.0).
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
+# IMAGE_IN / MASK_IN limits (file size, pixels, formats) live in toonark/image_input.py; sizes above the
+# profile's max image are made in tiles up to toonark.tiling.MAX_TILED_IMAGE a side.
 # Width and height default to the build's opt image size (BuildInfo.limits.opt_image); the build's
 # limits (min/max image, image step, max batch) are checked by ShapeLimits.check_request.
 
@@ -75,6 +80,9 @@ ENSEMBLE_INPUTS = (
     Port("NUM_IMAGES", "INT32", (1,), True),         # 1..MAX_NUM_IMAGES images of one PROMPT (<= the build's
                                                      # max batch); image i is drawn from seed SEED + i alone
     Port("QUALITY", "INT32", (1,), True),            # WebP quality (QUALITY_RANGE, default DEFAULT_QUALITY)
+    Port("IMAGE_IN", "STRING", (1,), True),          # a PNG / WebP / JPEG file to edit (image-to-image)
+    Port("MASK_IN", "STRING", (1,), True),           # with IMAGE_IN: white = repaint, black = keep (inpainting)
+    Port("STRENGTH", "FP32", (1,), True),            # 0 < s <= 1: how much of IMAGE_IN is redrawn
 )
 IMAGE_OUTPUT = Port("IMAGE", "STRING", (-1,))        # encoded image bytes, one per prompt
 ENSEMBLE_OUTPUTS = (IMAGE_OUTPUT,)
@@ -88,8 +96,13 @@ SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY = (
     Port("seed", "INT64", (-1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
     Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)),
     Port("quality", "INT32", (1,)))
-RESOLVED = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY)
-DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT)   # what denoise reads (after the text embeddings)
+# The decoded picture to edit (1, 3, H, W) in [-1, 1], its mask (1, 1, H, W) in {0, 1} and the strength; a
+# request without IMAGE_IN sends empty pictures (0 rows) and strength 0 (toonark.image_input, toonark.editing).
+IMAGE, MASK, STRENGTH = (Port("image", "FP32", (-1, -1, -1, -1)), Port("mask", "FP32", (-1, -1, -1, -1)),
+                         Port("strength", "FP32", (1,)))
+RESOLVED = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY, IMAGE, MASK, STRENGTH)
+DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, IMAGE, MASK, STRENGTH)   # what denoise reads (after the
+                                                                                  # text embeddings)
 POSTPROCESS_INPUTS = (FORMAT, QUALITY)                     # what postprocess reads (after the decoded images)
 
 # Triton type -> numpy dtype of the tensors a client sends and the Python models emit.
@@ -158,6 +171,7 @@ class ResolvedRequest:
     quality: int = DEFAULT_QUALITY
     # NUM_IMAGES requests: one seed per image (SEED + i); empty: the whole batch's noise from `seed`.
     image_seeds: tuple[int, ...] = ()
+    edit: object = None            # toonark.image_input.EditInput when IMAGE_IN was sent
 
     @property
     def batch(self) -> int:
@@ -185,14 +199,20 @@ class ResolvedRequest:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The RESOLVED tensors preprocess emits (name -> array of the port's type)."""
+        edit = self.edit
+        empty = np.zeros((0, 1, 1, 1), np.float32)
         values = {SEED: self.seeds, STEPS: [self.steps], GUIDANCE: [self.guidance], WIDTH: [self.width],
-                  HEIGHT: [self.height], FORMAT: [self.format.encode()], QUALITY: [self.quality]}
+                  HEIGHT: [self.height], FORMAT: [self.format.encode()], QUALITY: [self.quality],
+                  IMAGE: edit.image if edit is not None else empty,
+                  MASK: edit.mask if edit is not None and edit.mask is not None else empty,
+                  STRENGTH: [edit.strength if edit is not None else 0.0]}
         return {port.name: np.array(values[port], dtype=NUMPY_TYPES[port.triton_type]) for port in RESOLVED}
 
 
 def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=None, negative_prompt=None,
                     seed=None, steps=None, preset=None, guidance=None, width=None, height=None, format=None,
-                    num_images=None, quality=None) -> ResolvedRequest:
+                    num_images=None, quality=None, image_in=None, mask_in=None, strength=None,
+                    accepts_images: bool = True, tiled_sizes: bool = True) -> ResolvedRequest:
     """One request's inputs (keyword = the ensemble input's name in lower case; None = not sent; Python
     values or the arrays Triton hands over) -> ResolvedRequest, or RequestError naming the problem and the fix.
 
@@ -233,6 +253,18 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
         raise RequestError(f"QUALITY {quality} is out of range; use {QUALITY_RANGE[0]}..{QUALITY_RANGE[1]} "
                            f"(WebP only; PNG ignores it)")
     guidance = float(one_value(guidance, "GUIDANCE", d["guidance"]))
+    edit = None
+    if image_in is not None or mask_in is not None or strength is not None:
+        from toonark.image_input import read_edit
+        if not accepts_images:
+            raise RequestError("IMAGE_IN is not served by this build: it has no VAE encoder engine; run `make engine` "
+                               "(the encoder is exported with the other submodels), then `make repo`")
+        strength = one_value(strength, "STRENGTH", None)
+        edit, width, height = read_edit(
+            image_in, mask_in, None if strength is None else float(strength),
+            None if width is None else int(one_value(width, "WIDTH", None)),
+            None if height is None else int(one_value(height, "HEIGHT", None)), info.limits,
+            DEFAULT_INPAINT_STRENGTH if mask_in is not None else DEFAULT_STRENGTH)
     width = int(one_value(width, "WIDTH", d["width"]))
     height = int(one_value(height, "HEIGHT", d["height"]))
     fmt = str(text_value(fmt, "FORMAT", d["format"])).lower()
@@ -247,11 +279,18 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
                            + (f" minus NUM_IMAGES-1 ({len(image_seeds) - 1})" if len(image_seeds) > 1 else ""))
     try:
         steps = policy.steps_for(preset, None if steps is None else int(one_value(steps, "STEPS", None)))
-        info.limits.check_request(len(subjects), height, width)
+        from toonark.tiling import check_size
+        if tiled_sizes:
+            check_size(info.limits, len(subjects), height, width)   # above the profile: tiled (toonark.tiling)
+        else:
+            info.limits.check_request(len(subjects), height, width)
         pairs = [policy.compose(subject, extras[0 if len(extras) == 1 else i]) for i, subject in enumerate(subjects)]
     except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
         if isinstance(err, RequestError):
             raise
         raise RequestError(str(err), getattr(err, "category", None)) from None
+    if edit is not None:
+        from toonark.editing import start_index
+        start_index(steps, edit.strength)   # refuses a strength that runs no step, before any model runs
     return ResolvedRequest(tuple(a for a, _ in pairs), tuple(b for _, b in pairs), seed, steps, guidance, width,
-                           height, fmt, quality, image_seeds)
+                           height, fmt, quality, image_seeds, edit)

@@ -32,6 +32,9 @@ PARAMETER_TYPES: dict[str, type] = {
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
     "engine_file": str, "intra_op_threads": int, "cuda_graph_sizes": str,
     "default_quality": int,
+    # image input and tiling (toonark.image_input, toonark.tiling): whether a VAE encoder is served, the
+    # model denoise calls for it, and the tile size / overlap in pixels (0 / -1: the profile's defaults)
+    "image_input": int, "vae_encoder_model": str, "vae_encoder_float_type": str, "tiling": str, "tiled_sizes": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
 }
@@ -118,10 +121,13 @@ class RequestPreparer:
         self.tokenizer = self.family.load_tokenizer(pipeline)
         # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).
         self.defaults = {key[len("default_"):]: value for key, value in params.items() if key.startswith("default_")}
+        self.accepts_images = bool(params.get("image_input", 0))
+        self.tiled_sizes = bool(params.get("tiled_sizes", 0))   # python layout: sizes above the profile in tiles
 
     def prepare(self, **inputs) -> tuple[ResolvedRequest, np.ndarray]:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
-        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs)
+        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs, accepts_images=self.accepts_images,
+                                   tiled_sizes=self.tiled_sizes)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
 
 
@@ -134,18 +140,25 @@ class Denoiser:
     """DPM-Solver++ with classifier-free guidance over a UNet given as a callable
     (the Triton model passes a BLS call to the `unet` model)."""
 
-    def __init__(self, pipeline: Path, info: BuildInfo):
+    def __init__(self, pipeline: Path, info: BuildInfo, tiling: str | None = None):
         from toonark.family import family_for_folder
         self.info = info
         self.family = family_for_folder(pipeline)
         self.scheduler = self.family.sampler(pipeline)
+        self.tile, self.tile_overlap = tile_settings(tiling)
         self.last_unet_seconds: list[float] = []
+        self.last_plan = None
 
     def run(self, text_embeddings: np.ndarray, *, seed: int | list[int], steps: int, guidance: float, width: int,
-            height: int, unet: UnetCall, float_dtype=np.float32) -> np.ndarray:
+            height: int, unet: UnetCall, float_dtype=np.float32, image: np.ndarray | None = None,
+            mask: np.ndarray | None = None, strength: float = 0.0, vae_encoder=None) -> np.ndarray:
         """Latents ready for the VAE decoder (the family's latents_to_vae: divided by vae_scaling_factor).
         seed: one int (the batch's noise from one generator, as the offline pipeline draws it) or one
-        seed per image (each image's noise drawn alone: NUM_IMAGES requests)."""
+        seed per image (each image's noise drawn alone: NUM_IMAGES requests).
+        image / mask / strength: the resolved edit (api.IMAGE, MASK, STRENGTH; 0 rows = none); vae_encoder:
+        pixels -> encoder parameters (a BLS call, tiled above the profile by the vae_encoder model itself).
+        Sizes above the profile run the UNet in tiles (toonark.tiling.TiledUnet; last_plan says which)."""
+        from toonark import tiling
         from toonark import pipeline as offline
         if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
             raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
@@ -167,8 +180,24 @@ class Denoiser:
             # Float inputs in the unet engine's I/O precision ("float" in the spec), fixed dtypes as declared.
             return unet({t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs})
 
-        latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings,
-                                                      self.scheduler.schedule(steps), guidance, typed_unet)
+        schedule = self.scheduler.schedule(steps)
+        plan = tiling.TilePlan.for_size(self.info.limits, dims, height, width, self.tile, self.tile_overlap)
+        self.last_plan = plan
+        call = tiling.TiledUnet(typed_unet, plan, 2 * self.info.limits.max_batch) if plan.tiled else typed_unet
+        edit_plan = None
+        if image is not None and np.asarray(image).size:
+            from toonark.editing import EditPlan
+            from toonark.image_input import EditInput
+            if vae_encoder is None:
+                raise RequestError("IMAGE_IN needs the VAE encoder, which this repository does not serve; "
+                                   "regenerate it with `make repo` after `make engine`")
+            edit = EditInput(np.asarray(image, np.float32), np.asarray(mask, np.float32) if mask is not None and
+                             np.asarray(mask).size else None, float(strength))
+            edit_plan = EditPlan.build(edit, vae_encoder, schedule, seeds, latents, dims, dims.unet_channels,
+                                       self.scheduler.init_noise_sigma)
+            latents = edit_plan.latents
+        latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings, schedule, guidance,
+                                                      call, edit=edit_plan)
         self.last_unet_seconds = [ms / 1e3 for ms in unet_ms]
         return self.family.latents_to_vae(latents, dims)
 
@@ -210,6 +239,31 @@ def load_runner(args: dict, params: dict):
     # "B=1,H=512,W=512": replay a CUDA graph at that size (ort-cuda; other sizes use a dynamic session).
     sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in params.get("cuda_graph_sizes", "").split(",")
                                             if item.strip())}
-    return backend_for(metadata["backend"]).load(
+    engine = backend_for(metadata["backend"]).load(
         folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
         graph_sizes=sizes or None)
+    if name in ("vae_decoder", "vae_encoder"):
+        # Pictures above the profile: decoded / encoded in Hann-blended tiles (the offline pipeline wraps the same way).
+        return TiledRunner(engine, build_info(args), *tile_settings(params.get("tiling")))
+    return engine
+
+
+def tile_settings(tiling: str | None) -> tuple[int | None, int | None]:
+    """(tile, overlap) pixels from the `tiling` config parameter (None: the profile's defaults)."""
+    if not tiling:
+        return None, None
+    from toonark.tiling import parse_tiling_parameter
+    values = parse_tiling_parameter(tiling)
+    return values["tile"], values["overlap"]
+
+
+class TiledRunner:
+    """An engine whose `run` tiles pictures above the profile (toonark.tiling.TiledVae); `spec` as the engine's."""
+
+    def __init__(self, engine, info: BuildInfo, tile: int | None, overlap: int | None):
+        from toonark.tiling import TiledVae
+        self.engine, self.spec = engine, engine.spec
+        self.tiled = TiledVae(engine.run, engine.spec.name, info.limits, info.dims, tile, overlap)
+
+    def run(self, feeds: dict) -> dict:
+        return self.tiled.run(feeds)
