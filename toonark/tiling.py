@@ -114,11 +114,18 @@ class TilePlan:
         profile's max image; at most that, at least its min, a multiple of the image step) overlapping by
         `overlap` pixels (default tile / 4, a multiple of the VAE scale). One tile when the picture fits."""
         tile, overlap = tile_parameters(limits, dims, tile, overlap)
+        if height <= limits.max_image and width <= limits.max_image:
+            scale = dims.vae_scale
+            return cls(height // scale, width // scale, height // scale, width // scale, (0,), (0,), overlap // scale)
+        return cls.cover(dims, height, width, tile, overlap)
+
+    @classmethod
+    def cover(cls, dims: PipelineDims, height: int, width: int, tile: int, overlap: int) -> "TilePlan":
+        """Tiles of `tile` pixels overlapping by `overlap` over a height x width picture, also when it would fit
+        untiled (the tiled-vs-untiled measurements)."""
         scale = dims.vae_scale
         lh, lw, lt, lo = height // scale, width // scale, tile // scale, overlap // scale
         th, tw = min(lt, lh), min(lt, lw)
-        if height <= limits.max_image and width <= limits.max_image:
-            return cls(lh, lw, lh, lw, (0,), (0,), lo)
         return cls(lh, lw, th, tw, tuple(axis_tiles(lh, th, lo)), tuple(axis_tiles(lw, tw, lo)), lo)
 
 
@@ -135,14 +142,27 @@ def tile_parameters(limits: ShapeLimits, dims: PipelineDims, tile: int | None, o
     return tile, overlap
 
 
-def blend(tiles: list[np.ndarray], plan: TilePlan, scale: int = 1) -> np.ndarray:
+BLENDS = ("hann", "uniform", "paste")
+
+
+def blend(tiles: list[np.ndarray], plan: TilePlan, scale: int = 1, mode: str = "hann") -> np.ndarray:
     """Weighted sum of per-tile arrays (N, C, th*scale, tw*scale) over the full (N, C, H*scale, W*scale),
-    divided by the summed Hann weights."""
+    divided by the summed Hann weights. The other modes are the controls the seam score is checked
+    against: "uniform" (plain averaging of the overlaps: MultiDiffusion's weights) and "paste" (each tile
+    overwrites the overlap: a hard stitch)."""
+    if mode not in BLENDS:
+        raise ValueError(f"blend mode {mode!r} is not one of {', '.join(BLENDS)}")
     first = tiles[0]
     out = np.zeros(first.shape[:2] + (plan.height * scale, plan.width * scale), np.float64)
     total = np.zeros((plan.height * scale, plan.width * scale), np.float64)
     for (y, x), weight, tile in zip(plan.boxes, plan.weights(scale), tiles):
         ys, xs = slice(y * scale, y * scale + weight.shape[0]), slice(x * scale, x * scale + weight.shape[1])
+        if mode == "paste":
+            out[:, :, ys, xs] = tile
+            total[ys, xs] = 1.0
+            continue
+        if mode == "uniform":
+            weight = np.ones_like(weight)
         out[:, :, ys, xs] += tile.astype(np.float64) * weight
         total[ys, xs] += weight
     return (out / total).astype(first.dtype)
@@ -157,8 +177,8 @@ class TiledUnet:
     share one call in the batch axis (up to the profile's max batch), and the tiles' predictions are
     blended with Hann weights. `calls` counts the UNet calls of the last step."""
 
-    def __init__(self, unet: Callable[[dict], np.ndarray], plan: TilePlan, max_rows: int):
-        self.unet, self.plan = unet, plan
+    def __init__(self, unet: Callable[[dict], np.ndarray], plan: TilePlan, max_rows: int, mode: str = "hann"):
+        self.unet, self.plan, self.mode = unet, plan, mode
         self.max_rows = max_rows   # the UNet profile's batch axis (2 x max_batch)
         self.calls = 0
 
@@ -179,7 +199,7 @@ class TiledUnet:
                              SD.encoder_hidden_states: np.concatenate([text] * len(group))})
             self.calls += 1
             outputs += np.split(np.asarray(out), len(group))
-        return blend(outputs, plan)
+        return blend(outputs, plan, 1, self.mode)
 
 
 class TiledVae:
@@ -188,11 +208,12 @@ class TiledVae:
     pixel space, the encoder in latent space. Within the profile it is the engine call itself."""
 
     def __init__(self, run: Callable[[dict], dict], name: str, limits: ShapeLimits, dims: PipelineDims,
-                 tile: int | None = None, overlap: int | None = None):
+                 tile: int | None = None, overlap: int | None = None, always: bool = False, mode: str = "hann"):
         if name not in ("vae_decoder", "vae_encoder"):
             raise ValueError(f"TiledVae tiles vae_decoder or vae_encoder, not {name!r}")
         self._run, self.name, self.limits, self.dims = run, name, limits, dims
         self.tile, self.overlap = tile_parameters(limits, dims, tile, overlap)
+        self.always, self.mode = always, mode   # tile also pictures that fit; blend mode (measurements)
         self.last_plan: TilePlan | None = None
 
     def run(self, feeds: dict) -> dict:
@@ -200,7 +221,8 @@ class TiledVae:
         decoder = self.name == "vae_decoder"
         (key, value), = feeds.items()
         height, width = value.shape[2] * (scale if decoder else 1), value.shape[3] * (scale if decoder else 1)
-        plan = TilePlan.for_size(self.limits, self.dims, height, width, self.tile, self.overlap)
+        plan = (TilePlan.cover(self.dims, height, width, self.tile, self.overlap) if self.always
+                else TilePlan.for_size(self.limits, self.dims, height, width, self.tile, self.overlap))
         self.last_plan = plan
         if not plan.tiled:
             return self._run(feeds)
@@ -214,7 +236,7 @@ class TiledVae:
                                     for y, x in group])
             out = np.asarray(self._run({key: batch})[output])
             tiles += np.split(out, len(group))
-        return {output: blend(tiles, plan, scale if decoder else 1)}
+        return {output: blend(tiles, plan, scale if decoder else 1, self.mode)}
 
 
 def seam_score(images: np.ndarray, plan: TilePlan, scale: int, band: int = 1) -> float:
