@@ -287,3 +287,57 @@ def test_served_bad_pictures_are_400s(triton_server, options, message):
     # refused in preprocess: no model ran
     count = lambda s: s["model_stats"][0]["inference_stats"]["success"]["count"]  # noqa: E731
     assert count(after) == count(before)
+
+
+# --- the 9-channel inpainting UNet -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inpaint_build(tmp_path_factory):
+    """A tiny StableDiffusionInpaintPipeline (UNet in_channels 9), exported fp32 and built for ORT CPU."""
+    from conftest import TEST_LIMITS
+    from toonark.engines.build import build_engines
+    from toonark.export.onnx_export import export_pipeline
+    from toonark.export.pipelines import build_pipeline
+    root = tmp_path_factory.mktemp("tiny-inpaint")
+    model = build_pipeline(root / "model", kind="tiny-inpaint", seed=0)
+    export_pipeline(model, root / "build", precisions=("fp32",), limits=TEST_LIMITS)
+    build_engines(root / "build", backend="ort-cpu", precision="fp32")
+    return model, root / "build"
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_unet_matches_diffusers(inpaint_build, monkeypatch, strength):
+    """The declarations cover the 9-channel UNet (sample = latents 4 + mask 1 + masked-picture latents 4), and
+    the pipeline feeds it as diffusers does, without blending."""
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+    from toonark.specs import BuildInfo
+    torch.set_num_threads(1)
+    model, build = inpaint_build
+    info = BuildInfo.read(build)
+    assert (info.dims.latent_channels, info.dims.unet_channels) == (4, 9)
+    assert info.specs["unet"].inputs[0].shape({"B": 1, "H": 64, "W": 64}) == (2, 9, 8, 8)
+    assert info.specs["unet"].outputs[0].shape({"B": 1, "H": 64, "W": 64}) == (2, 4, 8, 8)
+    pipe = load_pipeline(build, backend="ort-cpu", precision="fp32", threads=1)
+    ref = StableDiffusionInpaintPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    image, mask = picture(seed=3), square_mask()
+    seed = 6
+    edit = EditInput(pixels(image, SIZE, SIZE), mask_pixels(mask, SIZE, SIZE), strength)
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, seed=seed, steps=STEPS, width=SIZE, height=SIZE, edit=edit)
+    noise = initial_latents(seed, 1, pipe.dims, SIZE, SIZE)
+    shape = noise.shape
+    samples = [editing.posterior_noise([seed], 1, shape, editing.MASKED_IMAGE_STREAM)]
+    if strength < 1:   # diffusers encodes the picture only when it starts from it
+        samples.insert(0, editing.posterior_noise([seed], 1, shape, editing.IMAGE_STREAM))
+    InjectedNoise(module, monkeypatch, samples, noise)
+    with torch.no_grad():
+        want = ref(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
+                   num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np").images
+    diff = float(np.abs(unit(ours.decoded) - want).max())
+    print(f"inpaint (9-channel UNet) strength {strength}: max |image diff| vs diffusers = {diff:.2e}")
+    assert diff < MAX_IMAGE_DIFF
+    with pytest.raises(RequestError, match="^this build's UNet is an inpainting UNet: send MASK_IN"):
+        pipe(PROMPT, seed=seed, steps=STEPS, width=SIZE, height=SIZE, edit=EditInput(edit.image, None, 0.5))
+    with pytest.raises(RequestError, match="^this build's UNet is an inpainting UNet: send IMAGE_IN and MASK_IN"):
+        pipe.generate(prompt="a cat", steps=2)   # text-to-image: refused as the server refuses it

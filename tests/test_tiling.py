@@ -126,3 +126,15 @@ def test_tiled_vae_decode_and_encode(pipe):
         print(f"decode {mode}: mean |tiled - untiled| {np.abs(tiled - untiled).mean():.4f}, seam ratio "
               f"{ratios[mode]:.3f}")
     assert ratios["hann"] < MAX_SEAM_RATIO < ratios["paste"]
+
+
+def test_gpu_tiles_script_runs_on_the_cpu(tiny_engines, tmp_path):
+    """benchmarks/gpu_tiles.py --tiny: the GPU script's code path (one size, the VAE decoder) on ORT CPU."""
+    import json
+    from toonark.benchmarks.gpu_tiles import main
+    assert main(["--tiny", "--build", str(tiny_engines), "--out", str(tmp_path), "--sizes", "256",
+                 "--submodels", "vae_decoder", "--reps", "1"]) == 0
+    rows = json.loads((tmp_path / "tiles.json").read_text())["rows"]
+    assert [(r["case"]["mode"], r["tiles"]) for r in rows] == [
+        ("untiled", "untiled"), ("tiled", "3x3 tiles of 128x128 px, overlap 32 px")]
+    assert rows[1]["compare"]["seam_ratio"] < 1.1 and rows[0]["median_ms"] > 0

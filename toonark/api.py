@@ -289,6 +289,9 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
         if isinstance(err, RequestError):
             raise
         raise RequestError(str(err), getattr(err, "category", None)) from None
+    if info.dims.unet_channels != info.dims.latent_channels and (edit is None or edit.mask is None):
+        raise RequestError("this build's UNet is an inpainting UNet: send IMAGE_IN and MASK_IN (white = repaint; an "
+                           "all-white mask redraws the whole picture)")
     if edit is not None:
         from toonark.editing import start_index
         start_index(steps, edit.strength)   # refuses a strength that runs no step, before any model runs
