@@ -209,10 +209,18 @@ class ResolvedRequest:
         return {port.name: np.array(values[port], dtype=NUMPY_TYPES[port.triton_type]) for port in RESOLVED}
 
 
-def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=None, negative_prompt=None,
+@dataclass(frozen=True)
+class Serves:
+    """What a deployment can do beyond text-to-image at the profile's sizes (preprocess reads it from its config):
+    images: a VAE encoder is served (IMAGE_IN); tiled_sizes: sizes above the profile are made in tiles (the
+    python layout tiles around the engines; native-backend layouts cannot)."""
+    images: bool = True
+    tiled_sizes: bool = True
+
+
+def resolve_request(info, policy, defaults: Mapping | None = None, serves: Serves = Serves(), *, prompt=None, negative_prompt=None,
                     seed=None, steps=None, preset=None, guidance=None, width=None, height=None, format=None,
-                    num_images=None, quality=None, image_in=None, mask_in=None, strength=None,
-                    accepts_images: bool = True, tiled_sizes: bool = True) -> ResolvedRequest:
+                    num_images=None, quality=None, image_in=None, mask_in=None, strength=None) -> ResolvedRequest:
     """One request's inputs (keyword = the ensemble input's name in lower case; None = not sent; Python
     values or the arrays Triton hands over) -> ResolvedRequest, or RequestError naming the problem and the fix.
 
@@ -256,7 +264,7 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
     edit = None
     if image_in is not None or mask_in is not None or strength is not None:
         from toonark.image_input import read_edit
-        if not accepts_images:
+        if not serves.images:
             raise RequestError("IMAGE_IN is not served by this build: it has no VAE encoder engine; run `make engine` "
                                "(the encoder is exported with the other submodels), then `make repo`")
         strength = one_value(strength, "STRENGTH", None)
@@ -280,7 +288,7 @@ def resolve_request(info, policy, defaults: Mapping | None = None, *, prompt=Non
     try:
         steps = policy.steps_for(preset, None if steps is None else int(one_value(steps, "STEPS", None)))
         from toonark.tiling import check_size
-        if tiled_sizes:
+        if serves.tiled_sizes:
             check_size(info.limits, len(subjects), height, width)   # above the profile: tiled (toonark.tiling)
         else:
             info.limits.check_request(len(subjects), height, width)

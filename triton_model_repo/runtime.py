@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, one_value,  # noqa: F401
-                         resolve_request, text_value)
+from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, Serves,  # noqa: F401
+                         one_value, resolve_request, text_value)
 from toonark.specs import BuildInfo
 
 # Every config parameter a toonark model reads, with its type (config parameters are strings).
@@ -121,13 +121,12 @@ class RequestPreparer:
         self.tokenizer = self.family.load_tokenizer(pipeline)
         # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).
         self.defaults = {key[len("default_"):]: value for key, value in params.items() if key.startswith("default_")}
-        self.accepts_images = bool(params.get("image_input", 0))
-        self.tiled_sizes = bool(params.get("tiled_sizes", 0))   # python layout: sizes above the profile in tiles
+        # Whether a VAE encoder is served and whether sizes above the profile are tiled (the python layout).
+        self.serves = Serves(images=bool(params.get("image_input", 0)), tiled_sizes=bool(params.get("tiled_sizes", 0)))
 
     def prepare(self, **inputs) -> tuple[ResolvedRequest, np.ndarray]:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
-        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs, accepts_images=self.accepts_images,
-                                   tiled_sizes=self.tiled_sizes)
+        resolved = resolve_request(self.info, self.policy, self.defaults, self.serves, **inputs)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
 
 
