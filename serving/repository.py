@@ -10,7 +10,8 @@
                               returns the VAE decoder's input (the model family's latents_to_vae: the
                               one place the scaling factor is applied)
       unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
-      vae_decoder   (engine)  latent_sample -> sample
+      vae_encoder   (engine)  sample -> latent_parameters (BLS only, IMAGE_IN; when its engine was built)
+      vae_decoder   (engine)  latent_sample -> sample (python layout: tiled above the profile, toonark.tiling)
       safety_checker (python) only when OUT/safety_checker/ exists (export/safety_checker.py): CLIP safety
                               checker on the decoded images; flagged ones become white, NSFW flags them
       postprocess   (python)  sample (B, 3, H, W) in [-1, 1] -> one PNG / WebP per image (WebP at QUALITY)

@@ -4,9 +4,11 @@ Each `triton_model_repo/<name>/1/model.py` only parses its config (`model_parame
 one object from here in `initialize`, and moves tensors in and out in `execute`:
 
     preprocess   RequestPreparer.prepare   prompts + optional inputs -> resolved values, input_ids (2B, L)
-    denoise      Denoiser.run              text embeddings -> the VAE's input latents (unet by callback)
+    denoise      Denoiser.run              text embeddings (+ picture, mask) -> the VAE's input latents (unet and
+                                           vae_encoder by callback; tiles above the profile)
     postprocess  encode_images             decoded (B, 3, H, W) in [-1, 1] -> PNG / WebP bytes
-    engines      load_runner               the built engine in <model>/1/ (ONNX Runtime)
+    engines      load_runner               the built engine in <model>/1/ (ONNX Runtime); the VAE engines in
+                                           TiledRunner (tiles above the profile)
 
 The math is the offline pipeline's (toonark.pipeline, toonark.scheduler): same tokenizer,
 same seeded noise, same solver, same guidance, same uint8 conversion, so the server's image
