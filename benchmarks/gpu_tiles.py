@@ -82,7 +82,9 @@ def smooth_latents(shape, seed: int) -> np.ndarray:
 def worker(case: dict) -> dict:
     """One case in this process: load the engine, run warmup + reps, report time and peak memory."""
     from toonark import tiling
-    from toonark.engines.build import load_engine
+    from toonark.engines.backends import backend_for
+    from toonark.engines.metadata import read_metadata
+    from toonark.layout import BuildLayout
     from toonark.specs import SD, BuildInfo
     build, name, size, mode = Path(case["build"]), case["submodel"], case["size"], case["mode"]
     cuda = case["backend"] == "ort-cuda"
@@ -90,15 +92,14 @@ def worker(case: dict) -> dict:
         import torch
         torch.cuda.init()
     info = BuildInfo.read(build)
-    memory = PeakMemory(cuda)
-    engine = load_engine(build, case["backend"], case["precision"], name, verify=False,
-                         **({} if cuda else {"threads": case.get("threads") or None}))
+    metadata = read_metadata(build, case["backend"], case["precision"], name)
     if cuda and case.get("conv_search"):
-        from toonark.engines.ort import make_session
-        settings = json.loads(json.dumps(engine.metadata["settings"]))
-        settings["providers"][0][1]["cudnn_conv_algo_search"] = case["conv_search"]
-        engine.session = make_session(engine.model_path, settings, level=settings["load_optimization_level"])
-    engine.metadata = {**engine.metadata, "profile": {}}   # untiled sizes above the profile (ORT has none)
+        metadata["settings"]["providers"][0][1]["cudnn_conv_algo_search"] = case["conv_search"]
+    metadata["profile"] = {}   # untiled sizes above the profile (ONNX Runtime itself has none)
+    backend = backend_for(case["backend"])
+    path = BuildLayout(build).engine_dir(case["backend"], case["precision"]) / name / backend.engine_file
+    memory = PeakMemory(cuda)
+    engine = backend.load(path, info.specs[name], metadata, threads=case.get("threads") or None)
     dims, limits = info.dims, info.limits
     lat = size // dims.vae_scale
     latents = smooth_latents((1, dims.latent_channels, lat, lat), LATENT_SEED)
