@@ -14,8 +14,8 @@ A new request input is added here: one Port in ENSEMBLE_INPUTS (its name in lowe
 `resolve_request` and the field of serving.client.GenerateOptions), its default and range below, its
 check in `resolve_request`; if a later model needs the resolved value, one Port in RESOLVED.
 
-Core module (rank 0): numpy and the stdlib only; the policy (toonark.prompts) and the tokenizer are
-passed in.
+Core module (rank 0): numpy and the stdlib only (Pillow, lazily, through toonark.image_input when IMAGE_IN
+arrives); the policy (toonark.prompts) and the tokenizer are passed in.
 """
 from __future__ import annotations
 
