@@ -341,3 +341,24 @@ def test_inpainting_unet_matches_diffusers(inpaint_build, monkeypatch, strength)
         pipe(PROMPT, seed=seed, steps=STEPS, width=SIZE, height=SIZE, edit=EditInput(edit.image, None, 0.5))
     with pytest.raises(RequestError, match="^this build's UNet is an inpainting UNet: send IMAGE_IN and MASK_IN"):
         pipe.generate(prompt="a cat", steps=2)   # text-to-image: refused as the server refuses it
+
+
+@pytest.mark.server
+def test_generate_script_edits_and_prints_the_tile_grid(triton_server, pipe, tmp_path, capsys):
+    """scripts/generate.py --image-in FILE --strength S [--mask-in FILE]: the served picture (== offline), and
+    --timings names the tile grid of a size above the profile."""
+    from toonark.scripts.generate import main
+    (tmp_path / "in.png").write_bytes(png_bytes(picture(128, seed=5)))
+    (tmp_path / "mask.png").write_bytes(png_bytes(square_mask(128)))
+    args = ["--url", triton_server.http_url, "--prompt", "a bear with a red hat", "--seed", "3", "--steps", "4",
+            "--image-in", str(tmp_path / "in.png"), "--mask-in", str(tmp_path / "mask.png"), "--strength", "0.8",
+            "--out", str(tmp_path / "out.png")]
+    assert main(args) == 0
+    want, _ = offline_png(pipe, prompt="a bear with a red hat", seed=3, steps=4, strength=0.8,
+                          image_in=(tmp_path / "in.png").read_bytes(), mask_in=(tmp_path / "mask.png").read_bytes())
+    assert (tmp_path / "out.png").read_bytes() == want
+    assert main(["--url", triton_server.http_url, "--prompt", "a whale", "--steps", "1", "--width", "320",
+                 "--height", "64", "--timings", "--out", str(tmp_path / "wide.png")]) == 0
+    assert "tiles: 2x1 tiles of 256x64 px, overlap 64 px" in capsys.readouterr().out
+    assert main(["--url", triton_server.http_url, "--prompt", "a whale", "--mask-in", str(tmp_path / "mask.png")]) == 1
+    assert "--mask-in needs --image-in" in capsys.readouterr().err

@@ -93,8 +93,9 @@ class TilePlan:
         return [(y, x) for y in self.ys for x in self.xs]
 
     def describe(self, scale: int = 1) -> str:
-        """"3x3 tiles of 512x512 px, overlap 128 px" (scale: pixels per cell, the VAE's 8 for latents)."""
-        return (f"{self.grid[0]}x{self.grid[1]} tiles of {self.tile_w * scale}x{self.tile_h * scale} px, "
+        """"3x2 tiles of 512x512 px, overlap 128 px": columns x rows, like the sizes width x height (scale: pixels
+        per cell, the VAE's 8 for latents)."""
+        return (f"{self.grid[1]}x{self.grid[0]} tiles of {self.tile_w * scale}x{self.tile_h * scale} px, "
                 f"overlap {self.overlap * scale} px")
 
     def weights(self, scale: int = 1) -> list[np.ndarray]:
