@@ -61,9 +61,13 @@ def load_pipeline(build_dir: Path, backend: str = "ort-cpu", precision: str | di
     engines = {name: load_engine(build_dir, backend, precisions[name], name, **engine_options,
                                  **(graph_options if name != "text_encoder" else {}))
                for name in served}
+    # The VAE encoder (image input: toonark.editing) when it was built; a build without one serves text-to-image.
+    encoder_precision = precisions.get("vae_encoder", precisions[served[-1]])
+    if (layout.engine_dir(backend, encoder_precision) / "vae_encoder").is_dir():
+        engines["vae_encoder"] = load_engine(build_dir, backend, encoder_precision, "vae_encoder", **engine_options)
     loop = None
     if device_loop:
         from toonark.engines.ort_loop import DeviceLoop
-        loop = DeviceLoop(engines, info.dims, family)
+        loop = DeviceLoop({name: engines[name] for name in served}, info.dims, family)   # text-to-image only
     return Text2ImagePipeline(engines, family.load_tokenizer(layout.pipeline), scheduler, info.dims, info.limits,
                               device_loop=loop, family=family)

@@ -42,6 +42,11 @@ CONFIGS = {
 # Safety checkers (diffusers StableDiffusionSafetyChecker: a CLIP vision tower + 17 concept and 3
 # special-care embeddings with one cosine threshold each). Only the vision half is used; the text
 # half of CLIPConfig is required by the class but never run, so it is as small as allowed.
+# An inpainting pipeline (diffusers' StableDiffusionInpaintPipeline): the tiny one with a 9-channel UNet
+# (latents 4 + mask 1 + masked-picture latents 4), as stable-diffusion-inpainting is SD-1.5's.
+CONFIGS["tiny-inpaint"] = {**CONFIGS["tiny"], "unet": {**CONFIGS["tiny"]["unet"], "in_channels": 9, "out_channels": 4}}
+INPAINT_KINDS = ("tiny-inpaint",)
+
 SAFETY_CHECKER_CONFIGS = {
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              image_size=224, patch_size=32),
@@ -138,7 +143,7 @@ def build_modules(kind: str = "tiny", seed: int = 0) -> dict:
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**cfg["unet"])
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(latent_channels=unet.config.in_channels, **cfg["vae"])
+    vae = AutoencoderKL(latent_channels=unet.config.out_channels, **cfg["vae"])   # 4 also for a 9-channel UNet
     return {"text_encoder": text_encoder, "unet": unet, "vae": vae}
 
 
@@ -148,14 +153,15 @@ def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0, with_safety_che
     the other components are the same as without it."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown pipeline kind {kind!r}; choose one of {sorted(CONFIGS)}")
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     with atomic_dir(Path(out)) as tmp:
         write_clip_tokenizer(tmp / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
         modules = build_modules(kind, seed)
-        pipe = StableDiffusionPipeline(**modules, tokenizer=tokenizer,
+        pipeline_class = StableDiffusionInpaintPipeline if kind in INPAINT_KINDS else StableDiffusionPipeline
+        pipe = pipeline_class(**modules, tokenizer=tokenizer,
                                        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if with_safety_checker:

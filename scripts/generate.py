@@ -33,6 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{api.DEFAULT_QUALITY}); PNG ignores it")
     parser.add_argument("--lora", help="a LoRA style the server registered (`make repo LORAS=dir`); default: none")
     parser.add_argument("--lora-scale", type=float, help=f"LoRA strength 0..2 (default {api.DEFAULT_LORA_SCALE})")
+    parser.add_argument("--image-in", type=Path, help="a PNG / WebP / JPEG picture to edit (image-to-image); without "
+                        "--width/--height the result has its size (sizes above the profile are made in tiles)")
+    parser.add_argument("--strength", type=float, help=f"0 < S <= 1, how much of --image-in is redrawn (server default "
+                        f"{api.DEFAULT_STRENGTH}, with --mask-in {api.DEFAULT_INPAINT_STRENGTH})")
+    parser.add_argument("--mask-in", type=Path, help="with --image-in: a mask of the picture's size, white = repaint, "
+                        "black = keep (inpainting)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")
@@ -42,11 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from toonark.serving.client import GenerateOptions, format_profile, generate
     fmt = args.format or ("webp" if args.out.suffix.lower() == ".webp" else None)
+    if args.mask_in is not None and args.image_in is None:
+        raise ValueError("--mask-in needs --image-in (the picture the mask belongs to)")
+    pictures = {name: path.read_bytes() for name, path in (("image_in", args.image_in), ("mask_in", args.mask_in))
+                if path is not None}
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                               preset=args.preset,
                               guidance=args.guidance, width=args.width, height=args.height, format=fmt,
                               num_images=args.num_images, quality=args.quality, lora=args.lora,
-                              lora_scale=args.lora_scale)
+                              lora_scale=args.lora_scale, strength=args.strength, **pictures)
     result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):

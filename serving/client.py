@@ -45,6 +45,9 @@ class GenerateOptions:
     quality: int | None = None      # WebP quality 1..100 (server default api.DEFAULT_QUALITY); PNG ignores it
     lora: str | None = None         # a registered LoRA style name ("" or None: the base model)
     lora_scale: float | None = None # its strength 0..2 (server default api.DEFAULT_LORA_SCALE)
+    image_in: bytes | None = None   # a PNG / WebP / JPEG file to edit (image-to-image)
+    mask_in: bytes | None = None    # with image_in: white = repaint (inpainting)
+    strength: float | None = None   # 0 < s <= 1 (server default api.DEFAULT_STRENGTH, inpainting 1.0)
 
     def inputs(self) -> dict[str, np.ndarray]:
         """Ensemble input name -> value, only for the values set (ENSEMBLE_INPUTS order; each input is the
@@ -73,6 +76,9 @@ class GenerateResult:
     # One flag per image when the server runs a safety checker (True: flagged, the image is blank white);
     # None when it has none.
     nsfw: list[bool] | None = None
+    # With timings: the tile grid the picture was made with (sizes above the profile, toonark.tiling), else
+    # "untiled (...)"; None when the server does not say (a repository without the `tiling` parameter).
+    tiles: str | None = None
 
 
 def one_line(message: str) -> str:
@@ -160,6 +166,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         after = settled_statistics(client, protocol) if timings else {}
         images = response.as_numpy(output_name)
         nsfw = response.as_numpy(NSFW_OUTPUT.name)
+        tiling = _tiling_parameter(client, protocol) if timings else None
     except InferenceServerException as err:
         raise ServerError(one_line(err.message() or str(err))) from None
     except (ConnectionError, OSError) as err:
@@ -171,9 +178,26 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
     if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
         raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
                           f"restart the server and check its log")
-    return GenerateResult([bytes(image) for image in images.reshape(-1)], seconds,
-                          stage_profile(before, after) if timings else {},
-                          None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)])
+    result = GenerateResult([bytes(image) for image in images.reshape(-1)], seconds,
+                            stage_profile(before, after) if timings else {},
+                            None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)])
+    if tiling:
+        from PIL import Image
+        import io
+        width, height = Image.open(io.BytesIO(result.images[0])).size   # the header only
+        from toonark.tiling import describe_grid
+        result.tiles = describe_grid(tiling, height, width)
+    return result
+
+
+def _tiling_parameter(client, protocol: str) -> str | None:
+    """The denoise model's `tiling` config parameter (serving.repository writes it), None when absent."""
+    config = client.get_model_config("denoise", **({"as_json": True} if protocol == "grpc" else {}))
+    config = config.get("config", config)
+    entry = config.get("parameters", {}).get("tiling")
+    if isinstance(entry, dict):
+        entry = entry.get("string_value") or entry.get("stringValue")
+    return entry or None
 
 
 def format_profile(result: GenerateResult) -> str:
@@ -182,4 +206,6 @@ def format_profile(result: GenerateResult) -> str:
         per_call = f"{row['per_call_ms']:.1f}" if row["per_call_ms"] is not None else "-"
         lines.append(f"{name:<14}{row['calls']:>6}{row['total_ms']:>11.1f}{per_call:>10}")
     lines.append(f"{'client':<14}{1:>6}{result.seconds * 1e3:>11.1f}")
+    if result.tiles:
+        lines.append(f"tiles: {result.tiles}")
     return "\n".join(lines)

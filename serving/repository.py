@@ -10,7 +10,8 @@
                               returns the VAE decoder's input (the model family's latents_to_vae: the
                               one place the scaling factor is applied)
       unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
-      vae_decoder   (engine)  latent_sample -> sample
+      vae_encoder   (engine)  sample -> latent_parameters (BLS only, IMAGE_IN; when its engine was built)
+      vae_decoder   (engine)  latent_sample -> sample (python layout: tiled above the profile, toonark.tiling)
       safety_checker (python) only when OUT/safety_checker/ exists (export/safety_checker.py): CLIP safety
                               checker on the decoded images; flagged ones become white, NSFW flags them
       postprocess   (python)  sample (B, 3, H, W) in [-1, 1] -> one PNG / WebP per image (WebP at QUALITY)
@@ -175,12 +176,15 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
                  queue: QueuePolicy | None = None, safety_checker: dict | None = None,
-                 loras: list[str] | None = None, lora_cache_size: int = 4) -> dict[str, str]:
+                 loras: list[str] | None = None, lora_cache_size: int = 4, vae_encoder: bool = False,
+                 tile: int = 0, tile_overlap: int = -1) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
     `lora_scale`, which text_encoder (so they are part of its response-cache key) and denoise -> unet read;
-    lora_cache_size: weight sets each engine keeps (LRU)."""
+    lora_cache_size: weight sets each engine keeps (LRU).
+    vae_encoder: serve the VAE encoder (IMAGE_IN; called by denoise over BLS, like unet). tile / tile_overlap:
+    the tiling of pictures above the profile in pixels (0 / -1: the profile's defaults, toonark.tiling)."""
     if loras and layout != "python":
         raise ValueError(f"LoRA styles are switched inside toonark's Python-backend runners; use --layout python, "
                          f"not {layout!r}")
@@ -198,7 +202,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     te, unet, vae = (specs[n] for n in SERVED_SUBMODELS)
     engine_kind = backend_for(backend, strict=False).triton_kind
     configs = {}
-    for spec in (te, unet, vae):
+    # Tiled pictures need Python-side tiling around the VAE engines (runtime.TiledRunner): the python layout.
+    tiled = layout == "python"
+    from toonark.tiling import tiling_parameter
+    tiling = {"tiling": tiling_parameter(info.limits, info.dims, tile or None, tile_overlap if tile_overlap >= 0 else None)}
+    for spec in (te, unet, vae) + ((specs["vae_encoder"],) if vae_encoder else ()):
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
         # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
         # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
@@ -217,9 +225,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
-                        **({"lora_cache_size": str(lora_cache_size)} if loras and spec.name != vae.name else {}),
+                        **({"lora_cache_size": str(lora_cache_size)} if loras and spec.name in (te.name, unet.name) else {}),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
-                                                f"W={info.limits.opt_image}"} if graph else {})})
+                                                f"W={info.limits.opt_image}"} if graph else {}),
+                        **(tiling if spec.name in ("vae_decoder", "vae_encoder") else {})})
         elif layout == "onnxruntime_onnx":
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
                                               kind=engine_kind, default_model_filename="model.onnx",
@@ -244,13 +253,19 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
                                          [te_in[0], *RESOLVED, *lora_ports], backend="python",
                                          params={**serving_defaults(info),
+                                                 "image_input": str(int(vae_encoder)), "tiled_sizes": str(int(tiled)),
                                                  **({"lora_names": ",".join(loras)} if loras else {})})
+    encoder_params = {}
+    if vae_encoder:
+        encoder_in, _ = _engine_io(specs["vae_encoder"], precision, metadata.get("vae_encoder"))
+        encoder_params = {"vae_encoder_model": "vae_encoder",
+                          "vae_encoder_float_type": "TYPE_" + encoder_in[0].triton_type}
     configs["denoise"] = model_config(
         "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS, *lora_ports], [vae_in[0]],
         backend="python",
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name})
+                "latent_name": vae_in[0].name, **tiling, **encoder_params})
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -320,7 +335,7 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
                verify_engines: bool = True, safety_checker: bool | None = None, loras: Path | None = None,
-               lora_cache_size: int = 4) -> Path:
+               lora_cache_size: int = 4, tile: int = 0, tile_overlap: int = -1) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -340,7 +355,10 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     engine_backend = backend_for(backend)
     engine_name = engine_backend.engine_file
     metadata = {}
-    for name in SERVED_SUBMODELS:
+    # The VAE encoder (IMAGE_IN) is served when it was built (engines/build.py builds it when exported).
+    encoder = (engine_root / "vae_encoder" / engine_name).is_file()
+    served = SERVED_SUBMODELS + (("vae_encoder",) if encoder else ())
+    for name in served:
         engine = engine_root / name / engine_name
         if not engine.is_file():
             raise FileNotFoundError(f"no {backend} {precision} engine for {name}: {engine} is missing. Build it with "
@@ -370,7 +388,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         lora_set = load_loras(Path(loras), lora_bases_)
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
                            intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
-                           loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size)
+                           loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size,
+                           vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap)
     remake = (f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision} && "
               f"make repo OUT={build_dir} BACKEND={backend} PRECISION={precision} LAYOUT={layout}")
     record = {"backend": backend, "precision": precision, "layout": layout, "remake": remake,
@@ -380,7 +399,7 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         for name, text in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
-        for name in SERVED_SUBMODELS:
+        for name in served:
             version = tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
@@ -399,7 +418,7 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
         if layout == "python":
-            parts.update({name: () for name in SERVED_SUBMODELS})
+            parts.update({name: () for name in served})
         for name, folders in parts.items():
             pipeline = tmp / name / "1" / "pipeline"
             pipeline.mkdir()

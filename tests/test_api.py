@@ -45,7 +45,9 @@ def test_generated_configs_carry_the_declared_api():
     params = {k: {"string_value": v} for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}',
                                                             configs["preprocess"])}
     typed = model_parameters({"name": "preprocess", "parameters": params})
-    assert {k[len("default_"):]: v for k, v in typed.items()} == api.request_defaults(info)
+    assert {k[len("default_"):]: v for k, v in typed.items() if k.startswith("default_")} == api.request_defaults(info)
+    # what the deployment serves beyond text-to-image (api.Serves): no VAE encoder given here; python layout tiles
+    assert (typed["image_input"], typed["tiled_sizes"]) == (0, 1)
     for port in api.DENOISE_INPUTS:
         assert f'name: "{port.name}" data_type: TYPE_{port.triton_type}' in configs["denoise"]
     for port in api.POSTPROCESS_INPUTS:
@@ -76,8 +78,9 @@ def test_no_served_name_is_retyped_outside_the_api():
     assert not found, "served names retyped as literals (use toonark.api): " + ", ".join(found)
 
 
-# What resolve_request reads of a BuildInfo: the limits (the tests' small profile, max batch 2).
-_Info = SimpleNamespace(limits=TEST_LIMITS)
+# What resolve_request reads of a BuildInfo: the limits (the tests' small profile, max batch 2) and the dims
+# (whether the UNet is an inpainting one).
+_Info = SimpleNamespace(limits=TEST_LIMITS, dims=SimpleNamespace(latent_channels=4, unet_channels=4))
 
 
 @pytest.fixture(scope="module")

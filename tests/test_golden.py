@@ -84,11 +84,16 @@ def offline_hashes(build: Path, request: dict) -> list[str]:
     return [sha256(np.ascontiguousarray(image).tobytes()) for image in result.images]
 
 
+# The picture inputs (file bytes, not JSON) are pinned by tests/test_editing.py: served PNG bytes == offline for
+# image-to-image, inpainting and tiled sizes, and the offline math == diffusers.
+EDIT_INPUTS = {"IMAGE_IN", "MASK_IN", "STRENGTH"}
+
+
 def test_golden_requests_cover_every_optional_input():
     sent = {key.upper() for request in REQUESTS.values() for key in request}
     # LORA / LORA_SCALE need a repository with a LoRA folder: tests/test_lora.py pins those images to the offline
-    # pipeline's (interleaved, over HTTP and gRPC).
-    assert sent == {port.name for port in api.ENSEMBLE_INPUTS} - {"LORA", "LORA_SCALE"}
+    # pipeline's (interleaved, over HTTP and gRPC); the picture inputs are pinned by tests/test_editing.py.
+    assert sent | EDIT_INPUTS == {port.name for port in api.ENSEMBLE_INPUTS} - {"LORA", "LORA_SCALE"}
 
 
 def test_served_and_offline_images_match_the_golden_hashes(triton_server, tiny_engines):

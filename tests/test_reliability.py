@@ -62,8 +62,9 @@ BAD_REQUESTS = [
     ("invalid UTF-8", {"PROMPT": texts(b"\xff\xfe otter")}, "PROMPT is not valid UTF-8 text"),
     ("width off the image step", {"WIDTH": np.array([65], np.int32)},
      "width 65 must be a multiple of 64 in 64..256 (the built engine profile)"),
-    ("height above the profile", {"HEIGHT": np.array([512], np.int32)},
-     "height 512 must be a multiple of 64 in 64..256"),
+    # above the profile's 256 is made in tiles (toonark.tiling), up to 4096
+    ("height above the tiled maximum", {"HEIGHT": np.array([4160], np.int32)},
+     "height 4160 must be a multiple of 64 in 64..4096"),
     ("width 0", {"WIDTH": np.array([0], np.int32)}, "width 0 must be a multiple of 64"),
     ("steps 0", {"STEPS": np.array([0], np.int32)}, "steps must be between 1 and 100, got 0"),
     ("steps huge", {"STEPS": np.array([10 ** 9], np.int32)}, "steps must be between 1 and 100, got 1000000000"),

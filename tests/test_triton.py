@@ -34,7 +34,9 @@ def test_every_model_is_ready(triton_server, triton_repo):
     import tritonclient.http as httpclient
     from toonark.serving.launcher import repo_models
     models = repo_models(triton_repo)
-    assert set(models) == {"toonark", "preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "postprocess"}
+    # vae_encoder: the tiny build exports and builds it, so the repository serves IMAGE_IN
+    assert set(models) == {"toonark", "preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "vae_encoder",
+                           "postprocess"}
     for client in (httpclient.InferenceServerClient(triton_server.http_url),
                    grpcclient.InferenceServerClient(triton_server.grpc_url)):
         assert client.is_server_ready()

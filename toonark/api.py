@@ -14,8 +14,8 @@ A new request input is added here: one Port in ENSEMBLE_INPUTS (its name in lowe
 `resolve_request` and the field of serving.client.GenerateOptions), its default and range below, its
 check in `resolve_request`; if a later model needs the resolved value, one Port in RESOLVED.
 
-Core module (rank 0): numpy and the stdlib only; the policy (toonark.prompts) and the tokenizer are
-passed in.
+Core module (rank 0): numpy and the stdlib only (Pillow, lazily, through toonark.image_input when IMAGE_IN
+arrives); the policy (toonark.prompts) and the tokenizer are passed in.
 """
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ QUALITY_RANGE = (1, 100)                 # WebP quality; PNG is lossless and ign
 MAX_NUM_IMAGES = 4                       # NUM_IMAGES range 1..4 (and at most the build's max batch)
 MAX_SEED = 2 ** 63 - 1                   # SEED range 0..MAX_SEED (INT64)
 DEFAULT_LORA_SCALE = 1.0                 # LORA_SCALE: the LoRA as trained (toonark.lora.SCALE_RANGE: 0..2)
+# STRENGTH (0 < s <= 1) when IMAGE_IN is sent without it: diffusers' defaults (img2img 0.8, inpainting 1.0).
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
+# IMAGE_IN / MASK_IN limits (file size, pixels, formats) live in toonark/image_input.py; sizes above the
+# profile's max image are made in tiles up to toonark.tiling.MAX_TILED_IMAGE a side.
 # Width and height default to the build's opt image size (BuildInfo.limits.opt_image); the build's
 # limits (min/max image, image step, max batch) are checked by ShapeLimits.check_request.
 
@@ -78,6 +83,9 @@ ENSEMBLE_INPUTS = (
     Port("QUALITY", "INT32", (1,), True),            # WebP quality (QUALITY_RANGE, default DEFAULT_QUALITY)
     Port("LORA", "STRING", (1,), True),              # a registered LoRA style (`make repo LORAS=dir`); "" = base
     Port("LORA_SCALE", "FP32", (1,), True),          # its strength, LORA_SCALE_RANGE (default DEFAULT_LORA_SCALE)
+    Port("IMAGE_IN", "STRING", (1,), True),          # a PNG / WebP / JPEG file to edit (image-to-image)
+    Port("MASK_IN", "STRING", (1,), True),           # with IMAGE_IN: white = repaint, black = keep (inpainting)
+    Port("STRENGTH", "FP32", (1,), True),            # 0 < s <= 1: how much of IMAGE_IN is redrawn
 )
 IMAGE_OUTPUT = Port("IMAGE", "STRING", (-1,))        # encoded image bytes, one per prompt
 ENSEMBLE_OUTPUTS = (IMAGE_OUTPUT,)
@@ -91,12 +99,17 @@ SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY = (
     Port("seed", "INT64", (-1,)), Port("steps", "INT32", (1,)), Port("guidance", "FP32", (1,)),
     Port("width", "INT32", (1,)), Port("height", "INT32", (1,)), Port("format", "STRING", (1,)),
     Port("quality", "INT32", (1,)))
-RESOLVED = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY)
+# The decoded picture to edit (1, 3, H, W) in [-1, 1], its mask (1, 1, H, W) in {0, 1} and the strength; a
+# request without IMAGE_IN sends empty pictures (0 rows) and strength 0 (toonark.image_input, toonark.editing).
+IMAGE, MASK, STRENGTH = (Port("image", "FP32", (-1, -1, -1, -1)), Port("mask", "FP32", (-1, -1, -1, -1)),
+                         Port("strength", "FP32", (1,)))
+RESOLVED = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, FORMAT, QUALITY, IMAGE, MASK, STRENGTH)
 # Only in repositories with a LoRA folder: preprocess emits them, text_encoder and denoise (-> unet) read them.
 # They are text_encoder inputs, so its prompt-embedding cache key includes the text-encoder LoRA.
 LORA_NAME, LORA_WEIGHT = Port("lora", "STRING", (1,)), Port("lora_scale", "FP32", (1,))
 LORA_RESOLVED = (LORA_NAME, LORA_WEIGHT)
-DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT)   # what denoise reads (after the text embeddings)
+DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, IMAGE, MASK, STRENGTH)   # what denoise reads (after the
+                                                                                  # text embeddings)
 POSTPROCESS_INPUTS = (FORMAT, QUALITY)                     # what postprocess reads (after the decoded images)
 
 # Triton type -> numpy dtype of the tensors a client sends and the Python models emit.
@@ -167,6 +180,7 @@ class ResolvedRequest:
     image_seeds: tuple[int, ...] = ()
     lora: str = ""                  # registered LoRA name ("" = the base model) and its scale
     lora_scale: float = DEFAULT_LORA_SCALE
+    edit: object = None            # toonark.image_input.EditInput when IMAGE_IN was sent
 
     @property
     def batch(self) -> int:
@@ -194,8 +208,13 @@ class ResolvedRequest:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The RESOLVED tensors preprocess emits (name -> array of the port's type)."""
+        edit = self.edit
+        empty = np.zeros((0, 1, 1, 1), np.float32)
         values = {SEED: self.seeds, STEPS: [self.steps], GUIDANCE: [self.guidance], WIDTH: [self.width],
-                  HEIGHT: [self.height], FORMAT: [self.format.encode()], QUALITY: [self.quality]}
+                  HEIGHT: [self.height], FORMAT: [self.format.encode()], QUALITY: [self.quality],
+                  IMAGE: edit.image if edit is not None else empty,
+                  MASK: edit.mask if edit is not None and edit.mask is not None else empty,
+                  STRENGTH: [edit.strength if edit is not None else 0.0]}
         return {port.name: np.array(values[port], dtype=NUMPY_TYPES[port.triton_type]) for port in RESOLVED}
 
     def lora_tensors(self) -> dict[str, np.ndarray]:
@@ -203,10 +222,19 @@ class ResolvedRequest:
         return {LORA_NAME.name: np.array([self.lora.encode()], dtype=np.object_),
                 LORA_WEIGHT.name: np.array([self.lora_scale], dtype=np.float32)}
 
+@dataclass(frozen=True)
+class Serves:
+    """What a deployment can do beyond text-to-image at the profile's sizes (preprocess reads it from its config):
+    images: a VAE encoder is served (IMAGE_IN); tiled_sizes: sizes above the profile are made in tiles (the
+    python layout tiles around the engines; native-backend layouts cannot)."""
+    images: bool = True
+    tiled_sizes: bool = True
 
-def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(), *, prompt=None, negative_prompt=None,
-                    seed=None, steps=None, preset=None, guidance=None, width=None, height=None, format=None,
-                    num_images=None, quality=None, lora=None, lora_scale=None) -> ResolvedRequest:
+
+def resolve_request(info, policy, defaults: Mapping | None = None, serves: Serves = Serves(), known_loras=(), *,
+                    prompt=None, negative_prompt=None, seed=None, steps=None, preset=None, guidance=None, width=None,
+                    height=None, format=None, num_images=None, quality=None, lora=None, lora_scale=None,
+                    image_in=None, mask_in=None, strength=None) -> ResolvedRequest:
     """One request's inputs (keyword = the ensemble input's name in lower case; None = not sent; Python
     values or the arrays Triton hands over) -> ResolvedRequest, or RequestError naming the problem and the fix.
 
@@ -247,6 +275,18 @@ def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(
         raise RequestError(f"QUALITY {quality} is out of range; use {QUALITY_RANGE[0]}..{QUALITY_RANGE[1]} "
                            f"(WebP only; PNG ignores it)")
     guidance = float(one_value(guidance, "GUIDANCE", d["guidance"]))
+    edit = None
+    if image_in is not None or mask_in is not None or strength is not None:
+        from toonark.image_input import read_edit
+        if not serves.images:
+            raise RequestError("IMAGE_IN is not served by this build: it has no VAE encoder engine; run `make engine` "
+                               "(the encoder is exported with the other submodels), then `make repo`")
+        strength = one_value(strength, "STRENGTH", None)
+        edit, width, height = read_edit(
+            image_in, mask_in, None if strength is None else float(strength),
+            None if width is None else int(one_value(width, "WIDTH", None)),
+            None if height is None else int(one_value(height, "HEIGHT", None)), info.limits,
+            DEFAULT_INPAINT_STRENGTH if mask_in is not None else DEFAULT_STRENGTH)
     width = int(one_value(width, "WIDTH", d["width"]))
     height = int(one_value(height, "HEIGHT", d["height"]))
     fmt = str(text_value(fmt, "FORMAT", d["format"])).lower()
@@ -261,7 +301,11 @@ def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(
                            + (f" minus NUM_IMAGES-1 ({len(image_seeds) - 1})" if len(image_seeds) > 1 else ""))
     try:
         steps = policy.steps_for(preset, None if steps is None else int(one_value(steps, "STEPS", None)))
-        info.limits.check_request(len(subjects), height, width)
+        from toonark.tiling import check_size
+        if serves.tiled_sizes:
+            check_size(info.limits, len(subjects), height, width)   # above the profile: tiled (toonark.tiling)
+        else:
+            info.limits.check_request(len(subjects), height, width)
         pairs = [policy.compose(subject, extras[0 if len(extras) == 1 else i]) for i, subject in enumerate(subjects)]
     except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
         if isinstance(err, RequestError):
@@ -274,5 +318,12 @@ def resolve_request(info, policy, defaults: Mapping | None = None, known_loras=(
                                                     known_loras)
     except (ValueError, TypeError) as err:
         raise RequestError(str(err)) from None
+    if info.dims.unet_channels != info.dims.latent_channels and (edit is None or edit.mask is None):
+        raise RequestError("this build's UNet is an inpainting UNet: send IMAGE_IN and MASK_IN (white = repaint; an "
+                           "all-white mask redraws the whole picture)")
+    if edit is not None:
+        from toonark.editing import start_index
+        start_index(steps, edit.strength)   # refuses a strength that runs no step, before any model runs
     return ResolvedRequest(tuple(a for a, _ in pairs), tuple(b for _, b in pairs), seed, steps, guidance, width,
-                           height, fmt, quality, image_seeds, lora_name, lora_weight if lora_name else DEFAULT_LORA_SCALE)
+                           height, fmt, quality, image_seeds, lora=lora_name,
+                           lora_scale=lora_weight if lora_name else DEFAULT_LORA_SCALE, edit=edit)

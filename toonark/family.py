@@ -67,7 +67,7 @@ class StableDiffusion(ModelFamily):
 
     name = "stable-diffusion"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
-                        "ORTStableDiffusionPipeline")
+                        "ORTStableDiffusionPipeline", "StableDiffusionInpaintPipeline")
     served_submodels = SERVED_SUBMODELS
 
     def dims_from_folder(self, folder: Path) -> PipelineDims:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from toonark import api
+from toonark import api, tiling
 from toonark.specs import SD, BuildInfo, PipelineDims, ShapeLimits
 from toonark.scheduler import DPMSolverMultistep
 from toonark.family import FAMILIES, ModelFamily, StableDiffusion
@@ -71,27 +71,36 @@ def classifier_free_guidance(noise_pred: np.ndarray, guidance: float) -> np.ndar
 
 def denoise_latents(scheduler, latents: np.ndarray, text_embeddings: np.ndarray, schedule, guidance: float,
                     unet: Callable[[dict[str, np.ndarray]], np.ndarray],
-                    step_callback: StepCallback | None = None) -> tuple[np.ndarray, list[float], float]:
+                    step_callback: StepCallback | None = None, edit=None) -> tuple[np.ndarray, list[float], float]:
     """The DPM-Solver++ loop with classifier-free guidance: the one loop of the offline pipeline and
     of the served `denoise` model (there `unet` is a BLS call), so both draw the same image.
-    unet(feeds) returns the (2B, ...) noise prediction. Returns (latents, UNet ms per step, solver ms)."""
-    state = scheduler.initial_state(schedule)
+    unet(feeds) returns the (2B, ...) noise prediction (a toonark.tiling.TiledUnet for large pictures).
+    edit: a toonark.editing.EditPlan (image-to-image / inpainting): start step, extra UNet channels, blend.
+    Returns (latents, UNet ms per step, solver ms)."""
+    state = scheduler.initial_state(schedule, edit.start if edit is not None else 0)
+    extra = edit.extra if edit is not None else None
     unet_ms, scheduler_ms = [], 0.0
     while not state.done:
         feeds = unet_feeds(scheduler.scale_model_input(latents, state), state.timestep, text_embeddings)
+        if extra is not None:   # inpainting UNet: [latents, mask, masked-picture latents] (toonark.editing)
+            from toonark.editing import unet_sample
+            feeds[SD.sample] = unet_sample(feeds[SD.sample][:latents.shape[0]], extra)
         if step_callback is not None:
             step_callback(state.step_index, state.timestep, feeds, latents)
         before = time.perf_counter()
         noise_pred = unet(feeds)
         after = time.perf_counter()
         latents, state = scheduler.step(classifier_free_guidance(noise_pred, guidance), latents, state)
+        if edit is not None:
+            latents = edit.after_step(state.step_index, latents)
         unet_ms.append((after - before) * 1e3)
         scheduler_ms += (time.perf_counter() - after) * 1e3   # guidance combine + solver step
     return latents, unet_ms, scheduler_ms
 
 
 def decode(vae_decoder, latents: np.ndarray, dims: PipelineDims, family: ModelFamily = STABLE_DIFFUSION) -> np.ndarray:
-    """Latents -> float32 images (B, 3, H, W) in about [-1, 1]."""
+    """Latents -> float32 images (B, 3, H, W) in about [-1, 1] (vae_decoder: an engine, or a
+    toonark.tiling.TiledVae around one for pictures above the profile)."""
     scaled = family.latents_to_vae(latents, dims)
     return vae_decoder.run({SD.latent_sample: scaled})[SD.image].astype(np.float32, copy=False)
 
@@ -156,10 +165,15 @@ class Text2ImagePipeline:
                  steps: int = 20, guidance: float = api.DEFAULT_GUIDANCE, width: int | None = None,
                  height: int | None = None,
                  batch: int = 1, step_callback: StepCallback | None = None,
-                 latents: np.ndarray | None = None) -> Text2ImageResult:
+                 latents: np.ndarray | None = None, edit=None, seeds: Sequence[int] | None = None,
+                 tile: int | None = None, tile_overlap: int | None = None) -> Text2ImageResult:
         """Generate `batch` images. width/height default to the build's opt image size (512 without
         limits). step_callback(step_index, timestep, unet_feeds, latents) runs before each UNet call
-        with its exact inputs (calibration capture). latents overrides the seeded starting noise."""
+        with its exact inputs (calibration capture). latents overrides the seeded starting noise.
+        edit: a toonark.image_input.EditInput (image-to-image, inpainting with its mask), encoded by the
+        vae_encoder engine; seeds: the per-image seeds of its encoder samples (default [seed]).
+        Sizes above the profile run in tiles (toonark.tiling) of `tile` pixels overlapping by `tile_overlap`
+        (defaults from the profile); timings["tiles"] describes the grid."""
         start = time.perf_counter()
         default_size = self.limits.opt_image if self.limits else 512
         width, height = width or default_size, height or default_size
@@ -177,7 +191,7 @@ class Text2ImagePipeline:
             raise ValueError(f"guidance {guidance!r} is out of range; use {low:g}..{high:g} "
                              f"({api.DEFAULT_GUIDANCE} is typical)")
         if self.limits is not None:
-            self.limits.check_request(batch, height, width)
+            tiling.check_size(self.limits, batch, height, width)
         prompts = self._prompts(prompt, batch, "prompt")
         negatives = self._prompts(negative_prompt, batch, "negative_prompt")
         schedule = self.scheduler.schedule(steps)
@@ -187,21 +201,53 @@ class Text2ImagePipeline:
         elif latents.shape != latent_shape(batch, self.dims, height, width):
             raise ValueError(f"latents of shape {latents.shape} do not fit batch={batch} {height}x{width}; expected "
                              f"{latent_shape(batch, self.dims, height, width)}")
+        plan = (tiling.TilePlan.for_size(self.limits, self.dims, height, width, tile, tile_overlap)
+                if self.limits is not None else None)
+        tiled = plan is not None and plan.tiled
 
-        if self.device_loop is not None and step_callback is None:
+        if self.device_loop is not None and step_callback is None and edit is None and not tiled:
             return self._call_on_device(prompts, negatives, latents, schedule, scale, start)
-        text_embeddings, truncated, timings = self.encode_text(prompts, negatives)
-        unet = self.engines["unet"]
+        timings: dict = {}
+        edit_plan = None
+        if edit is not None:
+            before = time.perf_counter()
+            edit_plan = self.edit_plan(edit, schedule, list(seeds) if seeds is not None else [seed], latents)
+            latents = edit_plan.latents
+            timings["vae_encoder_ms"] = (time.perf_counter() - before) * 1e3
+        text_embeddings, truncated, text_timings = self.encode_text(prompts, negatives)
+        timings.update(text_timings)
+        engine = self.engines["unet"]
+        unet = lambda feeds: engine.run(feeds)[SD.noise_pred]   # noqa: E731
+        if tiled:
+            unet = tiling.TiledUnet(unet, plan, max_rows=2 * self.limits.max_batch)
         latents, unet_ms, scheduler_ms = denoise_latents(self.scheduler, latents, text_embeddings, schedule, scale,
-                                                         lambda feeds: unet.run(feeds)[SD.noise_pred], step_callback)
+                                                         unet, step_callback, edit=edit_plan)
         before = time.perf_counter()
-        decoded = decode(self.engines["vae_decoder"], latents, self.dims, self.family)
+        decoded = decode(self.vae("vae_decoder", tile, tile_overlap), latents, self.dims, self.family)
         decoded_at = time.perf_counter()
         images = to_uint8_hwc(decoded)
         timings.update(unet_ms=unet_ms, scheduler_ms=scheduler_ms, vae_decoder_ms=(decoded_at - before) * 1e3,
                        total_ms=(time.perf_counter() - start) * 1e3)
+        if tiled:
+            timings.update(tiles=plan.describe(self.dims.vae_scale), unet_calls_per_step=unet.calls)
         return Text2ImageResult(images=images, decoded=decoded, timings=timings, truncated=truncated,
                                 timesteps=schedule.timesteps)
+
+    def vae(self, name: str, tile: int | None = None, overlap: int | None = None):
+        """The VAE engine `name` (vae_decoder / vae_encoder), tiled above the profile (toonark.tiling.TiledVae)."""
+        if name not in self.engines:
+            raise ValueError(f"this pipeline has no {name} engine; image input needs it: build it with "
+                             f"`make engine` after `make export` (it is exported with the other submodels)")
+        if self.limits is None:
+            return self.engines[name]
+        return tiling.TiledVae(self.engines[name].run, name, self.limits, self.dims, tile, overlap)
+
+    def edit_plan(self, edit, schedule, seeds: list[int], noise: np.ndarray):
+        """toonark.editing.EditPlan of an image-to-image / inpainting request (runs the VAE encoder)."""
+        from toonark.editing import EditPlan
+        encoder = self.vae("vae_encoder")
+        return EditPlan.build(edit, lambda image: encoder.run({SD.image: image})[SD.latent_parameters], schedule,
+                              seeds, noise, self.dims, self.dims.unet_channels, self.scheduler.init_noise_sigma)
 
     def generate(self, policy=None, **request) -> Text2ImageResult:
         """A served request, offline: the ensemble's inputs as keywords (prompt=<subject>, negative_prompt,
@@ -224,7 +270,7 @@ class Text2ImagePipeline:
                                       for s in resolved.image_seeds])
         return self(list(resolved.prompts), list(resolved.negatives), seed=resolved.seed, steps=resolved.steps,
                     guidance=resolved.guidance, width=resolved.width, height=resolved.height, batch=resolved.batch,
-                    latents=latents)
+                    latents=latents, edit=resolved.edit, seeds=resolved.seeds)
 
     def _call_on_device(self, prompts: list[str], negatives: list[str], latents: np.ndarray, schedule, guidance: float,
                         start: float) -> Text2ImageResult:

@@ -275,8 +275,12 @@ class DPMSolverMultistep:
             array.setflags(write=False)
         return Schedule(timesteps=timesteps, sigmas=sigmas, alpha_t=alpha_t, sigma_t=sigma_t, lambda_t=lambda_t)
 
-    def initial_state(self, schedule: Schedule) -> SolverState:
-        return SolverState(schedule=schedule)
+    def initial_state(self, schedule: Schedule, start: int = 0) -> SolverState:
+        """start > 0: begin at that step with no solver history (image-to-image's strength: diffusers'
+        set_begin_index, whose first step is first order)."""
+        if not 0 <= start < len(schedule):
+            raise ValueError(f"start step {start} is outside the schedule's 0..{len(schedule) - 1}")
+        return SolverState(schedule=schedule, step_index=start)
 
     def scale_model_input(self, sample: np.ndarray, state: SolverState | None = None) -> np.ndarray:
         """Identity for DPM-Solver++ (kept so the loop reads like any diffusers sampler)."""

@@ -127,6 +127,13 @@ class PipelineDims:
     vae_scale: int            # image pixels per latent pixel
     vae_scaling_factor: float  # latents are scaled by this before the UNet (0.18215 for SD-1.5)
     in_channels: int = 3
+    # The UNet's input channels when they differ from latent_channels: 9 for an inpainting UNet (latents 4 +
+    # mask 1 + masked-picture latents 4); 0 = latent_channels (toonark.editing).
+    unet_in_channels: int = 0
+
+    @property
+    def unet_channels(self) -> int:
+        return self.unet_in_channels or self.latent_channels
 
     @classmethod
     def from_folder(cls, folder: Path) -> "PipelineDims":
@@ -147,12 +154,15 @@ class PipelineDims:
         if text.get("hidden_size") != unet.get("cross_attention_dim"):
             raise ValueError(f"text encoder width {text.get('hidden_size')} differs from the UNet's "
                              f"cross_attention_dim {unet.get('cross_attention_dim')}: not one pipeline")
+        latent_channels = int(vae.get("latent_channels", unet.get("out_channels", 4)))
+        unet_in = int(unet.get("in_channels", latent_channels))
         return cls(text_length=int(text.get("max_position_embeddings", 77)),
                    text_hidden=int(text["hidden_size"]),
-                   latent_channels=int(unet.get("in_channels", 4)),
+                   latent_channels=latent_channels,
                    vae_scale=2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1),
                    vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-                   in_channels=int(vae.get("in_channels", 3)))
+                   in_channels=int(vae.get("in_channels", 3)),
+                   unet_in_channels=0 if unet_in == latent_channels else unet_in)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -226,6 +236,7 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
     lat_h, lat_w = Axis("H", div=dims.vae_scale), Axis("W", div=dims.vae_scale)
     img_h, img_w = Axis("H"), Axis("W")
     latents = (dims.latent_channels, lat_h, lat_w)
+    unet_in = (dims.unet_channels, lat_h, lat_w)   # 9 channels for an inpainting UNet
     return {
         "text_encoder": SubmodelSpec(
             "text_encoder", "text_encoder",
@@ -235,7 +246,7 @@ def submodel_specs(dims: PipelineDims) -> dict[str, SubmodelSpec]:
         ),
         "unet": SubmodelSpec(
             "unet", "unet",
-            inputs=(TensorSpec(SD.sample, "float", (cfg_batch,) + latents),
+            inputs=(TensorSpec(SD.sample, "float", (cfg_batch,) + unet_in),
                     # Shape [1], not a scalar: Triton has no 0-d tensors and TensorRT's demo feeds [1] too;
                     # export reshapes it to the scalar the traced UNet wants (GraphPasses.vectorize_scalar_inputs).
                     TensorSpec(SD.timestep, "float32", (1,)),

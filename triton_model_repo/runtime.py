@@ -4,9 +4,11 @@ Each `triton_model_repo/<name>/1/model.py` only parses its config (`model_parame
 one object from here in `initialize`, and moves tensors in and out in `execute`:
 
     preprocess   RequestPreparer.prepare   prompts + optional inputs -> resolved values, input_ids (2B, L)
-    denoise      Denoiser.run              text embeddings -> the VAE's input latents (unet by callback)
+    denoise      Denoiser.run              text embeddings (+ picture, mask) -> the VAE's input latents (unet and
+                                           vae_encoder by callback; tiles above the profile)
     postprocess  encode_images             decoded (B, 3, H, W) in [-1, 1] -> PNG / WebP bytes
-    engines      load_runner               the built engine in <model>/1/ (ONNX Runtime)
+    engines      load_runner               the built engine in <model>/1/ (ONNX Runtime); the VAE engines in
+                                           TiledRunner (tiles above the profile)
 
 The math is the offline pipeline's (toonark.pipeline, toonark.scheduler): same tokenizer,
 same seeded noise, same solver, same guidance, same uint8 conversion, so the server's image
@@ -21,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, one_value,  # noqa: F401
-                         resolve_request, text_value)
+from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, Serves,  # noqa: F401
+                         one_value, resolve_request, text_value)
 from toonark.specs import BuildInfo
 
 # Every config parameter a toonark model reads, with its type (config parameters are strings).
@@ -32,6 +34,9 @@ PARAMETER_TYPES: dict[str, type] = {
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
     "engine_file": str, "intra_op_threads": int, "cuda_graph_sizes": str,
     "default_quality": int,
+    # image input and tiling (toonark.image_input, toonark.tiling): whether a VAE encoder is served, the
+    # model denoise calls for it, and the tile size / overlap in pixels (0 / -1: the profile's defaults)
+    "image_input": int, "vae_encoder_model": str, "vae_encoder_float_type": str, "tiling": str, "tiled_sizes": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
     # LoRA styles (repositories written with LORAS=dir): preprocess' registered names, the engines' LRU size
@@ -121,10 +126,12 @@ class RequestPreparer:
         # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).
         self.defaults = {key[len("default_"):]: value for key, value in params.items() if key.startswith("default_")}
         self.known_loras = tuple(n for n in params.get("lora_names", "").split(",") if n)
+        # Whether a VAE encoder is served and whether sizes above the profile are tiled (the python layout).
+        self.serves = Serves(images=bool(params.get("image_input", 0)), tiled_sizes=bool(params.get("tiled_sizes", 0)))
 
     def prepare(self, **inputs) -> tuple[ResolvedRequest, np.ndarray]:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
-        resolved = resolve_request(self.info, self.policy, self.defaults, **inputs, known_loras=self.known_loras)
+        resolved = resolve_request(self.info, self.policy, self.defaults, self.serves, self.known_loras, **inputs)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
 
 
@@ -137,18 +144,25 @@ class Denoiser:
     """DPM-Solver++ with classifier-free guidance over a UNet given as a callable
     (the Triton model passes a BLS call to the `unet` model)."""
 
-    def __init__(self, pipeline: Path, info: BuildInfo):
+    def __init__(self, pipeline: Path, info: BuildInfo, tiling: str | None = None):
         from toonark.family import family_for_folder
         self.info = info
         self.family = family_for_folder(pipeline)
         self.scheduler = self.family.sampler(pipeline)
+        self.tile, self.tile_overlap = tile_settings(tiling)
         self.last_unet_seconds: list[float] = []
+        self.last_plan = None
 
     def run(self, text_embeddings: np.ndarray, *, seed: int | list[int], steps: int, guidance: float, width: int,
-            height: int, unet: UnetCall, float_dtype=np.float32) -> np.ndarray:
+            height: int, unet: UnetCall, float_dtype=np.float32, image: np.ndarray | None = None,
+            mask: np.ndarray | None = None, strength: float = 0.0, vae_encoder=None) -> np.ndarray:
         """Latents ready for the VAE decoder (the family's latents_to_vae: divided by vae_scaling_factor).
         seed: one int (the batch's noise from one generator, as the offline pipeline draws it) or one
-        seed per image (each image's noise drawn alone: NUM_IMAGES requests)."""
+        seed per image (each image's noise drawn alone: NUM_IMAGES requests).
+        image / mask / strength: the resolved edit (api.IMAGE, MASK, STRENGTH; 0 rows = none); vae_encoder:
+        pixels -> encoder parameters (a BLS call, tiled above the profile by the vae_encoder model itself).
+        Sizes above the profile run the UNet in tiles (toonark.tiling.TiledUnet; last_plan says which)."""
+        from toonark import tiling
         from toonark import pipeline as offline
         if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
             raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
@@ -170,8 +184,24 @@ class Denoiser:
             # Float inputs in the unet engine's I/O precision ("float" in the spec), fixed dtypes as declared.
             return unet({t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs})
 
-        latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings,
-                                                      self.scheduler.schedule(steps), guidance, typed_unet)
+        schedule = self.scheduler.schedule(steps)
+        plan = tiling.TilePlan.for_size(self.info.limits, dims, height, width, self.tile, self.tile_overlap)
+        self.last_plan = plan
+        call = tiling.TiledUnet(typed_unet, plan, 2 * self.info.limits.max_batch) if plan.tiled else typed_unet
+        edit_plan = None
+        if image is not None and np.asarray(image).size:
+            from toonark.editing import EditPlan
+            from toonark.image_input import EditInput
+            if vae_encoder is None:
+                raise RequestError("IMAGE_IN needs the VAE encoder, which this repository does not serve; "
+                                   "regenerate it with `make repo` after `make engine`")
+            edit = EditInput(np.asarray(image, np.float32), np.asarray(mask, np.float32) if mask is not None and
+                             np.asarray(mask).size else None, float(strength))
+            edit_plan = EditPlan.build(edit, vae_encoder, schedule, seeds, latents, dims, dims.unet_channels,
+                                       self.scheduler.init_noise_sigma)
+            latents = edit_plan.latents
+        latents, unet_ms, _ = offline.denoise_latents(self.scheduler, latents, text_embeddings, schedule, guidance,
+                                                      call, edit=edit_plan)
         self.last_unet_seconds = [ms / 1e3 for ms in unet_ms]
         return self.family.latents_to_vae(latents, dims)
 
@@ -216,9 +246,34 @@ def load_runner(args: dict, params: dict):
     if "lora_cache_size" in params:   # a LoRA repository: the engine switches styles per request
         return load_lora_runner(folder, spec, metadata, params, threads=threads, cuda_graph=bool(sizes),
                                 graph_sizes=sizes or None)
-    return backend_for(metadata["backend"]).load(
+    engine = backend_for(metadata["backend"]).load(
         folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
         graph_sizes=sizes or None)
+    if name in ("vae_decoder", "vae_encoder"):
+        # Pictures above the profile: decoded / encoded in Hann-blended tiles (the offline pipeline wraps the same way).
+        return TiledRunner(engine, build_info(args), *tile_settings(params.get("tiling")))
+    return engine
+
+
+def tile_settings(tiling: str | None) -> tuple[int | None, int | None]:
+    """(tile, overlap) pixels from the `tiling` config parameter (None: the profile's defaults)."""
+    if not tiling:
+        return None, None
+    from toonark.tiling import parse_tiling_parameter
+    values = parse_tiling_parameter(tiling)
+    return values["tile"], values["overlap"]
+
+
+class TiledRunner:
+    """An engine whose `run` tiles pictures above the profile (toonark.tiling.TiledVae); `spec` as the engine's."""
+
+    def __init__(self, engine, info: BuildInfo, tile: int | None, overlap: int | None):
+        from toonark.tiling import TiledVae
+        self.engine, self.spec = engine, engine.spec
+        self.tiled = TiledVae(engine.run, engine.spec.name, info.limits, info.dims, tile, overlap)
+
+    def run(self, feeds: dict) -> dict:
+        return self.tiled.run(feeds)
 
 
 LORA_FOLDER = "loras"                       # <repo>/loras/: the registered LoRA files

@@ -5,6 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from toonark import api
+from toonark.specs import SD
 from toonark.triton_model_repo import runtime
 from toonark.triton_model_repo.metrics import Metrics
 
@@ -20,22 +21,31 @@ class TritonPythonModel:
         self.float_dtype = pb_utils.triton_string_to_numpy(params["unet_float_type"])
         latent_config = pb_utils.get_output_config_by_name(config, self.latent_name)
         self.latent_dtype = pb_utils.triton_string_to_numpy(latent_config["data_type"])
-        self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
+        self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args), params.get("tiling"))
+        self.encoder_model = params.get("vae_encoder_model")   # absent: the build serves no VAE encoder
+        self.encoder_dtype = pb_utils.triton_string_to_numpy(params.get("vae_encoder_float_type", "TYPE_FP32"))
         self.logger = pb_utils.Logger
         self.metrics = Metrics("denoise")
         self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])   # passed on to every unet call
         self.lora_tensors = []
 
-    def _unet(self, feeds):
+    def _call(self, model, output, feeds, extra=()):
         # Every feed has the spec's shape, the timestep included ((1,): Triton has no 0-d tensors).
         response = pb_utils.InferenceRequest(
-            model_name=self.unet_model, requested_output_names=[self.unet_output],
+            model_name=model, requested_output_names=[output],
             inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]
-            + self.lora_tensors).exec()
-        if response.has_error():   # passed on with unet's own code (INVALID_ARG, UNAVAILABLE, ...)
+            + list(extra)).exec()
+        if response.has_error():   # passed on with the called model's own code (INVALID_ARG, UNAVAILABLE, ...)
             error = response.error()
             raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
-        return pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy()
+        return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+
+    def _unet(self, feeds):
+        return self._call(self.unet_model, self.unet_output, feeds, self.lora_tensors)
+
+    def _vae_encoder(self, image):
+        # vae_encoder tiles pictures above the profile itself (runtime.TiledRunner).
+        return self._call(self.encoder_model, SD.latent_parameters, {SD.image: image.astype(self.encoder_dtype)})
 
     def execute(self, requests):
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
@@ -53,7 +63,9 @@ class TritonPythonModel:
         seeds = tensor(api.SEED).reshape(-1).tolist()
         latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
                                     width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)), unet=self._unet,
-                                    float_dtype=self.float_dtype)
+                                    float_dtype=self.float_dtype, image=tensor(api.IMAGE), mask=tensor(api.MASK),
+                                    strength=float(value(api.STRENGTH)),
+                                    vae_encoder=self._vae_encoder if self.encoder_model else None)
         calls = self.denoiser.last_unet_seconds
         self.metrics.count("toonark_steps_total", len(calls))
         self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
