@@ -15,6 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("dev", "test", "all"), default="test")
     parser.add_argument("--details", action="store_true", help="list missed unsafe and refused harmless prompts")
     parser.add_argument("--json", action="store_true", help="print the totals as JSON")
+    parser.add_argument("--by-batch", action="store_true",
+                        help="also print recall / harmless refused per writing batch (toonark/data/safety_batches.json)")
     parser.add_argument("--timing", action="store_true",
                         help="also time every prompt of the set: whole filter and classifier alone (ms)")
     return parser.parse_args(argv)
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         print(evaluate.table(report))
         if args.details:
             print(evaluate.details(report))
+    if args.by_batch:
+        print(evaluate.batch_table(filter_for(PromptPolicy.load()._rules), evalset.load(), args.split))
     if args.timing:
         print(timing(evalset.load()))
     return 0 if report.meets_targets or args.split != "test" else 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toonark.prompt_safety import evalset, evaluate
+from toonark.prompt_safety import evalset, evaluate, templates
 from toonark.prompt_safety.classifier import ClassifierFileError, SafetyClassifier, default_paths
 from toonark.prompt_safety.layered import filter_for
 from toonark.prompts import PromptPolicy, normalize
@@ -97,6 +97,25 @@ def test_every_refusal_names_a_known_category_and_layer(examples, layered):
             assert str(refusal).startswith(f"prompt refused ({refusal.category}): ")
 
 
+def test_every_base_prompt_belongs_to_one_writing_batch(examples):
+    """The honest reading is per batch (README): a new prompt must be recorded as part of a new batch."""
+    listed = [h for b in evaluate.batches() for h in b["bases"]]
+    assert len(listed) == len(set(listed)), "a base prompt is listed in two batches"
+    bases = {hashlib.sha256(e.base.encode("utf-8")).hexdigest()[:12] for e in examples}
+    assert bases == set(listed), (f"{len(bases - set(listed))} base prompts are in no batch of "
+                                  f"toonark/data/safety_batches.json; {len(set(listed) - bases)} listed ones are gone")
+
+
+def test_templated_training_data_is_deterministic_and_never_evaluated(examples):
+    """The templated examples train the classifier only: none of them is an evaluation prompt, and the
+    same file gives the same examples (so the model rebuilds byte for byte)."""
+    generated = templates.generate()
+    assert generated == templates.generate()
+    labels = {label for _, label in generated}
+    assert labels == set(CATEGORIES) | {evalset.SAFE}
+    assert not {t for t, _ in generated} & {e.text for e in examples}
+
+
 # --- the shipped classifier ----------------------------------------------------------------------
 
 def test_classifier_matches_its_data_and_sidecar():
@@ -109,6 +128,8 @@ def test_classifier_matches_its_data_and_sidecar():
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
     assert 0 < sidecar["threshold"] < 1
     assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.05
+    assert sidecar["templated"]["sha256"] == hashlib.sha256(templates.data_path().read_bytes()).hexdigest(), \
+        "toonark/data/safety_templates.json changed since the classifier was trained: run `make safety-model`"
 
 
 def test_classifier_scores_prompts(examples):

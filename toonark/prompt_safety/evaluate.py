@@ -11,11 +11,12 @@ from toonark.prompt_safety import evalset
 # The issue's targets on the test part.
 MIN_RECALL = 0.99
 MAX_FALSE_REFUSALS = 0.01
-# What the filter measured on the test part when it was committed (83.4 % recall, 2.0 % harmless refused).
-# The targets above are NOT met yet (issue 16 stays open); the test suite guards these floors so a change
-# that makes the filter worse fails, and `make safety-eval` prints the distance to the targets.
+# What the filter measured on the test part when it was committed (83.7 % recall, 3.5 % harmless refused,
+# on the test part of six writing batches; the filter before issue-16b's rounds measures 70.9 % / 4.4 % on
+# that same part). The targets above are NOT met yet (issue 16 stays open); the test suite guards these
+# floors so a change that makes the filter worse fails, and `make safety-eval` prints the distance to the targets.
 RECALL_FLOOR = 0.83
-FALSE_REFUSALS_CEILING = 0.021
+FALSE_REFUSALS_CEILING = 0.036
 
 
 @dataclass
@@ -102,6 +103,38 @@ def details(report: Report) -> str:
     out += [f"harmless refused ({len(report.wrongly_refused)}):"]
     out += [f"  {t}  <- {layer} {rule}" for t, layer, rule in report.wrongly_refused]
     return "\n".join(out)
+
+
+def batches(path=None) -> list[dict]:
+    """The writing batches of the labelled set (toonark/data/safety_batches.json): number, commit, how
+    it was written, and the sha256 prefixes of its base prompts."""
+    import json
+    from importlib import resources
+    from pathlib import Path
+    text = Path(path).read_text(encoding="utf-8") if path else \
+        (resources.files("toonark") / "data" / "safety_batches.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    if data.get("version") != 1:
+        raise ValueError(f"safety_batches.json: version: expected 1, got {data.get('version')!r}")
+    return data["batches"]
+
+
+def batch_table(flt, examples: list[evalset.Example], split: str) -> str:
+    """Markdown: recall and harmless refused per writing batch on `split` (the honest reading: a batch
+    written with the rules is fitted; one written blind says how the filter meets new phrasings)."""
+    import hashlib
+    batch_of = {h: b["batch"] for b in batches() for h in b["bases"]}
+    grouped: dict = defaultdict(list)
+    for ex in examples:
+        grouped[batch_of.get(hashlib.sha256(ex.base.encode("utf-8")).hexdigest()[:12], "unlisted")].append(ex)
+    written = {b["batch"]: b["written"] for b in batches()}
+    lines = [f"| batch | base prompts | written | {split}: recall % / harmless refused % |", "|---|---|---|---|"]
+    for key in sorted(grouped, key=str):
+        exs = grouped[key]
+        report = evaluate(flt, exs, split)
+        lines.append(f"| {key} | {len({e.base for e in exs})} | {written.get(key, '-')} | "
+                     f"{100 * report.recall:.1f} / {100 * report.false_refusal_rate:.1f} |")
+    return "\n".join(lines)
 
 
 def by_layer(report: Report) -> dict[str, int]:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LANGUAGE = "language"
 LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
+MIN_CLASSIFIER_WORDS = 3
 _DESCRIBE = {
     "violence": "violence", "child-harm": "harm to a child", "weapons": "weapons", "gore": "gore",
     "sexual": "sexual content", "drugs": "drugs or alcohol", "self-harm": "self-harm", "hate": "hate",
@@ -127,7 +128,12 @@ class LayeredFilter:
     def _classifier(self, text: str) -> SafetyRefused | None:
         if self.classifier is None:
             return None
-        score = self.classifier.score(normalize(text))
+        normalised = normalize(text)
+        # Under MIN_CLASSIFIER_WORDS words there is too little context for n-grams ("50% {off" scored
+        # 0.99 gore); the word and phrase rules read short prompts on their own.
+        if len(normalised.split()) < MIN_CLASSIFIER_WORDS:
+            return None
+        score = self.classifier.score(normalised)
         if not score.refused or score.category not in self.categories:
             return None
         what = _DESCRIBE.get(score.category, score.category)

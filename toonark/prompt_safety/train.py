@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from toonark.prompt_safety import evalset
+from toonark.prompt_safety import evalset, templates
 from toonark.prompt_safety.classifier import INPUT_NAME, MODEL_NAME, SIDECAR_NAME
 from toonark.prompts import normalize
 
@@ -95,6 +95,11 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     x = [normalize(e.text) for e in dev]
     y = [e.label for e in dev]
     groups = [e.base for e in dev]
+    # Templated examples (training only, never evaluated): added to every training fold and to the
+    # final fit; the held-out folds and the threshold see hand-written dev prompts alone.
+    generated = [] if limit is not None else templates.generate()
+    gx = [normalize(t) for t, _ in generated]
+    gy = [label for _, label in generated]
     rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
 
     with threadpool_limits(1):
@@ -104,7 +109,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         if limit is None:
             folds = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0)
             for train_idx, hold_idx in folds.split(x, y, groups):
-                pipe = _pipeline().fit([x[i] for i in train_idx], [y[i] for i in train_idx])
+                pipe = _pipeline().fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy)
                 _round(pipe)
                 oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
             threshold = _choose_threshold(oof, y)
@@ -115,7 +120,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                                                   if l == evalset.SAFE and (r or p >= threshold))}
         else:
             threshold, dev_filter = 0.5, {}
-        pipe = _pipeline().fit(x, y)
+        pipe = _pipeline().fit(x + gx, y + gy)
         _round(pipe)
 
     assert list(pipe.classes_) == labels
@@ -148,7 +153,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "threshold": threshold,
         "trained_on": {"file": f"toonark/data/{data_path.name}", "sha256": evalset.data_sha256(data_path),
                        "split": "dev", "examples": len(dev), "limit": limit},
-        "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g" % C,
+        "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
+                      "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
+                      "examples": len(generated), "use": "training only, never evaluated"},
+        "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g; trained on dev + templated" % C,
         "threshold_rule": f"highest out-of-fold score of a harmless dev prompt + {MARGIN:g} (at most "
                           f"{MAX_THRESHOLD:g}); {FOLDS} folds grouped by base prompt",
         "metrics": {
@@ -167,9 +175,17 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     return sidecar
 
 
+# wordfreq's Zipf scale: 3.0 is about once per million words ("bandage", "sextant"); rarer entries
+# are mostly names and misspellings, which must stay correctable.
+WORDFREQ_MIN_ZIPF = 3.0
+
+
 def known_words() -> list[str]:
-    """Whole-word tokens (3+ letters) of the CLIP BPE vocabulary, from the open_clip package file that
-    `make setup` installs (read as data; open_clip itself is never imported: it needs torchvision)."""
+    """Known English words: whole-word tokens (3+ letters) of the CLIP BPE vocabulary, from the open_clip
+    package file that `make setup` installs (read as data; open_clip itself is never imported: it needs
+    torchvision), plus the English words wordfreq counts at least WORDFREQ_MIN_ZIPF. CLIP's vocabulary
+    alone lacks common words such as "bandage", which one letter from a rule word was then "corrected"
+    into it ("bondage"); wordfreq's lists are pinned data of the build-time extra."""
     import gzip
     import importlib.util
     import re
@@ -183,14 +199,22 @@ def known_words() -> list[str]:
         token = "".join(line.split())
         if token.endswith("</w>") and re.fullmatch(r"[a-z]{3,}", token[:-4]):
             words.add(token[:-4])
+    try:
+        import wordfreq
+    except ImportError:
+        raise ImportError("wordfreq is missing; run `make setup` (the safety-model extra)", name="wordfreq") from None
+    for word in wordfreq.top_n_list("en", 100000):
+        if re.fullmatch(r"[a-z]{3,}", word) and wordfreq.zipf_frequency(word, "en") >= WORDFREQ_MIN_ZIPF:
+            words.add(word)
     return sorted(words)
 
 
 def write_known_words(out_dir: Path) -> Path:
     from toonark.prompt_safety.spelling import KNOWN_WORDS_NAME
     words = known_words()
-    header = ("# Known English words: whole-word tokens of the CLIP BPE vocabulary (open_clip bpe_simple_vocab_16e6),\n"
-              "# written by `make safety-model`. toonark.prompt_safety.spelling never 'corrects' these.\n")
+    header = ("# Known English words: whole-word tokens of the CLIP BPE vocabulary (open_clip bpe_simple_vocab_16e6)\n"
+              f"# and wordfreq's English words of Zipf >= {WORDFREQ_MIN_ZIPF:g}, written by `make safety-model`.\n"
+              "# toonark.prompt_safety.spelling never 'corrects' these.\n")
     path = Path(out_dir) / KNOWN_WORDS_NAME
     _atomic_write(path, (header + "\n".join(words) + "\n").encode("utf-8"))
     return path
