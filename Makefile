@@ -12,6 +12,8 @@ GRPC_PORT   ?=
 METRICS_PORT?=
 HOST        ?=
 PYTEST_ARGS ?=
+# make tiny KIND=tiny|sd15|qwen-image|qwen-image-shaped
+KIND        ?= tiny
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean
 
@@ -19,7 +21,7 @@ help:
 	@echo "make setup                      venv with CPU torch, optimum export set, Triton bundle, tests"
 	@echo "make demo                       tiny pipeline -> export -> engine -> repo -> server -> out/demo.png"
 	@echo "make test                       the test suite (real tritonserver included)"
-	@echo "make tiny MODEL=dir             a random-weight diffusers folder (tests, demo)"
+	@echo "make tiny MODEL=dir KIND=tiny    a random-weight diffusers folder (tests, demo; KIND=qwen-image ...)"
 	@echo "make export MODEL=dir OUT=dir   ONNX fp32 + fp16 with parity report"
 	@echo "make calibrate OUT=dir          INT8 UNet calibration + quality gate"
 	@echo "make engine OUT=dir BACKEND=ort-cpu|ort-cuda|tensorrt PRECISION=fp32|fp16|int8"
@@ -46,7 +48,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 tiny: setup
-	$(PY) scripts/tiny.py --out $(MODEL)
+	$(PY) scripts/tiny.py --out $(MODEL) --kind $(KIND)
 
 export: setup
 	@[ -d "$(MODEL)" ] || [ "$(MODEL)" != "build/tiny-pipeline" ] || $(PY) scripts/tiny.py --out $(MODEL)

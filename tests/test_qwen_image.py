@@ -1,0 +1,183 @@
+"""The Qwen-Image family (issue 17) on the tiny random folder: `make tiny KIND=qwen-image`, the family's
+numpy pieces (tokenizer, text conditioning, 2x2 packing, RoPE, flow-matching Euler, true CFG) matched
+to diffusers' QwenImagePipeline / FlowMatchEulerDiscreteScheduler, export parity and pipeline parity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toonark.family import FAMILIES, QwenImage, family_for_folder
+from toonark.specs import QI, QwenImageDims, ShapeLimits
+
+QWEN = FAMILIES[QwenImage.name]
+# Tiny limits: 64..128 px in steps of 16 (the VAE's 8 px per latent x 2x2 patches), up to 96 text tokens.
+QWEN_LIMITS = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_image=64, opt_image=96, max_image=128,
+                          image_step=16, min_text=1, opt_text=24, max_text=96)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tmp_path_factory) -> Path:
+    from toonark.export.qwen_pipelines import build_qwen_pipeline
+    return build_qwen_pipeline(tmp_path_factory.mktemp("qwen") / "qwen-tiny", kind="qwen-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_pipe(qwen_model):
+    import torch
+    from diffusers import QwenImagePipeline
+    return QwenImagePipeline.from_pretrained(str(qwen_model), torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def qwen_dims(qwen_model) -> QwenImageDims:
+    return QWEN.dims_from_folder(qwen_model)
+
+
+# --- make tiny KIND=qwen-image ---------------------------------------------------------------------
+
+def test_tiny_folder_is_a_qwen_image_pipeline(qwen_model, qwen_dims):
+    index = json.loads((qwen_model / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline"
+    assert family_for_folder(qwen_model) is QWEN
+    assert (qwen_dims.heads, qwen_dims.head_dim, qwen_dims.text_hidden, qwen_dims.vae_scale) == (3, 16, 16, 8)
+    assert all(any((qwen_model / part).glob("*.safetensors")) for part in ("transformer", "vae", "text_encoder"))
+
+
+def test_make_tiny_cli_writes_the_kind(tmp_path):
+    from toonark.scripts import tiny
+    assert tiny.main(["--out", str(tmp_path / "q"), "--kind", "qwen-image"]) == 0
+    assert family_for_folder(tmp_path / "q") is QWEN
+    with pytest.raises(SystemExit):
+        tiny.parse_args(["--out", str(tmp_path / "x"), "--kind", "qwen-imag"])
+
+
+def test_offline_tokenizer_matches_transformers_and_drops_exactly_the_template(qwen_model, qwen_pipe, qwen_dims):
+    """The trained BPE: transformers' fast and slow Qwen2 tokenizers and toonark's torch-free one give
+    the same ids; the template's system/user prefix is exactly the 34 tokens the pipeline drops."""
+    from transformers import Qwen2Tokenizer
+    tokenizer = QWEN.load_tokenizer(qwen_model.parent / qwen_model.name)
+    slow = Qwen2Tokenizer.from_pretrained(str(qwen_model / "tokenizer"))
+    texts = ["a happy otter flying a kite", "Ünïcode & émoji 🦦, numbers 1234!", "  spaces\n\nand lines  "]
+    for text in texts:
+        templated = QWEN.prompt_template.format(text)
+        ours = tokenizer.backend.encode(templated, add_special_tokens=False).ids
+        assert ours == qwen_pipe.tokenizer(templated).input_ids == slow(templated).input_ids
+    prefix = QWEN.prompt_template.split("{}")[0]
+    assert len(qwen_pipe.tokenizer(prefix).input_ids) == qwen_dims.template_drop == 34
+    assert qwen_pipe.prompt_template_encode == QWEN.prompt_template
+    assert qwen_pipe.prompt_template_encode_start_idx == qwen_dims.template_drop
+
+
+# --- the family's numpy pieces vs diffusers ----------------------------------------------------------
+
+def test_pack_unpack_match_the_pipeline(qwen_pipe):
+    import torch
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 12, 8)).astype(np.float32)
+    packed = QWEN.pack_latents(latents)
+    ref = qwen_pipe._pack_latents(torch.from_numpy(latents)[:, None].reshape(2, 4, 12, 8), 2, 4, 12, 8).numpy()
+    assert np.array_equal(packed, ref)
+    unpacked = qwen_pipe._unpack_latents(torch.from_numpy(packed), 96, 64, 8).numpy()[:, :, 0]
+    assert np.array_equal(QWEN.unpack_latents(packed, 12, 8), unpacked)
+    assert np.array_equal(QWEN.unpack_latents(packed, 12, 8), latents)
+
+
+@pytest.mark.parametrize("height,width,text", [(64, 64, 5), (96, 128, 17), (128, 80, 1)])
+def test_real_rope_equals_diffusers_complex_rope(qwen_pipe, qwen_dims, height, width, text):
+    img, txt = QWEN.rope(qwen_dims, height, width, text)
+    vid_freqs, txt_freqs = qwen_pipe.transformer.pos_embed([(1, height // 16, width // 16)], max_txt_seq_len=text,
+                                                          device="cpu")
+    np.testing.assert_allclose(img[0], vid_freqs.real.numpy(), atol=2e-6)
+    np.testing.assert_allclose(img[1], vid_freqs.imag.numpy(), atol=2e-6)
+    np.testing.assert_allclose(txt[0], txt_freqs.real.numpy(), atol=2e-6)
+    np.testing.assert_allclose(txt[1], txt_freqs.imag.numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 10, 30, 50])
+@pytest.mark.parametrize("image_seq_len", [16, 1024, 4096])
+def test_flow_match_euler_matches_diffusers_step_by_step(qwen_model, steps, image_seq_len):
+    """Schedule (with the pipeline's resolution-dependent mu) and every Euler step vs diffusers."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+    ours = QWEN.sampler(qwen_model)
+    reference = FlowMatchEulerDiscreteScheduler.from_pretrained(str(qwen_model / "scheduler"))
+    cfg = reference.config
+    mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    reference.set_begin_index(0)
+    schedule = ours.schedule(steps, image_seq_len)
+    assert schedule.mu == pytest.approx(mu, rel=1e-12)
+    assert np.array_equal(schedule.timesteps, reference.timesteps.numpy())
+    assert np.array_equal(schedule.sigmas, reference.sigmas.numpy())
+    rng = np.random.default_rng(steps)
+    sample = rng.standard_normal((1, 16, 16)).astype(np.float32)
+    state, ref_sample = ours.initial_state(schedule), torch.from_numpy(sample.copy())
+    worst = 0.0
+    for t in reference.timesteps:
+        velocity = rng.standard_normal(sample.shape).astype(np.float32)
+        assert np.float32(t) / np.float32(1000) == state.model_timestep
+        ref_sample = reference.step(torch.from_numpy(velocity), t, ref_sample, return_dict=False)[0]
+        sample, state = ours.step(velocity, sample, state)
+        worst = max(worst, float(np.abs(sample - ref_sample.numpy()).max()))
+    assert state.done and worst == 0.0
+
+
+def test_flow_match_refuses_what_it_does_not_implement(tmp_path):
+    from toonark.flow_match import FlowMatchConfig, FlowMatchEuler
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported.*set it to False"):
+        FlowMatchConfig.from_dict({"use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="key 'mystery' is unknown"):
+        FlowMatchConfig.from_dict({"mystery": 1})
+    with pytest.raises(ValueError, match="steps 1 is not possible with shift_terminal=0.02"):
+        FlowMatchEuler(FlowMatchConfig(shift_terminal=0.02)).schedule(1, 256)
+    assert len(FlowMatchEuler(FlowMatchConfig()).schedule(1, 256)) == 1
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json is missing"):
+        FlowMatchConfig.from_file(tmp_path)
+
+
+def test_true_cfg_with_norm_rescale_matches_the_pipeline_formula():
+    import torch
+    from toonark.flow_match import true_cfg
+    rng = np.random.default_rng(1)
+    cond, uncond = (rng.standard_normal((2, 16, 16)).astype(np.float32) for _ in range(2))
+    tc, tu = torch.from_numpy(cond), torch.from_numpy(uncond)
+    comb = tu + 4.0 * (tc - tu)
+    ref = comb * (torch.norm(tc, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+    ours = true_cfg(cond, uncond, 4.0)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=2e-6, atol=1e-6)
+    assert np.allclose(np.linalg.norm(ours, axis=-1), np.linalg.norm(cond, axis=-1), rtol=1e-5)
+
+
+def test_text_conditioning_matches_the_pipeline_prompt_embeds(qwen_model, qwen_pipe, qwen_dims):
+    """Template, right padding, the drop of 34 tokens and zero padding to the longest row, vs
+    QwenImagePipeline._get_qwen_prompt_embeds on the PyTorch text encoder."""
+    import torch
+    tokenizer = QWEN.load_tokenizer(qwen_model)
+    prompts, negatives = ["a happy otter flying a kite over the sea", "a cat"], ["scary", " "]
+    ids, too_long = QWEN.encode_prompts(tokenizer, prompts, negatives, qwen_dims)
+    assert ids.shape[0] == 4 and too_long == [False] * 4
+    lengths = QWEN.token_lengths(ids, tokenizer.pad_id)
+    with torch.no_grad():
+        hidden = qwen_pipe.text_encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(
+            (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)), output_hidden_states=True).hidden_states[-1]
+        ref, ref_mask = qwen_pipe._get_qwen_prompt_embeds(negatives + prompts, device="cpu")
+    embeds, mask = QWEN.text_conditioning(hidden.numpy(), lengths, qwen_dims)
+    assert np.array_equal(mask, ref_mask.numpy())
+    np.testing.assert_allclose(embeds, ref.numpy(), atol=1e-6)
+
+
+def test_family_limits_and_specs(qwen_dims):
+    limits = QWEN.default_limits(ShapeLimits(min_image=64, opt_image=128, max_image=256, image_step=16), qwen_dims)
+    assert (limits.min_text, limits.opt_text, limits.max_text) == (1, 64, 512)
+    specs = QWEN.specs(qwen_dims)
+    assert list(specs) == ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]
+    transformer = specs["transformer"]
+    assert transformer.profile(limits)[QI.hidden_states] == ((2, 16, 16), (2, 64, 16), (8, 256, 16))
+    assert specs["text_encoder"].profile(limits)[QI.input_ids] == ((2, 35), (2, 98), (8, 546))
+    assert transformer.dynamic_axes()[QI.img_rope] == {1: "HW/256"}
+    assert ShapeLimits().to_json() == dict(min_batch=1, opt_batch=1, max_batch=4, min_image=256, opt_image=512,
+                                           max_image=768, image_step=64)   # SD's toonark.json unchanged
