@@ -181,3 +181,43 @@ def test_family_limits_and_specs(qwen_dims):
     assert transformer.dynamic_axes()[QI.img_rope] == {1: "HW/256"}
     assert ShapeLimits().to_json() == dict(min_batch=1, opt_batch=1, max_batch=4, min_image=256, opt_image=512,
                                            max_image=768, image_step=64)   # SD's toonark.json unchanged
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def qwen_build(qwen_model, tmp_path_factory) -> Path:
+    """`make export` of the tiny Qwen-Image folder: fp32 + fp16, parity-checked."""
+    from toonark.export.onnx_export import export_pipeline
+    out = tmp_path_factory.mktemp("qwen-build") / "qwen"
+    export_pipeline(qwen_model, out, precisions=("fp32", "fp16"), limits=QWEN_LIMITS)
+    return out
+
+
+def test_export_writes_every_submodel_with_parity_and_dynamic_axes(qwen_build):
+    import onnx
+    from toonark.files import read_json
+    from toonark.layout import BuildLayout
+    from toonark.specs import BuildInfo
+    layout = BuildLayout(qwen_build)
+    info = BuildInfo.read(qwen_build)
+    assert isinstance(info.dims, QwenImageDims) and info.limits == QWEN_LIMITS
+    assert list(info.specs) == ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]
+    worst = {}
+    for precision in ("fp32", "fp16"):
+        report = read_json(layout.export_report(precision), "export report", "")
+        rows = report["parity"]
+        assert {r["submodel"] for r in rows} == set(info.specs) and all(r["ok"] for r in rows)
+        for r in rows:
+            key = (r["submodel"], precision)
+            worst[key] = max(worst.get(key, 0.0), r["max_rel"])
+    # fp32 is the same math (real vs complex RoPE, one frame of the 3-D VAE): float32 rounding only.
+    assert all(v < 2e-5 for (name, p), v in worst.items() if p == "fp32"), worst
+    model = onnx.load(str(layout.onnx_dir("fp32") / "transformer" / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims[QI.hidden_states] == ["2B", "HW/256", 16]
+    assert dims[QI.encoder_hidden_states] == ["2B", "T", 16]
+    assert dims[QI.txt_rope] == [2, "T", 8]
+    assert not any(n.op_type.startswith("Complex") for n in model.graph.node)
+    text = onnx.load(str(layout.onnx_dir("fp32") / "text_encoder" / "model.onnx"), load_external_data=False)
+    assert [d.dim_param for d in text.graph.input[0].type.tensor_type.shape.dim] == ["2B", "T+34"]
