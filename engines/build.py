@@ -76,7 +76,10 @@ def check_int8_calibration(build_dir: Path) -> dict:
 def select_submodels(build_dir: Path, backend: str, precision: str, specs: dict, submodels=None) -> list[str]:
     if submodels is None:
         optional = [name for name in OPTIONAL_SUBMODELS if source_onnx(build_dir, backend, precision, name).is_file()]
-        return list(SERVED_SUBMODELS) + optional
+        # The family's served submodels (SD: text_encoder, unet, vae_decoder; Qwen-Image: ..., transformer, ...).
+        from toonark.family import family_for_folder
+        served = family_for_folder(BuildLayout(build_dir).pipeline).served_submodels or SERVED_SUBMODELS
+        return list(served) + optional
     chosen = list(dict.fromkeys(submodels))
     for name in chosen:
         if name not in specs:

@@ -280,6 +280,7 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
     dims = check_model_folder(model_dir, exporter.components)
     specs = family.specs(dims)   # the family's declarations (model_index.json)
     limits = family.default_limits(limits, dims)   # e.g. Qwen-Image's text-length axis
+    dims = family.build_dims(dims, limits)
     check_profiles(specs, limits)
     submodels = tuple(specs) if submodels is None else tuple(submodels)
     for name in submodels:

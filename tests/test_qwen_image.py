@@ -221,3 +221,66 @@ def test_export_writes_every_submodel_with_parity_and_dynamic_axes(qwen_build):
     assert not any(n.op_type.startswith("Complex") for n in model.graph.node)
     text = onnx.load(str(layout.onnx_dir("fp32") / "text_encoder" / "model.onnx"), load_external_data=False)
     assert [d.dim_param for d in text.graph.input[0].type.tensor_type.shape.dim] == ["2B", "T+34"]
+
+
+# --- offline pipeline -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def qwen_engines(qwen_build) -> Path:
+    from toonark.engines.build import build_engines
+    build_engines(qwen_build, backend="ort-cpu", precision="fp32")
+    return qwen_build
+
+
+@pytest.fixture(scope="session")
+def qwen_offline(qwen_engines):
+    from toonark.engines.pipeline import load_pipeline
+    return load_pipeline(qwen_engines, "ort-cpu", "fp32")
+
+
+@pytest.mark.parametrize("prompt,negative,guidance,width,height,steps", [
+    (["a happy otter flying a kite"], ["scary, dark"], 4.0, 96, 64, 4),                     # true CFG + rescale
+    (["a cat", "a fluffy bunny in the snow with a red hat"], ["", "blurry"], 1.0, 64, 128, 3),   # no CFG, B=2
+])
+def test_offline_pipeline_matches_diffusers_qwen_image_pipeline(qwen_offline, qwen_pipe, prompt, negative, guidance,
+                                                                width, height, steps):
+    """Same prompts, starting latents, steps, guidance: pixels within 5e-6 of QwenImagePipeline's (in 0..1)."""
+    import torch
+    from toonark.qwen_pipeline import QwenImageText2ImagePipeline
+    assert isinstance(qwen_offline, QwenImageText2ImagePipeline)
+    batch = len(prompt)
+    latents = QWEN.initial_latents(3, batch, qwen_offline.dims, height, width)
+    ours = qwen_offline(prompt, negative, steps=steps, guidance=guidance, width=width, height=height, batch=batch,
+                        latents=latents)
+    reference = qwen_pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=guidance, width=width, height=height,
+                          num_inference_steps=steps, latents=torch.from_numpy(latents), output_type="np").images
+    pixels = np.clip(ours.decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    assert pixels.shape == reference.shape == (batch, height, width, 3)
+    assert np.abs(pixels - reference).max() < 5e-6
+    assert np.abs(ours.images.astype(int) - np.round(reference * 255).astype(int)).max() <= 1
+    assert len(ours.timings["transformer_ms"]) == steps
+
+
+def test_offline_generate_resolves_and_refuses_like_the_server(qwen_offline):
+    from toonark.api import RequestError
+    result = qwen_offline.generate(prompt="a happy otter", seed=5, steps=2, width=64, height=64)
+    assert result.images.shape == (1, 64, 64, 3)
+    again = qwen_offline.generate(prompt="a happy otter", seed=5, steps=2, width=64, height=64)
+    assert np.array_equal(result.images, again.images)
+    two = qwen_offline.generate(prompt="a happy otter", seed=5, steps=2, width=64, height=64, num_images=2)
+    assert np.array_equal(two.images[0], result.images[0])     # image i is seed + i alone
+    with pytest.raises(RequestError, match=r'prompt refused \(weapons\)'):
+        qwen_offline.generate(prompt="a bunny with a gun", steps=2)
+    with pytest.raises(RequestError, match="width 72 must be a multiple of 16 in 64..128"):
+        qwen_offline.generate(prompt="a cat", steps=2, width=72, height=64)
+    with pytest.raises(RequestError, match="PROMPT is too long: .* the build's text axis takes 96"):
+        qwen_offline.generate(prompt="a cat counting " + "7" * 150, steps=2)
+
+
+def test_qwen_builds_refuse_the_device_loop(qwen_engines):
+    from toonark.engines.pipeline import load_pipeline
+    from toonark.qwen_pipeline import QwenImageText2ImagePipeline
+    with pytest.raises(ValueError, match="Qwen-Image runs on the host loop"):
+        QwenImageText2ImagePipeline({}, None, None, None, device_loop=object())
+    with pytest.raises(ValueError, match="device_loop runs ONNX Runtime engines"):
+        load_pipeline(qwen_engines, "ort-cpu", "fp32", device_loop=True)

@@ -47,6 +47,15 @@ class ModelFamily:
         """The build's ShapeLimits completed with what this family needs (its own axes); SD: unchanged."""
         return limits
 
+    def build_dims(self, dims: PipelineDims, limits) -> PipelineDims:
+        """The dims a build writes to toonark.json, given its limits; SD: the folder's."""
+        return dims
+
+    def text2image(self, engines: dict, tokenizer, scheduler, dims: PipelineDims, limits=None, device_loop=None):
+        """The offline pipeline object of this family over loaded engines (engines/pipeline.py load_pipeline)."""
+        from toonark.pipeline import Text2ImagePipeline
+        return Text2ImagePipeline(engines, tokenizer, scheduler, dims, limits, device_loop=device_loop, family=self)
+
     def specs(self, dims: PipelineDims) -> dict[str, SubmodelSpec]:
         raise NotImplementedError
 
@@ -152,6 +161,17 @@ class QwenImage(ModelFamily):
         import dataclasses
         top = dims.text_length
         return dataclasses.replace(limits, min_text=1, opt_text=min(64, top), max_text=top)
+
+    def build_dims(self, dims: PipelineDims, limits) -> PipelineDims:
+        """text_length becomes the build's longest text (the text axis' max), so every later stage and
+        the refusal messages use the number the engines were built for."""
+        import dataclasses
+        return dataclasses.replace(dims, text_length=limits.max_text) if limits.max_text else dims
+
+    def text2image(self, engines: dict, tokenizer, scheduler, dims: PipelineDims, limits=None, device_loop=None):
+        from toonark.qwen_pipeline import QwenImageText2ImagePipeline
+        return QwenImageText2ImagePipeline(engines, tokenizer, scheduler, dims, limits, device_loop=device_loop,
+                                           family=self)
 
     def sampler(self, pipeline_dir: Path):
         from toonark.flow_match import FlowMatchEuler
