@@ -171,9 +171,13 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
-                 queue: QueuePolicy | None = None, safety_checker: dict | None = None) -> dict[str, str]:
+                 queue: QueuePolicy | None = None, safety_checker: dict | None = None,
+                 family=None) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
-    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
+    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
+    family: the build's model family (toonark.family; default Stable Diffusion): its served submodels are
+    the three engine steps (Qwen-Image: text_encoder, transformer, vae_decoder), and a family whose
+    denoise reads the token ids too (`denoise_reads_ids`) gets input_ids routed to denoise."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
@@ -185,7 +189,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         raise ValueError(f"backend tensorrt builds .plan files; serve them with --layout tensorrt_plan, not {layout!r}")
     specs = info.specs
     metadata = metadata or {}
-    te, unet, vae = (specs[n] for n in SERVED_SUBMODELS)
+    served = family.served_submodels if family is not None else SERVED_SUBMODELS
+    te, unet, vae = (specs[n] for n in served)
     engine_kind = backend_for(backend, strict=False).triton_kind
     configs = {}
     for spec in (te, unet, vae):
@@ -202,7 +207,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
-            graph = backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
+            # CUDA graphs at the opt B/H/W only where those are the only axes (not over a dynamic text length).
+            symbols = {d.symbol for t in spec.inputs for d in t.dims if hasattr(d, "symbol")}
+            graph = (backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
+                     and symbols <= {"B", "H", "W"})
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
@@ -226,12 +234,14 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
                                          [te_in[0], *RESOLVED],
                                          backend="python", params=serving_defaults(info))
+    reads_ids = bool(getattr(family, "denoise_reads_ids", False))
+    ids_port = [te_in[0]] if reads_ids else []
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
+        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *ids_port, *DENOISE_INPUTS], [vae_in[0]],
         backend="python",
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name})
+                "latent_name": vae_in[0].name, **({"text_ids_name": te_in[0].name} if reads_ids else {})})
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -239,7 +249,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
          {te_in[0].name: "input_ids", **resolved}),
         (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
-        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}},
+        ("denoise", {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
+                     **{p.name: p.name for p in DENOISE_INPUTS}},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
     ]
@@ -298,12 +309,15 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     build_dir = Path(build_dir)
     paths = BuildLayout(build_dir)
     info = BuildInfo.read(build_dir)
+    from toonark.family import family_for_folder
+    family = family_for_folder(paths.pipeline)
+    served = family.served_submodels
     fix_export = f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first."
     engine_root = paths.engine_dir(backend, precision)
     engine_backend = backend_for(backend)
     engine_name = engine_backend.engine_file
     metadata = {}
-    for name in SERVED_SUBMODELS:
+    for name in served:
         engine = engine_root / name / engine_name
         if not engine.is_file():
             raise FileNotFoundError(f"no {backend} {precision} engine for {name}: {engine} is missing. Build it with "
@@ -327,13 +341,13 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         raise FileNotFoundError(f"no safety checker in {checker}: export one from a pipeline folder that has "
                                 f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
-                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta)
+                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta, family=family)
     target = Path(out) if out else paths.triton_repo
     with atomic_dir(target) as tmp:
         for name, text in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
-        for name in SERVED_SUBMODELS:
+        for name in served:
             version = tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
@@ -348,9 +362,10 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             shutil.copy2(SOURCE_DIR / "safety_checker" / "1" / "model.py", tmp / "safety_checker" / "1" / "model.py")
         # What each Python model reads at initialize: <model>/1/pipeline/ is a BuildLayout pipeline folder,
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
-        parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
+        parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",) + family.denoise_pipeline_parts,
+                 "postprocess": ()}
         if layout == "python":
-            parts.update({name: () for name in SERVED_SUBMODELS})
+            parts.update({name: () for name in served})
         for name, folders in parts.items():
             pipeline = tmp / name / "1" / "pipeline"
             pipeline.mkdir()

@@ -12,18 +12,9 @@ import pytest
 from toonark.family import FAMILIES, QwenImage, family_for_folder
 from toonark.specs import QI, QwenImageDims, ShapeLimits
 
+from conftest import QWEN_LIMITS
+
 QWEN = FAMILIES[QwenImage.name]
-# Tiny limits: 64..128 px in steps of 16 (the VAE's 8 px per latent x 2x2 patches), up to 96 text tokens.
-QWEN_LIMITS = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_image=64, opt_image=96, max_image=128,
-                          image_step=16, min_text=1, opt_text=24, max_text=96)
-
-
-@pytest.fixture(scope="session")
-def qwen_model(tmp_path_factory) -> Path:
-    from toonark.export.qwen_pipelines import build_qwen_pipeline
-    return build_qwen_pipeline(tmp_path_factory.mktemp("qwen") / "qwen-tiny", kind="qwen-image", seed=0)
-
-
 @pytest.fixture(scope="session")
 def qwen_pipe(qwen_model):
     import torch
@@ -185,15 +176,6 @@ def test_family_limits_and_specs(qwen_dims):
 
 # --- export ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def qwen_build(qwen_model, tmp_path_factory) -> Path:
-    """`make export` of the tiny Qwen-Image folder: fp32 + fp16, parity-checked."""
-    from toonark.export.onnx_export import export_pipeline
-    out = tmp_path_factory.mktemp("qwen-build") / "qwen"
-    export_pipeline(qwen_model, out, precisions=("fp32", "fp16"), limits=QWEN_LIMITS)
-    return out
-
-
 def test_export_writes_every_submodel_with_parity_and_dynamic_axes(qwen_build):
     import onnx
     from toonark.files import read_json
@@ -224,13 +206,6 @@ def test_export_writes_every_submodel_with_parity_and_dynamic_axes(qwen_build):
 
 
 # --- offline pipeline -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def qwen_engines(qwen_build) -> Path:
-    from toonark.engines.build import build_engines
-    build_engines(qwen_build, backend="ort-cpu", precision="fp32")
-    return qwen_build
-
 
 @pytest.fixture(scope="session")
 def qwen_offline(qwen_engines):
@@ -273,7 +248,7 @@ def test_offline_generate_resolves_and_refuses_like_the_server(qwen_offline):
         qwen_offline.generate(prompt="a bunny with a gun", steps=2)
     with pytest.raises(RequestError, match="width 72 must be a multiple of 16 in 64..128"):
         qwen_offline.generate(prompt="a cat", steps=2, width=72, height=64)
-    with pytest.raises(RequestError, match="PROMPT is too long: .* the build's text axis takes 96"):
+    with pytest.raises(RequestError, match="PROMPT is too long: .* the text encoder reads 96; shorten"):
         qwen_offline.generate(prompt="a cat counting " + "7" * 150, steps=2)
 
 

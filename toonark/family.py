@@ -34,6 +34,9 @@ class ModelFamily:
     pipeline_classes: tuple[str, ...] = ()
     # The submodels one text-to-image request runs, in data-flow order.
     served_submodels: tuple[str, ...] = ()
+    # The served denoise model also reads the token ids (and the tokenizer folder, for the pad id).
+    denoise_reads_ids: bool = False
+    denoise_pipeline_parts: tuple[str, ...] = ()
 
     @property
     def dims_class(self):
@@ -50,6 +53,10 @@ class ModelFamily:
     def build_dims(self, dims: PipelineDims, limits) -> PipelineDims:
         """The dims a build writes to toonark.json, given its limits; SD: the folder's."""
         return dims
+
+    def text_window(self, dims: PipelineDims) -> int:
+        """How many prompt tokens the text encoder reads (refusal messages): CLIP's length less <bos>/<eos>."""
+        return dims.text_length - 2
 
     def text2image(self, engines: dict, tokenizer, scheduler, dims: PipelineDims, limits=None, device_loop=None):
         """The offline pipeline object of this family over loaded engines (engines/pipeline.py load_pipeline)."""
@@ -135,6 +142,9 @@ class QwenImage(ModelFamily):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
     served_submodels = ("text_encoder", "transformer", "vae_decoder")
+    # Which text rows are padding comes from the ids (the hidden states do not say), so denoise reads them.
+    denoise_reads_ids = True
+    denoise_pipeline_parts = ("tokenizer",)
     # QwenImagePipeline's prompt template and how many of its leading tokens it drops (diffusers 0.39).
     prompt_template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
                        "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
@@ -167,6 +177,10 @@ class QwenImage(ModelFamily):
         the refusal messages use the number the engines were built for."""
         import dataclasses
         return dataclasses.replace(dims, text_length=limits.max_text) if limits.max_text else dims
+
+    def text_window(self, dims: PipelineDims) -> int:
+        """Tokens after the dropped template tokens (the build's text axis)."""
+        return dims.text_length
 
     def text2image(self, engines: dict, tokenizer, scheduler, dims: PipelineDims, limits=None, device_loop=None):
         from toonark.qwen_pipeline import QwenImageText2ImagePipeline

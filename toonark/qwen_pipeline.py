@@ -137,6 +137,7 @@ class QwenImageText2ImagePipeline(Text2ImagePipeline):
             from toonark.prompts import PromptPolicy
             policy = PromptPolicy.load()
         resolved = api.resolve_request(BuildInfo(self.dims, self.limits), policy, **request)
+        resolved.input_ids(self.tokenizer, self.family, self.dims)   # refuses a prompt past the text axis, as preprocess
         latents = None
         if resolved.image_seeds:
             latents = np.concatenate([self.family.initial_latents(s, 1, self.dims, resolved.height, resolved.width)

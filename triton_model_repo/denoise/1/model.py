@@ -20,7 +20,9 @@ class TritonPythonModel:
         self.float_dtype = pb_utils.triton_string_to_numpy(params["unet_float_type"])
         latent_config = pb_utils.get_output_config_by_name(config, self.latent_name)
         self.latent_dtype = pb_utils.triton_string_to_numpy(latent_config["data_type"])
-        self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
+        # The build's model family's denoiser (SD: DPM-Solver++; Qwen-Image: flow matching, reads the ids too).
+        self.denoiser = runtime.denoiser_for(runtime.pipeline_dir(args), runtime.build_info(args))
+        self.ids_name = params.get("text_ids_name")
         self.logger = pb_utils.Logger
         self.metrics = Metrics("denoise")
 
@@ -46,9 +48,11 @@ class TritonPythonModel:
         text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
         seeds = tensor(api.SEED).reshape(-1).tolist()
+        extra = ({"input_ids": pb_utils.get_input_tensor_by_name(request, self.ids_name).as_numpy()}
+                 if self.ids_name else {})
         latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
                                     width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)), unet=self._unet,
-                                    float_dtype=self.float_dtype)
+                                    float_dtype=self.float_dtype, **extra)
         calls = self.denoiser.last_unet_seconds
         self.metrics.count("toonark_steps_total", len(calls))
         self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
