@@ -30,10 +30,42 @@ def _torch():
     return torch
 
 
+def _contrib_attention():
+    """A torch.autograd.Function that computes SDPA in PyTorch and exports as ONNX Runtime's fused
+    com.microsoft MultiHeadAttention (q, k, v as (B, S, heads x dim), the joint text+image padding as
+    key_padding_mask). ORT's transformer optimizer has no fusion for Qwen-Image's attention (q/k RMS
+    norms and interleaved RoPE between the projections and the softmax: its mmdit fusion matches SD3 /
+    Flux), so the ORT engine's graph carries the fused op from export instead of being pattern-matched."""
+    torch = _torch()
+    from torch.onnx import symbolic_helper
+
+    class ContribMultiHeadAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, key_padding_mask, heads: int):
+            b, s, width = query.shape
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (query, key, value))
+            mask = key_padding_mask.bool()[:, None, None, :]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return out.transpose(1, 2).reshape(b, s, width)
+
+        @staticmethod
+        def symbolic(g, query, key, value, key_padding_mask, heads: int):
+            mask = g.op("Cast", key_padding_mask, to_i=6)   # INT32, as ORT wants key_padding_mask
+            bias = symbolic_helper._optional_input_placeholder_tensor(g)
+            return g.op("com.microsoft::MultiHeadAttention", query, key, value, bias, mask, num_heads_i=heads)
+
+    return ContribMultiHeadAttention
+
+
 class RealRopeAttnProcessor:
     """QwenDoubleStreamAttnProcessor2_0 (diffusers 0.39) with RoPE given as real (cos, sin): the same
     projections, q/k RMS norms, joint [text, image] attention with the text padding masked, outputs.
-    image_rotary_emb = ((img_cos, img_sin), (txt_cos, txt_sin)), each (tokens, head_dim / 2)."""
+    image_rotary_emb = ((img_cos, img_sin), (txt_cos, txt_sin)), each (tokens, head_dim / 2).
+    fused_attention: export the attention as ORT's com.microsoft MultiHeadAttention (ORT engines only;
+    TensorRT and other runtimes read the plain graph)."""
+
+    def __init__(self, fused_attention: bool = False):
+        self.fused_attention = fused_attention
 
     @staticmethod
     def rotate(x, cos, sin):
@@ -59,28 +91,38 @@ class RealRopeAttnProcessor:
         (img_cos, img_sin), (txt_cos, txt_sin) = image_rotary_emb
         img_q, img_k = self.rotate(img_q, img_cos, img_sin), self.rotate(img_k, img_cos, img_sin)
         txt_q, txt_k = self.rotate(txt_q, txt_cos, txt_sin), self.rotate(txt_k, txt_cos, txt_sin)
-        query = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
-        key = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
-        value = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
-        mask = None
-        if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
-        joint = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        joint = joint.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        query = torch.cat([txt_q, img_q], dim=1)
+        key = torch.cat([txt_k, img_k], dim=1)
+        value = torch.cat([txt_v, img_v], dim=1)
+        if self.fused_attention:
+            text_mask = (encoder_hidden_states_mask if encoder_hidden_states_mask is not None else
+                         torch.ones(encoder_hidden_states.shape[:2], dtype=torch.int64, device=hidden_states.device))
+            joint_mask = torch.cat([text_mask.to(torch.int64),
+                                    torch.ones(hidden_states.shape[:2], dtype=torch.int64, device=hidden_states.device)],
+                                   dim=1)
+            joint = _contrib_attention().apply(query.flatten(2, 3), key.flatten(2, 3), value.flatten(2, 3),
+                                               joint_mask, attn.heads).to(query.dtype)
+        else:
+            query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+            mask = None
+            if encoder_hidden_states_mask is not None:
+                image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+                mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
+            joint = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            joint = joint.transpose(1, 2).flatten(2, 3).to(query.dtype)
         img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
         txt_out = attn.to_add_out(joint[:, :seq_txt].contiguous())
         return img_out, txt_out
 
 
 @contextlib.contextmanager
-def real_rope(transformer):
+def real_rope(transformer, fused_attention: bool = False):
     """Swap every block's attention processor for RealRopeAttnProcessor, and back afterwards (the
     same module then serves as the complex-RoPE PyTorch reference)."""
     blocks = list(transformer.transformer_blocks)
     saved = [block.attn.processor for block in blocks]
     for block in blocks:
-        block.attn.processor = RealRopeAttnProcessor()
+        block.attn.processor = RealRopeAttnProcessor(fused_attention)
     try:
         yield transformer
     finally:
@@ -223,9 +265,10 @@ def torch_reference(spec: SubmodelSpec, modules: dict, feeds: dict[str, np.ndarr
 
 
 def export_onnx(modules: dict, dims: QwenImageDims, specs: dict[str, SubmodelSpec], out_dir, submodels,
-                sizes: dict[str, int], opset: int = 18) -> None:
+                sizes: dict[str, int], opset: int = 18, fused_attention: bool = False) -> None:
     """torch.onnx (TorchScript exporter) of each submodel to out_dir/<name>/model.onnx with the spec's
-    names and dynamic axes; weights past 2 GB go to one side file (the shaped transformer)."""
+    names and dynamic axes; weights past 2 GB go to one side file (the shaped transformer).
+    fused_attention: the transformer's attention as ORT's com.microsoft MultiHeadAttention (ORT only)."""
     from pathlib import Path
     torch = _torch()
     transformer = modules["transformer"]
@@ -235,11 +278,12 @@ def export_onnx(modules: dict, dims: QwenImageDims, specs: dict[str, SubmodelSpe
         path.parent.mkdir(parents=True, exist_ok=True)
         feeds = sample_feeds(spec, dims, sizes)
         args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names)
-        with real_rope(transformer), exportable_upsampling(modules["vae"]), torch.no_grad():
+        with real_rope(transformer, fused_attention), exportable_upsampling(modules["vae"]), torch.no_grad():
             torch.onnx.export(wrapper(name, modules), args, str(path), input_names=spec.input_names,
                               output_names=spec.output_names,
                               dynamic_axes={k: v for k, v in spec.dynamic_axes().items() if v},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
+                              opset_version=opset, do_constant_folding=True, dynamo=False,
+                              custom_opsets={"com.microsoft": 1} if fused_attention else None)
 
 
 class QwenImageExport:

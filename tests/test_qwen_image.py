@@ -259,3 +259,75 @@ def test_qwen_builds_refuse_the_device_loop(qwen_engines):
         QwenImageText2ImagePipeline({}, None, None, None, device_loop=object())
     with pytest.raises(ValueError, match="device_loop runs ONNX Runtime engines"):
         load_pipeline(qwen_engines, "ort-cpu", "fp32", device_loop=True)
+
+
+# --- TensorRT / INT8 boundary -----------------------------------------------------------------------
+
+def test_tensorrt_plan_and_trtexec_lines_come_from_the_declaration(qwen_engines):
+    from toonark.engines.commands import build_dir_commands
+    from toonark.engines.tensorrt import trt_build_plan
+    from toonark.specs import BuildInfo
+    info = BuildInfo.read(qwen_engines)
+    spec = info.specs["transformer"]
+    plan = trt_build_plan(spec, info.limits, "fp16")
+    assert plan.builder_flags == ("FP16",)
+    profile = {name: (low, opt, high) for name, low, opt, high in plan.profile}
+    assert profile[QI.hidden_states] == ((2, 16, 16), (2, 36, 16), (4, 64, 16))
+    assert profile[QI.txt_rope] == ((2, 1, 8), (2, 24, 8), (2, 96, 8))
+    text = "\n".join(" ".join(c.build) for c in build_dir_commands(qwen_engines))
+    assert ("--minShapes=hidden_states:2x16x16,encoder_hidden_states:2x1x16,encoder_hidden_states_mask:2x1,"
+            "img_rope:2x16x8,txt_rope:2x1x8") in text
+    assert "--minShapes=input_ids:2x35 --optShapes=input_ids:2x58 --maxShapes=input_ids:4x130" in text
+    assert "--minShapes=latent_sample:1x4x8x8 --optShapes=latent_sample:1x4x12x12" in text
+
+
+def test_calibration_captures_the_transformer_inputs(qwen_engines):
+    """make calibrate's capture on a Qwen-Image build: the kids prompt set through the flow-matching
+    sampler, one shard per step with the transformer's declared inputs (the mask stays int64)."""
+    from toonark.calibration.capture import CaptureConfig, capture, source_unet
+    from toonark.engines.pipeline import load_pipeline
+    from toonark.specs import BuildInfo
+    assert source_unet(qwen_engines).parent.name == "transformer"
+    config = CaptureConfig(prompts=2, steps=2, size=64)
+    result = capture(qwen_engines, config, progress=False, load_pipeline=load_pipeline)
+    assert len(result.shards) == 4 and not result.cached
+    spec = BuildInfo.read(qwen_engines).specs["transformer"]
+    with np.load(result.shards[0]) as shard:
+        assert sorted(shard.files) == sorted(spec.input_names)
+        assert shard[QI.encoder_hidden_states_mask].dtype == np.int64
+        assert shard[QI.hidden_states].shape == (2, 16, 16)
+        assert shard[QI.timestep].shape == (1,) and 0 < float(shard[QI.timestep][0]) <= 1
+    assert capture(qwen_engines, config, progress=False, load_pipeline=load_pipeline).cached
+
+
+def test_transformer_with_ort_fused_attention_matches_pytorch(qwen_pipe, qwen_dims, tmp_path):
+    """The ORT engine variant: attention exported as com.microsoft MultiHeadAttention (ORT's optimizer
+    cannot pattern-match Qwen's attention), same outputs as the diffusers module."""
+    import onnx
+    import onnxruntime as ort
+    from toonark.export import qwen_export
+    specs = QWEN.specs(qwen_dims)
+    modules = {"transformer": qwen_pipe.transformer, "vae": qwen_pipe.vae}
+    qwen_export.export_onnx(modules, qwen_dims, specs, tmp_path, ["transformer"], {"B": 1, "H": 64, "W": 64, "T": 5},
+                            fused_attention=True)
+    path = tmp_path / "transformer" / "model.onnx"
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for sizes in ({"B": 1, "H": 64, "W": 96, "T": 7}, {"B": 2, "H": 96, "W": 64, "T": 12}):
+        feeds = qwen_export.sample_feeds(specs["transformer"], qwen_dims, sizes, seed=1)
+        reference = qwen_export.torch_reference(specs["transformer"], modules, feeds, qwen_dims, sizes)[QI.noise_pred]
+        out = session.run(None, feeds)[0]
+        assert np.abs(out - reference).max() / np.abs(reference).max() < 1e-5
+
+
+def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu_qwen.py --tiny: the H200 script's code path (eager, per block, ORT with the fused
+    attention) on the CPU; speed is not asserted."""
+    from toonark.benchmarks import gpu_qwen
+    assert gpu_qwen.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "qwen_gpu.json").read_text())
+    ort_row = result["variants"]["ORT CPU fp32"]
+    assert ort_row["ops"]["MultiHeadAttention"] == 2 and ort_row["rel_l2_vs_torch_eager"] < 1e-5
+    eager = result["variants"]["torch eager fp32"]
+    assert eager["full_depth_ms"] == pytest.approx(eager["rest_ms"] + 60 * eager["block_ms"], abs=0.2)

@@ -37,6 +37,8 @@ class ModelFamily:
     # The served denoise model also reads the token ids (and the tokenizer folder, for the pad id).
     denoise_reads_ids: bool = False
     denoise_pipeline_parts: tuple[str, ...] = ()
+    # The submodel the sampler calls every step (what INT8 calibration captures and quantizes).
+    denoiser_submodel: str = "unet"
 
     @property
     def dims_class(self):
@@ -145,6 +147,7 @@ class QwenImage(ModelFamily):
     # Which text rows are padding comes from the ids (the hidden states do not say), so denoise reads them.
     denoise_reads_ids = True
     denoise_pipeline_parts = ("tokenizer",)
+    denoiser_submodel = "transformer"
     # QwenImagePipeline's prompt template and how many of its leading tokens it drops (diffusers 0.39).
     prompt_template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
                        "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
