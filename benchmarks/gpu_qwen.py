@@ -200,16 +200,18 @@ def ort_variant(transformer, dims, feeds, args, work: Path, device: str, timer_r
     options = FusionOptions("mmdit")
     started = time.perf_counter()
     optimized = optimize_model(str(raw), model_type="mmdit", num_heads=dims.heads, hidden_size=dims.heads * dims.head_dim,
-                               opt_level=0, optimization_options=options, use_gpu=device == "cuda")
+                               opt_level=0, optimization_options=options, use_gpu=device == "cuda",
+                               only_onnxruntime=False)
     fused_counts = {op: n for op, n in sorted(optimized.get_operator_statistics().items())
                     if op in ("MultiHeadAttention", "Attention", "LayerNormalization", "SkipLayerNormalization",
                               "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu", "Gelu",
                               "BiasGelu", "RotaryEmbedding", "MatMul", "Softmax")}
-    if device == "cuda":
-        optimized.convert_float_to_float16(keep_io_types=True)
+    if device == "cuda":   # as engines/fusions.py does for the UNet: fusions on fp32, then fp16 (float32 I/O)
+        optimized.convert_float_to_float16(keep_io_types=True, op_block_list=[])
     fused = work / "fused" / "model.onnx"
-    fused.parent.mkdir(parents=True, exist_ok=True)
-    optimized.save_model_to_file(str(fused), use_external_data_format=True)
+    from toonark.export.graph import save_model
+    optimized.topological_sort()
+    save_model(optimized.model, fused)   # external data past 2 GB (the fp32 2-block model is ~2.9 GB)
     optimize_s = time.perf_counter() - started
     session = ort.InferenceSession(str(fused), providers=[provider])
     binding = session.io_binding()

@@ -257,8 +257,13 @@ def test_qwen_builds_refuse_the_device_loop(qwen_engines):
     from toonark.qwen_pipeline import QwenImageText2ImagePipeline
     with pytest.raises(ValueError, match="Qwen-Image runs on the host loop"):
         QwenImageText2ImagePipeline({}, None, None, None, device_loop=object())
-    with pytest.raises(ValueError, match="device_loop runs ONNX Runtime engines"):
-        load_pipeline(qwen_engines, "ort-cpu", "fp32", device_loop=True)
+    from toonark.engines.ort_loop import check_scheduler
+    from toonark.engines.pipeline import use_device_loop
+    sampler = QWEN.sampler(qwen_engines / "pipeline")
+    with pytest.raises(ValueError, match="the device loop implements DPM-Solver.*use the host loop"):
+        check_scheduler(sampler)
+    assert use_device_loop("ort-cuda", None, sampler) is False     # ort-cuda builds fall back to the host loop
+    assert isinstance(load_pipeline(qwen_engines, "ort-cpu", "fp32"), QwenImageText2ImagePipeline)
 
 
 # --- TensorRT / INT8 boundary -----------------------------------------------------------------------
@@ -331,3 +336,24 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     assert ort_row["ops"]["MultiHeadAttention"] == 2 and ort_row["rel_l2_vs_torch_eager"] < 1e-5
     eager = result["variants"]["torch eager fp32"]
     assert eager["full_depth_ms"] == pytest.approx(eager["rest_ms"] + 60 * eager["block_ms"], abs=0.2)
+
+
+def test_ort_fusion_recipe_applies_to_the_transformer(qwen_build):
+    """`make engine BACKEND=ort-cuda PRECISION=fp16` fuses the fp32 export first (engines/fusions.py): the
+    transformer gets the mmdit recipe; its CPU-safe subset keeps the output."""
+    import onnxruntime as ort
+    from toonark.engines.fusions import fuse_model
+    from toonark.export import qwen_export
+    from toonark.layout import BuildLayout
+    from toonark.specs import BuildInfo
+    info = BuildInfo.read(qwen_build)
+    source = BuildLayout(qwen_build).onnx_model("fp32", "transformer")
+    optimized, report = fuse_model(source, "transformer", fp16=False, cpu_safe=True)
+    assert report.model_type == "mmdit" and report.fused.get("SimplifiedLayerNormalization", 0) > 0
+    spec = info.specs["transformer"]
+    sizes = info.limits.sizes("opt")
+    feeds = qwen_export.sample_feeds(spec, info.dims, sizes)
+    fused = ort.InferenceSession(optimized.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    a, b = fused.run(None, feeds)[0], plain.run(None, feeds)[0]
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
