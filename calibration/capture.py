@@ -153,8 +153,10 @@ def open_pipeline(build_dir: Path, backend: str, precision: str, load_pipeline=N
 
 
 def replace_unet(pipeline, unet):
-    """The same pipeline (tokenizer, scheduler, text encoder, VAE) with another UNet Engine."""
-    return type(pipeline)({**pipeline.engines, "unet": unet}, pipeline.tokenizer, pipeline.scheduler,
+    """The same pipeline (tokenizer, scheduler, text encoder, VAE) with another UNet Engine (the family's
+    step submodel: Qwen-Image's transformer)."""
+    return type(pipeline)({**pipeline.engines, pipeline.family.denoiser_submodel: unet}, pipeline.tokenizer,
+                          pipeline.scheduler,
                           pipeline.dims, pipeline.limits, family=pipeline.family)
 
 

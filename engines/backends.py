@@ -49,7 +49,8 @@ class Backend:
         if fused and precision == "fp16":
             return layout.onnx_model("fp32", submodel)
         if precision == "int8":
-            if submodel == "unet":
+            from toonark.family import family_for_folder
+            if submodel == family_for_folder(layout.pipeline).denoiser_submodel:   # the UNet (or transformer)
                 return layout.int8_unet
             return layout.onnx_model(self.int8_companion_precision(), submodel)
         return layout.onnx_model(precision, submodel)

@@ -95,12 +95,14 @@ def build_dir_commands(build_dir: Path, precisions=PRECISIONS, submodels=None) -
     build_dir = Path(build_dir)
     info = BuildInfo.read(build_dir)
     layout = BuildLayout(build_dir)
+    from toonark.family import family_for_folder
+    family = family_for_folder(layout.pipeline)
     result = []
     for precision in precisions:
         for name, spec in info.specs.items():
             if submodels is not None and name not in submodels:
                 continue
-            if precision == "int8" and name != "unet":
+            if precision == "int8" and name != family.denoiser_submodel:
                 continue  # the rest of an int8 build is the fp16 plan: its lines are the fp16 ones
             onnx = source_onnx(build_dir, "tensorrt", precision, name)
             if not onnx.is_file():

@@ -357,3 +357,26 @@ def test_ort_fusion_recipe_applies_to_the_transformer(qwen_build):
     plain = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     a, b = fused.run(None, feeds)[0], plain.run(None, feeds)[0]
     assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
+
+
+def test_int8_transformer_calibrates_passes_the_gate_and_builds(qwen_engines):
+    """`make calibrate` on a Qwen-Image build: capture through the flow-matching sampler, QDQ INT8 of the
+    transformer (its input/output projections, time embedding and norms kept in float: the MMDiT's
+    conv_in/conv_out), the PSNR / latent-cosine gate against fp16; then `make engine PRECISION=int8`
+    builds the transformer from that model and the pipeline draws with it."""
+    from toonark.calibration.capture import CaptureConfig
+    from toonark.calibration.gate import GateConfig
+    from toonark.calibration.quantize import QuantConfig
+    from toonark.calibration.run import calibrate
+    from toonark.engines.build import build_engines
+    from toonark.engines.pipeline import load_pipeline
+    report = calibrate(qwen_engines, CaptureConfig(prompts=3, steps=3, size=64), QuantConfig(method="minmax"),
+                       GateConfig(prompts=2, steps=3, size=64), progress=False, load_pipeline=load_pipeline)
+    assert report["passed"] and report["source_onnx"] == "onnx/fp32/transformer/model.onnx"
+    assert report["quantize"]["summary"]["quantized_by_type"].get("MatMul", 0) > 0
+    assert {"conv_in", "conv_out", "time_embedding"} <= set(report["quantize"]["kept_float"])
+    results = build_engines(qwen_engines, "ort-cpu", "int8", submodels=["transformer"])
+    assert results["transformer"]["source_onnx"].endswith("calibration/int8/unet/model.onnx")
+    pipe = load_pipeline(qwen_engines, "ort-cpu", {"text_encoder": "fp32", "transformer": "int8", "vae_decoder": "fp32"})
+    image = pipe.generate(prompt="a happy otter", seed=2, steps=2, width=64, height=64).images
+    assert image.shape == (1, 64, 64, 3)
