@@ -23,6 +23,8 @@ TRT_FLAGS   ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
 # A folder of LoRA .safetensors files: `make tiny LORAS=dir` writes random ones, `make repo LORAS=dir` serves them.
 LORAS       ?=
+# make tiny KIND=tiny|sd15|qwen-image|qwen-image-shaped
+KIND        ?= tiny
 
 .PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean safety-model safety-eval
 
@@ -31,7 +33,7 @@ help:
 	@echo "make setup GPU=1 [WHEELS=dir]   the same with onnxruntime-gpu + CUDA torch, checked on the GPU"
 	@echo "make demo                       tiny pipeline -> export -> engine -> repo -> server -> out/demo.png"
 	@echo "make test                       the test suite (real tritonserver included)"
-	@echo "make tiny MODEL=dir [LORAS=dir]  a random-weight diffusers folder (tests, demo) [+ random LoRA files]"
+	@echo "make tiny MODEL=dir KIND=tiny [LORAS=dir]  a random-weight diffusers folder (tests, demo; KIND=qwen-image ...) [+ random LoRAs]"
 	@echo "make export MODEL=dir OUT=dir   ONNX fp32 + fp16 with parity report"
 	@echo "make calibrate OUT=dir          INT8 UNet calibration + quality gate"
 	@echo "make engine OUT=dir BACKEND=ort-cpu|ort-cuda|tensorrt PRECISION=fp32|fp16|int8"
@@ -85,7 +87,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 tiny: setup
-	$(PY) scripts/tiny.py --out $(MODEL) $(if $(KIND),--kind $(KIND)) $(if $(LORAS),--loras $(LORAS))
+	$(PY) scripts/tiny.py --out $(MODEL) --kind $(KIND) $(if $(LORAS),--loras $(LORAS))
 
 export: setup
 	@[ -d "$(MODEL)" ] || [ "$(MODEL)" != "build/tiny-pipeline" ] || $(PY) scripts/tiny.py --out $(MODEL)

@@ -69,9 +69,16 @@ def capture_dir(build_dir: Path) -> Path:
     return BuildLayout(build_dir).calibration / "capture"
 
 
+def denoiser_submodel(build_dir: Path) -> str:
+    """The submodel the sampler calls every step: the family's (SD: unet; Qwen-Image: transformer)."""
+    from toonark.family import family_for_folder
+    return family_for_folder(BuildLayout(build_dir).pipeline).denoiser_submodel
+
+
 def source_unet(build_dir: Path) -> Path:
-    """The UNet ONNX that is quantized (and whose hash keys capture, INT8 model and report)."""
-    path = BuildLayout(build_dir).onnx_model("fp32", "unet")
+    """The UNet ONNX that is quantized (and whose hash keys capture, INT8 model and report); for another
+    family the submodel in its place (Qwen-Image: the transformer)."""
+    path = BuildLayout(build_dir).onnx_model("fp32", denoiser_submodel(build_dir))
     if not path.is_file():
         raise FileNotFoundError(f"fp32 UNet ONNX not found: {path}; run `make export MODEL=<diffusers folder> "
                                 f"OUT={build_dir}` first")
@@ -92,7 +99,7 @@ def capture_key(source_sha: str, config: CaptureConfig, prompts: tuple[Prompt, .
 
 def build_capture_key(build_dir: Path, config: CaptureConfig, source_sha: str | None = None) -> str:
     """capture_key() of this build's UNet ONNX, fp32 text encoder ONNX and OUT/pipeline/scheduler."""
-    from toonark.scheduler import DPMSolverConfig
+    from toonark.family import family_for_folder
     layout = BuildLayout(build_dir)
     text_encoder = layout.onnx_model("fp32", "text_encoder")
     if not text_encoder.is_file():
@@ -100,7 +107,8 @@ def build_capture_key(build_dir: Path, config: CaptureConfig, source_sha: str | 
                                 f"MODEL=<diffusers folder> OUT={build_dir}` first")
     return capture_key(source_sha or sha256_onnx(source_unet(build_dir)), config,
                        prompt_set().take("calibration", config.prompts), prompt_set().negative,
-                       DPMSolverConfig.from_file(layout.pipeline / "scheduler").to_dict(), sha256_onnx(text_encoder))
+                       family_for_folder(layout.pipeline).sampler(layout.pipeline).config.to_dict(),
+                       sha256_onnx(text_encoder))
 
 
 @dataclass
@@ -145,8 +153,10 @@ def open_pipeline(build_dir: Path, backend: str, precision: str, load_pipeline=N
 
 
 def replace_unet(pipeline, unet):
-    """The same pipeline (tokenizer, scheduler, text encoder, VAE) with another UNet Engine."""
-    return type(pipeline)({**pipeline.engines, "unet": unet}, pipeline.tokenizer, pipeline.scheduler,
+    """The same pipeline (tokenizer, scheduler, text encoder, VAE) with another UNet Engine (the family's
+    step submodel: Qwen-Image's transformer)."""
+    return type(pipeline)({**pipeline.engines, pipeline.family.denoiser_submodel: unet}, pipeline.tokenizer,
+                          pipeline.scheduler,
                           pipeline.dims, pipeline.limits, family=pipeline.family)
 
 
@@ -179,7 +189,10 @@ def capture(build_dir: Path, config: CaptureConfig = CaptureConfig(), *, force: 
                 # Written and dropped at once: nothing of a step outlives this call.
                 name = f"shards/p{_index:04d}_s{step_index:03d}.npz"
                 with open(folder / name, "wb") as handle:
-                    np.savez(handle, **{k: np.asarray(v, dtype=np.float32) for k, v in unet_feeds.items()})
+                    # Floats as float32; integer inputs (Qwen-Image's text mask) keep their declared dtype.
+                    np.savez(handle, **{k: np.asarray(v, dtype=np.float32 if np.issubdtype(np.asarray(v).dtype,
+                                                                                          np.floating) else None)
+                                        for k, v in unet_feeds.items()})
                 names.append(name)
                 sizes.append((folder / name).stat().st_size)
                 bar.update(1)

@@ -91,7 +91,9 @@ class OnnxUnet(Engine):
         self.metadata = {"source": str(model_path), "exact_qdq": exact_qdq}
         self.session = ort_session(model_path, threads=threads, inter_threads=1,
                                    config={"session.disable_quant_qdq": "1"} if exact_qdq else None)
-        self._dtypes = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
+        # Integer inputs (Qwen-Image's text mask) keep their type; floats follow the model's precision.
+        self._dtypes = {i.name: (np.float16 if i.type == "tensor(float16)" else
+                                 np.int64 if i.type == "tensor(int64)" else np.float32)
                         for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

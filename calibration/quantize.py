@@ -50,7 +50,12 @@ KEEP_FLOAT_GROUPS = ("conv_in", "conv_out", "time_embedding", "norm", "time_emb_
 DEFAULT_KEEP_FLOAT = ("conv_in", "conv_out", "time_embedding", "norm")
 
 _PASS_THROUGH = ("Identity", "Cast")
-_TIME_EMBEDDING = re.compile(r"(^|/)(time_proj|time_embedding|time_embed)(/|$)")
+_TIME_EMBEDDING = re.compile(r"(^|/)(time_proj|time_embedding|time_embed|time_text_embed)(/|$)")
+# An MMDiT has no convolutions: its input and output projections play conv_in's and conv_out's part
+# (Qwen-Image: img_in / txt_in, proj_out).
+_PROJ_IN = re.compile(r"(^|/)(img_in|txt_in|x_embedder|context_embedder)(/|$)")
+_PROJ_OUT = re.compile(r"(^|/)proj_out(/|$)")
+_LINEAR_OPS = ("MatMul", "Gemm", "Add")
 _TIME_EMB_PROJ = re.compile(r"(^|/)time_emb_proj(/|$)")
 _NORM_SCOPE = re.compile(r"(^|/)(norm\d*|norm_out|conv_norm_out|group_norm|layer_norm)(/|$)")
 _CONV_IN = re.compile(r"(^|/)conv_in(/|$)")
@@ -169,10 +174,12 @@ def sensitive_nodes(model: onnx.ModelProto, groups: tuple[str, ...], patterns: t
     for group in groups:
         if group == "conv_in":
             names = [n.name for n in nodes if n.op_type == "Conv" and fed_by_graph_input(n)] or \
-                    [n.name for n in nodes if n.op_type == "Conv" and _CONV_IN.search(n.name)]
+                    [n.name for n in nodes if n.op_type == "Conv" and _CONV_IN.search(n.name)] or \
+                    [n.name for n in nodes if n.op_type in _LINEAR_OPS and _PROJ_IN.search(n.name)]
         elif group == "conv_out":
             names = [n.name for n in nodes if n.op_type == "Conv" and feeds_graph_output(n)] or \
-                    [n.name for n in nodes if n.op_type == "Conv" and _CONV_OUT.search(n.name)]
+                    [n.name for n in nodes if n.op_type == "Conv" and _CONV_OUT.search(n.name)] or \
+                    [n.name for n in nodes if n.op_type in _LINEAR_OPS and _PROJ_OUT.search(n.name)]
         elif group == "time_embedding":
             names = [n.name for n in nodes if _TIME_EMBEDDING.search(n.name)]
         elif group == "time_emb_proj":

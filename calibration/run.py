@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toonark.calibration.capture import (CaptureConfig, capture, capture_dir, open_pipeline, read_capture,
-                                         replace_unet, source_unet)
+from toonark.calibration.capture import (CaptureConfig, capture, capture_dir, denoiser_submodel, open_pipeline,
+                                         read_capture, replace_unet, source_unet)
 from toonark.calibration.gate import (DEFAULT_THRESHOLDS, THRESHOLD_REASONS, GateConfig, OnnxUnet, advice,
                                       check_thresholds, choose_reference, compare_runs, failures, summarize,
                                       unet_latency_ms)
@@ -84,7 +84,8 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
     quant_config.check_available()
     thresholds = check_thresholds(thresholds or {})
     info = BuildInfo.read(build_dir)
-    spec = info.specs["unet"]
+    step_model = denoiser_submodel(build_dir)   # "unet"; Qwen-Image: "transformer"
+    spec = info.specs[step_model]
     layout = BuildLayout(build_dir)
     source = source_unet(build_dir)
     source_sha = sha256_onnx(source)
@@ -108,7 +109,7 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
 
     with np.load(captured.shards[0]) as shard:
         probe = {name: shard[name] for name in shard.files}
-    ref_precision, ref_path, ref_reason = choose_reference(layout.onnx_model("fp16", "unet"), source, spec, probe,
+    ref_precision, ref_path, ref_reason = choose_reference(layout.onnx_model("fp16", step_model), source, spec, probe,
                                                            gate_config.reference)
     log(f"calibrate: reference UNet {ref_precision} ({ref_reason})")
     base = open_pipeline(build_dir, capture_config.backend, capture_config.precision, load_pipeline)
@@ -128,7 +129,8 @@ def calibrate(build_dir, capture_config: CaptureConfig = CaptureConfig(), quant_
                "int8_ms": unet_latency_ms(layout.int8_unet, spec, probe, runs=gate_config.latency_runs),
                "int8_exact_qdq_ms": unet_latency_ms(layout.int8_unet, spec, probe, runs=gate_config.latency_runs,
                                                     exact_qdq=True),
-               "batch": int(probe["sample"].shape[0]), "latent_hw": list(probe["sample"].shape[2:]),
+               "batch": int(probe[spec.input_names[0]].shape[0]),
+               "latent_hw": list(probe[spec.input_names[0]].shape[2:]),
                "runs": gate_config.latency_runs,
                "note": "one UNet call on ONNX Runtime CPU, median; says nothing about TensorRT int8 speed"}
     latency["int8_vs_fp32"] = round(latency["int8_ms"] / latency["fp32_ms"], 3)

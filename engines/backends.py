@@ -268,7 +268,7 @@ class EngineError(RuntimeError):
 
 UNKNOWN_GPU = "unknown-gpu"
 # The submodels `make calibrate` quantizes: their int8 graph carries Q/DQ (BuildLayout.int8_unet).
-QUANTIZED_SUBMODELS = ("unet",)
+QUANTIZED_SUBMODELS = ("unet", "transformer")   # every family's denoiser_submodel (what `make calibrate` quantizes)
 
 
 def _gpu_name(device_id: int = 0) -> str:

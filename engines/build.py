@@ -57,10 +57,12 @@ def check_int8_calibration(build_dir: Path) -> dict:
                           f"`make calibrate OUT={build_dir}` again, or build PRECISION=fp16.")
     recorded = report.get("source_onnx_sha256")
     # Calibration quantizes the fp32 UNet (calibration.capture.source_unet): only its hash can match.
-    unet = layout.onnx_model("fp32", "unet")
+    from toonark.family import family_for_folder
+    step_model = family_for_folder(layout.pipeline).denoiser_submodel   # "unet"; Qwen-Image: "transformer"
+    unet = layout.onnx_model("fp32", step_model)
     current = sha256_onnx(unet) if unet.is_file() else None
     if recorded != current:
-        now = f"onnx/fp32/unet {current[:12]}" if current else "no fp32 UNet ONNX"
+        now = f"onnx/fp32/{step_model} {current[:12]}" if current else "no fp32 UNet ONNX"
         raise EngineError(f"INT8 calibration is stale: {report_path} was made from UNet ONNX sha256 "
                           f"{str(recorded)[:12]}, the current export has {now}; run `make calibrate OUT={build_dir}` "
                           f"again")
@@ -76,7 +78,10 @@ def check_int8_calibration(build_dir: Path) -> dict:
 def select_submodels(build_dir: Path, backend: str, precision: str, specs: dict, submodels=None) -> list[str]:
     if submodels is None:
         optional = [name for name in OPTIONAL_SUBMODELS if source_onnx(build_dir, backend, precision, name).is_file()]
-        return list(SERVED_SUBMODELS) + optional
+        # The family's served submodels (SD: text_encoder, unet, vae_decoder; Qwen-Image: ..., transformer, ...).
+        from toonark.family import family_for_folder
+        served = family_for_folder(BuildLayout(build_dir).pipeline).served_submodels or SERVED_SUBMODELS
+        return list(served) + optional
     chosen = list(dict.fromkeys(submodels))
     for name in chosen:
         if name not in specs:
@@ -126,7 +131,8 @@ def build_engines(build_dir, backend: str, precision: str, submodels=None, force
     kind.check_fuse(precision, fuse)
     names = select_submodels(build_dir, backend, precision, specs, submodels)
     kind.check_available()  # fail before any work, with the install hint
-    if precision == "int8" and "unet" in names:
+    from toonark.family import family_for_folder
+    if precision == "int8" and family_for_folder(BuildLayout(build_dir).pipeline).denoiser_submodel in names:
         check_int8_calibration(build_dir)
     for name in names:
         source = source_onnx(build_dir, backend, precision, name, fused=fuse)

@@ -42,7 +42,10 @@ import onnx
 log = logging.getLogger(__name__)
 
 # toonark submodel -> onnxruntime.transformers model_type.
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
+               # Qwen-Image's MMDiT: ORT's SD3/Flux recipe fuses its LayerNorms, RMSNorms and Gelus; its
+               # attention pattern does not match (export/qwen_export.py fused_attention writes it fused).
+               "transformer": "mmdit"}
 
 # Contrib ops with a CUDA kernel only (a CPU session refuses the model).
 CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")

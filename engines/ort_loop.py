@@ -36,9 +36,11 @@ def check_scheduler(scheduler) -> None:
     """The step graph runs DPM-Solver++ of order 1 or 2 for epsilon and v_prediction models: the linear
     form toonark.scheduler.step_coefficients gives."""
     config = scheduler.config
-    if config.prediction_type not in ("epsilon", "v_prediction") or config.solver_order not in (1, 2):
+    # getattr: other families' samplers (flow matching) have neither key and get the same refusal.
+    prediction_type, solver_order = getattr(config, "prediction_type", None), getattr(config, "solver_order", None)
+    if prediction_type not in ("epsilon", "v_prediction") or solver_order not in (1, 2):
         raise ValueError(f"the device loop implements DPM-Solver++ of order 1-2 for epsilon / v_prediction; this "
-                         f"scheduler has prediction_type={config.prediction_type!r}, solver_order={config.solver_order}: "
+                         f"scheduler has prediction_type={prediction_type!r}, solver_order={solver_order}: "
                          f"use the host loop (device_loop=False)")
 
 

@@ -69,5 +69,6 @@ def load_pipeline(build_dir: Path, backend: str = "ort-cpu", precision: str | di
     if device_loop:
         from toonark.engines.ort_loop import DeviceLoop
         loop = DeviceLoop({name: engines[name] for name in served}, info.dims, family)   # text-to-image only
-    return Text2ImagePipeline(engines, family.load_tokenizer(layout.pipeline), scheduler, info.dims, info.limits,
-                              device_loop=loop, family=family)
+    # The family's pipeline class (Stable Diffusion: Text2ImagePipeline; Qwen-Image: its flow-matching one).
+    return family.text2image(engines, family.load_tokenizer(layout.pipeline), scheduler, info.dims, info.limits,
+                             device_loop=loop)

@@ -64,14 +64,14 @@ class ExportKey:
         return {**self.__dict__, "submodels": list(self.submodels)}
 
 
-def check_model_folder(model_dir: Path) -> PipelineDims:
+def check_model_folder(model_dir: Path, components: tuple[str, ...] = COMPONENTS) -> PipelineDims:
     """Read the pipeline's sizes; refuse folders whose weights exist only as pickles."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder not found: {model_dir}. Pass a diffusers folder saved by "
                                 f"save_pretrained (make tiny MODEL={model_dir} writes a random-weight one)")
     dims = family_for_folder(model_dir).dims_from_folder(model_dir)
-    for component in COMPONENTS:
+    for component in components:
         folder = model_dir / component
         if any(folder.glob("*.safetensors")):
             continue
@@ -85,10 +85,10 @@ def check_model_folder(model_dir: Path) -> PipelineDims:
     return dims
 
 
-def source_hash(model_dir: Path) -> str:
+def source_hash(model_dir: Path, components: tuple[str, ...] = COMPONENTS) -> str:
     """Hash of the configs and safetensors of the components the graphs are exported from."""
     digest = hashlib.sha256()
-    for component in COMPONENTS:
+    for component in components:
         digest.update(component.encode())
         digest.update(sha256_tree(Path(model_dir) / component, HASHED_SUFFIXES).encode())
     return digest.hexdigest()
@@ -275,15 +275,19 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
         if precision not in EXPORT_PRECISIONS:
             raise ValueError(f"precision {precision!r} cannot be exported; choose from {', '.join(EXPORT_PRECISIONS)} "
                              f"(int8 comes from `make calibrate`)")
-    dims = check_model_folder(model_dir)
-    specs = family_for_folder(model_dir).specs(dims)   # the family's declarations (model_index.json)
+    family = family_for_folder(model_dir)
+    exporter = family_exporter(family.name)
+    dims = check_model_folder(model_dir, exporter.components)
+    specs = family.specs(dims)   # the family's declarations (model_index.json)
+    limits = family.default_limits(limits, dims)   # e.g. Qwen-Image's text-length axis
+    dims = family.build_dims(dims, limits)
     check_profiles(specs, limits)
     submodels = tuple(specs) if submodels is None else tuple(submodels)
     for name in submodels:
         if name not in specs:
             raise ValueError(f"unknown submodel {name!r}; choose from {', '.join(specs)}")
     layout = BuildLayout(out_dir)
-    source = source_hash(model_dir)
+    source = source_hash(model_dir, exporter.components)
     versions = tool_versions()
     keys = {p: ExportKey(source, p, OPSET, limits.to_json(), submodels, EXPORT_CODE_VERSION, versions)
             for p in precisions}
@@ -301,12 +305,12 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
 
     if stale:
         started = time.perf_counter()
-        pipeline = load_pipeline(model_dir)
+        pipeline = exporter.load(model_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # Scratch space beside the outputs (same disk: SD-1.5's fp32 UNet alone is 3.4 GB).
         with tempfile.TemporaryDirectory(prefix=".export-work-", dir=out_dir) as work:
             work = Path(work)
-            export_raw_fp32(pipeline, dims, specs, work / "raw")
+            exporter.export_raw(pipeline, dims, specs, work / "raw", submodels, limits)
             export_seconds = time.perf_counter() - started
             staged, passes = {}, {}
             for precision in ("fp32",) + tuple(p for p in stale if p != "fp32"):
@@ -317,8 +321,8 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
                         passes[(precision, name)] = clean_fp32(work / "raw" / name / "model.onnx", specs[name], target)
                     else:
                         passes[(precision, name)] = convert_fp16(staged["fp32"] / name / "model.onnx", specs[name], target)
-            modules = {c: getattr(pipeline, c) for c in COMPONENTS}
-            rows = measure_parity(specs, submodels, {p: staged[p] for p in stale}, modules, limits)
+            modules = {c: getattr(pipeline, c) for c in exporter.components}
+            rows = exporter.parity(specs, submodels, {p: staged[p] for p in stale}, modules, limits, dims)
             for precision in stale:
                 log.info("%s", format_table(rows[precision]))
                 raise_on_failure(rows[precision])
@@ -350,3 +354,27 @@ def export_pipeline(model_dir, out_dir, precisions=EXPORT_PRECISIONS, limits: Sh
     from toonark.export.safety_checker import export_safety_checker
     export_safety_checker(model_dir, out_dir, force=force)
     return report
+
+
+class StableDiffusionExport:
+    """How the Stable Diffusion family is exported: optimum's exporter with the spec's configs."""
+    components = COMPONENTS
+
+    def load(self, model_dir: Path):
+        return load_pipeline(model_dir)
+
+    def export_raw(self, pipeline, dims, specs, out_dir: Path, submodels, limits: ShapeLimits) -> None:
+        export_raw_fp32(pipeline, dims, specs, out_dir)
+
+    def parity(self, specs, submodels, precision_dirs, modules, limits: ShapeLimits, dims):
+        return measure_parity(specs, submodels, precision_dirs, modules, limits)
+
+
+def family_exporter(family_name: str):
+    """The exporter object of a model family (toonark.family): {family name: exporter}."""
+    from toonark.export.qwen_export import QwenImageExport
+    exporters = {"stable-diffusion": StableDiffusionExport(), "qwen-image": QwenImageExport()}
+    if family_name not in exporters:
+        raise ValueError(f"no exporter for model family {family_name!r}; add one in export/onnx_export.py's "
+                         f"family_exporter")
+    return exporters[family_name]

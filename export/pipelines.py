@@ -170,3 +170,10 @@ def build_pipeline(out: Path, kind: str = "tiny", seed: int = 0, with_safety_che
             pipe.register_to_config(requires_safety_checker=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out)
+
+
+def pipeline_kinds() -> dict:
+    """Every `make tiny KIND=...`: {kind: builder(out, kind, seed) -> Path}. Stable Diffusion kinds come
+    from CONFIGS above, Qwen-Image kinds from export/qwen_pipelines.py."""
+    from toonark.export.qwen_pipelines import QWEN_CONFIGS, build_qwen_pipeline
+    return {**{kind: build_pipeline for kind in CONFIGS}, **{kind: build_qwen_pipeline for kind in QWEN_CONFIGS}}

@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 help=f"default {getattr(defaults, name)}")
     shapes.add_argument("--image-step", type=int, default=defaults.image_step,
                         help=f"image sizes are multiples of this (default {defaults.image_step})")
+    for level in ("min", "opt", "max"):   # families with a text-length axis (Qwen-Image); CLIP's is fixed
+        shapes.add_argument(f"--{level}-text", dest=f"{level}_text", type=int, default=0,
+                            help="text tokens after the template (Qwen-Image; default from the family: 1/64/512)")
     parser.add_argument("--force", action="store_true", help="re-export even when export.json says up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every cleanup pass")
     return parser.parse_args(argv)
@@ -42,7 +45,9 @@ def run(args: argparse.Namespace) -> None:
     from toonark.export.onnx_export import export_pipeline
     limits = ShapeLimits(**{f"{level}_{field}": getattr(args, f"{level}_{field}")
                             for field in ("batch", "image") for level in ("min", "opt", "max")},
-                         image_step=args.image_step)
+                         image_step=args.image_step,
+                         **({f"{level}_text": getattr(args, f"{level}_text") for level in ("min", "opt", "max")}
+                            if args.max_text else {}))
     export_pipeline(args.model, args.out, precisions=tuple(args.precision or EXPORTABLE_PRECISIONS),
                     limits=limits, force=args.force)
 

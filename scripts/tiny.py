@@ -10,11 +10,13 @@ from toonark.scripts import _cli as cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from toonark.export.pipelines import CONFIGS
+    from toonark.export.pipelines import pipeline_kinds
     parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
-    parser.add_argument("--kind", choices=sorted(CONFIGS), default="tiny",
-                        help="tiny: seconds on CPU, for tests; sd15: SD-1.5 shapes (UNet 860 M), for benchmarks")
+    parser.add_argument("--kind", choices=sorted(pipeline_kinds()), default="tiny",
+                        help="tiny: seconds on CPU, for tests; sd15: SD-1.5 shapes (UNet 860 M), for benchmarks; "
+                             "qwen-image: tiny Qwen-Image (MMDiT, flow matching); qwen-image-shaped: real widths, "
+                             "2 blocks, for GPU timing")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
     parser.add_argument("--loras", type=Path, help="also write random LoRA files for it here (storybook: diffusers/"
                         "PEFT, crayon: kohya, clay: PEFT with alpha metadata; export/loras.py)")
@@ -23,8 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from toonark.export.pipelines import build_pipeline
-    folder = build_pipeline(args.out, kind=args.kind, seed=args.seed)
+    from toonark.export.pipelines import pipeline_kinds
+    folder = pipeline_kinds()[args.kind](args.out, kind=args.kind, seed=args.seed)
     print(f"wrote {args.kind} pipeline (seed {args.seed}) to {folder}")
     if args.loras is not None:
         from toonark.export.loras import write_random_loras

@@ -20,7 +20,8 @@ from toonark.api import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
 
 PROTOCOLS = ("http", "grpc")
 # Stages in request order; `unet` runs once per step, called by `denoise`.
-STAGES = ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "safety_checker", "postprocess")
+STAGES = ("preprocess", "text_encoder", "denoise", "unet", "transformer", "vae_decoder", "safety_checker",
+          "postprocess")   # transformer: the Qwen-Image family's step model (toonark.family.QwenImage)
 
 _NUMPY = api.NUMPY_TYPES
 _WIRE = {"STRING": "BYTES"}

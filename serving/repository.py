@@ -177,14 +177,18 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
                  queue: QueuePolicy | None = None, safety_checker: dict | None = None,
                  loras: list[str] | None = None, lora_cache_size: int = 4, vae_encoder: bool = False,
-                 tile: int = 0, tile_overlap: int = -1) -> dict[str, str]:
+                 tile: int = 0, tile_overlap: int = -1, family=None) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
     `lora_scale`, which text_encoder (so they are part of its response-cache key) and denoise -> unet read;
     lora_cache_size: weight sets each engine keeps (LRU).
     vae_encoder: serve the VAE encoder (IMAGE_IN; called by denoise over BLS, like unet). tile / tile_overlap:
-    the tiling of pictures above the profile in pixels (0 / -1: the profile's defaults, toonark.tiling)."""
+    the tiling of pictures above the profile in pixels (0 / -1: the profile's defaults, toonark.tiling).
+    family: the build's model family (toonark.family; default Stable Diffusion): its served submodels are
+    the three engine steps (Qwen-Image: text_encoder, transformer, vae_decoder), a family whose denoise
+    reads the token ids too (`denoise_reads_ids`) gets input_ids routed to denoise, and editing / tiled
+    sizes are served only for a family that has them (`edits_images`, `tiles_large_images`)."""
     if loras and layout != "python":
         raise ValueError(f"LoRA styles are switched inside toonark's Python-backend runners; use --layout python, "
                          f"not {layout!r}")
@@ -199,13 +203,15 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         raise ValueError(f"backend tensorrt builds .plan files; serve them with --layout tensorrt_plan, not {layout!r}")
     specs = info.specs
     metadata = metadata or {}
-    te, unet, vae = (specs[n] for n in SERVED_SUBMODELS)
+    served = family.served_submodels if family is not None else SERVED_SUBMODELS
+    te, unet, vae = (specs[n] for n in served)
     engine_kind = backend_for(backend, strict=False).triton_kind
     configs = {}
     # Tiled pictures need Python-side tiling around the VAE engines (runtime.TiledRunner): the python layout.
-    tiled = layout == "python"
+    tiled = layout == "python" and (family is None or family.tiles_large_images)
     from toonark.tiling import tiling_parameter
-    tiling = {"tiling": tiling_parameter(info.limits, info.dims, tile or None, tile_overlap if tile_overlap >= 0 else None)}
+    tiling = ({"tiling": tiling_parameter(info.limits, info.dims, tile or None, tile_overlap if tile_overlap >= 0 else None)}
+              if tiled else {})
     for spec in (te, unet, vae) + ((specs["vae_encoder"],) if vae_encoder else ()):
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
         # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
@@ -220,7 +226,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
-            graph = backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
+            # CUDA graphs at the opt B/H/W only where those are the only axes (not over a dynamic text length).
+            symbols = {d.symbol for t in spec.inputs for d in t.dims if hasattr(d, "symbol")}
+            graph = (backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
+                     and symbols <= {"B", "H", "W"})
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
@@ -260,12 +269,15 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         encoder_in, _ = _engine_io(specs["vae_encoder"], precision, metadata.get("vae_encoder"))
         encoder_params = {"vae_encoder_model": "vae_encoder",
                           "vae_encoder_float_type": "TYPE_" + encoder_in[0].triton_type}
+    reads_ids = bool(getattr(family, "denoise_reads_ids", False))
+    ids_port = [te_in[0]] if reads_ids else []
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS, *lora_ports], [vae_in[0]],
-        backend="python",
+        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *ids_port, *DENOISE_INPUTS, *lora_ports],
+        [vae_in[0]], backend="python",
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name, **tiling, **encoder_params})
+                "latent_name": vae_in[0].name, **tiling, **encoder_params,
+                **({"text_ids_name": te_in[0].name} if reads_ids else {})})
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -274,7 +286,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
          {te_in[0].name: "input_ids", **resolved, **lora_map}),
         (te.name, {te_in[0].name: "input_ids", **lora_map}, {hidden.name: "text_embeddings"}),
-        ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}, **lora_map},
+        ("denoise", {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
+                     **{p.name: p.name for p in DENOISE_INPUTS}, **lora_map},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
     ]
@@ -350,14 +363,18 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     build_dir = Path(build_dir)
     paths = BuildLayout(build_dir)
     info = BuildInfo.read(build_dir)
+    from toonark.family import family_for_folder
+    family = family_for_folder(paths.pipeline)
+    served = family.served_submodels
     fix_export = f"Run `make export MODEL=<diffusers folder> OUT={build_dir}` first."
     engine_root = paths.engine_dir(backend, precision)
     engine_backend = backend_for(backend)
     engine_name = engine_backend.engine_file
     metadata = {}
-    # The VAE encoder (IMAGE_IN) is served when it was built (engines/build.py builds it when exported).
-    encoder = (engine_root / "vae_encoder" / engine_name).is_file()
-    served = SERVED_SUBMODELS + (("vae_encoder",) if encoder else ())
+    # The VAE encoder (IMAGE_IN) is served when it was built (engines/build.py builds it when exported) and the
+    # family edits pictures.
+    encoder = family.edits_images and (engine_root / "vae_encoder" / engine_name).is_file()
+    served = served + (("vae_encoder",) if encoder else ())
     for name in served:
         engine = engine_root / name / engine_name
         if not engine.is_file():
@@ -389,7 +406,7 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
                            intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
                            loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size,
-                           vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap)
+                           vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap, family=family)
     remake = (f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision} && "
               f"make repo OUT={build_dir} BACKEND={backend} PRECISION={precision} LAYOUT={layout}")
     record = {"backend": backend, "precision": precision, "layout": layout, "remake": remake,
@@ -416,7 +433,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             shutil.copy2(SOURCE_DIR / "safety_checker" / "1" / "model.py", tmp / "safety_checker" / "1" / "model.py")
         # What each Python model reads at initialize: <model>/1/pipeline/ is a BuildLayout pipeline folder,
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
-        parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
+        parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",) + family.denoise_pipeline_parts,
+                 "postprocess": ()}
         if layout == "python":
             parts.update({name: () for name in served})
         for name, folders in parts.items():

@@ -93,3 +93,31 @@ def tiny_engines(tiny_build) -> Path:
     from toonark.engines.build import build_engines
     build_engines(tiny_build, backend="ort-cpu", precision="fp32")
     return tiny_build
+
+
+# --- Qwen-Image (issue 17): the tiny random folder, its export and ORT CPU engines ---------------------
+# Tiny limits: 64..128 px in steps of 16 (the VAE's 8 px per latent x 2x2 patches), up to 96 text tokens.
+QWEN_LIMITS = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_image=64, opt_image=96, max_image=128,
+                          image_step=16, min_text=1, opt_text=24, max_text=96)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tmp_path_factory) -> Path:
+    from toonark.export.qwen_pipelines import build_qwen_pipeline
+    return build_qwen_pipeline(tmp_path_factory.mktemp("qwen") / "qwen-tiny", kind="qwen-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_build(qwen_model, tmp_path_factory) -> Path:
+    """`make export` of the tiny Qwen-Image folder: fp32 + fp16, parity-checked."""
+    from toonark.export.onnx_export import export_pipeline
+    out = tmp_path_factory.mktemp("qwen-build") / "qwen"
+    export_pipeline(qwen_model, out, precisions=("fp32", "fp16"), limits=QWEN_LIMITS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_engines(qwen_build) -> Path:
+    from toonark.engines.build import build_engines
+    build_engines(qwen_build, backend="ort-cpu", precision="fp32")
+    return qwen_build

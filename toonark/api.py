@@ -202,7 +202,7 @@ class ResolvedRequest:
             if cut:
                 used = len(tokenizer.backend.encode(prompts[i], add_special_tokens=False).ids)
                 raise RequestError(f"PROMPT{f' {i}' if len(prompts) > 1 else ''} is too long: {used} tokens with the "
-                                   f"style words, the text encoder reads {dims.text_length - 2}; "
+                                   f"style words, the text encoder reads {family.text_window(dims)}; "
                                    f"shorten the subject")
         return np.ascontiguousarray(ids, dtype=np.int64)
 

@@ -92,3 +92,33 @@ def tokenize(tokenizer: ClipTokenizer, prompts: Sequence[str], length: int) -> t
         sequence = [tokenizer.bos_id] + tokens[:length - 2] + [tokenizer.eos_id]
         ids[row, :len(sequence)] = sequence
     return ids, truncated
+
+
+@dataclass(frozen=True)
+class QwenTokenizer:
+    """Qwen2 byte-level BPE for the Qwen-Image family (toonark.family.QwenImage), torch-free: the
+    folder's tokenizer.json read by the `tokenizers` library (what Qwen2TokenizerFast wraps; tests
+    check equal ids with transformers), plus the pad id."""
+    backend: object          # tokenizers.Tokenizer
+    pad_id: int
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "QwenTokenizer":
+        from tokenizers import Tokenizer
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a Qwen2 tokenizer folder "
+                                    f"(OUT/pipeline/tokenizer is copied from the model by `make export`)")
+        backend = Tokenizer.from_file(str(path))
+        backend.no_padding()
+        backend.no_truncation()
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        pad = _token_text(config.get("pad_token")) or "<|endoftext|>"
+        pad_id = backend.token_to_id(pad)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad!r} of {folder} is not in its tokenizer.json; copy the tokenizer folder "
+                             f"again from the diffusers model")
+        return cls(backend, pad_id)

@@ -37,6 +37,8 @@ PARAMETER_TYPES: dict[str, type] = {
     # image input and tiling (toonark.image_input, toonark.tiling): whether a VAE encoder is served, the
     # model denoise calls for it, and the tile size / overlap in pixels (0 / -1: the profile's defaults)
     "image_input": int, "vae_encoder_model": str, "vae_encoder_float_type": str, "tiling": str, "tiled_sizes": int,
+    # denoise of families that read the token ids too (Qwen-Image: which text rows are padding)
+    "text_ids_name": str,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
     # LoRA styles (repositories written with LORAS=dir): preprocess' registered names, the engines' LRU size
@@ -206,6 +208,68 @@ class Denoiser:
         return self.family.latents_to_vae(latents, dims)
 
 
+class QwenImageDenoiser:
+    """Qwen-Image's denoise (toonark.qwen_pipeline, the offline code): the text encoder's hidden states and
+    the token ids -> template tokens dropped, padding masked, RoPE, flow-matching Euler with true CFG over
+    a transformer given as a callable (the Triton model's BLS call to `transformer`) -> the VAE decoder's
+    input (unpacked, per-channel normalised). Same noise, schedule and math as the offline pipeline."""
+
+    def __init__(self, pipeline: Path, info: BuildInfo):
+        from toonark.family import family_for_folder
+        from toonark.tokenizer import QwenTokenizer
+        self.info = info
+        self.family = family_for_folder(pipeline)
+        self.scheduler = self.family.sampler(pipeline)
+        tokenizer_config = Path(pipeline) / "tokenizer"
+        self.pad_id = QwenTokenizer.from_folder(tokenizer_config).pad_id if tokenizer_config.is_dir() else None
+        self.last_unet_seconds: list[float] = []
+
+    def run(self, text_embeddings: np.ndarray, *, seed, steps: int, guidance: float, width: int, height: int,
+            unet: UnetCall, float_dtype=np.float32, input_ids: np.ndarray | None = None) -> np.ndarray:
+        from toonark.qwen_pipeline import denoise
+        if input_ids is None or self.pad_id is None:
+            raise RequestError("Qwen-Image's denoise needs the token ids (input_ids) and the tokenizer; regenerate "
+                               "the repository with `make repo`")
+        if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2 or input_ids.shape[:2] != text_embeddings.shape[:2]:
+            raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} do not fit token ids of shape "
+                               f"{list(input_ids.shape)}; expected (2B, L, D) and (2B, L)")
+        family, dims = self.family, self.info.dims
+        batch = text_embeddings.shape[0] // 2
+        seeds = [int(s) for s in np.asarray(seed).reshape(-1)]
+        if len(seeds) == 1:
+            latents = family.initial_latents(seeds[0], batch, dims, height, width)
+        elif len(seeds) == batch:
+            latents = np.concatenate([family.initial_latents(s, 1, dims, height, width) for s in seeds])
+        else:
+            raise RequestError(f"{len(seeds)} seeds for {batch} images; send 1 or one per image")
+        lengths = family.token_lengths(input_ids, self.pad_id)
+        embeds, mask = family.text_conditioning(text_embeddings.astype(np.float32), lengths, dims)
+        img_rope, txt_rope = family.rope(dims, height, width, embeds.shape[1])
+        spec = self.info.specs["transformer"]
+        io = "fp16" if np.dtype(float_dtype) == np.float16 else "fp32"
+        conditioning = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
+                        "img_rope": img_rope, "txt_rope": txt_rope}
+
+        def typed(feeds: dict) -> np.ndarray:
+            return unet({t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in spec.inputs})
+
+        latents, step_ms = denoise(self.scheduler, latents, conditioning,
+                                   self.scheduler.schedule(steps, latents.shape[1]), guidance, typed)
+        self.last_unet_seconds = [ms / 1e3 for ms in step_ms]
+        h, w = family.latent_grid(dims, height, width)
+        return family.latents_to_vae(family.unpack_latents(latents, h, w, dims.patch_size), dims)
+
+
+def denoiser_for(pipeline: Path, info: BuildInfo, tiling: str | None = None):
+    """The denoise object of the build's model family: {family name: class}; tiling: the `tiling` parameter of
+    a family that tiles sizes above the profile."""
+    from toonark.family import family_for_folder
+    family = family_for_folder(pipeline)
+    if family.tiles_large_images:
+        return Denoiser(pipeline, info, tiling)
+    return {"qwen-image": QwenImageDenoiser}[family.name](pipeline, info)
+
+
 # --- postprocess ----------------------------------------------------------------------------------
 
 def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY) -> list[bytes]:
@@ -249,7 +313,7 @@ def load_runner(args: dict, params: dict):
     engine = backend_for(metadata["backend"]).load(
         folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
         graph_sizes=sizes or None)
-    if name in ("vae_decoder", "vae_encoder"):
+    if name in ("vae_decoder", "vae_encoder") and params.get("tiling"):
         # Pictures above the profile: decoded / encoded in Hann-blended tiles (the offline pipeline wraps the same way).
         return TiledRunner(engine, build_info(args), *tile_settings(params.get("tiling")))
     return engine

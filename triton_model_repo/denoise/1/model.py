@@ -21,7 +21,10 @@ class TritonPythonModel:
         self.float_dtype = pb_utils.triton_string_to_numpy(params["unet_float_type"])
         latent_config = pb_utils.get_output_config_by_name(config, self.latent_name)
         self.latent_dtype = pb_utils.triton_string_to_numpy(latent_config["data_type"])
-        self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args), params.get("tiling"))
+        # The build's model family's denoiser (SD: DPM-Solver++, tiles above the profile; Qwen-Image: flow
+        # matching, reads the ids too).
+        self.denoiser = runtime.denoiser_for(runtime.pipeline_dir(args), runtime.build_info(args), params.get("tiling"))
+        self.ids_name = params.get("text_ids_name")
         self.encoder_model = params.get("vae_encoder_model")   # absent: the build serves no VAE encoder
         self.encoder_dtype = pb_utils.triton_string_to_numpy(params.get("vae_encoder_float_type", "TYPE_FP32"))
         self.logger = pb_utils.Logger
@@ -61,11 +64,15 @@ class TritonPythonModel:
         self.lora_tensors = [pb_utils.Tensor(port.name, tensor(port)) for port in api.LORA_RESOLVED] if self.lora else []
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
         seeds = tensor(api.SEED).reshape(-1).tolist()
+        extra = {}
+        if self.ids_name:   # families whose denoise reads the token ids (Qwen-Image: which rows are padding)
+            extra["input_ids"] = pb_utils.get_input_tensor_by_name(request, self.ids_name).as_numpy()
+        if self.encoder_model:   # families that edit pictures: the resolved edit (0 rows when none was sent)
+            extra.update(image=tensor(api.IMAGE), mask=tensor(api.MASK), strength=float(value(api.STRENGTH)),
+                         vae_encoder=self._vae_encoder)
         latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
                                     width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)), unet=self._unet,
-                                    float_dtype=self.float_dtype, image=tensor(api.IMAGE), mask=tensor(api.MASK),
-                                    strength=float(value(api.STRENGTH)),
-                                    vae_encoder=self._vae_encoder if self.encoder_model else None)
+                                    float_dtype=self.float_dtype, **extra)
         calls = self.denoiser.last_unet_seconds
         self.metrics.count("toonark_steps_total", len(calls))
         self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
