@@ -193,7 +193,10 @@ class PipelineDims:
                    unet_in_channels=0 if unet_in == latent_channels else unet_in)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if not self.unet_in_channels:   # a text-to-image UNet keeps the toonark.json it always had
+            data.pop("unet_in_channels")
+        return data
 
     def specs(self) -> dict[str, "SubmodelSpec"]:
         """The declarations of this pipeline's submodels (subclasses of other families override)."""
