@@ -9,6 +9,6 @@ if [ ! -f .venv/.installed-gpu-offline ] && [ ! -f .venv/.installed-gpu ]; then
   echo "error: no GPU venv here: run the setup sequence of benchmarks/NOTES.md (make setup GPU=1 WHEELS=...) first" >&2
   exit 3
 fi
-export PATH="$PWD/.venv/bin:$PATH" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PATH="$PWD/.venv/bin:$PATH" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false USE_FLAX=0 USE_JAX=0 USE_TF=0
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
   --format=csv > "$OUT/nvidia-smi.csv" 2>&1

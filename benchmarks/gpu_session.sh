@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh qwen        # issue 17: gpu_qwen.py
 # Results: $OUT/<phase>.tgz (the JSON files) and the tables on stdout.
 set -uo pipefail
+# The image has jax/flax built for numpy 2; diffusers/transformers would import them next to the venv's numpy 1.26.
+export USE_FLAX=0 USE_JAX=0 USE_TF=0
 phase=$1; shift
 OUT=${OUT:-/tmp/out}; BUILD=${BUILD:-/tmp/tkbuild}; RES=/tmp/res/$phase
 mkdir -p "$OUT" "$RES"
