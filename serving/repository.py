@@ -52,6 +52,35 @@ from toonark.layout import BuildLayout
 from toonark.specs import SERVED_SUBMODELS, BuildInfo, SubmodelSpec, TensorSpec
 
 LAYOUTS = ("python", "onnxruntime_onnx", "tensorrt_plan")
+# How `denoise` runs the UNet (issue 12): in_process = it owns the UNet engine (python layout; ort-cuda: the
+# device loop with CUDA graphs per bucket, no per-step hop), bls = one BLS call to `unet` per step with host
+# tensors, bls_device = one BLS call per step with device tensors (DLPack) and the solver step on the device
+# (the native layouts, where the UNet is another backend's model).
+UNET_LOOPS = ("in_process", "bls", "bls_device")
+# Batch sizes (images per request) that get a CUDA graph of their own at the opt image size (in_process on
+# ort-cuda); other sizes run a dynamic-shape session.
+GRAPH_BATCHES = (1, 2, 4)
+
+
+def default_unet_loop(backend: str, layout: str) -> str:
+    """python + a CUDA backend: in_process (the device loop inside denoise). python + ort-cpu: bls, measured
+    (benchmarks/cpu_served.py, README "Speed"): with the batcher fix the BLS hop costs about what the
+    in-process call saves on 2 cores, and the `unet` model keeps its own statistics and queue. Native layouts:
+    bls_device on the GPU (the UNet belongs to the onnxruntime / tensorrt backend), bls on the CPU."""
+    gpu = backend_for(backend, strict=False).triton_kind == "KIND_GPU"
+    if layout == "python":
+        return "in_process" if gpu else "bls"
+    return "bls_device" if gpu else "bls"
+
+
+def graph_buckets(info: BuildInfo) -> str:
+    """The cuda_graph_sizes parameter of an in_process denoise: one bucket per GRAPH_BATCHES size the build
+    serves, at the opt image size."""
+    size = info.limits.opt_image
+    return ";".join(f"B={b},H={size},W={size}" for b in GRAPH_BATCHES if b <= info.limits.max_batch)
+# The models that get the QueuePolicy (dynamic_batching { default_queue_policy }): see QueuePolicy for why
+# only the ensemble's bottleneck. A BLS callee must never get one (500 ms stalls, issue 12; found by HBLS).
+QUEUED_MODELS = ("denoise",)
 # The model folders Triton loads (thin model.py files) live in the triton_model_repo package.
 SOURCE_DIR = Path(triton_model_repo.__file__).resolve().parent
 
@@ -110,12 +139,23 @@ def _parameters(params: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    """Back-pressure of every non-ensemble model: at most `max_queue_size` requests wait for an
-    instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE "Exceeds maximum queue size"),
-    and one that waited longer than `timeout_s` (0: no limit) is rejected with "Request timeout expired".
-    Triton 2.51 accepts `dynamic_batching { default_queue_policy }` on max_batch_size 0 models (checked
-    on the bundled server: nothing is batched, the queue limits apply); ensembles have no queue of
-    their own, so the limit bites at the slowest step (denoise)."""
+    """Back-pressure of the ensemble, set on its bottleneck step (QUEUED_MODELS = denoise): at most
+    `max_queue_size` requests wait for an instance; more are rejected at once (HTTP 503 / gRPC
+    UNAVAILABLE "Exceeds maximum queue size"), and one that waited longer than `timeout_s` (0: no limit)
+    is rejected with "Request timeout expired". Triton 2.51 accepts `dynamic_batching { default_queue_policy }`
+    on max_batch_size 0 models (checked on the bundled server: nothing is batched, the queue limits apply);
+    ensembles have no queue of their own, so the limit bites at the slowest step (denoise).
+
+    Why only there (issue 12, root cause found by helper HBLS): a queue policy with a size or timeout turns
+    off the dynamic batcher's payload prefetching (triton core `PriorityQueue::support_prefetching_`). Without
+    it, `DynamicBatchScheduler::Enqueue` wakes the batcher thread only when an instance thread is already
+    waiting for work; a request that arrives after the previous execution's completion callback but before
+    the instance thread waits again wakes nobody, and the batcher sleeps its idle timeout, a fixed 500 ms.
+    BLS callers hit that window all the time: denoise sends the next UNet step about 1 ms after the previous
+    answer, so 1-8 of 20 UNet calls per request waited 500 ms (served 0.5-4.7 s for a 0.6 s image). The
+    other models are bounded anyway: `unet` is only called by denoise (one call in flight per denoise
+    instance); preprocess and text_encoder pass requests on in milliseconds to denoise's queue;
+    vae_decoder and postprocess get one request per finished denoise."""
     max_queue_size: int = 16
     timeout_s: float = 0.0
 
@@ -171,11 +211,22 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
-                 queue: QueuePolicy | None = None, safety_checker: dict | None = None) -> dict[str, str]:
+                 queue: QueuePolicy | None = None, safety_checker: dict | None = None,
+                 unet_loop: str | None = None, denoise_instances: int = 1) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
-    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
+    queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
+    unet_loop: UNET_LOOPS (default: default_unet_loop); in_process leaves out the `unet` model.
+    denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    unet_loop = unet_loop or default_unet_loop(backend, layout)
+    if unet_loop not in UNET_LOOPS:
+        raise ValueError(f"unknown unet_loop {unet_loop!r}; choose one of {', '.join(UNET_LOOPS)}")
+    if unet_loop == "in_process" and layout != "python":
+        raise ValueError(f"unet_loop in_process runs the UNet engine inside denoise (ONNX Runtime, python layout); "
+                         f"layout {layout} serves it with another backend: use bls_device or bls")
+    if denoise_instances < 1:
+        raise ValueError(f"denoise_instances must be >= 1, got {denoise_instances}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
     serves_plans = backend_for(backend, strict=False).engine_file.endswith(".plan")
     if layout == "tensorrt_plan" and not serves_plans:
@@ -189,6 +240,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     engine_kind = backend_for(backend, strict=False).triton_kind
     configs = {}
     for spec in (te, unet, vae):
+        if spec.name == unet.name and unet_loop == "in_process":
+            continue   # denoise owns it
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
         # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
         # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
@@ -206,7 +259,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
+                # ort-cpu: idle ORT workers sleep instead of spinning: several pools share the cores with
+                # denoise and tritonserver, which need one between two UNet steps (issue 12).
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
+                        **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {}),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {})})
         elif layout == "onnxruntime_onnx":
@@ -226,12 +282,20 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
                                          [te_in[0], *RESOLVED],
                                          backend="python", params=serving_defaults(info))
+    loop_params = {"unet_loop": unet_loop}
+    if unet_loop == "in_process":
+        loop_params.update({"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
+                            **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {})})
+        if backend_for(backend, strict=False).serves_cuda_graphs:
+            loop_params["cuda_graph_sizes"] = graph_buckets(info)
+    elif unet_loop == "bls_device":
+        loop_params["unet_device"] = "cuda" if engine_kind == "KIND_GPU" else "cpu"
     configs["denoise"] = model_config(
         "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
-        backend="python",
+        backend="python", kind=engine_kind if unet_loop != "bls" else "KIND_CPU", count=denoise_instances,
         params={"unet_model": unet.name, "unet_output": unet.output_names[0],
                 "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name})
+                "latent_name": vae_in[0].name, **loop_params})
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -262,9 +326,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                   {p.name: p.name for p in ENSEMBLE_OUTPUTS}))
     configs[ENSEMBLE] = ensemble_config(steps, outputs)
     policy = (queue or QueuePolicy()).config_text()
-    for name in configs:
-        if name != ENSEMBLE:
-            configs[name] += policy
+    for name in QUEUED_MODELS:
+        configs[name] += policy
     return configs
 
 
@@ -286,7 +349,8 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
-               verify_engines: bool = True, safety_checker: bool | None = None) -> Path:
+               verify_engines: bool = True, safety_checker: bool | None = None, unet_loop: str | None = None,
+               denoise_instances: int = 1) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -327,18 +391,22 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         raise FileNotFoundError(f"no safety checker in {checker}: export one from a pipeline folder that has "
                                 f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
-                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta)
+                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
+                           unet_loop=unet_loop, denoise_instances=denoise_instances)
+    unet_name = SERVED_SUBMODELS[1]
+    in_process = unet_name not in configs   # denoise owns the UNet engine
     target = Path(out) if out else paths.triton_repo
     with atomic_dir(target) as tmp:
         for name, text in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
         for name in SERVED_SUBMODELS:
-            version = tmp / name / "1"
+            # the UNet of an in_process denoise goes to denoise/1/unet/ (runtime.unet_loops reads it there)
+            version = tmp / "denoise" / "1" / "unet" if name == unet_name and in_process else tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
                 _link_or_copy(source, version / source.name)
-            if layout == "python":
+            if layout == "python" and not (name == unet_name and in_process):
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
@@ -350,7 +418,7 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
         if layout == "python":
-            parts.update({name: () for name in SERVED_SUBMODELS})
+            parts.update({name: () for name in SERVED_SUBMODELS if name in configs})
         for name, folders in parts.items():
             pipeline = tmp / name / "1" / "pipeline"
             pipeline.mkdir()

@@ -1,5 +1,12 @@
-"""toonark denoise: DPM-Solver++ 2M with classifier-free guidance, one BLS call to `unet` per step."""
+"""toonark denoise: DPM-Solver++ 2M with classifier-free guidance over the UNet, in one of three loops
+(config parameter `unet_loop`, chosen by the generator, serving/repository.py):
+  in_process  this model owns the UNet engine (python layout): ort-cuda runs the device loop with CUDA graphs
+              per size bucket, ort-cpu the host loop; no per-step hop at all
+  bls         one BLS call to `unet` per step with host tensors (the host loop)
+  bls_device  one BLS call per step with device tensors (DLPack) and the solver step on the device
+"""
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -13,6 +20,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = runtime.model_parameters(config)
+        self.loop_kind = params.get("unet_loop", "bls")
         self.unet_model = params["unet_model"]
         self.unet_output = params["unet_output"]
         self.text_name = params["text_hidden_name"]
@@ -23,16 +31,43 @@ class TritonPythonModel:
         self.denoiser = runtime.Denoiser(runtime.pipeline_dir(args), runtime.build_info(args))
         self.logger = pb_utils.Logger
         self.metrics = Metrics("denoise")
+        self.device_id = int(args.get("model_instance_device_id", 0) or 0)
+        self.loops = runtime.unet_loops(args, params) if self.loop_kind == "in_process" else None
+        self.bls_loop = None
+        if self.loop_kind == "bls_device":
+            self.bls_loop = runtime.BlsDeviceLoop(self._unet_dlpack, self.denoiser.info.dims, self.denoiser.family,
+                                                  on_cuda=params.get("unet_device", "cpu") == "cuda",
+                                                  device_id=self.device_id, unet_dtype=self.float_dtype)
 
-    def _unet(self, feeds):
-        # Every feed has the spec's shape, the timestep included ((1,): Triton has no 0-d tensors).
-        response = pb_utils.InferenceRequest(
-            model_name=self.unet_model, requested_output_names=[self.unet_output],
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]).exec()
+    def _exec(self, inputs, preferred=None):
+        def call():
+            request = pb_utils.InferenceRequest(model_name=self.unet_model, requested_output_names=[self.unet_output],
+                                                inputs=inputs,
+                                                **({"preferred_memory": preferred} if preferred is not None else {}))
+            return request.exec()
+
+        def unavailable(response):
+            error = response.error() if response.has_error() else None
+            return error is not None and getattr(error, "code", lambda: None)() == pb_utils.TritonError.UNAVAILABLE
+        response = runtime.call_with_retry(call, unavailable)
         if response.has_error():   # passed on with unet's own code (INVALID_ARG, UNAVAILABLE, ...)
             error = response.error()
             raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
-        return pb_utils.get_output_tensor_by_name(response, self.unet_output).as_numpy()
+        return pb_utils.get_output_tensor_by_name(response, self.unet_output)
+
+    def _unet(self, feeds):
+        # Every feed has the spec's shape, the timestep included ((1,): Triton has no 0-d tensors).
+        return self._exec([pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()]
+                          ).as_numpy()
+
+    def _unet_dlpack(self, feeds):
+        # Device buffers go by DLPack (no copy in this process); the output comes back on the same device.
+        inputs = [pb_utils.Tensor(name, value) if isinstance(value, np.ndarray)
+                  else pb_utils.Tensor.from_dlpack(name, value) for name, value in feeds.items()]
+        on_cuda = self.bls_loop is not None and self.bls_loop.on_cuda
+        memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU if on_cuda else
+                                          pb_utils.TRITONSERVER_MEMORY_CPU, self.device_id)
+        return self._exec(inputs, memory).to_dlpack()
 
     def execute(self, requests):
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
@@ -46,11 +81,24 @@ class TritonPythonModel:
         text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
         seeds = tensor(api.SEED).reshape(-1).tolist()
-        latents = self.denoiser.run(text, seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
-                                    width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)), unet=self._unet,
-                                    float_dtype=self.float_dtype)
+        kwargs = dict(seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
+                      width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)))
+        start = time.perf_counter()
+        if self.loops is not None and self.loops.on_cuda:
+            batch = text.shape[0] // 2
+            loop = self.loops.loop_for(batch, kwargs["height"], kwargs["width"])
+            latents = self.denoiser.run_loop(text, loop=loop, **kwargs)
+        elif self.loops is not None:
+            latents = self.denoiser.run(text, unet=self.loops.unet_call(), float_dtype=self.float_dtype, **kwargs)
+        elif self.bls_loop is not None:
+            latents = self.denoiser.run_loop(text, loop=self.bls_loop, **kwargs)
+        else:
+            latents = self.denoiser.run(text, unet=self._unet, float_dtype=self.float_dtype, **kwargs)
         calls = self.denoiser.last_unet_seconds
         self.metrics.count("toonark_steps_total", len(calls))
-        self.logger.log_verbose(f"denoise: {len(calls)} unet calls, {1000 * sum(calls) / max(len(calls), 1):.1f} "
-                                f"ms each")
+        if self.loops is not None:
+            # the UNet this model owns reports under the unet stage (its loop, all steps)
+            self.metrics.metric("toonark_stage_duration_seconds", stage="unet").observe(time.perf_counter() - start)
+        self.logger.log_verbose(f"denoise ({self.loop_kind}): {len(calls)} steps, "
+                                f"{1000 * sum(calls) / max(len(calls), 1):.1f} ms each")
         return [pb_utils.Tensor(self.latent_name, latents.astype(self.latent_dtype))]
