@@ -1,0 +1,153 @@
+"""How `denoise` runs the UNet (issue 12): in_process (it owns the engine: the device loop with CUDA graphs per
+bucket on ort-cuda, the host loop on ort-cpu) or bls_device (BLS to `unet` with DLPack tensors and the solver
+step in ONNX Runtime), next to the default bls. The DLPack bridge and the step graph are checked without Triton;
+each loop is then served for real by the bundled tritonserver and compared with the offline pipeline."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from conftest import TEST_LIMITS
+from toonark import api
+from toonark.specs import BuildInfo, PipelineDims
+
+SUBJECT = "a happy otter with a kite"
+SD_INFO = BuildInfo(PipelineDims(text_length=77, text_hidden=768, latent_channels=4, vae_scale=8,
+                                 vae_scaling_factor=0.18215), TEST_LIMITS)
+
+
+def test_ortvalue_view_is_zero_copy_dlpack_and_borrow_reads_capsules():
+    import onnxruntime as ort
+    from toonark.engines.dlpack import OrtValueView, borrow
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    value = ort.OrtValue.ortvalue_from_numpy(array)   # a CPU OrtValue aliases the array
+    seen = np.from_dlpack(OrtValueView(value))
+    assert seen.shape == (2, 3, 4) and seen.dtype == np.float32
+    array[1, 2, 3] = -7.0
+    assert seen[1, 2, 3] == -7.0   # same memory, no copy
+    ints = np.arange(6, dtype=np.int64).reshape(2, 3)
+    ref = borrow(ints)
+    assert (ref.pointer, ref.shape, ref.dtype, ref.device) == (ints.ctypes.data, (2, 3), np.dtype(np.int64), "cpu")
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        borrow(np.zeros((4, 4), np.float32)[:, ::2])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(np.float32, 0.0), (np.float16, 2e-3)])
+def test_step_graph_with_fp16_unet_io_matches_the_fp32_graph(dtype, tolerance):
+    """The step graph for a UNet with fp16 I/O (a TensorRT plan) reads and writes fp16 through casts; its solver
+    state stays float32."""
+    from toonark.engines.ort_loop import step_session
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    x, m = rng.standard_normal((1, 4, 8, 8)).astype(np.float32), rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    coef = np.array([7.5, 1.1, 0.3, 0.9, 0.2, -0.1], np.float32)
+    reference = step_session(False).run(None, {"noise_pred": noise, "x": x, "m_prev": m, "coef": coef})
+    got = step_session(False, unet_dtype=dtype).run(None, {"noise_pred": noise.astype(dtype), "x": x, "m_prev": m,
+                                                           "coef": coef})
+    assert got[2].dtype == dtype and got[0].dtype == np.float32
+    for a, b in zip(reference, got):
+        assert np.abs(a - b.astype(np.float32)).max() <= tolerance * max(1.0, np.abs(a).max())
+
+
+def test_call_with_retry_retries_unavailable_a_bounded_number_of_times():
+    from toonark.triton_model_repo.runtime import call_with_retry
+    answers, slept = iter(["busy", "busy", "ok"]), []
+    assert call_with_retry(lambda: next(answers), lambda r: r == "busy", attempts=3, delay_s=0.01,
+                           sleep=slept.append) == "ok"
+    assert slept == [0.01, 0.02]
+    calls = []
+    assert call_with_retry(lambda: calls.append(1) or "busy", lambda r: r == "busy", attempts=3,
+                           sleep=lambda s: None) == "busy"
+    assert len(calls) == 3   # bounded: the last answer is passed on
+
+
+def test_generator_picks_the_unet_loop_per_backend_and_layout():
+    from toonark.serving.repository import repo_configs
+    gpu = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16")
+    assert "unet" not in gpu   # denoise owns it
+    denoise = gpu["denoise"]
+    assert '"unet_loop" value: { string_value: "in_process" }' in denoise
+    assert "kind: KIND_GPU" in denoise
+    assert '"cuda_graph_sizes" value: { string_value: "B=1,H=128,W=128;B=2,H=128,W=128" }' in denoise
+    assert "count: 2" in repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", denoise_instances=2)["denoise"]
+    native = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx")
+    assert '"unet_loop" value: { string_value: "bls_device" }' in native["denoise"]
+    assert '"unet_device" value: { string_value: "cuda" }' in native["denoise"] and "unet" in native
+    cpu = repo_configs(SD_INFO)
+    assert '"unet_loop" value: { string_value: "bls" }' in cpu["denoise"] and "unet" in cpu
+    with pytest.raises(ValueError, match="unet_loop in_process runs the UNet engine inside denoise"):
+        repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx", unet_loop="in_process")
+    with pytest.raises(ValueError, match="unknown unet_loop 'gpu'"):
+        repo_configs(SD_INFO, unet_loop="gpu")
+
+
+def test_bls_device_loop_matches_the_host_loop(tiny_engines):
+    """BlsDeviceLoop with the UNet called through DLPack views (as the Triton model hands them to BLS) gives the
+    host loop's latents to float rounding."""
+    from toonark.engines.build import load_engine
+    from toonark.triton_model_repo.runtime import BlsDeviceLoop, Denoiser
+    from toonark.layout import BuildLayout
+    info = BuildInfo.read(tiny_engines)
+    denoiser = Denoiser(BuildLayout(tiny_engines).pipeline, info)
+    unet = load_engine(tiny_engines, "ort-cpu", "fp32", "unet")
+    seen = []
+
+    def unet_dlpack(feeds):
+        seen.append(sorted(type(v).__name__ for v in feeds.values()))
+        arrays = {name: np.from_dlpack(value) if hasattr(value, "__dlpack_device__") else value
+                  for name, value in feeds.items()}
+        return unet.run(arrays)[unet.spec.output_names[0]]   # numpy has __dlpack__ too
+
+    rng = np.random.default_rng(1)
+    text = rng.standard_normal((2, info.dims.text_length, info.dims.text_hidden)).astype(np.float32)
+    request = dict(seed=[4], steps=3, guidance=7.5, width=64, height=64)
+    host = denoiser.run(text, unet=lambda feeds: unet.run(feeds)[unet.spec.output_names[0]], **request)
+    loop = BlsDeviceLoop(unet_dlpack, info.dims, denoiser.family, on_cuda=False)
+    device = denoiser.run_loop(text, loop=loop, **request)
+    assert len(seen) == 3 and seen[0] == ["OrtValueView", "OrtValueView", "ndarray"]
+    assert device.shape == host.shape
+    assert np.abs(device - host).max() <= 1e-4 * max(1.0, np.abs(host).max())
+
+
+@pytest.fixture(scope="module", params=["in_process", "bls_device"])
+def loop_server(request, tiny_engines, tmp_path_factory):
+    from toonark.serving.launcher import TritonServer
+    from toonark.serving.repository import write_repo
+    folder = tmp_path_factory.mktemp(f"loop-{request.param}")
+    repo = write_repo(tiny_engines, backend="ort-cpu", precision="fp32", out=folder / "repo", intra_op_threads=1,
+                      unet_loop=request.param)
+    server = TritonServer(repo, log_path=folder / "tritonserver.log")
+    try:
+        server.start()
+        server.wait_ready(300)
+        yield request.param, server
+    finally:
+        server.stop()
+        server.remove_shm()
+
+
+@pytest.mark.server
+def test_each_unet_loop_serves_the_offline_image(loop_server, tiny_engines):
+    """in_process (the UNet engine inside denoise, host loop on ort-cpu) serves the offline pipeline's exact PNG
+    bytes; bls_device (DLPack BLS + the step graph) is within one uint8 level, as the device loop is offline."""
+    from PIL import Image
+    from toonark.engines.pipeline import load_pipeline
+    from toonark.serving.client import GenerateOptions, generate
+    from toonark.serving.launcher import repo_models
+    from toonark.triton_model_repo.runtime import encode_png
+    kind, server = loop_server
+    assert ("unet" in repo_models(server.repo)) == (kind != "in_process")
+    offline = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32").generate(
+        prompt=SUBJECT, seed=8, steps=3, width=64, height=128)
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        served = generate(url, GenerateOptions(SUBJECT, seed=8, steps=3, width=64, height=128), protocol).images[0]
+        pixels = np.asarray(Image.open(io.BytesIO(served)).convert("RGB"))
+        if kind == "in_process":
+            assert served == encode_png(offline.images[0])
+        else:
+            assert np.abs(pixels.astype(np.int16) - offline.images[0].astype(np.int16)).max() <= 1
+    raw = generate(server.http_url, GenerateOptions(SUBJECT, seed=8, steps=3, width=64, height=128,
+                                                    format=api.RAW_FORMAT), "http")
+    assert raw.pixels.shape == (1, 128, 64, 3)
