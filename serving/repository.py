@@ -60,6 +60,13 @@ UNET_LOOPS = ("in_process", "bls", "bls_device")
 # Batch sizes (images per request) that get a CUDA graph of their own at the opt image size (in_process on
 # ort-cuda); other sizes run a dynamic-shape session.
 GRAPH_BATCHES = (1, 2, 4)
+# Request batching (in_process on ort-cuda): `denoise` forwards each request by BLS to DENOISE_LOOP, whose
+# dynamic batcher groups up to max(GRAPH_BATCHES) concurrent requests (same steps, guidance and size) into
+# one device loop over the B=2/4 CUDA graphs. The front has FRONT_INSTANCES instances so that many requests
+# can wait at the batcher; BATCH_DELAY_US is how long the batcher waits for company.
+DENOISE_LOOP = "denoise_loop"
+FRONT_INSTANCES = 8
+BATCH_DELAY_US = 3000
 
 
 def default_unet_loop(backend: str, layout: str) -> str:
@@ -173,14 +180,19 @@ class QueuePolicy:
 
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
-                 default_model_filename: str | None = None, response_cache: bool = False) -> str:
+                 default_model_filename: str | None = None, response_cache: bool = False,
+                 max_batch_size: int = 0, batch_delay_us: int | None = None) -> str:
+    """max_batch_size > 0 with batch_delay_us: Triton's dynamic batcher hands the model up to that many requests
+    per execute, waiting at most batch_delay_us for more (no queue policy: see QueuePolicy)."""
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
         head += f"default_model_filename: {_quote(default_model_filename)}\n"
-    head += "max_batch_size: 0\n"
+    head += f"max_batch_size: {max_batch_size}\n"
     text = head + _io_block("input", inputs) + _io_block("output", outputs)
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
+    if batch_delay_us is not None:
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {int(batch_delay_us)} }}\n"
     if response_cache:   # needs the server's --cache-config (local,size=...); without it Triton ignores this
         text += "response_cache { enable: true }\n"
     return text + _parameters(params or {})
@@ -212,11 +224,14 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
                  queue: QueuePolicy | None = None, safety_checker: dict | None = None,
-                 unet_loop: str | None = None, denoise_instances: int = 1) -> dict[str, str]:
+                 unet_loop: str | None = None, denoise_instances: int = 1,
+                 batch_requests: bool | None = None) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
     unet_loop: UNET_LOOPS (default: default_unet_loop); in_process leaves out the `unet` model.
-    denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process)."""
+    denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process).
+    batch_requests: in_process only (default: on for CUDA backends): concurrent requests share one device loop
+    (DENOISE_LOOP, Triton's dynamic batcher); denoise becomes a thin front that forwards by BLS."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     unet_loop = unet_loop or default_unet_loop(backend, layout)
@@ -227,6 +242,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                          f"layout {layout} serves it with another backend: use bls_device or bls")
     if denoise_instances < 1:
         raise ValueError(f"denoise_instances must be >= 1, got {denoise_instances}")
+    if batch_requests is None:
+        batch_requests = unet_loop == "in_process" and backend_for(backend, strict=False).serves_cuda_graphs
+    if batch_requests and unet_loop != "in_process":
+        raise ValueError(f"batch_requests groups requests in the device loop denoise owns (unet_loop in_process); "
+                         f"got unet_loop {unet_loop}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
     serves_plans = backend_for(backend, strict=False).engine_file.endswith(".plan")
     if layout == "tensorrt_plan" and not serves_plans:
@@ -290,12 +310,24 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
             loop_params["cuda_graph_sizes"] = graph_buckets(info)
     elif unet_loop == "bls_device":
         loop_params["unet_device"] = "cuda" if engine_kind == "KIND_GPU" else "cpu"
+    denoise_inputs = [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS]
+    denoise_params = {"unet_model": unet.name, "unet_output": unet.output_names[0],
+                      "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
+                      "latent_name": vae_in[0].name, **loop_params}
+    if batch_requests:
+        # The loop model: the same inputs and outputs with a leading request dimension (Triton's batch), each
+        # request delivered as is (the Python backend does not concatenate), grouped by runtime.Denoiser.
+        configs[DENOISE_LOOP] = model_config(
+            DENOISE_LOOP, denoise_inputs, [vae_in[0]], backend="python", kind=engine_kind, count=denoise_instances,
+            params=denoise_params, max_batch_size=max(b for b in GRAPH_BATCHES if b <= info.limits.max_batch),
+            batch_delay_us=BATCH_DELAY_US)
+        denoise_params = {**denoise_params, "unet_loop": "forward", "loop_model": DENOISE_LOOP}
+        denoise_params = {k: v for k, v in denoise_params.items() if k not in ("cuda_graph_sizes", "engine_file",
+                                                                          "intra_op_threads", "intra_op_spinning")}
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
-        backend="python", kind=engine_kind if unet_loop != "bls" else "KIND_CPU", count=denoise_instances,
-        params={"unet_model": unet.name, "unet_output": unet.output_names[0],
-                "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name, **loop_params})
+        "denoise", denoise_inputs, [vae_in[0]], backend="python",
+        kind=engine_kind if unet_loop != "bls" and not batch_requests else "KIND_CPU",
+        count=FRONT_INSTANCES if batch_requests else denoise_instances, params=denoise_params)
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -350,7 +382,7 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
                verify_engines: bool = True, safety_checker: bool | None = None, unet_loop: str | None = None,
-               denoise_instances: int = 1) -> Path:
+               denoise_instances: int = 1, batch_requests: bool | None = None) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -392,7 +424,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                                 f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
                            intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
-                           unet_loop=unet_loop, denoise_instances=denoise_instances)
+                           unet_loop=unet_loop, denoise_instances=denoise_instances,
+                           batch_requests=batch_requests)
     unet_name = SERVED_SUBMODELS[1]
     in_process = unet_name not in configs   # denoise owns the UNet engine
     target = Path(out) if out else paths.triton_repo
@@ -401,8 +434,9 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
         for name in SERVED_SUBMODELS:
-            # the UNet of an in_process denoise goes to denoise/1/unet/ (runtime.unet_loops reads it there)
-            version = tmp / "denoise" / "1" / "unet" if name == unet_name and in_process else tmp / name / "1"
+            # the UNet of an in_process denoise goes to <denoise or denoise_loop>/1/unet/ (runtime.unet_loops)
+            loop_model = DENOISE_LOOP if DENOISE_LOOP in configs else "denoise"
+            version = tmp / loop_model / "1" / "unet" if name == unet_name and in_process else tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
                 _link_or_copy(source, version / source.name)
@@ -410,6 +444,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
+        if DENOISE_LOOP in configs:   # the same model.py; its config says it is the batched loop
+            shutil.copy2(SOURCE_DIR / "denoise" / "1" / "model.py", tmp / DENOISE_LOOP / "1" / "model.py")
         if checker_meta is not None:   # safety_checker: None = when the build has one, True = required, False = off
             _link_or_copy(checker / "model.onnx", tmp / "safety_checker" / "1" / "model.onnx")
             shutil.copy2(checker / METADATA_FILE, tmp / "safety_checker" / "1" / METADATA_FILE)
@@ -417,6 +453,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         # What each Python model reads at initialize: <model>/1/pipeline/ is a BuildLayout pipeline folder,
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",), "postprocess": ()}
+        if DENOISE_LOOP in configs:
+            parts[DENOISE_LOOP] = ("scheduler",)
         if layout == "python":
             parts.update({name: () for name in SERVED_SUBMODELS if name in configs})
         for name, folders in parts.items():

@@ -67,11 +67,17 @@ def test_generator_picks_the_unet_loop_per_backend_and_layout():
     from toonark.serving.repository import repo_configs
     gpu = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16")
     assert "unet" not in gpu   # denoise owns it
-    denoise = gpu["denoise"]
-    assert '"unet_loop" value: { string_value: "in_process" }' in denoise
-    assert "kind: KIND_GPU" in denoise
-    assert '"cuda_graph_sizes" value: { string_value: "B=1,H=128,W=128;B=2,H=128,W=128" }' in denoise
-    assert "count: 2" in repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", denoise_instances=2)["denoise"]
+    # request batching: denoise forwards to denoise_loop, whose dynamic batcher groups requests
+    front, loop = gpu["denoise"], gpu["denoise_loop"]
+    assert '"unet_loop" value: { string_value: "forward" }' in front and "kind: KIND_CPU count: 8" in front
+    assert '"loop_model" value: { string_value: "denoise_loop" }' in front
+    assert '"unet_loop" value: { string_value: "in_process" }' in loop and "kind: KIND_GPU" in loop
+    assert "max_batch_size: 2" in loop and "dynamic_batching { max_queue_delay_microseconds: 3000 }" in loop
+    assert "default_queue_policy" not in loop   # a queue policy would turn off the batcher's prefetch
+    assert '"cuda_graph_sizes" value: { string_value: "B=1,H=128,W=128;B=2,H=128,W=128" }' in loop
+    single = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", batch_requests=False, denoise_instances=2)
+    assert "denoise_loop" not in single and "kind: KIND_GPU count: 2" in single["denoise"]
+    assert '"unet_loop" value: { string_value: "in_process" }' in single["denoise"]
     native = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx")
     assert '"unet_loop" value: { string_value: "bls_device" }' in native["denoise"]
     assert '"unet_device" value: { string_value: "cuda" }' in native["denoise"] and "unet" in native
@@ -79,6 +85,8 @@ def test_generator_picks_the_unet_loop_per_backend_and_layout():
     assert '"unet_loop" value: { string_value: "bls" }' in cpu["denoise"] and "unet" in cpu
     with pytest.raises(ValueError, match="unet_loop in_process runs the UNet engine inside denoise"):
         repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx", unet_loop="in_process")
+    with pytest.raises(ValueError, match="batch_requests groups requests in the device loop denoise owns"):
+        repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", unet_loop="bls", batch_requests=True)
     with pytest.raises(ValueError, match="unknown unet_loop 'gpu'"):
         repo_configs(SD_INFO, unet_loop="gpu")
 
@@ -111,13 +119,14 @@ def test_bls_device_loop_matches_the_host_loop(tiny_engines):
     assert np.abs(device - host).max() <= 1e-4 * max(1.0, np.abs(host).max())
 
 
-@pytest.fixture(scope="module", params=["in_process", "bls_device"])
+@pytest.fixture(scope="module", params=["in_process", "bls_device", "batched"])
 def loop_server(request, tiny_engines, tmp_path_factory):
     from toonark.serving.launcher import TritonServer
     from toonark.serving.repository import write_repo
     folder = tmp_path_factory.mktemp(f"loop-{request.param}")
+    batched = request.param == "batched"
     repo = write_repo(tiny_engines, backend="ort-cpu", precision="fp32", out=folder / "repo", intra_op_threads=1,
-                      unet_loop=request.param)
+                      unet_loop="in_process" if batched else request.param, batch_requests=batched)
     server = TritonServer(repo, log_path=folder / "tritonserver.log")
     try:
         server.start()
@@ -138,7 +147,7 @@ def test_each_unet_loop_serves_the_offline_image(loop_server, tiny_engines):
     from toonark.serving.launcher import repo_models
     from toonark.triton_model_repo.runtime import encode_png
     kind, server = loop_server
-    assert ("unet" in repo_models(server.repo)) == (kind != "in_process")
+    assert ("unet" in repo_models(server.repo)) == (kind == "bls_device")
     offline = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32").generate(
         prompt=SUBJECT, seed=8, steps=3, width=64, height=128)
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
@@ -151,3 +160,40 @@ def test_each_unet_loop_serves_the_offline_image(loop_server, tiny_engines):
     raw = generate(server.http_url, GenerateOptions(SUBJECT, seed=8, steps=3, width=64, height=128,
                                                     format=api.RAW_FORMAT), "http")
     assert raw.pixels.shape == (1, 128, 64, 3)
+
+
+@pytest.mark.server
+def test_batched_loop_groups_concurrent_requests(loop_server, tiny_engines):
+    """Four concurrent requests of one size reach denoise_loop in fewer executions than requests (Triton's
+    dynamic batcher grouped them), and each image is its own offline image (within one uint8 level)."""
+    import threading
+    from PIL import Image
+    from toonark.engines.pipeline import load_pipeline
+    from toonark.serving.client import GenerateOptions, connect, generate
+    kind, server = loop_server
+    if kind != "batched":
+        pytest.skip("request batching only")
+    results, barrier = {}, threading.Barrier(4)
+
+    def client(seed: int) -> None:
+        protocol = "http" if seed % 2 else "grpc"
+        connection = connect(server.http_url if protocol == "http" else server.grpc_url, protocol)
+        barrier.wait()
+        results[seed] = generate(server.http_url if protocol == "http" else server.grpc_url,
+                                 GenerateOptions(SUBJECT, seed=seed, steps=3, width=64, height=64), protocol,
+                                 client=connection).images[0]
+        connection.close()
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in (20, 21, 22, 23)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [20, 21, 22, 23]
+    stats = {m["name"]: m for m in connect(server.http_url).get_inference_statistics()["model_stats"]}
+    loop = stats["denoise_loop"]
+    assert int(loop["execution_count"]) < int(loop["inference_count"]), loop
+    pipe = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32")
+    for seed, png in results.items():
+        expected = pipe.generate(prompt=SUBJECT, seed=seed, steps=3, width=64, height=64).images[0]
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert np.abs(pixels.astype(np.int16) - expected.astype(np.int16)).max() <= 1

@@ -33,7 +33,7 @@ PARAMETER_TYPES: dict[str, type] = {
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
     "engine_file": str, "intra_op_threads": int, "intra_op_spinning": int, "cuda_graph_sizes": str,
     # denoise: which loop runs the UNet (in_process | bls | bls_device) and where the BLS UNet's tensors live
-    "unet_loop": str, "unet_device": str,
+    "unet_loop": str, "unet_device": str, "loop_model": str,
     "default_quality": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
@@ -198,6 +198,76 @@ class Denoiser:
         return out
 
 
+    def run_batch(self, items: list[dict], loop_for, buckets=(1, 2, 4)) -> list:
+        """Several requests in shared device loops (the batched loop model): items are run_loop's keyword
+        arguments (text_embeddings, seed, steps, guidance, width, height). Requests with the same steps, guidance
+        and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the items' uncond
+        rows, then their cond rows (the step graph's CFG split). Returns one result per item, in order: its
+        latents for the VAE, or the exception that refused it."""
+        results: list = [None] * len(items)
+        ready = []
+        for index, item in enumerate(items):
+            try:
+                batch = self._batch(item["text_embeddings"])
+                latents = self.initial_latents(item["seed"], batch, item["height"], item["width"])
+                ready.append((index, batch, latents))
+            except Exception as err:   # noqa: BLE001 - this request is refused, the others run
+                results[index] = err
+        groups: dict = {}
+        for entry in ready:
+            item = items[entry[0]]
+            groups.setdefault((item["steps"], item["guidance"], item["width"], item["height"]), []).append(entry)
+        config = self.scheduler.config
+        for (steps, guidance, width, height), entries in groups.items():
+            for chunk in _chunks(entries, buckets):
+                try:
+                    texts = [np.asarray(items[i]["text_embeddings"], np.float32) for i, _, _ in chunk]
+                    text = np.concatenate([t[: b] for t, (_, b, _) in zip(texts, chunk)]
+                                          + [t[b:] for t, (_, b, _) in zip(texts, chunk)])
+                    latents = np.concatenate([lat for _, _, lat in chunk])
+                    loop = loop_for(latents.shape[0], height, width)
+                    out = loop.latents_for_vae(text, latents, self.scheduler.schedule(steps), guidance,
+                                               solver_order=config.solver_order, prediction_type=config.prediction_type)
+                    start = 0
+                    for index, batch, _ in chunk:
+                        results[index] = out[start:start + batch]
+                        start += batch
+                except Exception as err:   # noqa: BLE001 - the chunk's requests fail alike, others run
+                    for index, _, _ in chunk:
+                        results[index] = err
+        return results
+
+
+def _chunks(entries: list, buckets) -> list[list]:
+    """Consecutive entries (index, images, latents) in chunks whose image counts are bucket sizes where they can
+    be (a CUDA graph each), largest first; an entry larger than every bucket runs alone."""
+    chunks, current, images = [], [], 0
+    largest = max(buckets)
+    for entry in entries:
+        if current and images + entry[1] > largest:
+            chunks.append(current)
+            current, images = [], 0
+        current.append(entry)
+        images += entry[1]
+    if current:
+        chunks.append(current)
+    out = []
+    for chunk in chunks:   # 3 images -> 2 + 1: both replay graphs
+        total = sum(e[1] for e in chunk)
+        if total in buckets or len(chunk) == 1:
+            out.append(chunk)
+            continue
+        part, count = [], 0
+        for entry in chunk:
+            if part and (count + entry[1]) not in buckets and count in buckets:
+                out.append(part)
+                part, count = [], 0
+            part.append(entry)
+            count += entry[1]
+        out.append(part)
+    return out
+
+
 class UnetLoops:
     """The UNet engine owned by `denoise` (python layout): on ort-cuda one DeviceLoop per CUDA-graph size
     ("bucket": batch, height, width; one ORT session each, captured on first use) plus one dynamic-shape loop
@@ -212,6 +282,8 @@ class UnetLoops:
         self.options = {"threads": threads, **({"spinning": spinning} if spinning is not None else {})}
         self.on_cuda = self.backend.serves_cuda_graphs
         self.graph_sizes = [dict(s) for s in graph_sizes] if self.on_cuda else []
+        # request batching chunks images into these sizes (one CUDA graph each; any size on the CPU)
+        self.buckets = tuple(sorted({s["B"] for s in self.graph_sizes})) or (1, 2, 4)
         self._loops: dict = {}
         self.engine = None if self.on_cuda else self.backend.load(engine_path, spec, metadata, **self.options)
 
@@ -221,6 +293,10 @@ class UnetLoops:
     def loop_for(self, batch: int, height: int, width: int):
         """The DeviceLoop for one request size (created on first use; its graph captured on its first run)."""
         from toonark.engines.ort_loop import DeviceLoop
+        if not self.on_cuda:   # ort-cpu: one loop over the engine serves every size (the batched loop model)
+            if "cpu" not in self._loops:
+                self._loops["cpu"] = DeviceLoop({"unet": self.engine}, self.dims, self.family)
+            return self._loops["cpu"]
         key = {"B": batch, "H": height, "W": width}
         bucket = next((tuple(sorted(s.items())) for s in self.graph_sizes if s == key), None)
         name = bucket or "dynamic"

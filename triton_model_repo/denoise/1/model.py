@@ -4,6 +4,9 @@
               per size bucket, ort-cpu the host loop; no per-step hop at all
   bls         one BLS call to `unet` per step with host tensors (the host loop)
   bls_device  one BLS call per step with device tensors (DLPack) and the solver step on the device
+  forward     (request batching) hand the request by BLS to `loop_model` (this same file, configured with
+              max_batch_size > 0 and in_process): Triton's dynamic batcher gives that model several requests
+              per execute, which runtime.Denoiser.run_batch runs in shared device loops
 """
 import json
 import time
@@ -21,6 +24,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = runtime.model_parameters(config)
         self.loop_kind = params.get("unet_loop", "bls")
+        self.batched = int(config.get("max_batch_size", 0)) > 0   # the loop model of request batching
+        self.loop_model = params.get("loop_model")
         self.unet_model = params["unet_model"]
         self.unet_output = params["unet_output"]
         self.text_name = params["text_hidden_name"]
@@ -46,10 +51,7 @@ class TritonPythonModel:
                                                 **({"preferred_memory": preferred} if preferred is not None else {}))
             return request.exec()
 
-        def unavailable(response):
-            error = response.error() if response.has_error() else None
-            return error is not None and getattr(error, "code", lambda: None)() == pb_utils.TritonError.UNAVAILABLE
-        response = runtime.call_with_retry(call, unavailable)
+        response = runtime.call_with_retry(call, self._unavailable)
         if response.has_error():   # passed on with unet's own code (INVALID_ARG, UNAVAILABLE, ...)
             error = response.error()
             raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
@@ -70,19 +72,72 @@ class TritonPythonModel:
         return self._exec(inputs, memory).to_dlpack()
 
     def execute(self, requests):
+        if self.batched:
+            return self._batch(requests)
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
-    def _one(self, request):
-        def tensor(port):
-            return pb_utils.get_input_tensor_by_name(request, port.name).as_numpy()
+    def _inputs(self, request, squeeze: bool = False) -> dict:
+        """run_loop's keywords from one request (squeeze: drop the leading request dimension of the loop model)."""
+        def tensor(name):
+            value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            return value[0] if squeeze else value
 
         def value(port):
-            return api.one_value(tensor(port), port.name, None)
-        text = pb_utils.get_input_tensor_by_name(request, self.text_name).as_numpy()
+            return api.one_value(tensor(port.name), port.name, None)
+        return dict(text_embeddings=tensor(self.text_name), seed=tensor(api.SEED.name).reshape(-1).tolist(),
+                    steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)), width=int(value(api.WIDTH)),
+                    height=int(value(api.HEIGHT)))
+
+    def _batch(self, requests):
+        """The loop model: every request of this execute in shared device loops, one response each, in order."""
+        start = time.perf_counter()
+        items, parsed = [], []
+        for request in requests:
+            try:
+                items.append(self._inputs(request, squeeze=True))
+                parsed.append(None)
+            except Exception as err:   # noqa: BLE001 - answered below
+                parsed.append(err)
+        results = iter(self.denoiser.run_batch(items, self.loops.loop_for, self.loops.buckets))
+        outputs = [err if err is not None else next(results) for err in parsed]
+        self.metrics.metric("toonark_stage_duration_seconds", stage="unet").observe(time.perf_counter() - start)
+
+        def respond(index):
+            result = outputs[index]
+            if isinstance(result, Exception):
+                raise result
+            return [pb_utils.Tensor(self.latent_name, result[None].astype(self.latent_dtype))]
+        return runtime.respond_each(range(len(requests)), respond, pb_utils)
+
+    def _forward(self, request):
+        inputs = [pb_utils.Tensor(name, np.ascontiguousarray(pb_utils.get_input_tensor_by_name(request, name)
+                                                             .as_numpy()[None]))
+                  for name in [self.text_name] + [port.name for port in api.DENOISE_INPUTS]]
+
+        def call():
+            return pb_utils.InferenceRequest(model_name=self.loop_model, requested_output_names=[self.latent_name],
+                                             inputs=inputs).exec()
+        response = runtime.call_with_retry(call, self._unavailable)
+        if response.has_error():
+            error = response.error()
+            raise runtime.UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
+        latents = pb_utils.get_output_tensor_by_name(response, self.latent_name).as_numpy()[0]
+        self.metrics.count("toonark_steps_total", int(api.one_value(
+            pb_utils.get_input_tensor_by_name(request, api.STEPS.name).as_numpy(), api.STEPS.name, 0)))
+        return [pb_utils.Tensor(self.latent_name, latents)]
+
+    @staticmethod
+    def _unavailable(response):
+        error = response.error() if response.has_error() else None
+        return error is not None and getattr(error, "code", lambda: None)() == pb_utils.TritonError.UNAVAILABLE
+
+    def _one(self, request):
+        if self.loop_kind == "forward":
+            return self._forward(request)
+
         # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
-        seeds = tensor(api.SEED).reshape(-1).tolist()
-        kwargs = dict(seed=seeds, steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)),
-                      width=int(value(api.WIDTH)), height=int(value(api.HEIGHT)))
+        kwargs = self._inputs(request)
+        text = kwargs.pop("text_embeddings")
         start = time.perf_counter()
         if self.loops is not None and self.loops.on_cuda:
             batch = text.shape[0] // 2
