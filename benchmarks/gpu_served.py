@@ -14,7 +14,9 @@ What it measures, in this order (one process; the in-process pipeline is freed b
                client, plus Triton's per-model statistics (queue / compute input / infer / output per request)
   raw          the same request with FORMAT=raw (uint8 pixels, no encoding)
   sweep        1, 2, 4, 8 concurrent clients (own connection each, HTTP and gRPC alternating), images/s and
-               p50 / p95 latency; repeated for every --instances count (denoise instances)
+               p50 / p95 latency; repeated for every --configs entry: "batched" (the default repository:
+               denoise forwards to denoise_loop, whose dynamic batcher runs concurrent requests in one device
+               loop over the B=1/2/4 CUDA graphs), "single" (one request per loop), "single2" (2 instances)
   encoding     benchmarks/encode_candidates.py's encoders on the served image's pixels and on noise
 Writes OUT/gpu_served.json and prints a table. Targets (issue 12): Triton <= in-process + 15 ms and
 <= 0.18 s on the H200; >= 9 images/s at 4 clients.
@@ -170,20 +172,26 @@ def sweep(server, options, levels: list[int], requests_per_level: int) -> list[d
     return rows
 
 
+CONFIGS = {"batched": (True, 1), "single": (False, 1), "single2": (False, 2)}   # name: (batch_requests, instances)
+
+
 def served(build: Path, backend: str, precision: str, size: int, steps: int, reps: int, warmup: int,
-           instances: int, levels: list[int], sweep_requests: int, work: Path) -> dict:
+           config: str, levels: list[int], sweep_requests: int, work: Path) -> dict:
     from dataclasses import replace
-    from toonark.serving.client import GenerateOptions, generate
+    from toonark.serving.client import GenerateOptions, connect, generate
     from toonark.serving.launcher import TritonServer
     from toonark.serving.repository import write_repo
-    repo = write_repo(build, backend, precision, layout="python", out=work / f"repo-{instances}",
-                      verify_engines=False, denoise_instances=instances)
+    batch_requests, instances = CONFIGS[config]
+    repo = write_repo(build, backend, precision, layout="python", out=work / f"repo-{config}", verify_engines=False,
+                      unet_loop="in_process", batch_requests=batch_requests, denoise_instances=instances)
     configs = {p.parent.name: p.read_text() for p in repo.glob("*/config.pbtxt")}
     options = GenerateOptions(prompt=SUBJECT, seed=1, steps=steps, width=size, height=size, guidance=7.5, format="png")
-    server = TritonServer(repo, log_path=work / f"tritonserver-{instances}.log")
-    out: dict = {"denoise_instances": instances, "models": sorted(configs),
-                 "denoise_parameters": [line for line in configs["denoise"].splitlines() if "parameters" in line
-                                        or "instance_group" in line]}
+    server = TritonServer(repo, log_path=work / f"tritonserver-{config}.log")
+    loop_model = "denoise_loop" if "denoise_loop" in configs else "denoise"
+    out: dict = {"config": config, "batch_requests": batch_requests, "denoise_instances": instances,
+                 "models": sorted(configs),
+                 "loop_config": [line for line in configs[loop_model].splitlines()
+                                 if any(k in line for k in ("parameters", "instance_group", "batch"))]}
     t0 = time.perf_counter()
     server.start()
     try:
@@ -194,14 +202,21 @@ def served(build: Path, backend: str, precision: str, size: int, steps: int, rep
         for _ in range(warmup):
             generate(server.http_url, options, "http")
             generate(server.grpc_url, options, "grpc")
-        print(f"triton (denoise instances {instances}): ready {out['ready_s']} s, first request "
-              f"{out['first_request_s']} s", flush=True)
+        if batch_requests:   # capture the B=2 and B=4 graphs (and their cuDNN search) before anything is timed
+            burst = time.perf_counter()
+            sweep(server, options, [4, 2], 4)
+            out["batch_warmup_s"] = round(time.perf_counter() - burst, 1)
+        print(f"triton ({config}): ready {out['ready_s']} s, first request {out['first_request_s']} s", flush=True)
         out.update(timed_requests(server, options, reps))
         raw = [generate(server.http_url, replace(options, format="raw"), "http") for _ in range(max(3, reps // 2))]
         out["raw_http"] = summary_ms([r.seconds for r in raw])
         out["png_bytes"] = len(generate(server.http_url, options, "http").images[0])
         out["pixels"] = raw[-1].pixels[0]   # for the encoders (not written to the JSON)
         out["sweep"] = sweep(server, options, levels, sweep_requests)
+        client = connect(server.http_url)
+        stats = {m["name"]: m for m in client.get_inference_statistics()["model_stats"]}
+        client.close()
+        out["loop_model_counts"] = {k: int(stats[loop_model][k]) for k in ("inference_count", "execution_count")}
     finally:
         server.stop()
         out["server_s"] = round(time.perf_counter() - t0, 1)
@@ -241,7 +256,8 @@ def table(result: dict) -> str:
     lines.append(f"in process ({'device loop' if ip['device_loop'] else 'host loop'}): median {ip['median_ms']:.1f} ms "
                  f"(p95 {ip['p95_ms']:.1f})")
     for run in result["triton"]:
-        lines.append(f"triton, denoise instances {run['denoise_instances']}: HTTP {run['http']['median_ms']:.1f} ms, "
+        lines.append(f"triton, {run['config']} (loop executions/inferences {run['loop_model_counts']['execution_count']}/"
+                     f"{run['loop_model_counts']['inference_count']}): HTTP {run['http']['median_ms']:.1f} ms, "
                      f"gRPC {run['grpc']['median_ms']:.1f} ms, raw {run['raw_http']['median_ms']:.1f} ms "
                      f"(in-process + {run['http']['median_ms'] - ip['median_ms']:.1f} / "
                      f"{run['grpc']['median_ms'] - ip['median_ms']:.1f} ms)")
@@ -271,8 +287,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, help="image size (default 512; --tiny: the build's min)")
     parser.add_argument("--steps", type=int, help="default 20 (--tiny: 4)")
     parser.add_argument("--reps", type=int, help="timed requests per protocol and in process (default 9; --tiny 3)")
-    parser.add_argument("--instances", default=None, help="denoise instance counts to serve, comma-separated "
-                        "(default 1,2; --tiny 1)")
+    parser.add_argument("--configs", help=f"repositories to serve, comma-separated, from {', '.join(CONFIGS)} "
+                        f"(default batched,single; --tiny batched)")
     parser.add_argument("--clients", default="1,2,4,8", help="concurrency levels of the sweep")
     parser.add_argument("--sweep-requests", type=int, help="requests per sweep level (default 24; --tiny 4)")
     args = parser.parse_args(argv)
@@ -283,7 +299,11 @@ def main(argv=None) -> dict:
     steps = args.steps or (4 if args.tiny else 20)
     reps = args.reps or (3 if args.tiny else 9)
     warmup = 1 if args.tiny else 3
-    instances = [int(v) for v in (args.instances or ("1" if args.tiny else "1,2")).split(",") if v.strip()]
+    configs = [c.strip() for c in (args.configs or ("batched" if args.tiny else "batched,single")).split(",")
+               if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
     levels = [int(v) for v in args.clients.split(",") if v.strip()]
     sweep_requests = args.sweep_requests or (4 if args.tiny else 24)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,8 +319,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     result["in_process"] = in_process(args.build, backend, precision, size, steps, reps, warmup)
     print(f"in process: median {result['in_process']['median_ms']:.1f} ms", flush=True)
-    result["triton"] = [served(args.build, backend, precision, size, steps, reps, warmup, n, levels, sweep_requests,
-                               args.out) for n in instances]
+    result["triton"] = [served(args.build, backend, precision, size, steps, reps, warmup, config, levels,
+                               sweep_requests, args.out) for config in configs]
     pixels = result["triton"][0].pop("pixels", None)
     for run in result["triton"][1:]:
         run.pop("pixels", None)
