@@ -197,3 +197,39 @@ def test_batched_loop_groups_concurrent_requests(loop_server, tiny_engines):
         expected = pipe.generate(prompt=SUBJECT, seed=seed, steps=3, width=64, height=64).images[0]
         pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         assert np.abs(pixels.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+
+
+def test_run_batch_groups_requests_and_answers_each_alone(tiny_engines):
+    """Denoiser.run_batch: requests with the same steps, guidance and size share a loop (chunks of 4/2/1 images),
+    each gets its own latents (as run_loop gives them alone, to float rounding), and a bad request fails alone."""
+    from toonark.engines.build import load_engine
+    from toonark.engines.ort_loop import DeviceLoop
+    from toonark.layout import BuildLayout
+    from toonark.triton_model_repo.runtime import Denoiser, RequestError, _chunks
+    assert [[e[1] for e in c] for c in _chunks([(0, 1, 0), (1, 1, 0), (2, 1, 0)], (1, 2, 4))] == [[1, 1], [1]]
+    info = BuildInfo.read(tiny_engines)
+    denoiser = Denoiser(BuildLayout(tiny_engines).pipeline, info)
+    loop = DeviceLoop({"unet": load_engine(tiny_engines, "ort-cpu", "fp32", "unet")}, info.dims, denoiser.family)
+    sizes = []
+
+    def loop_for(batch, height, width):
+        sizes.append((batch, height, width))
+        return loop
+    rng = np.random.default_rng(2)
+
+    def text(batch):
+        return rng.standard_normal((2 * batch, info.dims.text_length, info.dims.text_hidden)).astype(np.float32)
+    items = [dict(text_embeddings=text(1), seed=[1], steps=2, guidance=7.5, width=64, height=64),
+             dict(text_embeddings=text(1), seed=[5], steps=2, guidance=7.5, width=64, height=64),
+             dict(text_embeddings=text(1), seed=[1], steps=2, guidance=3.0, width=64, height=64),
+             dict(text_embeddings=text(2), seed=[5, 6], steps=2, guidance=7.5, width=64, height=128),
+             dict(text_embeddings=text(1), seed=[1, 2, 3], steps=2, guidance=7.5, width=64, height=64)]
+    results = denoiser.run_batch(items, loop_for)
+    assert isinstance(results[4], RequestError) and "3 seeds for 1 images" in str(results[4])
+    # items 0 + 1 share one loop; item 2 (other guidance) and item 3 (other size) run alone
+    assert sorted(sizes) == [(1, 64, 64), (2, 64, 64), (2, 128, 64)]
+    for item, got in zip(items[:4], results[:4]):
+        alone = denoiser.run_loop(item["text_embeddings"], loop=loop, **{k: v for k, v in item.items()
+                                                                         if k != "text_embeddings"})
+        assert got.shape == alone.shape
+        assert np.abs(got - alone).max() <= 1e-4 * max(1.0, np.abs(alone).max())
