@@ -325,6 +325,8 @@ def main(argv=None) -> dict:
     for run in result["triton"][1:]:
         run.pop("pixels", None)
     result["encoding"] = encoding(pixels, 5 if args.tiny else 9)
+    from toonark.triton_model_repo.runtime import png_encoder
+    result["encoding"]["served_png_encoder"] = png_encoder()[0]
     best = min(result["triton"], key=lambda run: run["http"]["median_ms"])
     four = [row for run in result["triton"] for row in run["sweep"] if row["clients"] == 4]
     ip = result["in_process"]["median_ms"]

@@ -415,12 +415,38 @@ def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY)
     return [encode_png(image) if fmt == "png" else encode_webp(image, quality) for image in images]
 
 
+def png_encoder():
+    """(name, encode) of the PNG encoder: fpng (Rich Geldreich's fpng through the `fpng` wheel, a toonark
+    dependency): 512x512 in about 1 ms where Pillow's zlib takes tens of ms (benchmarks/encode_candidates.py,
+    README "Speed"); its files are a little larger than zlib level 6 on smooth pictures, any PNG reader reads
+    them. Without the wheel (a machine set up from older wheel parts): Pillow at zlib level 1 with the RLE
+    strategy, the fastest Pillow setting measured, and a warning, so the server still answers."""
+    global _PNG
+    if _PNG is None:
+        try:
+            import fpng
+            _PNG = ("fpng", lambda image: bytes(fpng.from_ndarray(np.ascontiguousarray(image))))
+        except ImportError:
+            import logging
+            logging.getLogger(__name__).warning("fpng is not installed: PNG falls back to Pillow zlib level 1 (slower; "
+                                                "pip install fpng, a toonark dependency)")
+            _PNG = ("pillow-zlib1-rle", _pillow_png)
+    return _PNG
+
+
+_PNG = None
+
+
+def _pillow_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1, compress_type=3)
+    return buffer.getvalue()
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG with fpng (Rich Geldreich's fpng through the `fpng` wheel): 512x512 in about 1 ms
-    where Pillow's zlib takes 15-70 ms at level 1-6 (benchmarks/encode_candidates.py, README "Speed"); files a
-    little larger than zlib level 6 on smooth pictures (fpng's single-pass deflate), any PNG reader reads them."""
-    import fpng
-    return bytes(fpng.from_ndarray(np.ascontiguousarray(image)))
+    """uint8 (H, W, 3) -> PNG bytes with png_encoder()."""
+    return png_encoder()[1](image)
 
 
 def encode_webp(image: np.ndarray, quality: int) -> bytes:
