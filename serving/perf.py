@@ -16,13 +16,11 @@ for the stability check and a looser stability band give stable p50/p95/p99 at c
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,13 +33,12 @@ PROMPTS = ("a happy otter flying a kite", "a sleepy panda in a tree", "a small d
 def input_data(size: int, steps: int, seeds: int = 4) -> dict:
     """perf_analyzer --input-data JSON: `seeds` requests (prompt i, seed i) cycled through; the same prompts
     come back, so the text encoder's response cache answers after the first round (as in production)."""
+    from toonark.serving.client import GenerateOptions   # the client's inputs: the API's names and types
     rows = []
     for i in range(seeds):
-        rows.append({"PROMPT": {"content": [PROMPTS[i % len(PROMPTS)]], "shape": [1]},
-                     "SEED": {"content": [i], "shape": [1]},
-                     "STEPS": {"content": [steps], "shape": [1]},
-                     "WIDTH": {"content": [size], "shape": [1]},
-                     "HEIGHT": {"content": [size], "shape": [1]}})
+        tensors = GenerateOptions(PROMPTS[i % len(PROMPTS)], seed=i, steps=steps, width=size, height=size).inputs()
+        rows.append({name: {"content": [v.decode() if isinstance(v, bytes) else v.item() for v in value.reshape(-1)],
+                            "shape": list(value.shape)} for name, value in tensors.items()})
     return {"data": rows}
 
 
@@ -107,49 +104,33 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="build folder; its triton_model_repo is served "
-                        "when no --url is given, and perf.json is written there")
-    parser.add_argument("--url", help="HOST:PORT of a running server (HTTP, or gRPC with --protocol grpc)")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    parser.add_argument("--perf-venv", type=Path, default=Path(".venv-perf"))
-    parser.add_argument("--concurrency", default="1,2,3,4", help="comma-separated levels")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=20, help="requests per measurement window (at least 3x "
-                        "the concurrency)")
-    parser.add_argument("--stability", type=int, default=30, help="perf_analyzer --stability-percentage: 3 "
-                        "windows in a row within this band (p95 latency and throughput)")
-    parser.add_argument("--json", type=Path, help="default OUT/perf.json")
-    args = parser.parse_args(argv)
-    levels = tuple(int(v) for v in args.concurrency.split(",") if v.strip())
+def measure(out: Path, *, url: str | None = None, protocol: str = "http", perf_venv: Path = Path(".venv-perf"),
+            concurrency=(1, 2, 3, 4), size: int = 256, steps: int = 20, requests: int = 20, stability: int = 30,
+            json_path: Path | None = None) -> dict:
+    """The sweep against `url`, or against a server started from OUT/triton_model_repo for the run; writes the
+    JSON (default OUT/perf.json, temp file then rename) and returns it."""
     server = None
     try:
-        url = args.url
         if url is None:
             from toonark.layout import BuildLayout
             from toonark.serving.launcher import TritonServer
-            server = TritonServer(BuildLayout(args.out).triton_repo, log_path=args.out / "perf-tritonserver.log")
+            server = TritonServer(BuildLayout(out).triton_repo, log_path=Path(out) / "perf-tritonserver.log")
             server.start()
             server.wait_ready(300)
-            url = server.http_url if args.protocol == "http" else server.grpc_url
+            url = server.http_url if protocol == "http" else server.grpc_url
             print(f"started tritonserver for {server.repo} at {url}", flush=True)
-        result = sweep(url, args.perf_venv, protocol=args.protocol, concurrency=levels, size=args.size,
-                       steps=args.steps, requests=args.requests, stability=args.stability)
-    except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        try:
+            result = sweep(url, perf_venv, protocol=protocol, concurrency=concurrency, size=size, steps=steps,
+                           requests=requests, stability=stability)
+        except subprocess.TimeoutExpired as err:
+            raise TimeoutError(f"perf_analyzer did not finish in {err.timeout} s") from None
     finally:
         if server is not None:
             server.stop()
-    print(table(result))
-    out = args.json or args.out / "perf.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    target = Path(json_path) if json_path else Path(out) / "perf.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(target)
+    result["json"] = str(target)
+    return result

@@ -205,7 +205,7 @@ def test_run_batch_groups_requests_and_answers_each_alone(tiny_engines):
     from toonark.engines.build import load_engine
     from toonark.engines.ort_loop import DeviceLoop
     from toonark.layout import BuildLayout
-    from toonark.triton_model_repo.runtime import Denoiser, RequestError, _chunks
+    from toonark.triton_model_repo.runtime import DenoiseRequest, Denoiser, RequestError, _chunks
     assert [[e[1] for e in c] for c in _chunks([(0, 1, 0), (1, 1, 0), (2, 1, 0)], (1, 2, 4))] == [[1, 1], [1]]
     info = BuildInfo.read(tiny_engines)
     denoiser = Denoiser(BuildLayout(tiny_engines).pipeline, info)
@@ -219,17 +219,15 @@ def test_run_batch_groups_requests_and_answers_each_alone(tiny_engines):
 
     def text(batch):
         return rng.standard_normal((2 * batch, info.dims.text_length, info.dims.text_hidden)).astype(np.float32)
-    items = [dict(text_embeddings=text(1), seed=[1], steps=2, guidance=7.5, width=64, height=64),
-             dict(text_embeddings=text(1), seed=[5], steps=2, guidance=7.5, width=64, height=64),
-             dict(text_embeddings=text(1), seed=[1], steps=2, guidance=3.0, width=64, height=64),
-             dict(text_embeddings=text(2), seed=[5, 6], steps=2, guidance=7.5, width=64, height=128),
-             dict(text_embeddings=text(1), seed=[1, 2, 3], steps=2, guidance=7.5, width=64, height=64)]
+    items = [DenoiseRequest(text(1), [1], 2, 7.5, 64, 64), DenoiseRequest(text(1), [5], 2, 7.5, 64, 64),
+             DenoiseRequest(text(1), [1], 2, 3.0, 64, 64),      # other guidance
+             DenoiseRequest(text(2), [5, 6], 2, 7.5, 64, 128),  # other size
+             DenoiseRequest(text(1), [1, 2, 3], 2, 7.5, 64, 64)]  # 3 seeds for 1 image: refused
     results = denoiser.run_batch(items, loop_for)
     assert isinstance(results[4], RequestError) and "3 seeds for 1 images" in str(results[4])
     # items 0 + 1 share one loop; item 2 (other guidance) and item 3 (other size) run alone
     assert sorted(sizes) == [(1, 64, 64), (2, 64, 64), (2, 128, 64)]
     for item, got in zip(items[:4], results[:4]):
-        alone = denoiser.run_loop(item["text_embeddings"], loop=loop, **{k: v for k, v in item.items()
-                                                                         if k != "text_embeddings"})
+        alone = denoiser.run_loop(item.text_embeddings, loop=loop, **item.options())
         assert got.shape == alone.shape
         assert np.abs(got - alone).max() <= 1e-4 * max(1.0, np.abs(alone).max())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -133,6 +134,21 @@ class RequestPreparer:
 UnetCall = Callable[[dict], np.ndarray]   # {sample, timestep, encoder_hidden_states} -> out_sample
 
 
+@dataclass(frozen=True)
+class DenoiseRequest:
+    """One denoise request's values (what preprocess resolved and text_encoder encoded)."""
+    text_embeddings: np.ndarray   # (2B, L, D), uncond rows first
+    seed: list                    # one seed, or one per image
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+    def options(self) -> dict:
+        """run / run_loop's keywords besides the text embeddings."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "text_embeddings"}
+
+
 class Denoiser:
     """DPM-Solver++ with classifier-free guidance over a UNet given as a callable
     (the Triton model passes a BLS call to the `unet` model)."""
@@ -198,30 +214,28 @@ class Denoiser:
         return out
 
 
-    def run_batch(self, items: list[dict], loop_for, buckets=(1, 2, 4)) -> list:
-        """Several requests in shared device loops (the batched loop model): items are run_loop's keyword
-        arguments (text_embeddings, seed, steps, guidance, width, height). Requests with the same steps, guidance
-        and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the items' uncond
-        rows, then their cond rows (the step graph's CFG split). Returns one result per item, in order: its
-        latents for the VAE, or the exception that refused it."""
+    def run_batch(self, items: list[DenoiseRequest], loop_for, buckets=(1, 2, 4)) -> list:
+        """Several requests in shared device loops (the batched loop model). Requests with the same steps,
+        guidance and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the
+        requests' uncond rows, then their cond rows (the step graph's CFG split). Returns one result per item, in
+        order: its latents for the VAE, or the exception that refused it."""
         results: list = [None] * len(items)
         ready = []
         for index, item in enumerate(items):
             try:
-                batch = self._batch(item["text_embeddings"])
-                latents = self.initial_latents(item["seed"], batch, item["height"], item["width"])
-                ready.append((index, batch, latents))
+                batch = self._batch(item.text_embeddings)
+                ready.append((index, batch, self.initial_latents(item.seed, batch, item.height, item.width)))
             except Exception as err:   # noqa: BLE001 - this request is refused, the others run
                 results[index] = err
         groups: dict = {}
         for entry in ready:
             item = items[entry[0]]
-            groups.setdefault((item["steps"], item["guidance"], item["width"], item["height"]), []).append(entry)
+            groups.setdefault((item.steps, item.guidance, item.width, item.height), []).append(entry)
         config = self.scheduler.config
         for (steps, guidance, width, height), entries in groups.items():
             for chunk in _chunks(entries, buckets):
                 try:
-                    texts = [np.asarray(items[i]["text_embeddings"], np.float32) for i, _, _ in chunk]
+                    texts = [np.asarray(items[i].text_embeddings, np.float32) for i, _, _ in chunk]
                     text = np.concatenate([t[: b] for t, (_, b, _) in zip(texts, chunk)]
                                           + [t[b:] for t, (_, b, _) in zip(texts, chunk)])
                     latents = np.concatenate([lat for _, _, lat in chunk])

@@ -76,17 +76,18 @@ class TritonPythonModel:
             return self._batch(requests)
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
-    def _inputs(self, request, squeeze: bool = False) -> dict:
-        """run_loop's keywords from one request (squeeze: drop the leading request dimension of the loop model)."""
+    def _inputs(self, request, squeeze: bool = False) -> runtime.DenoiseRequest:
+        """One request's values (squeeze: drop the leading request dimension of the loop model)."""
         def tensor(name):
             value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
             return value[0] if squeeze else value
 
         def value(port):
             return api.one_value(tensor(port.name), port.name, None)
-        return dict(text_embeddings=tensor(self.text_name), seed=tensor(api.SEED.name).reshape(-1).tolist(),
-                    steps=int(value(api.STEPS)), guidance=float(value(api.GUIDANCE)), width=int(value(api.WIDTH)),
-                    height=int(value(api.HEIGHT)))
+        # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
+        return runtime.DenoiseRequest(tensor(self.text_name), tensor(api.SEED.name).reshape(-1).tolist(),
+                                      int(value(api.STEPS)), float(value(api.GUIDANCE)), int(value(api.WIDTH)),
+                                      int(value(api.HEIGHT)))
 
     def _batch(self, requests):
         """The loop model: every request of this execute in shared device loops, one response each, in order."""
@@ -135,13 +136,12 @@ class TritonPythonModel:
         if self.loop_kind == "forward":
             return self._forward(request)
 
-        # One seed (the batch's noise from one generator) or one per image (NUM_IMAGES requests).
-        kwargs = self._inputs(request)
-        text = kwargs.pop("text_embeddings")
+        item = self._inputs(request)
+        text, kwargs = item.text_embeddings, item.options()
         start = time.perf_counter()
         if self.loops is not None and self.loops.on_cuda:
             batch = text.shape[0] // 2
-            loop = self.loops.loop_for(batch, kwargs["height"], kwargs["width"])
+            loop = self.loops.loop_for(batch, item.height, item.width)
             latents = self.denoiser.run_loop(text, loop=loop, **kwargs)
         elif self.loops is not None:
             latents = self.denoiser.run(text, unet=self.loops.unet_call(), float_dtype=self.float_dtype, **kwargs)
