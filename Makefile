@@ -26,7 +26,7 @@ LORAS       ?=
 # make tiny KIND=tiny|sd15|qwen-image|qwen-image-shaped
 KIND        ?= tiny
 
-.PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench clean safety-model safety-eval
+.PHONY: help setup demo test tiny export calibrate engine repo serve trtexec bench perf clean safety-model safety-eval
 
 help:
 	@echo "make setup                      venv with CPU torch, optimum export set, Triton bundle, tests"
@@ -43,6 +43,7 @@ help:
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
 	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json"
 	@echo "make safety-eval                prompt-safety precision/recall per category on the test part"
+	@echo "make perf OUT=dir [URL=host:port] perf_analyzer concurrency sweep 1..4 of the ensemble (OUT/perf.json)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys, sysconfig; assert sys.version_info[:2] >= (3, 10), "need Python >= 3.10"; assert sysconfig.get_config_var("Py_ENABLE_SHARED"), "tritonserver Python backend needs a Python built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared)"'
@@ -102,8 +103,10 @@ engine: setup
 	$(PY) scripts/build_engine.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) $(TRT_FLAGS)
 
 LAYOUT      ?= python
+UNET_LOOP   ?=
+INSTANCES   ?= 1
 repo: setup
-	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT) $(if $(LORAS),--loras $(LORAS))
+	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT) $(if $(LORAS),--loras $(LORAS)) $(if $(UNET_LOOP),--unet-loop $(UNET_LOOP)) --denoise-instances $(INSTANCES)
 
 serve: setup
 	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
@@ -120,6 +123,20 @@ safety-model: setup
 
 safety-eval: setup
 	$(PY) scripts/safety_eval.py --split test
+# perf_analyzer comes only in the tritonclient 2.51.0 wheel; its pins stay out of the main venv. It links
+# libb64.so.0d (Debian libb64-0d) and libcudart.so.12 (pip nvidia-cuda-runtime-cu12), also on a CPU machine.
+PERF_VENV   ?= .venv-perf
+PERF_ARGS   ?=
+URL         ?=
+$(PERF_VENV)/.installed:
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install -q "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12
+	@ldconfig -p | grep -q libb64.so.0d || { command -v apt-get >/dev/null && apt-get update -qq && \
+		apt-get install -y -qq libb64-0d; } || { echo "install libb64.so.0d (Debian/Ubuntu: apt-get install libb64-0d)"; exit 1; }
+	touch $@
+
+perf: setup $(PERF_VENV)/.installed
+	$(PY) scripts/perf.py --out $(OUT) --perf-venv $(PERF_VENV) $(if $(URL),--url $(URL)) $(PERF_ARGS)
 
 clean:
 	rm -rf build out

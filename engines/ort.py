@@ -94,19 +94,22 @@ def check_cuda_available() -> None:
 
 
 def make_session(model_path: Path, settings: dict, *, level: str, threads: int | None = None,
-                 save_to: Path | None = None, external_data: bool = False,
+                 spinning: bool | None = None, save_to: Path | None = None, external_data: bool = False,
                  free_dimensions: dict[str, int] | None = None, cuda_graph: bool = False,
                  initializers: dict | None = None, extra_config: dict[str, str] | None = None):
     """An InferenceSession with the recorded settings; `save_to` writes the optimized graph there.
-    initializers / extra_config: LoRA weight sets (toonark.engines.lora) and the session entries they need."""
+    initializers / extra_config: LoRA weight sets (toonark.engines.lora) and the session entries they need.
+    spinning=False: idle intra-op workers sleep at once instead of spinning (ORT's default is to spin).
+    The served CPU layout runs several ORT pools (one per engine stub) next to denoise and tritonserver
+    on a few cores; a spinning pool takes the core that the next BLS hop needs (issue 12, found by HBLS)."""
     providers = [(name, dict(options)) for name, options in settings["providers"]]
     if providers[0][0] == "CUDAExecutionProvider":
         check_cuda_available()
         if cuda_graph:
             providers[0][1]["enable_cuda_graph"] = "1"
-    config = {}
+    config = {} if spinning is None else {"session.intra_op.allow_spinning": "1" if spinning else "0"}
     if save_to is not None and external_data:
-        config = {"session.optimized_model_external_initializers_file_name": EXTERNAL_DATA_NAME,
+        config |= {"session.optimized_model_external_initializers_file_name": EXTERNAL_DATA_NAME,
                   "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
     session = ort_session(model_path, providers=providers, level=level,
                           threads=settings["intra_op_num_threads"] if threads is None else threads,
@@ -177,6 +180,7 @@ class OrtEngine(Engine):
     """
 
     def __init__(self, model_path: Path, spec, metadata: dict, *, threads: int | None = None,
+                 spinning: bool | None = None,
                  cuda_graph: bool = False, graph_sizes: dict[str, int] | None = None, fallback: bool = True,
                  initializers: dict | None = None, extra_config: dict[str, str] | None = None):
         self.spec, self.metadata, self.model_path = spec, metadata, Path(model_path)
@@ -187,6 +191,7 @@ class OrtEngine(Engine):
         self.device_id = int(settings.get("device_id", 0))
         self.cuda_graph = cuda_graph
         self.threads = threads
+        self.spinning = spinning
         self.fallback = fallback
         self.graph_values: dict | None = None
         self._dynamic = None
@@ -200,8 +205,8 @@ class OrtEngine(Engine):
             free_dimensions = self._free_dimensions(graph_sizes)
         self.free_dimensions = free_dimensions
         self.session = make_session(self.model_path, settings, level=settings["load_optimization_level"],
-                                    threads=threads, free_dimensions=free_dimensions, cuda_graph=cuda_graph,
-                                    initializers=initializers, extra_config=extra_config)
+                                    threads=threads, spinning=spinning, free_dimensions=free_dimensions,
+                                    cuda_graph=cuda_graph, initializers=initializers, extra_config=extra_config)
         if cuda_graph:
             self.graph_sizes = dict(graph_sizes)
             self._allocate_graph_buffers(graph_sizes)
@@ -229,7 +234,7 @@ class OrtEngine(Engine):
         if self._dynamic is None:
             settings = self.metadata["settings"]
             self._dynamic = make_session(self.model_path, settings, level=settings["load_optimization_level"],
-                                         threads=self.threads, initializers=self.initializers,
+                                         threads=self.threads, spinning=self.spinning, initializers=self.initializers,
                                          extra_config=self.extra_config)
         return self._dynamic
 

@@ -44,16 +44,21 @@ def check_scheduler(scheduler) -> None:
                          f"use the host loop (device_loop=False)")
 
 
-def step_model_proto():
-    """ONNX graph: (noise_pred[2B], x[B], m_prev[B], coef[6]) -> (x_next, m0, unet_sample[2B]), float32."""
+def step_model_proto(unet_dtype=np.float32):
+    """ONNX graph: (noise_pred[2B], x[B], m_prev[B], coef[6]) -> (x_next, m0, unet_sample[2B]); float32, except
+    noise_pred and unet_sample in `unet_dtype` (float16: a UNet served with fp16 I/O, e.g. a TensorRT plan,
+    read and written through casts; the solver state stays float32)."""
     import onnx
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Constant", [], [f"idx{i}"], value=helper.make_tensor(f"i{i}", TensorProto.INT64, [], [i]))
+    half = np.dtype(unet_dtype) == np.float16
+    unet_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", ["noise_pred"], ["noise_f32"], to=TensorProto.FLOAT)] if half else []
+    nodes += [helper.make_node("Constant", [], [f"idx{i}"], value=helper.make_tensor(f"i{i}", TensorProto.INT64, [], [i]))
              for i in range(6)]
     nodes += [helper.make_node("Gather", ["coef", f"idx{i}"], [f"k{i}"], axis=0) for i in range(6)]
     nodes += [
-        helper.make_node("Split", ["noise_pred"], ["uncond", "cond"], axis=0, num_outputs=2),
+        helper.make_node("Split", ["noise_f32" if half else "noise_pred"], ["uncond", "cond"], axis=0, num_outputs=2),
         helper.make_node("Sub", ["cond", "uncond"], ["diff"]),
         helper.make_node("Mul", ["diff", "k0"], ["gdiff"]),
         helper.make_node("Add", ["uncond", "gdiff"], ["eps"]),
@@ -65,22 +70,34 @@ def step_model_proto():
         helper.make_node("Mul", ["m_prev", "k5"], ["cm"]),
         helper.make_node("Add", ["ax", "bm"], ["t0"]),
         helper.make_node("Add", ["t0", "cm"], ["x_next"]),
-        helper.make_node("Concat", ["x_next", "x_next"], ["unet_sample"], axis=0),
+        helper.make_node("Concat", ["x_next", "x_next"], ["unet_sample_f32" if half else "unet_sample"], axis=0),
     ]
+    if half:
+        nodes.append(helper.make_node("Cast", ["unet_sample_f32"], ["unet_sample"], to=TensorProto.FLOAT16))
     lat = ["B", "C", "h", "w"]
     graph = helper.make_graph(
         nodes, "dpm_step",
-        [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["2B", "C", "h", "w"]),
+        [helper.make_tensor_value_info("noise_pred", unet_type, ["2B", "C", "h", "w"]),
          helper.make_tensor_value_info("x", TensorProto.FLOAT, lat),
          helper.make_tensor_value_info("m_prev", TensorProto.FLOAT, lat),
          helper.make_tensor_value_info("coef", TensorProto.FLOAT, [6])],
         [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, lat),
          helper.make_tensor_value_info("m0", TensorProto.FLOAT, lat),
-         helper.make_tensor_value_info("unet_sample", TensorProto.FLOAT, ["2B", "C", "h", "w"])])
+         helper.make_tensor_value_info("unet_sample", unet_type, ["2B", "C", "h", "w"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STEP_OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def step_session(on_cuda: bool, device_id: int = 0, unet_dtype=np.float32):
+    """An ORT session of the step graph on the CUDA EP (on_cuda) or the CPU."""
+    if on_cuda:
+        from toonark.engines.ort import cuda_provider_options
+        providers = [("CUDAExecutionProvider", cuda_provider_options(device_id)), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    return ort_session(step_model_proto(unet_dtype).SerializeToString(), providers=providers, threads=1)
 
 
 def step_model(path: Path) -> Path:
@@ -144,12 +161,7 @@ class DeviceLoop:
                     if info["dtype"] not in ("float32", "int64"):
                         raise ValueError(f"the device loop needs float32 I/O (keep_io_types builds); {name} "
                                          f"{tensor} is {info['dtype']}")
-        if self.on_cuda:
-            from toonark.engines.ort import cuda_provider_options
-            providers = [("CUDAExecutionProvider", cuda_provider_options(self.device_id)), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.step = ort_session(step_model_proto().SerializeToString(), providers=providers, threads=1)
+        self.step = step_session(self.on_cuda, self.device_id)
         timestep = engines["unet"].metadata["io"]["inputs"][SD.timestep]["shape"]
         self.timestep_shape = tuple(1 for _ in timestep)
         self._buffers: dict = {}
@@ -250,6 +262,27 @@ class DeviceLoop:
                      {"x_next": buf["final"] if last else buf["x"][1 - cur], "m0": buf["m"][1 - cur],
                       "unet_sample": buf["sample"]})
             cur = 1 - cur
+
+    def latents_for_vae(self, text_embeddings: np.ndarray, latents: np.ndarray, schedule, guidance: float,
+                        solver_order: int = 2, prediction_type: str = "epsilon") -> np.ndarray:
+        """The served `denoise` step on the device: text embeddings (2B, L, D) from the text encoder model
+        and the initial latents (host) go up once, the VAE decoder's input (already scaled) comes back once;
+        per step only the timestep and the six solver coefficients cross."""
+        batch, height, width = latents.shape[0], latents.shape[2] * self.dims.vae_scale, \
+            latents.shape[3] * self.dims.vae_scale
+        if text_embeddings.shape[0] != 2 * batch:
+            raise ValueError(f"{text_embeddings.shape[0]} text embedding rows for {batch} latents; classifier-free "
+                             f"guidance needs 2B")
+        buf = self.buffers(batch, height, width)
+        if tuple(buf["text"].shape()) != tuple(text_embeddings.shape):
+            raise ValueError(f"text embeddings of shape {list(text_embeddings.shape)}; the UNet reads "
+                             f"{list(buf['text'].shape())}")
+        buf["text"].update_inplace(np.ascontiguousarray(text_embeddings, np.float32))
+        latents = np.ascontiguousarray(latents, np.float32)
+        buf["x"][0].update_inplace(latents)
+        buf["sample"].update_inplace(np.concatenate([latents, latents]))
+        self.denoise(buf, schedule, guidance, solver_order, prediction_type)
+        return np.array(buf["final"].numpy(), copy=True)
 
     def image(self, ids: np.ndarray, latents: np.ndarray, schedule, guidance: float, solver_order: int = 2,
               timings: dict | None = None, prediction_type: str = "epsilon") -> np.ndarray:

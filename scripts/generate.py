@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--format", choices=api.IMAGE_FORMATS, help=f"default: {api.DEFAULT_FORMAT}, or the --out suffix")
+    parser.add_argument("--format", choices=api.IMAGE_FORMATS, help=f"default: {api.DEFAULT_FORMAT}, or the --out suffix (.webp, .npy = raw); raw writes the uint8 (H, W, 3) "
+                        f"pixels of each image as a .npy file")
     parser.add_argument("--num-images", type=int, help="1..4 images of the prompt (seeds SEED, SEED+1, ...); "
                         "written as OUT, then OUT's name with -2, -3, ...")
     parser.add_argument("--quality", type=int, help=f"WebP quality {api.QUALITY_RANGE[0]}..{api.QUALITY_RANGE[1]} (server default "
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from toonark.serving.client import GenerateOptions, format_profile, generate
-    fmt = args.format or ("webp" if args.out.suffix.lower() == ".webp" else None)
+    suffix_format = {".webp": "webp", ".npy": api.RAW_FORMAT}.get(args.out.suffix.lower())
+    fmt = args.format or suffix_format
     if args.mask_in is not None and args.image_in is None:
         raise ValueError("--mask-in needs --image-in (the picture the mask belongs to)")
     pictures = {name: path.read_bytes() for name, path in (("image_in", args.image_in), ("mask_in", args.mask_in))
@@ -59,9 +61,19 @@ def run(args: argparse.Namespace) -> int:
                               lora_scale=args.lora_scale, strength=args.strength, **pictures)
     result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    raw = result.pixels is not None
+    out = args.out.with_suffix(".npy") if raw else args.out
     for i, image in enumerate(result.images):
-        path = args.out if i == 0 else args.out.with_name(f"{args.out.stem}-{i + 1}{args.out.suffix}")
-        path.write_bytes(image)
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        if raw:   # FORMAT=raw: one image's uint8 (H, W, 3) pixels, written whole or not at all
+            import numpy as np
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as handle:
+                np.save(handle, result.pixels[i])
+            tmp.replace(path)
+            image = result.pixels[i].tobytes()
+        else:
+            path.write_bytes(image)
         flagged = " (flagged by the safety checker: blank)" if result.nsfw and result.nsfw[i] else ""
         print(f"wrote {path} ({len(image)} bytes){flagged}")
     print(f"{len(result.images)} image(s) in {result.seconds:.2f} s over {args.protocol}")

@@ -1,6 +1,6 @@
-"""Generate the Triton model repository for a build (`make repo OUT=dir BACKEND= PRECISION=`):
-OUT/triton_model_repo with the `toonark` ensemble (preprocess -> text_encoder -> denoise [unet by BLS]
--> vae_decoder -> postprocess), every config.pbtxt written from the export specs."""
+"""Generate the Triton model repository for a build (`make repo OUT=dir BACKEND= PRECISION= [UNET_LOOP= INSTANCES=]`):
+OUT/triton_model_repo with the `toonark` ensemble (preprocess -> text_encoder -> denoise [the UNet in process, or
+unet by BLS] -> vae_decoder -> postprocess), every config.pbtxt written from the export specs."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from toonark.layout import BACKENDS
 from toonark.scripts import _cli as cli
-from toonark.serving.repository import LAYOUTS
+from toonark.serving.repository import LAYOUTS, UNET_LOOPS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,6 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loras", type=Path, help="folder of LoRA .safetensors styles to serve (LORA input)")
     parser.add_argument("--lora-cache-size", type=int, default=4, help="LoRA weight sets each engine keeps (LRU)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per engine (0: auto)")
+    parser.add_argument("--unet-loop", choices=UNET_LOOPS, help="how denoise runs the UNet (default: in_process for "
+                        "python + ort-cuda, bls_device for the native layouts on a GPU, bls on the CPU, with LoRAs "
+                        "and for Qwen-Image)")
+    parser.add_argument("--denoise-instances", type=int, default=1, help="denoise instances (each its own UNet "
+                        "session and CUDA graphs when in_process)")
     return parser.parse_args(argv)
 
 
@@ -31,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
     from toonark.serving.repository import write_repo
     repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
                       out=args.repo, intra_op_threads=args.threads, loras=args.loras,
-                      lora_cache_size=args.lora_cache_size)
+                      lora_cache_size=args.lora_cache_size, unet_loop=args.unet_loop,
+                      denoise_instances=args.denoise_instances)
     print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
           f"`make serve OUT={args.out}`")
 

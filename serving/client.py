@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toonark import api
-from toonark.api import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT
+from toonark.api import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT, PIXELS_OUTPUT, RAW_FORMAT
 
 PROTOCOLS = ("http", "grpc")
 # Stages in request order; `unet` runs once per step, called by `denoise`.
@@ -80,6 +80,7 @@ class GenerateResult:
     # With timings: the tile grid the picture was made with (sizes above the profile, toonark.tiling), else
     # "untiled (...)"; None when the server does not say (a repository without the `tiling` parameter).
     tiles: str | None = None
+    pixels: np.ndarray | None = None   # FORMAT=raw: uint8 (B, H, W, 3); `images` then holds empty strings
 
 
 def one_line(message: str) -> str:
@@ -154,6 +155,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     output_name = ENSEMBLE_OUTPUTS[0].name
+    raw = (options.format or "").lower() == RAW_FORMAT
     own_client = client is None
     try:
         if own_client:
@@ -166,6 +168,7 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         seconds = time.perf_counter() - start
         after = settled_statistics(client, protocol) if timings else {}
         images = response.as_numpy(output_name)
+        pixels = response.as_numpy(PIXELS_OUTPUT.name)
         nsfw = response.as_numpy(NSFW_OUTPUT.name)
         tiling = _tiling_parameter(client, protocol) if timings else None
     except InferenceServerException as err:
@@ -176,18 +179,28 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
     finally:
         if own_client and client is not None:
             client.close()
-    if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
-        raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
-                          f"restart the server and check its log")
-    result = GenerateResult([bytes(image) for image in images.reshape(-1)], seconds,
-                            stage_profile(before, after) if timings else {},
-                            None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)])
+    flags = None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)]
+    profile = stage_profile(before, after) if timings else {}
+    if raw:   # FORMAT=raw: the pixels; IMAGE holds empty strings
+        if pixels is None or pixels.size == 0:
+            raise ServerError(f"the server answered without {PIXELS_OUTPUT.name} data (a failed request cached as "
+                              f"success?); restart the server and check its log")
+        result = GenerateResult([b""] * len(pixels), seconds, profile, flags, pixels=pixels)
+        size = pixels.shape[1:3]
+    else:
+        if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
+            raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
+                              f"restart the server and check its log")
+        result = GenerateResult([bytes(image) for image in images.reshape(-1)], seconds, profile, flags)
+        size = None
     if tiling:
-        from PIL import Image
-        import io
-        width, height = Image.open(io.BytesIO(result.images[0])).size   # the header only
+        if size is None:
+            from PIL import Image
+            import io
+            width, height = Image.open(io.BytesIO(result.images[0])).size   # the header only
+            size = (height, width)
         from toonark.tiling import describe_grid
-        result.tiles = describe_grid(tiling, height, width)
+        result.tiles = describe_grid(tiling, *size)
     return result
 
 

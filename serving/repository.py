@@ -6,9 +6,9 @@
                               resolves the defaults of every optional input (the one place they live)
       text_encoder  (engine)  input_ids -> last_hidden_state; Triton's response cache on (the prompt-embedding
                               cache: needs the server's --cache-config; why only here: repo_configs)
-      denoise       (python)  DPM-Solver++ 2M with classifier-free guidance; calls `unet` by BLS each step;
-                              returns the VAE decoder's input (the model family's latents_to_vae: the
-                              one place the scaling factor is applied)
+      denoise       (python)  DPM-Solver++ 2M with classifier-free guidance over the UNet (UNET_LOOPS: in process, or
+                              `unet` by BLS each step); returns the VAE decoder's input (the model family's
+                              latents_to_vae: the one place the scaling factor is applied)
       unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
       vae_encoder   (engine)  sample -> latent_parameters (BLS only, IMAGE_IN; when its engine was built)
       vae_decoder   (engine)  latent_sample -> sample (python layout: tiled above the profile, toonark.tiling)
@@ -56,6 +56,49 @@ LAYOUTS = ("python", "onnxruntime_onnx", "tensorrt_plan")
 # What made the repository (backend, precision, layout) and what its engines need from the server (the
 # TensorRT version and GPU of tensorrt_plan plans): written by write_repo, checked by the launcher at start.
 REPO_RECORD = "repo.json"
+# How `denoise` runs the UNet (issue 12): in_process = it owns the UNet engine (python layout; ort-cuda: the
+# device loop with CUDA graphs per bucket, no per-step hop), bls = one BLS call to `unet` per step with host
+# tensors, bls_device = one BLS call per step with device tensors (DLPack) and the solver step on the device
+# (the native layouts, where the UNet is another backend's model).
+UNET_LOOPS = ("in_process", "bls", "bls_device")
+# Batch sizes (images per request) that get a CUDA graph of their own at the opt image size (in_process on
+# ort-cuda); other sizes run a dynamic-shape session.
+GRAPH_BATCHES = (1, 2, 4)
+# Request batching (in_process on ort-cuda): `denoise` forwards each request by BLS to DENOISE_LOOP, whose
+# dynamic batcher groups up to max(GRAPH_BATCHES) concurrent requests (same steps, guidance and size) into
+# one device loop over the B=2/4 CUDA graphs. The front has FRONT_INSTANCES instances so that many requests
+# can wait at the batcher; BATCH_DELAY_US is how long the batcher waits for company.
+DENOISE_LOOP = "denoise_loop"
+FRONT_INSTANCES = 8
+BATCH_DELAY_US = 3000
+
+
+def default_unet_loop(backend: str, layout: str, family=None, loras: bool = False) -> str:
+    """python + a CUDA backend: in_process (the device loop inside denoise). python + ort-cpu: bls, measured
+    (benchmarks/cpu_served.py, README "Speed"): with the batcher fix the BLS hop costs about what the
+    in-process call saves on 2 cores, and the `unet` model keeps its own statistics and queue. Native layouts:
+    bls_device on the GPU (the UNet belongs to the onnxruntime / tensorrt backend), bls on the CPU.
+    Always bls for a repository with LoRA styles (they are switched in the `unet` model's runner, on BLS calls
+    with host tensors) and for a family without the device loop (ModelFamily.device_loop: Qwen-Image's
+    transformer and flow-matching sampler are served over BLS)."""
+    if loras or (family is not None and not family.device_loop):
+        return "bls"
+    gpu = backend_for(backend, strict=False).triton_kind == "KIND_GPU"
+    if layout == "python":
+        return "in_process" if gpu else "bls"
+    return "bls_device" if gpu else "bls"
+
+
+def graph_buckets(info: BuildInfo) -> str:
+    """The cuda_graph_sizes parameter of an in_process denoise: one bucket per GRAPH_BATCHES size the build
+    serves, at the opt image size."""
+    size = info.limits.opt_image
+    return ";".join(f"B={b},H={size},W={size}" for b in GRAPH_BATCHES if b <= info.limits.max_batch)
+
+
+# The models that get the QueuePolicy (dynamic_batching { default_queue_policy }): see QueuePolicy for why
+# only the ensemble's bottleneck. A BLS callee must never get one (500 ms stalls, issue 12; found by HBLS).
+QUEUED_MODELS = ("denoise",)
 # The model folders Triton loads (thin model.py files) live in the triton_model_repo package.
 SOURCE_DIR = Path(triton_model_repo.__file__).resolve().parent
 
@@ -114,12 +157,23 @@ def _parameters(params: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    """Back-pressure of every non-ensemble model: at most `max_queue_size` requests wait for an
-    instance; more are rejected at once (HTTP 503 / gRPC UNAVAILABLE "Exceeds maximum queue size"),
-    and one that waited longer than `timeout_s` (0: no limit) is rejected with "Request timeout expired".
-    Triton 2.51 accepts `dynamic_batching { default_queue_policy }` on max_batch_size 0 models (checked
-    on the bundled server: nothing is batched, the queue limits apply); ensembles have no queue of
-    their own, so the limit bites at the slowest step (denoise)."""
+    """Back-pressure of the ensemble, set on its bottleneck step (QUEUED_MODELS = denoise): at most
+    `max_queue_size` requests wait for an instance; more are rejected at once (HTTP 503 / gRPC
+    UNAVAILABLE "Exceeds maximum queue size"), and one that waited longer than `timeout_s` (0: no limit)
+    is rejected with "Request timeout expired". Triton 2.51 accepts `dynamic_batching { default_queue_policy }`
+    on max_batch_size 0 models (checked on the bundled server: nothing is batched, the queue limits apply);
+    ensembles have no queue of their own, so the limit bites at the slowest step (denoise).
+
+    Why only there (issue 12, root cause found by helper HBLS): a queue policy with a size or timeout turns
+    off the dynamic batcher's payload prefetching (triton core `PriorityQueue::support_prefetching_`). Without
+    it, `DynamicBatchScheduler::Enqueue` wakes the batcher thread only when an instance thread is already
+    waiting for work; a request that arrives after the previous execution's completion callback but before
+    the instance thread waits again wakes nobody, and the batcher sleeps its idle timeout, a fixed 500 ms.
+    BLS callers hit that window all the time: denoise sends the next UNet step about 1 ms after the previous
+    answer, so 1-8 of 20 UNet calls per request waited 500 ms (served 0.5-4.7 s for a 0.6 s image). The
+    other models are bounded anyway: `unet` is only called by denoise (one call in flight per denoise
+    instance); preprocess and text_encoder pass requests on in milliseconds to denoise's queue;
+    vae_decoder and postprocess get one request per finished denoise."""
     max_queue_size: int = 16
     timeout_s: float = 0.0
 
@@ -137,14 +191,19 @@ class QueuePolicy:
 
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
-                 default_model_filename: str | None = None, response_cache: bool = False) -> str:
+                 default_model_filename: str | None = None, response_cache: bool = False,
+                 max_batch_size: int = 0, batch_delay_us: int | None = None) -> str:
+    """max_batch_size > 0 with batch_delay_us: Triton's dynamic batcher hands the model up to that many requests
+    per execute, waiting at most batch_delay_us for more (no queue policy: see QueuePolicy)."""
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
         head += f"default_model_filename: {_quote(default_model_filename)}\n"
-    head += "max_batch_size: 0\n"
+    head += f"max_batch_size: {max_batch_size}\n"
     text = head + _io_block("input", inputs) + _io_block("output", outputs)
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
+    if batch_delay_us is not None:
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {int(batch_delay_us)} }}\n"
     if response_cache:   # needs the server's --cache-config (local,size=...); without it Triton ignores this
         text += "response_cache { enable: true }\n"
     return text + _parameters(params or {})
@@ -177,9 +236,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
                  queue: QueuePolicy | None = None, safety_checker: dict | None = None,
                  loras: list[str] | None = None, lora_cache_size: int = 4, vae_encoder: bool = False,
-                 tile: int = 0, tile_overlap: int = -1, family=None) -> dict[str, str]:
+                 tile: int = 0, tile_overlap: int = -1, family=None,
+                 unet_loop: str | None = None, denoise_instances: int = 1,
+                 batch_requests: bool | None = None) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
-    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
+    queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
     `lora_scale`, which text_encoder (so they are part of its response-cache key) and denoise -> unet read;
     lora_cache_size: weight sets each engine keeps (LRU).
@@ -188,12 +249,36 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     family: the build's model family (toonark.family; default Stable Diffusion): its served submodels are
     the three engine steps (Qwen-Image: text_encoder, transformer, vae_decoder), a family whose denoise
     reads the token ids too (`denoise_reads_ids`) gets input_ids routed to denoise, and editing / tiled
-    sizes are served only for a family that has them (`edits_images`, `tiles_large_images`)."""
+    sizes are served only for a family that has them (`edits_images`, `tiles_large_images`).
+    unet_loop: UNET_LOOPS (default: default_unet_loop); in_process leaves out the `unet` model. in_process and
+    bls_device run SD's step graph: refused for a family without `device_loop` and with LoRA styles.
+    denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process).
+    batch_requests: in_process only (default: on for CUDA backends): concurrent requests share one device loop
+    (DENOISE_LOOP, Triton's dynamic batcher); denoise becomes a thin front that forwards by BLS."""
     if loras and layout != "python":
         raise ValueError(f"LoRA styles are switched inside toonark's Python-backend runners; use --layout python, "
                          f"not {layout!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    unet_loop = unet_loop or default_unet_loop(backend, layout, family, bool(loras))
+    if unet_loop not in UNET_LOOPS:
+        raise ValueError(f"unknown unet_loop {unet_loop!r}; choose one of {', '.join(UNET_LOOPS)}")
+    if unet_loop != "bls" and family is not None and not family.device_loop:
+        raise ValueError(f"unet_loop {unet_loop} runs Stable Diffusion's solver step graph; the {family.name} family's "
+                         f"denoise calls its {family.denoiser_submodel} by BLS: use unet_loop bls")
+    if unet_loop != "bls" and loras:
+        raise ValueError(f"LoRA styles are switched in the unet model's runner on each BLS call with host tensors; "
+                         f"unet_loop {unet_loop} bypasses it: use unet_loop bls (the default with LoRAs)")
+    if unet_loop == "in_process" and layout != "python":
+        raise ValueError(f"unet_loop in_process runs the UNet engine inside denoise (ONNX Runtime, python layout); "
+                         f"layout {layout} serves it with another backend: use bls_device or bls")
+    if denoise_instances < 1:
+        raise ValueError(f"denoise_instances must be >= 1, got {denoise_instances}")
+    if batch_requests is None:
+        batch_requests = unet_loop == "in_process" and backend_for(backend, strict=False).serves_cuda_graphs
+    if batch_requests and unet_loop != "in_process":
+        raise ValueError(f"batch_requests groups requests in the device loop denoise owns (unet_loop in_process); "
+                         f"got unet_loop {unet_loop}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
     serves_plans = backend_for(backend, strict=False).engine_file.endswith(".plan")
     if layout == "tensorrt_plan" and not serves_plans:
@@ -213,6 +298,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     tiling = ({"tiling": tiling_parameter(info.limits, info.dims, tile or None, tile_overlap if tile_overlap >= 0 else None)}
               if tiled else {})
     for spec in (te, unet, vae) + ((specs["vae_encoder"],) if vae_encoder else ()):
+        if spec.name == unet.name and unet_loop == "in_process":
+            continue   # denoise owns it
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
         # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
         # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
@@ -233,8 +320,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
             configs[spec.name] = model_config(
                 spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
+                # ort-cpu: idle ORT workers sleep instead of spinning: several pools share the cores with
+                # denoise and tritonserver, which need one between two UNet steps (issue 12).
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
                         **({"lora_cache_size": str(lora_cache_size)} if loras and spec.name in (te.name, unet.name) else {}),
+                        **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {}),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {}),
                         **(tiling if spec.name in ("vae_decoder", "vae_encoder") else {})})
@@ -271,13 +361,34 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                           "vae_encoder_float_type": "TYPE_" + encoder_in[0].triton_type}
     reads_ids = bool(getattr(family, "denoise_reads_ids", False))
     ids_port = [te_in[0]] if reads_ids else []
+    loop_params = {"unet_loop": unet_loop}
+    if unet_loop == "in_process":
+        loop_params.update({"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
+                            **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {})})
+        if backend_for(backend, strict=False).serves_cuda_graphs:
+            loop_params["cuda_graph_sizes"] = graph_buckets(info)
+    elif unet_loop == "bls_device":
+        loop_params["unet_device"] = "cuda" if engine_kind == "KIND_GPU" else "cpu"
+    denoise_inputs = [Port(hidden.name, hidden.triton_type, hidden.dims), *ids_port, *DENOISE_INPUTS, *lora_ports]
+    denoise_params = {"unet_model": unet.name, "unet_output": unet.output_names[0],
+                      "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
+                      "latent_name": vae_in[0].name, **tiling, **encoder_params,
+                      **({"text_ids_name": te_in[0].name} if reads_ids else {}), **loop_params}
+    if batch_requests:
+        # The loop model: the same inputs and outputs with a leading request dimension (Triton's batch), each
+        # request delivered as is (the Python backend does not concatenate), grouped by runtime.Denoiser; edits
+        # and tiled sizes run there one at a time in the host loop (it calls vae_encoder by BLS).
+        configs[DENOISE_LOOP] = model_config(
+            DENOISE_LOOP, denoise_inputs, [vae_in[0]], backend="python", kind=engine_kind, count=denoise_instances,
+            params=denoise_params, max_batch_size=max(b for b in GRAPH_BATCHES if b <= info.limits.max_batch),
+            batch_delay_us=BATCH_DELAY_US)
+        denoise_params = {**denoise_params, "unet_loop": "forward", "loop_model": DENOISE_LOOP}
+        denoise_params = {k: v for k, v in denoise_params.items() if k not in ("cuda_graph_sizes", "engine_file",
+                                                                          "intra_op_threads", "intra_op_spinning")}
     configs["denoise"] = model_config(
-        "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *ids_port, *DENOISE_INPUTS, *lora_ports],
-        [vae_in[0]], backend="python",
-        params={"unet_model": unet.name, "unet_output": unet.output_names[0],
-                "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
-                "latent_name": vae_in[0].name, **tiling, **encoder_params,
-                **({"text_ids_name": te_in[0].name} if reads_ids else {})})
+        "denoise", denoise_inputs, [vae_in[0]], backend="python",
+        kind=engine_kind if unet_loop != "bls" and not batch_requests else "KIND_CPU",
+        count=FRONT_INSTANCES if batch_requests else denoise_instances, params=denoise_params)
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
@@ -310,9 +421,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                   {p.name: p.name for p in ENSEMBLE_OUTPUTS}))
     configs[ENSEMBLE] = ensemble_config(steps, outputs)
     policy = (queue or QueuePolicy()).config_text()
-    for name in configs:
-        if name != ENSEMBLE:
-            configs[name] += policy
+    for name in QUEUED_MODELS:
+        configs[name] += policy
     return configs
 
 
@@ -348,7 +458,8 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
                verify_engines: bool = True, safety_checker: bool | None = None, loras: Path | None = None,
-               lora_cache_size: int = 4, tile: int = 0, tile_overlap: int = -1) -> Path:
+               lora_cache_size: int = 4, tile: int = 0, tile_overlap: int = -1, unet_loop: str | None = None,
+               denoise_instances: int = 1, batch_requests: bool | None = None) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -406,27 +517,34 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
                            intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
                            loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size,
-                           vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap, family=family)
+                           vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap, family=family,
+                           unet_loop=unet_loop, denoise_instances=denoise_instances, batch_requests=batch_requests)
     remake = (f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision} && "
               f"make repo OUT={build_dir} BACKEND={backend} PRECISION={precision} LAYOUT={layout}")
     record = {"backend": backend, "precision": precision, "layout": layout, "remake": remake,
               "runtime": engine_backend.serving_runtime(metadata)}
+    unet_name = family.served_submodels[1]
+    in_process = unet_name not in configs   # denoise owns the UNet engine
     target = Path(out) if out else paths.triton_repo
     with atomic_dir(target) as tmp:
         for name, text in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
         for name in served:
-            version = tmp / name / "1"
+            # the UNet of an in_process denoise goes to <denoise or denoise_loop>/1/unet/ (runtime.unet_loops)
+            loop_model = DENOISE_LOOP if DENOISE_LOOP in configs else "denoise"
+            version = tmp / loop_model / "1" / "unet" if name == unet_name and in_process else tmp / name / "1"
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
                 _link_or_copy(source, version / source.name)
-            if layout == "python":
+            if layout == "python" and not (name == unet_name and in_process):
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         if lora_set is not None:
             _write_loras(tmp, lora_set, lora_bases_)
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
+        if DENOISE_LOOP in configs:   # the same model.py; its config says it is the batched loop
+            shutil.copy2(SOURCE_DIR / "denoise" / "1" / "model.py", tmp / DENOISE_LOOP / "1" / "model.py")
         if checker_meta is not None:   # safety_checker: None = when the build has one, True = required, False = off
             _link_or_copy(checker / "model.onnx", tmp / "safety_checker" / "1" / "model.onnx")
             shutil.copy2(checker / METADATA_FILE, tmp / "safety_checker" / "1" / METADATA_FILE)
@@ -435,8 +553,10 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",) + family.denoise_pipeline_parts,
                  "postprocess": ()}
+        if DENOISE_LOOP in configs:
+            parts[DENOISE_LOOP] = parts["denoise"]
         if layout == "python":
-            parts.update({name: () for name in served})
+            parts.update({name: () for name in served if name in configs})
         for name, folders in parts.items():
             pipeline = tmp / name / "1" / "pipeline"
             pipeline.mkdir()

@@ -124,7 +124,7 @@ def test_resolver_takes_python_values_and_triton_arrays_alike(policy):
     (dict(num_images=5), "NUM_IMAGES 5 is out of range; use 1..4"),
     (dict(num_images=3), "NUM_IMAGES 3 is more than this build serves per request (2, its max batch)"),
     (dict(seed=2 ** 63 - 1, num_images=2), "SEED 9223372036854775807 is out of range; use 0..2**63-1 minus NUM_IMAGES-1 (1)"),
-    (dict(format="gif"), "FORMAT 'gif' is not supported; use one of png, webp"),
+    (dict(format="gif"), "FORMAT 'gif' is not supported; use one of png, webp, raw"),
     (dict(prompt="a kid with a gun"), "prompt refused (weapons)"),
 ])
 def test_resolver_refuses_with_the_served_messages(policy, inputs, message):

@@ -1,6 +1,7 @@
 """Golden images: the sha256 of what the tiny build serves (IMAGE bytes) and of what the offline
 pipeline draws (uint8 pixels) for a fixed set of varied requests, recorded before the issue-11
-layout change. Refactors must keep every byte: a moved default, a retyped tensor name, a scaling
+layout change. Issue 12 re-recorded the served hashes only, deliberately: PNG is encoded by fpng and WebP at
+libwebp method 0 (README "Speed"); every offline pixel hash stayed the same, so the pixels did not move. Refactors must keep every byte: a moved default, a retyped tensor name, a scaling
 factor applied twice or a changed solver coefficient changes a hash.
 
 The tiny pipeline's weights are seeded (export.pipelines.build_pipeline(seed=0)), so the hashes are

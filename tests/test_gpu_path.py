@@ -116,8 +116,10 @@ def test_python_layout_on_gpu_uses_kind_gpu_and_cuda_graphs(tiny_build):
     configs = repo_configs(info, backend="ort-cuda", precision="fp16", layout="python")
     limits = info.limits
     sizes = f"B={limits.opt_batch},H={limits.opt_image},W={limits.opt_image}"
-    for name in ("unet", "vae_decoder"):
-        assert "KIND_GPU" in configs[name] and sizes in configs[name] and "cuda_graph_sizes" in configs[name]
+    assert "KIND_GPU" in configs["vae_decoder"] and sizes in configs["vae_decoder"]
+    # the UNet runs inside the denoise loop model (unet_loop in_process), one CUDA graph per batch bucket
+    assert "unet" not in configs
+    assert "KIND_GPU" in configs["denoise_loop"] and sizes in configs["denoise_loop"]
     assert "KIND_GPU" in configs["text_encoder"] and "cuda_graph_sizes" not in configs["text_encoder"]
     cpu = repo_configs(info, backend="ort-cpu", precision="fp32", layout="python")
     assert "KIND_CPU" in cpu["unet"] and "cuda_graph_sizes" not in cpu["unet"]
@@ -160,3 +162,40 @@ def test_graph_engine_refuses_other_shapes_without_fallback(build_copy):
                          graph_sizes=TEST_LIMITS.sizes("opt"), fallback=False)
     with pytest.raises(ValueError, match="captured"):
         engine.run(engine.spec.sample_inputs(TEST_LIMITS.sizes("max")))
+
+
+@pytest.mark.gpu
+def test_served_denoise_loops_on_cuda(build_copy):
+    """What the served `denoise` runs on ort-cuda (issue 12), without Triton: runtime.UnetLoops (one CUDA-graph
+    session per batch bucket, then replays) for one request and for two batched by run_batch, and BlsDeviceLoop
+    with the UNet's inputs and output crossing as CUDA DLPack tensors; all against the host loop."""
+    from toonark.engines.dlpack import OrtValueView
+    from toonark.engines.metadata import read_metadata
+    from toonark.triton_model_repo.runtime import BlsDeviceLoop, DenoiseRequest, Denoiser, UnetLoops
+    build_engines(build_copy, "ort-cuda", "fp16", fuse=False)
+    info = BuildInfo.read(build_copy)
+    layout = BuildLayout(build_copy)
+    denoiser = Denoiser(layout.pipeline, info)
+    size = TEST_LIMITS.opt_image
+    unet_dir = layout.engine_dir("ort-cuda", "fp16") / "unet"
+    loops = UnetLoops(unet_dir / "model.onnx", info.specs["unet"], read_metadata(build_copy, "ort-cuda", "fp16", "unet"),
+                      info.dims, denoiser.family, graph_sizes=[{"B": b, "H": size, "W": size} for b in (1, 2)])
+    host_unet = load_engine(build_copy, "ort-cuda", "fp16", "unet")
+    rng = np.random.default_rng(0)
+    texts = [rng.standard_normal((2, info.dims.text_length, info.dims.text_hidden)).astype(np.float32)
+             for _ in range(2)]
+    items = [DenoiseRequest(t, [seed], 4, 7.5, size, size) for t, seed in zip(texts, (3, 4))]
+    host = [denoiser.run(i.text_embeddings, unet=lambda f: host_unet.run(f)["out_sample"], **i.options()) for i in items]
+    for _ in range(2):   # capture, then replay
+        one = denoiser.run_loop(items[0].text_embeddings, loop=loops.loop_for(1, size, size), **items[0].options())
+        assert _rel(one, host[0]) < 2e-2
+    for got, want in zip(denoiser.run_batch(items, loops.loop_for, loops.buckets), host):
+        assert not isinstance(got, Exception) and _rel(got, want) < 2e-2
+
+    def unet_dlpack(feeds):   # as the Triton model: device buffers in by DLPack, the output back the same way
+        values = {name: v.value if isinstance(v, OrtValueView) else v for name, v in feeds.items()}
+        assert all(v.device_name().lower().startswith("cuda") for v in values.values() if not isinstance(v, np.ndarray))
+        return OrtValueView(host_unet.run_device(values)["out_sample"])
+    bls = BlsDeviceLoop(unet_dlpack, info.dims, denoiser.family, on_cuda=True)
+    got = denoiser.run_loop(items[1].text_embeddings, loop=bls, **items[1].options())
+    assert _rel(got, host[1]) < 2e-2

@@ -82,7 +82,7 @@ BAD_REQUESTS = [
     ("PROMPT of rank 2", {"PROMPT": texts("a", "b").reshape(1, 2)},
      "unexpected shape for input 'PROMPT' for model 'toonark'. Expected [-1], got [1,2]"),
     ("unknown input", {"COLOR": np.array([1], np.int32)}, "unexpected inference input 'COLOR' for model 'toonark'"),
-    ("unknown FORMAT", {"FORMAT": texts("gif")}, "FORMAT 'gif' is not supported; use one of png, webp"),
+    ("unknown FORMAT", {"FORMAT": texts("gif")}, "FORMAT 'gif' is not supported; use one of png, webp, raw"),
     ("unknown preset", {"PRESET": texts("turbo"), "STEPS": None}, "unknown preset 'turbo'"),
     ("unsafe subject", {"PROMPT": texts("a kid with a gun")}, "prompt refused"),
 ]

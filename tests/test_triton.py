@@ -100,6 +100,30 @@ def test_served_image_equals_offline_pipeline(triton_server, tiny_engines, proto
     assert diff <= 1
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_raw_format_returns_the_png_pixels(triton_server, protocol):
+    """FORMAT=raw: PIXELS is the uint8 (B, H, W, 3) image the PNG of the same request encodes; IMAGE is empty,
+    and a png request's PIXELS is empty."""
+    options = dict(prompt=SUBJECT, seed=5, steps=2, width=SIZE_W, height=SIZE_H)
+    raw = generate(url(triton_server, protocol), GenerateOptions(**options, format="raw"), protocol)
+    png = generate(url(triton_server, protocol), GenerateOptions(**options, format="png"), protocol)
+    assert raw.pixels is not None and raw.pixels.dtype == np.uint8
+    assert raw.pixels.shape == (1, SIZE_H, SIZE_W, 3)
+    assert raw.images == [b""] and png.pixels is None   # a png answer carries no pixels
+    assert np.array_equal(raw.pixels[0], np.asarray(decode(png.images[0])))
+
+
+def test_generate_script_writes_raw_pixels_as_npy(triton_server, tmp_path, capsys):
+    from toonark.scripts import generate as script
+    out = tmp_path / "otter.npy"
+    assert script.main(["--url", triton_server.http_url, "--prompt", SUBJECT, "--seed", "5", "--steps", "2",
+                        "--width", str(SIZE_W), "--height", str(SIZE_H), "--num-images", "2", "--out", str(out)]) == 0
+    first, second = np.load(out), np.load(tmp_path / "otter-2.npy")
+    assert first.shape == second.shape == (SIZE_H, SIZE_W, 3) and first.dtype == np.uint8
+    assert not np.array_equal(first, second)   # seeds 5 and 6
+    assert "wrote" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(width=65, height=64), "width 65"),
     (dict(format="gif"), "FORMAT 'gif'"),

@@ -43,7 +43,8 @@ ENSEMBLE = "toonark"   # the model name clients call
 DEFAULT_SEED = 0
 DEFAULT_GUIDANCE = 7.5                   # SD-1.5's usual classifier-free guidance scale
 GUIDANCE_RANGE = (0.0, 30.0)
-IMAGE_FORMATS = ("png", "webp")
+IMAGE_FORMATS = ("png", "webp", "raw")   # raw: the uint8 (B, H, W, 3) pixels in PIXELS, nothing encoded
+RAW_FORMAT = "raw"
 DEFAULT_FORMAT = "png"
 DEFAULT_QUALITY = 90                     # WebP quality when a request sends none
 QUALITY_RANGE = (1, 100)                 # WebP quality; PNG is lossless and ignores it
@@ -87,8 +88,11 @@ ENSEMBLE_INPUTS = (
     Port("MASK_IN", "STRING", (1,), True),           # with IMAGE_IN: white = repaint, black = keep (inpainting)
     Port("STRENGTH", "FP32", (1,), True),            # 0 < s <= 1: how much of IMAGE_IN is redrawn
 )
-IMAGE_OUTPUT = Port("IMAGE", "STRING", (-1,))        # encoded image bytes, one per prompt
-ENSEMBLE_OUTPUTS = (IMAGE_OUTPUT,)
+IMAGE_OUTPUT = Port("IMAGE", "STRING", (-1,))        # encoded image bytes, one per prompt (b"" for FORMAT=raw)
+# FORMAT=raw: the uint8 pixels (B, H, W, 3), for clients that encode themselves; for png / webp an empty
+# (0, 0, 0, 3) tensor (Triton ensembles always return every declared output).
+PIXELS_OUTPUT = Port("PIXELS", "UINT8", (-1, -1, -1, 3))
+ENSEMBLE_OUTPUTS = (IMAGE_OUTPUT, PIXELS_OUTPUT)
 # Only when the build has a safety checker (export/safety_checker.py): True where the image was
 # flagged and replaced by a white one. Absent otherwise: no checker ran, so nothing is claimed.
 NSFW_OUTPUT = Port("NSFW", "BOOL", (-1,))
@@ -113,7 +117,8 @@ DENOISE_INPUTS = (SEED, STEPS, GUIDANCE, WIDTH, HEIGHT, IMAGE, MASK, STRENGTH)  
 POSTPROCESS_INPUTS = (FORMAT, QUALITY)                     # what postprocess reads (after the decoded images)
 
 # Triton type -> numpy dtype of the tensors a client sends and the Python models emit.
-NUMPY_TYPES = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
+NUMPY_TYPES = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_,
+               "UINT8": np.uint8}
 
 
 class RequestError(ValueError):

@@ -43,6 +43,10 @@ class ModelFamily:
     # family's img2img / inpainting start) and sizes above the profile in Hann-blended tiles.
     edits_images: bool = False
     tiles_large_images: bool = False
+    # The served denoise may own the step submodel and run it in the device loop (engines/ort_loop: SD's UNet
+    # names and DPM-Solver++ step graph; serving/repository.py's unet_loop in_process / bls_device, request
+    # batching). A family without it is served over BLS with host tensors (unet_loop bls).
+    device_loop: bool = False
 
     @property
     def dims_class(self):
@@ -102,6 +106,7 @@ class StableDiffusion(ModelFamily):
     served_submodels = SERVED_SUBMODELS
     edits_images = True         # toonark.editing: diffusers' img2img / inpainting starts
     tiles_large_images = True   # toonark.tiling: MultiDiffusion-style UNet and VAE tiles
+    device_loop = True          # engines/ort_loop.DeviceLoop, runtime.BlsDeviceLoop (text-to-image in the profile)
 
     def dims_from_folder(self, folder: Path) -> PipelineDims:
         return PipelineDims.from_folder(folder)

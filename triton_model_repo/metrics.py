@@ -8,7 +8,7 @@ Triton serves them on its metrics port next to its own (GET http://<host>:<metri
                                                                   present from startup at 0)
     toonark_steps_total                                   counter  denoising steps served (denoise: one per
                                                                   UNet call, whatever the batch)
-    toonark_images_total{format="png"|"webp"}             counter  images returned (postprocess; blanked ones too)
+    toonark_images_total{format="png"|"webp"|"raw"}           counter  images returned (postprocess; blanked ones too)
     toonark_nsfw_images_total                             counter  images the safety checker flagged and blanked
     toonark_stage_duration_seconds{stage="<model>"}       histogram  time inside each Python model's execute,
                                                                   per request: stage = preprocess, text_encoder,

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RequestError, ResolvedRequest, Serves,  # noqa: F401
-                         one_value, resolve_request, text_value)
+from toonark.api import (DEFAULT_QUALITY, IMAGE_FORMATS, RAW_FORMAT, RequestError, ResolvedRequest,  # noqa: F401
+                         Serves, one_value, resolve_request, text_value)
 from toonark.specs import BuildInfo
 
 # Every config parameter a toonark model reads, with its type (config parameters are strings).
@@ -32,7 +34,9 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_seed": int, "default_guidance": float,
     "default_width": int, "default_height": int, "default_format": str,
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
-    "engine_file": str, "intra_op_threads": int, "cuda_graph_sizes": str,
+    "engine_file": str, "intra_op_threads": int, "intra_op_spinning": int, "cuda_graph_sizes": str,
+    # denoise: which loop runs the UNet (in_process | bls | bls_device) and where the BLS UNet's tensors live
+    "unet_loop": str, "unet_device": str, "loop_model": str,
     "default_quality": int,
     # image input and tiling (toonark.image_input, toonark.tiling): whether a VAE encoder is served, the
     # model denoise calls for it, and the tile size / overlap in pixels (0 / -1: the profile's defaults)
@@ -142,9 +146,37 @@ class RequestPreparer:
 UnetCall = Callable[[dict], np.ndarray]   # {sample, timestep, encoder_hidden_states} -> out_sample
 
 
+@dataclass(frozen=True)
+class DenoiseRequest:
+    """One denoise request's values (what preprocess resolved and text_encoder encoded)."""
+    text_embeddings: np.ndarray   # (2B, L, D), uncond rows first
+    seed: list                    # one seed, or one per image
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    # The resolved edit (api.IMAGE, MASK, STRENGTH): 0 rows (or None) when the request sent no IMAGE_IN.
+    image: np.ndarray | None = field(default=None, metadata={"edit": True})
+    mask: np.ndarray | None = field(default=None, metadata={"edit": True})
+    strength: float = field(default=0.0, metadata={"edit": True})
+
+    @property
+    def edits(self) -> bool:
+        return self.image is not None and np.asarray(self.image).size > 0
+
+    def options(self) -> dict:
+        """run_loop's keywords besides the text embeddings (the text-to-image values)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "text_embeddings" and not f.metadata.get("edit")}
+
+    def edit_options(self) -> dict:
+        """run's edit keywords (empty when the request edits nothing)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("edit")} if self.edits else {}
+
+
 class Denoiser:
-    """DPM-Solver++ with classifier-free guidance over a UNet given as a callable
-    (the Triton model passes a BLS call to the `unet` model)."""
+    """DPM-Solver++ with classifier-free guidance over a UNet given as a callable (`run`, the host loop: a BLS
+    call to the `unet` model, or the engine denoise owns) or in a device loop (`run_loop`, `run_batch`)."""
 
     def __init__(self, pipeline: Path, info: BuildInfo, tiling: str | None = None):
         from toonark.family import family_for_folder
@@ -155,39 +187,59 @@ class Denoiser:
         self.last_unet_seconds: list[float] = []
         self.last_plan = None
 
+    def initial_latents(self, seed, batch: int, height: int, width: int) -> np.ndarray:
+        """The starting noise exactly as the offline pipeline draws it. seed: one int (the batch's noise from
+        one generator) or one per image (each image's noise drawn alone: NUM_IMAGES requests)."""
+        from toonark import pipeline as offline
+        seeds = [int(s) for s in np.asarray(seed).reshape(-1)]
+        sigma, dims = self.scheduler.init_noise_sigma, self.info.dims
+        if len(seeds) == 1:
+            return offline.initial_latents(seeds[0], batch, dims, height, width, init_noise_sigma=sigma)
+        if len(seeds) == batch:
+            return np.concatenate([offline.initial_latents(s, 1, dims, height, width, init_noise_sigma=sigma)
+                                   for s in seeds])
+        raise RequestError(f"{len(seeds)} seeds for {batch} images; send 1 or one per image")
+
+    @staticmethod
+    def _batch(text_embeddings: np.ndarray) -> int:
+        if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
+            raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
+        return text_embeddings.shape[0] // 2
+
+    def tile_plan(self, height: int, width: int):
+        """toonark.tiling.TilePlan of a size: tiled above the profile."""
+        from toonark import tiling
+        return tiling.TilePlan.for_size(self.info.limits, self.info.dims, height, width, self.tile, self.tile_overlap)
+
+    def device_loop_takes(self, item: DenoiseRequest) -> bool:
+        """Whether a device loop (run_loop, run_batch) can run `item`: text-to-image at a size within the
+        profile. An edit (the VAE encoder's start, the inpainting blend every step) or a size above the profile
+        (UNet tiles) runs the host loop, `run`, which does both as the offline pipeline does."""
+        return not item.edits and not self.tile_plan(item.height, item.width).tiled
+
     def run(self, text_embeddings: np.ndarray, *, seed: int | list[int], steps: int, guidance: float, width: int,
             height: int, unet: UnetCall, float_dtype=np.float32, image: np.ndarray | None = None,
             mask: np.ndarray | None = None, strength: float = 0.0, vae_encoder=None) -> np.ndarray:
-        """Latents ready for the VAE decoder (the family's latents_to_vae: divided by vae_scaling_factor).
-        seed: one int (the batch's noise from one generator, as the offline pipeline draws it) or one
-        seed per image (each image's noise drawn alone: NUM_IMAGES requests).
-        image / mask / strength: the resolved edit (api.IMAGE, MASK, STRENGTH; 0 rows = none); vae_encoder:
-        pixels -> encoder parameters (a BLS call, tiled above the profile by the vae_encoder model itself).
-        Sizes above the profile run the UNet in tiles (toonark.tiling.TiledUnet; last_plan says which)."""
+        """The host loop: latents ready for the VAE decoder (the family's latents_to_vae: divided by
+        vae_scaling_factor), one `unet` call per step (per tile group above the profile). seed: see
+        initial_latents. image / mask / strength: the resolved edit (api.IMAGE, MASK, STRENGTH; 0 rows = none);
+        vae_encoder: pixels -> encoder parameters (a BLS call, tiled above the profile by the vae_encoder model
+        itself). Sizes above the profile run the UNet in tiles (toonark.tiling.TiledUnet; last_plan says which)."""
         from toonark import tiling
         from toonark import pipeline as offline
-        if text_embeddings.ndim != 3 or text_embeddings.shape[0] % 2:
-            raise RequestError(f"text embeddings of shape {list(text_embeddings.shape)} are not (2B, L, D)")
-        batch = text_embeddings.shape[0] // 2
+        batch = self._batch(text_embeddings)
         dims = self.info.dims
         unet_spec = self.info.specs["unet"]
         io = "fp16" if np.dtype(float_dtype) == np.float16 else "fp32"
         seeds = [int(s) for s in np.asarray(seed).reshape(-1)]
-        if len(seeds) == 1:
-            latents = offline.initial_latents(seeds[0], batch, dims, height, width,
-                                              init_noise_sigma=self.scheduler.init_noise_sigma)
-        elif len(seeds) == batch:
-            latents = np.concatenate([offline.initial_latents(s, 1, dims, height, width,
-                                                              init_noise_sigma=self.scheduler.init_noise_sigma)
-                                      for s in seeds])
-        else:
-            raise RequestError(f"{len(seeds)} seeds for {batch} images; send 1 or one per image")
+        latents = self.initial_latents(seeds, batch, height, width)
+
         def typed_unet(feeds: dict) -> np.ndarray:
             # Float inputs in the unet engine's I/O precision ("float" in the spec), fixed dtypes as declared.
             return unet({t.name: feeds[t.name].astype(t.numpy_dtype(io), copy=False) for t in unet_spec.inputs})
 
         schedule = self.scheduler.schedule(steps)
-        plan = tiling.TilePlan.for_size(self.info.limits, dims, height, width, self.tile, self.tile_overlap)
+        plan = self.tile_plan(height, width)
         self.last_plan = plan
         call = tiling.TiledUnet(typed_unet, plan, 2 * self.info.limits.max_batch) if plan.tiled else typed_unet
         edit_plan = None
@@ -206,6 +258,221 @@ class Denoiser:
                                                       call, edit=edit_plan)
         self.last_unet_seconds = [ms / 1e3 for ms in unet_ms]
         return self.family.latents_to_vae(latents, dims)
+
+    def run_loop(self, text_embeddings: np.ndarray, *, seed, steps: int, guidance: float, width: int, height: int,
+                 loop) -> np.ndarray:
+        """The device loop: the same request on `loop` (a DeviceLoop that owns the UNet, or a BlsDeviceLoop
+        that calls it by BLS with device tensors): the latents stay on the device for every step and come
+        back once, already scaled for the VAE decoder. Text-to-image within the profile only (callers route
+        the rest to `run`, see device_loop_takes)."""
+        batch = self._batch(text_embeddings)
+        latents = self.initial_latents(seed, batch, height, width)
+        config = self.scheduler.config
+        start = time.perf_counter()
+        out = loop.latents_for_vae(text_embeddings, latents, self.scheduler.schedule(steps), guidance,
+                                   solver_order=config.solver_order, prediction_type=config.prediction_type)
+        self.last_unet_seconds = [(time.perf_counter() - start) / max(steps, 1)] * steps
+        return out
+
+    def run_batch(self, items: list[DenoiseRequest], loop_for, buckets=(1, 2, 4)) -> list:
+        """Several requests in shared device loops (the batched loop model). Requests with the same steps,
+        guidance and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the
+        requests' uncond rows, then their cond rows (the step graph's CFG split). Returns one result per item, in
+        order: its latents for the VAE, or the exception that refused it."""
+        results: list = [None] * len(items)
+        ready = []
+        for index, item in enumerate(items):
+            try:
+                batch = self._batch(item.text_embeddings)
+                ready.append((index, batch, self.initial_latents(item.seed, batch, item.height, item.width)))
+            except Exception as err:   # noqa: BLE001 - this request is refused, the others run
+                results[index] = err
+        groups: dict = {}
+        for entry in ready:
+            item = items[entry[0]]
+            groups.setdefault((item.steps, item.guidance, item.width, item.height), []).append(entry)
+        config = self.scheduler.config
+        for (steps, guidance, width, height), entries in groups.items():
+            for chunk in _chunks(entries, buckets):
+                try:
+                    texts = [np.asarray(items[i].text_embeddings, np.float32) for i, _, _ in chunk]
+                    text = np.concatenate([t[: b] for t, (_, b, _) in zip(texts, chunk)]
+                                          + [t[b:] for t, (_, b, _) in zip(texts, chunk)])
+                    latents = np.concatenate([lat for _, _, lat in chunk])
+                    loop = loop_for(latents.shape[0], height, width)
+                    out = loop.latents_for_vae(text, latents, self.scheduler.schedule(steps), guidance,
+                                               solver_order=config.solver_order, prediction_type=config.prediction_type)
+                    start = 0
+                    for index, batch, _ in chunk:
+                        results[index] = out[start:start + batch]
+                        start += batch
+                except Exception as err:   # noqa: BLE001 - the chunk's requests fail alike, others run
+                    for index, _, _ in chunk:
+                        results[index] = err
+        return results
+
+
+def _chunks(entries: list, buckets) -> list[list]:
+    """Consecutive entries (index, images, latents) in chunks whose image counts are bucket sizes where they can
+    be (a CUDA graph each), largest first; an entry larger than every bucket runs alone."""
+    chunks, current, images = [], [], 0
+    largest = max(buckets)
+    for entry in entries:
+        if current and images + entry[1] > largest:
+            chunks.append(current)
+            current, images = [], 0
+        current.append(entry)
+        images += entry[1]
+    if current:
+        chunks.append(current)
+    out = []
+    for chunk in chunks:   # 3 images -> 2 + 1: both replay graphs
+        total = sum(e[1] for e in chunk)
+        if total in buckets or len(chunk) == 1:
+            out.append(chunk)
+            continue
+        part, count = [], 0
+        for entry in chunk:
+            if part and (count + entry[1]) not in buckets and count in buckets:
+                out.append(part)
+                part, count = [], 0
+            part.append(entry)
+            count += entry[1]
+        out.append(part)
+    return out
+
+
+class UnetLoops:
+    """The UNet engine owned by `denoise` (python layout): on ort-cuda one DeviceLoop per CUDA-graph size
+    ("bucket": batch, height, width; one ORT session each, captured on first use) plus one dynamic-shape loop
+    for every other size; on ort-cpu the engine itself, called by the host loop (same bytes as the BLS path).
+    """
+
+    def __init__(self, engine_path: Path, spec, metadata: dict, dims, family, *, threads: int | None = None,
+                 spinning: bool | None = None, graph_sizes: list[dict] = ()):
+        from toonark.engines.backends import backend_for
+        self.path, self.spec, self.metadata, self.dims, self.family = engine_path, spec, metadata, dims, family
+        self.backend = backend_for(metadata["backend"])
+        self.options = {"threads": threads, **({"spinning": spinning} if spinning is not None else {})}
+        self.on_cuda = self.backend.serves_cuda_graphs
+        self.graph_sizes = [dict(s) for s in graph_sizes] if self.on_cuda else []
+        # request batching chunks images into these sizes (one CUDA graph each; any size on the CPU)
+        self.buckets = tuple(sorted({s["B"] for s in self.graph_sizes})) or (1, 2, 4)
+        self._loops: dict = {}
+        self.engine = None if self.on_cuda else self.backend.load(engine_path, spec, metadata, **self.options)
+
+    def _load(self, **options):
+        return self.backend.load(self.path, self.spec, self.metadata, **self.options, **options)
+
+    def loop_for(self, batch: int, height: int, width: int):
+        """The DeviceLoop for one request size (created on first use; its graph captured on its first run)."""
+        from toonark.engines.ort_loop import DeviceLoop
+        if not self.on_cuda:   # ort-cpu: one loop over the engine serves every size (the batched loop model)
+            if "cpu" not in self._loops:
+                self._loops["cpu"] = DeviceLoop({"unet": self.engine}, self.dims, self.family)
+            return self._loops["cpu"]
+        key = {"B": batch, "H": height, "W": width}
+        bucket = next((tuple(sorted(s.items())) for s in self.graph_sizes if s == key), None)
+        name = bucket or "dynamic"
+        if name not in self._loops:
+            engine = self._load(cuda_graph=True, graph_sizes=key, fallback=False) if bucket else self.host_engine()
+            self._loops[name] = DeviceLoop({"unet": engine}, self.dims, self.family)
+        return self._loops[name]
+
+    def host_engine(self):
+        """The engine the host loop calls with numpy (Denoiser.run: the CPU's every request; on ort-cuda the
+        requests a device loop does not take, edits and tiled sizes): on ort-cuda the dynamic-shape session,
+        created on first use and shared with the dynamic-size DeviceLoop."""
+        if self.engine is None:
+            self.engine = self._load()
+        return self.engine
+
+    def unet_call(self) -> UnetCall:
+        output = self.spec.output_names[0]
+        engine = self.host_engine()
+        return lambda feeds: engine.run(feeds)[output]
+
+
+def parse_graph_sizes(text: str) -> list[dict[str, int]]:
+    """"B=1,H=512,W=512;B=2,H=512,W=512" -> [{"B": 1, "H": 512, "W": 512}, ...] (config parameter format)."""
+    sizes = []
+    for bucket in (b for b in text.split(";") if b.strip()):
+        sizes.append({k.strip(): int(v) for k, v in (item.split("=") for item in bucket.split(",") if item.strip())})
+    return sizes
+
+
+def call_with_retry(call, retryable, *, attempts: int = 3, delay_s: float = 0.05, sleep=time.sleep):
+    """call() until it returns something `retryable(result)` rejects, at most `attempts` times with
+    doubling delays (BLS answers UNAVAILABLE while the callee's queue is full or its stub restarts: a
+    bounded retry rides that out; anything else is returned at once)."""
+    for attempt in range(attempts):
+        result = call()
+        if attempt == attempts - 1 or not retryable(result):
+            return result
+        sleep(delay_s * 2 ** attempt)
+    return result
+
+
+class BlsDeviceLoop:
+    """DPM-Solver++ on the device around a UNet served by another model (onnxruntime_onnx / tensorrt_plan
+    layouts): the step graph (toonark.engines.ort_loop) runs in this process on ORT's CUDA EP (or CPU), and
+    each step's BLS call hands the UNet the device buffers by DLPack and takes its output the same way
+    (`unet(feeds) -> DLPack tensor`, feeds: {name: object with __dlpack__ or numpy for the timestep}).
+    Nothing but the timestep and six coefficients leaves the device between steps."""
+
+    def __init__(self, unet, dims, family, *, on_cuda: bool, device_id: int = 0, unet_dtype=np.float32,
+                 names=None):
+        import onnxruntime as ort
+        from toonark.engines.ort_loop import step_session
+        from toonark.specs import SD
+        self.ort, self.unet, self.dims, self.family = ort, unet, dims, family
+        self.on_cuda, self.device_id, self.unet_dtype = on_cuda, device_id, np.dtype(unet_dtype)
+        self.dev = "cuda" if on_cuda else "cpu"
+        self.sd = SD
+        self.step = step_session(on_cuda, device_id, self.unet_dtype)
+        self._coef = np.zeros(6, np.float32)
+        self._coef_value = ort.OrtValue.ortvalue_from_numpy(self._coef)
+        self._buffers: dict = {}
+
+    def _value(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype.type, self.dev,
+                                                               self.device_id)
+        value.update_inplace(array)
+        return value
+
+    def latents_for_vae(self, text_embeddings, latents, schedule, guidance: float, solver_order: int = 2,
+                        prediction_type: str = "epsilon") -> np.ndarray:
+        from toonark.engines.dlpack import OrtValueView, borrow
+        from toonark.scheduler import step_coefficients
+        sd = self.sd
+        latents = np.ascontiguousarray(latents, np.float32)
+        text = self._value(np.asarray(text_embeddings, self.unet_dtype))
+        sample = self._value(np.concatenate([latents, latents]).astype(self.unet_dtype))
+        # zero-filled: the first step multiplies m_prev by c = 0 (0 * NaN would be NaN)
+        x = [self._value(latents), self._value(np.zeros_like(latents))]
+        m = [self._value(np.zeros_like(latents)), self._value(np.zeros_like(latents))]
+        final = self._value(np.zeros_like(latents))
+        views = {sd.sample: OrtValueView(sample, self.device_id),
+                 sd.encoder_hidden_states: OrtValueView(text, self.device_id)}
+        cur, steps = 0, len(schedule)
+        for i in range(steps):
+            timestep = np.full((1,), schedule.timesteps[i], np.float32)
+            noise = borrow(self.unet({**views, sd.timestep: timestep}))
+            last = i == steps - 1
+            self._coef[:] = step_coefficients(schedule, i, guidance, solver_order=solver_order,
+                                              prediction_type=prediction_type,
+                                              out_scale=self.family.vae_input_scale(self.dims) if last else 1.0)
+            binding = self.step.io_binding()
+            binding.bind_input("noise_pred", *noise.ort_binding())
+            for name, value in (("x", x[cur]), ("m_prev", m[cur]), ("coef", self._coef_value)):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in (("x_next", final if last else x[1 - cur]), ("m0", m[1 - cur]), ("unet_sample", sample)):
+                binding.bind_ortvalue_output(name, value)
+            self.step.run_with_iobinding(binding)
+            del noise   # the UNet's output buffer may go back to Triton now
+            cur = 1 - cur
+        return np.array(final.numpy(), copy=True)
 
 
 class QwenImageDenoiser:
@@ -272,25 +539,93 @@ def denoiser_for(pipeline: Path, info: BuildInfo, tiling: str | None = None):
 
 # --- postprocess ----------------------------------------------------------------------------------
 
+def postprocess_outputs(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY) -> tuple[list[bytes], np.ndarray]:
+    """(B, 3, H, W) VAE output in [-1, 1] -> (IMAGE, PIXELS): for png / webp the encoded images and an empty
+    (0, 0, 0, 3) pixel tensor; for raw B empty byte strings and the uint8 (B, H, W, 3) pixels (the pixels
+    the PNG of the same request encodes)."""
+    from toonark import pipeline as offline
+    if fmt == RAW_FORMAT:
+        pixels = np.ascontiguousarray(offline.to_uint8_hwc(np.asarray(decoded, dtype=np.float32)))
+        return [b""] * len(pixels), pixels
+    return encode_images(decoded, fmt, quality), np.zeros((0, 0, 0, 3), np.uint8)
+
+
 def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY) -> list[bytes]:
     """(B, 3, H, W) VAE output in [-1, 1] -> one encoded image per batch item (quality: WebP only)."""
-    from PIL import Image
     from toonark import pipeline as offline
-    if fmt not in IMAGE_FORMATS:
-        raise RequestError(f"FORMAT {fmt!r} is not supported; use one of {', '.join(IMAGE_FORMATS)}")
+    if fmt not in IMAGE_FORMATS or fmt == RAW_FORMAT:
+        encoded = [f for f in IMAGE_FORMATS if f != RAW_FORMAT]
+        raise RequestError(f"FORMAT {fmt!r} is not an encoding; use one of {', '.join(encoded)}")
     images = offline.to_uint8_hwc(np.asarray(decoded, dtype=np.float32))
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        if fmt == "png":
-            Image.fromarray(image).save(buffer, format="PNG", optimize=False, compress_level=6)
-        else:
-            Image.fromarray(image).save(buffer, format="WEBP", quality=int(quality), method=4)
-        out.append(buffer.getvalue())
-    return out
+    return [encode_png(image) if fmt == "png" else encode_webp(image, quality) for image in images]
+
+
+def png_encoder():
+    """(name, encode) of the PNG encoder: fpng (Rich Geldreich's fpng through the `fpng` wheel, a toonark
+    dependency): 512x512 in about 1 ms where Pillow's zlib takes tens of ms (benchmarks/encode_candidates.py,
+    README "Speed"); its files are a little larger than zlib level 6 on smooth pictures, any PNG reader reads
+    them. Without the wheel (a machine set up from older wheel parts): Pillow at zlib level 1 with the RLE
+    strategy, the fastest Pillow setting measured, and a warning, so the server still answers."""
+    global _PNG
+    if _PNG is None:
+        try:
+            import fpng
+            _PNG = ("fpng", lambda image: bytes(fpng.from_ndarray(np.ascontiguousarray(image))))
+        except ImportError:
+            import logging
+            logging.getLogger(__name__).warning("fpng is not installed: PNG falls back to Pillow zlib level 1 (slower; "
+                                                "pip install fpng, a toonark dependency)")
+            _PNG = ("pillow-zlib1-rle", _pillow_png)
+    return _PNG
+
+
+_PNG = None
+
+
+def _pillow_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1, compress_type=3)
+    return buffer.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes with png_encoder()."""
+    return png_encoder()[1](image)
+
+
+def encode_webp(image: np.ndarray, quality: int) -> bytes:
+    """uint8 (H, W, 3) -> lossy WebP at `quality`, libwebp method 0 (the fastest: 2.5-3.5x faster than method
+    4 for ~20 % more bytes on the kids' pictures; benchmarks/encode_candidates.py)."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="WEBP", quality=int(quality), method=0)
+    return buffer.getvalue()
 
 
 # --- engines --------------------------------------------------------------------------------------
+
+def _spinning(params: dict) -> bool | None:
+    """intra_op_spinning 0: ORT workers sleep when idle (the generator's choice on the CPU, issue 12);
+    absent: ORT's default (spin)."""
+    return bool(params["intra_op_spinning"]) if "intra_op_spinning" in params else None
+
+
+def unet_loops(args: dict, params: dict) -> UnetLoops:
+    """The UNet engine `denoise` owns (unet_loop=in_process): <denoise>/1/unet/ holds the engine and its
+    engine.json, linked there by the generator; cuda_graph_sizes lists the CUDA-graph buckets ("B=1,H=512,
+    W=512;B=2,..."), other sizes run a dynamic session."""
+    from toonark.family import family_for_folder
+    folder = version_dir(args) / "unet"
+    metadata_path = folder / "engine.json"
+    if not metadata_path.is_file():
+        raise FileNotFoundError(f"{metadata_path} is missing; regenerate the repository with `make repo`")
+    info = build_info(args)
+    return UnetLoops(folder / params.get("engine_file", "model.onnx"), info.specs["unet"],
+                     json.loads(metadata_path.read_text()), info.dims, family_for_folder(pipeline_dir(args)),
+                     threads=params.get("intra_op_threads") or None, spinning=_spinning(params),
+                     graph_sizes=parse_graph_sizes(params.get("cuda_graph_sizes", "")))
+
 
 def load_runner(args: dict, params: dict):
     """The engine of a served submodel, from <model>/1/ (model.onnx + engine.json + pipeline/toonark.json),
@@ -304,15 +639,17 @@ def load_runner(args: dict, params: dict):
         raise FileNotFoundError(f"{metadata_path} is missing; regenerate the repository with `make repo`")
     metadata = json.loads(metadata_path.read_text())
     threads = params.get("intra_op_threads") or None
+    spinning = _spinning(params)
     # "B=1,H=512,W=512": replay a CUDA graph at that size (ort-cuda; other sizes use a dynamic session).
     sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in params.get("cuda_graph_sizes", "").split(",")
                                             if item.strip())}
+    options = {"spinning": spinning} if spinning is not None else {}
     if "lora_cache_size" in params:   # a LoRA repository: the engine switches styles per request
         return load_lora_runner(folder, spec, metadata, params, threads=threads, cuda_graph=bool(sizes),
-                                graph_sizes=sizes or None)
+                                graph_sizes=sizes or None, **options)
     engine = backend_for(metadata["backend"]).load(
         folder / params.get("engine_file", "model.onnx"), spec, metadata, threads=threads, cuda_graph=bool(sizes),
-        graph_sizes=sizes or None)
+        graph_sizes=sizes or None, **options)
     if name in ("vae_decoder", "vae_encoder") and params.get("tiling"):
         # Pictures above the profile: decoded / encoded in Hann-blended tiles (the offline pipeline wraps the same way).
         return TiledRunner(engine, build_info(args), *tile_settings(params.get("tiling")))

@@ -1,4 +1,5 @@
-"""toonark postprocess: VAE output in [-1, 1] -> one PNG / WebP per image (Pillow)."""
+"""toonark postprocess: VAE output in [-1, 1] -> one PNG / WebP per image (IMAGE), or the uint8 pixels (PIXELS,
+FORMAT=raw)."""
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.decoded_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.image_name, self.pixels_name = api.IMAGE_OUTPUT.name, api.PIXELS_OUTPUT.name
         self.metrics = Metrics("postprocess")
 
     def execute(self, requests):
@@ -26,6 +27,7 @@ class TritonPythonModel:
                              None)
         quality = int(api.one_value(pb_utils.get_input_tensor_by_name(request, api.QUALITY.name).as_numpy(),
                                     api.QUALITY.name, None))
-        images = runtime.encode_images(decoded, fmt, quality)
+        images, pixels = runtime.postprocess_outputs(decoded, fmt, quality)
         self.metrics.count("toonark_images_total", len(images), format=fmt)
-        return [pb_utils.Tensor(self.output_name, np.array(images, dtype=np.object_))]
+        return [pb_utils.Tensor(self.image_name, np.array(images, dtype=np.object_)),
+                pb_utils.Tensor(self.pixels_name, pixels)]
