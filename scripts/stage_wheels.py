@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "gevent", "geventhttpclient",
                "greenlet", "zope.event", "zope.interface", "brotli", "diffusers", "transformers", "huggingface_hub",
                "tokenizers", "optimum", "optimum-onnx", "onnx", "polygraphy", "onnx-graphsurgeon", "open_clip_torch",
-               "fpng", "lazy_loader")
+               "fpng", "lazy_loader", "scipy")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 MANIFEST = "manifest.json"
