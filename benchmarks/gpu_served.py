@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 SUBJECT = "a friendly cartoon cat reading a book"
-KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+# Triton statistics per model (success, queue, compute_*), read the same way as the H100 Triton run.
+from toonark.benchmarks.triton_gpu import KEYS, full_stats  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,16 +53,6 @@ def summary_ms(seconds: list[float]) -> dict:
     ms = [s * 1e3 for s in seconds]
     return {"n": len(ms), "median_ms": round(statistics.median(ms), 2), "p95_ms": round(percentile(ms, 0.95), 2),
             "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2)}
-
-
-def full_stats(client, protocol: str) -> dict:
-    stats = client.get_inference_statistics(**({"as_json": True} if protocol == "grpc" else {}))
-    out = {}
-    for entry in stats.get("model_stats", []):
-        inference = entry.get("inference_stats", {})
-        out[entry["name"]] = {k: (int(inference.get(k, {}).get("count", 0)), int(inference.get(k, {}).get("ns", 0)))
-                              for k in KEYS}
-    return out
 
 
 def stage_table(before: dict, after: dict, requests: int) -> dict:
