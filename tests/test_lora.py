@@ -205,6 +205,98 @@ def test_fused_graph_map_packed_qkv_and_nhwc(lora_dir, tmp_path):
         assert np.array_equal(fused[name], value), name
 
 
+# A weight nonzero below fp16's smallest subnormal: ORT's fp16 conversion stores it as +-5.96e-8, numpy's cast as 0.
+TINY = np.array([1e-8, -1e-8, 2.9e-8, -3e-9], np.float32)
+
+
+
+def test_fp16_cast_is_onnxruntimes():
+    """The engine-side cast gives the bytes ORT's fp16 conversion writes (tiny -> +-5.96e-8, huge -> +-65504)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+    from toonark.engines.lora import cast
+    edges = [0.0, -0.0, 1e-8, -1e-8, 2.9e-8, 2.98023e-8, 3e-8, 5.9e-8, 5.97e-8, 1e-4, 65504.0, 65519.0, 65520.0,
+             -7e4, 1e9, np.inf, -np.inf]
+    value = np.concatenate([np.array(edges, np.float32), np.random.default_rng(0).standard_normal(1003).astype(
+        np.float32) * 1e-6]).reshape(-1, 17)
+    assert cast(value, np.float16).view(np.uint16).tobytes() == convert_np_to_float16(value).view(np.uint16).tobytes()
+    assert cast(value, np.float32) is not value and np.array_equal(cast(value, np.float32), value)
+
+def test_fused_graph_map_at_sd_widths(tmp_path):
+    """A 320-wide UNet (SD-1.5's first block width: the GEGLU projection is 320 -> 2560, which BiasSplitGelu's
+    CUDA kernel accepts, so `make engine BACKEND=ort-cuda PRECISION=fp16`'s fusions keep it), with weights below
+    fp16's subnormal range in row 0 of adapted layers (SD-1.5's ~2 M-weight layers have some): the weight map
+    finds every layer (plain, packed QKV/KV, NHWC), the merged set equals the fused graph of a LoRA-merged export
+    byte for byte, the base set equals the base engine's, and A -> B -> A gives A's bytes."""
+    import onnx
+    import torch
+    from diffusers import UNet2DConditionModel
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+    from toonark.engines.fusions import fuse_for_cuda
+    from toonark.engines.lora import EngineWeightMap, LoraBase, LoraSet
+    from toonark.export.loras import random_lora_tensors
+    from toonark.export.torch_onnx import export_onnx, make_modules, pipeline_dims
+    modules = make_modules("tiny", seed=0)
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(320,), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",)).eval().requires_grad_(False)
+    block = "down_blocks.0.attentions.0"
+    tiny_rows = [f"{block}.proj_in", f"{block}.transformer_blocks.0.attn1.to_q",
+                 f"{block}.transformer_blocks.0.attn2.to_k", f"{block}.transformer_blocks.0.ff.net.0.proj"]
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for module in tiny_rows:
+            params[f"{module}.weight"].reshape(params[f"{module}.weight"].shape[0], -1)[0, :4] = torch.from_numpy(TINY)
+    modules["unet"] = unet
+    source = export_onnx(modules, pipeline_dims(modules), tmp_path / "src", submodels=("unet",))["unet"]
+
+    def fuse(src, dst):
+        report = fuse_for_cuda(src, dst, "unet", num_heads=8, fp16=True)   # kernel limits respected, as make engine
+        assert not report.disabled and report.fused["BiasSplitGelu"] == 4 and report.fused["MultiHeadAttention"] == 8
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+
+    fused_base = fuse(source, tmp_path / "base" / "model.onnx")
+    base = LoraBase.from_onnx(source, "unet")
+    # Two LoRAs on attention, proj_in/out and feed-forward; row 0 of `up` is zero in A, so A keeps the tiny weights.
+    pattern = r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.(0\.proj|2))$"
+    for index, name in enumerate(("a", "b")):
+        tensors = {}
+        rng = np.random.default_rng(index)
+        for module, (down, up) in random_lora_tensors(base.shapes, pattern, 4, rng, 0.5).items():
+            if name == "a":
+                up[0] = 0
+            tensors[f"unet.{module}.lora_A.weight"], tensors[f"unet.{module}.lora_B.weight"] = down, up
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    loras = LoraSet.from_folder(tmp_path, {"unet": base.shapes})
+    layers = loras.for_submodel("a", "unet")
+    assert set(tiny_rows) <= set(layers)
+    model = onnx.load(str(source))
+    inits = {t.name: t for t in model.graph.initializer}
+    for module, layer in layers.items():
+        name, transposed = base.sources[module]
+        merged = merged_weight(base.weights[module], layer, 1.5)
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(merged.T if transposed else merged), name))
+    onnx.save(model, str(tmp_path / "merged.onnx"))
+    fused_merged = fuse(tmp_path / "merged.onnx", tmp_path / "fused" / "model.onnx")
+
+    mapping = EngineWeightMap(tmp_path / "base" / "model.onnx", base, loras.modules("unet"))
+    forms = {p.form for ps in mapping.placements.values() for p in ps}
+    assert {"same", "packed", "nhwc"} <= forms, forms
+    touched = set(mapping.initializers)
+    base_set = mapping.weight_set(base, {}, 1.0, only=touched)
+    assert all(np.array_equal(fused_base[k], v) for k, v in base_set.items())
+    sets = [{**base_set, **mapping.weight_set(base, loras.for_submodel(n, "unet"), s)}
+            for n, s in [("a", 1.5), ("b", 0.7), ("", 1.0), ("a", 1.5)]]
+    for name, value in sets[0].items():
+        assert value.dtype == np.float16 and np.array_equal(fused_merged[name], value), name
+    assert all(sets[3][k].tobytes() == v.tobytes() for k, v in sets[0].items())
+    assert any(not np.array_equal(sets[1][k], v) for k, v in sets[0].items())
+    # the tiny weights are there, as ORT's fp16 conversion stores them (not 0)
+    qkv = next(p for p in mapping.placements[tiny_rows[1]] if p.form == "packed").initializer
+    assert np.count_nonzero(np.abs(sets[0][qkv].astype(np.float32)) == np.float32(np.float16(5.96e-8))) >= 4
+
+
 def test_lru_keeps_cache_size_sets(tiny_engines, bases, loras):
     engine = _engine(tiny_engines, bases, loras, "text_encoder", cache_size=2)
     ids = np.zeros((2, 77), np.int64)
