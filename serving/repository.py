@@ -3,9 +3,10 @@
     toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT?, NUM_IMAGES?,
                         QUALITY? -> IMAGE [, NSFW when the build has a safety checker]
       preprocess    (python)  kid template + safety + CLIP tokenizer -> input_ids (2B, L), uncond first;
-                              resolves the defaults of every optional input (the one place they live)
-      text_encoder  (engine)  input_ids -> last_hidden_state; Triton's response cache on (the prompt-embedding
-                              cache: needs the server's --cache-config; why only here: repo_configs)
+                              resolves the defaults of every optional input (the one place they live);
+                              the prompt embeddings from toonark's prompt-embedding cache
+                              (toonark.embedding_cache), calling `text_encoder` by BLS on a miss
+      text_encoder  (engine)  input_ids -> last_hidden_state                            (BLS only)
       denoise       (python)  DPM-Solver++ 2M with classifier-free guidance; calls `unet` by BLS each step;
                               returns the VAE decoder's input (the model family's latents_to_vae: the
                               one place the scaling factor is applied)
@@ -46,6 +47,7 @@ from toonark import triton_model_repo
 # for the generator's readers.
 from toonark.api import (ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT, RESOLVED,  # noqa: F401
                          DENOISE_INPUTS, POSTPROCESS_INPUTS, Port, config_defaults)
+from toonark.embedding_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from toonark.engines.backends import backend_for
 from toonark.files import atomic_dir
 from toonark.layout import BuildLayout
@@ -133,7 +135,7 @@ class QueuePolicy:
 
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
-                 default_model_filename: str | None = None, response_cache: bool = False) -> str:
+                 default_model_filename: str | None = None) -> str:
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
@@ -141,8 +143,6 @@ def model_config(name: str, inputs, outputs, *, backend: str | None = None, plat
     head += "max_batch_size: 0\n"
     text = head + _io_block("input", inputs) + _io_block("output", outputs)
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
-    if response_cache:   # needs the server's --cache-config (local,size=...); without it Triton ignores this
-        text += "response_cache { enable: true }\n"
     return text + _parameters(params or {})
 
 
@@ -171,9 +171,11 @@ def _engine_io(spec: SubmodelSpec, precision: str, metadata: dict | None):
 
 def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python",
                  metadata: dict[str, dict] | None = None, intra_op_threads: int = 0,
-                 queue: QueuePolicy | None = None, safety_checker: dict | None = None) -> dict[str, str]:
+                 queue: QueuePolicy | None = None, safety_checker: dict | None = None,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
-    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy())."""
+    queue: the back-pressure limits of every non-ensemble model (default QueuePolicy()).
+    prompt_cache_bytes: bound of the prompt-embedding cache of each preprocess instance (0: off)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     # Which layout serves which engine files: the native TensorRT backend takes plans, the others ONNX.
@@ -190,42 +192,41 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     configs = {}
     for spec in (te, unet, vae):
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
-        # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
-        # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
-        # a failed response and replays it as an empty success until the server restarts, so only a model
-        # that cannot fail on a request that reached it may cache. text_encoder qualifies: preprocess
-        # checks the batch against the build's limits and always emits (2B, L) int64 token ids in
-        # range, and the engine is deterministic. Not preprocess (it refuses prompts and bad values by
-        # design: a refusal would be replayed as an empty 200), not denoise (a failing BLS unet call
-        # would be replayed), not vae_decoder (latents differ per seed: entries would never hit).
-        cache = spec.name == te.name
+        # No Triton response cache anywhere: Triton 2.51 stores a failed response and replays it as an empty
+        # success until restart (recipe gotcha 6), so a text encoder killed mid-request poisoned its prompt
+        # (issue 18). The prompt-embedding cache is toonark's own, in preprocess (PromptEncoder), in every layout.
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
             graph = backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
             configs[spec.name] = model_config(
-                spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
+                spec.name, inputs, outputs, backend="python", kind=engine_kind,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {})})
         elif layout == "onnxruntime_onnx":
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
-                                              kind=engine_kind, default_model_filename="model.onnx",
-                                              response_cache=cache)
+                                              kind=engine_kind, default_model_filename="model.onnx")
         else:
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="tensorrt_plan",
-                                              kind="KIND_GPU", default_model_filename="model.plan",
-                                              response_cache=cache)
+                                              kind="KIND_GPU", default_model_filename="model.plan")
     te_in, te_out = _engine_io(te, precision, metadata.get(te.name))
     unet_in, _ = _engine_io(unet, precision, metadata.get(unet.name))
     vae_in, vae_out = _engine_io(vae, precision, metadata.get(vae.name))
     hidden = te_out[0]
     # Every preprocess input is optional, PROMPT too (the ensemble requires it): a request without PROMPT
     # then gets preprocess' clear refusal instead of Triton's "unexpected deadlock" of the ensemble.
+    # preprocess hands the prompt embeddings on (its cache, or text_encoder by BLS): the same in every layout,
+    # since only a Python model can own a cache that never stores a failure (text_encoder is native in
+    # the onnxruntime_onnx / tensorrt_plan layouts).
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
-                                         [te_in[0], *RESOLVED],
-                                         backend="python", params=serving_defaults(info))
+                                         [hidden, *RESOLVED], backend="python",
+                                         params={**serving_defaults(info), "text_encoder_model": te.name,
+                                                 "text_encoder_input": te_in[0].name,
+                                                 "text_encoder_input_type": "TYPE_" + te_in[0].triton_type,
+                                                 "text_hidden_name": hidden.name,
+                                                 "prompt_cache_bytes": str(int(prompt_cache_bytes))})
     configs["denoise"] = model_config(
         "denoise", [Port(hidden.name, hidden.triton_type, hidden.dims), *DENOISE_INPUTS], [vae_in[0]],
         backend="python",
@@ -237,8 +238,7 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     resolved = {p.name: p.name for p in RESOLVED}
     steps = [
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
-         {te_in[0].name: "input_ids", **resolved}),
-        (te.name, {te_in[0].name: "input_ids"}, {hidden.name: "text_embeddings"}),
+         {hidden.name: "text_embeddings", **resolved}),
         ("denoise", {hidden.name: "text_embeddings", **{p.name: p.name for p in DENOISE_INPUTS}},
          {vae_in[0].name: "latents"}),
         (vae.name, {vae_in[0].name: "latents"}, {vae_out[0].name: "decoded"}),
@@ -286,7 +286,8 @@ def _copy_tree(source: Path, target: Path, what: str, fix: str) -> None:
 
 def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32", layout: str = "python", *,
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
-               verify_engines: bool = True, safety_checker: bool | None = None) -> Path:
+               verify_engines: bool = True, safety_checker: bool | None = None,
+               prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -327,7 +328,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         raise FileNotFoundError(f"no safety checker in {checker}: export one from a pipeline folder that has "
                                 f"safety_checker/ (toonark.export.safety_checker.export_safety_checker)")
     configs = repo_configs(info, backend=backend, precision=precision, layout=layout, metadata=metadata,
-                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta)
+                           intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
+                           prompt_cache_bytes=prompt_cache_bytes)
     target = Path(out) if out else paths.triton_repo
     with atomic_dir(target) as tmp:
         for name, text in configs.items():

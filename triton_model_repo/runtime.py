@@ -30,6 +30,12 @@ PARAMETER_TYPES: dict[str, type] = {
     "default_seed": int, "default_guidance": float,
     "default_width": int, "default_height": int, "default_format": str,
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
+    # preprocess: the prompt-embedding cache in front of the text encoder (PromptEncoder)
+    "text_encoder_model": str, "text_encoder_input": str, "text_encoder_input_type": str,
+    "prompt_cache_bytes": int,
+    # Set by the launcher's watchdog when it reloads a model whose process died: a changed config makes
+    # Triton load a new instance in place (the ensemble stays up); never read by the models.
+    "reload_generation": str,
     "engine_file": str, "intra_op_threads": int, "cuda_graph_sizes": str,
     "default_quality": int,
     # safety_checker: thresholds of diffusers' StableDiffusionSafetyChecker (comma-separated, one per concept)
@@ -43,6 +49,21 @@ class UpstreamError(RuntimeError):
     def __init__(self, message: str, code=None):
         super().__init__(message)
         self.code = code
+
+
+def call_model(pb_utils, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One BLS call: `output` of `model` for `inputs`, or UpstreamError with that model's message and code
+    (a dead stub's "Stub process '<model>_0_0' is not healthy.", UNAVAILABLE while it reloads, ...)."""
+    response = pb_utils.InferenceRequest(
+        model_name=model, requested_output_names=[output],
+        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]).exec()
+    if response.has_error():
+        error = response.error()
+        raise UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
+    tensor = pb_utils.get_output_tensor_by_name(response, output)
+    if tensor is None:
+        raise UpstreamError(f"model {model!r} answered without {output}")
+    return tensor.as_numpy()
 
 
 def respond_each(requests, handle, pb_utils, metrics=None) -> list:
@@ -123,6 +144,47 @@ class RequestPreparer:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
         resolved = resolve_request(self.info, self.policy, self.defaults, **inputs)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
+
+
+class PromptEncoder:
+    """Token ids -> text embeddings through toonark's prompt-embedding cache (toonark.embedding_cache): a hit
+    skips the text encoder; a miss calls it (`encode`, a BLS call in the served preprocess) and stores the
+    result only when it is a good embedding. A failed call raises and stores nothing, so a fault of the
+    text encoder (its process killed mid-request) never outlives its recovery (issue 18)."""
+
+    def __init__(self, encode: Callable[[np.ndarray], np.ndarray], max_bytes: int, metrics=None, instance: str = ""):
+        from toonark.embedding_cache import PromptEmbeddingCache
+        self.encode = encode
+        self.cache = PromptEmbeddingCache(max_bytes)
+        self.metrics = metrics
+        self.instance = instance
+        self._reported = self.cache.stats.as_dict()
+        self._report()
+
+    @staticmethod
+    def key(cache, resolved: ResolvedRequest, input_ids: np.ndarray) -> tuple:
+        """Everything that changes the embedding. The hook for a text-encoder LoRA: pass its id (and scale)
+        as text_encoder_lora once the resolved request carries one."""
+        return cache.key(input_ids, text_encoder_lora=getattr(resolved, "text_encoder_lora", None))
+
+    def __call__(self, resolved: ResolvedRequest, input_ids: np.ndarray) -> np.ndarray:
+        key = self.key(self.cache, resolved, input_ids)
+        try:
+            value, _ = self.cache.get_or_compute(key, lambda: self.encode(input_ids), rows=input_ids.shape[0])
+        finally:
+            self._report()
+        return value
+
+    def _report(self) -> None:
+        if self.metrics is None:
+            return
+        stats = self.cache.stats.as_dict()
+        for name in ("hits", "misses", "evictions", "refused"):
+            self.metrics.metric(f"toonark_prompt_cache_{name}_total")   # present from startup, at 0
+            self.metrics.count(f"toonark_prompt_cache_{name}_total", stats[name] - self._reported[name])
+        self.metrics.set("toonark_prompt_cache_bytes", stats["bytes"], instance=self.instance)
+        self.metrics.set("toonark_prompt_cache_entries", stats["entries"], instance=self.instance)
+        self._reported = stats
 
 
 # --- denoise --------------------------------------------------------------------------------------

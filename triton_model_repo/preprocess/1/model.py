@@ -1,4 +1,5 @@
-"""toonark preprocess: kid template, safety check, CLIP tokens (uncond first) and request defaults."""
+"""toonark preprocess: kid template, safety check, CLIP tokens (uncond first), request defaults, and the
+prompt embeddings: from toonark's prompt-embedding cache, or a BLS call to the text encoder on a miss."""
 import json
 
 import triton_python_backend_utils as pb_utils
@@ -11,12 +12,20 @@ from toonark.triton_model_repo.metrics import Metrics
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.input_ids_name = config["output"][0]["name"]
-        self.preparer = runtime.RequestPreparer(runtime.pipeline_dir(args), runtime.build_info(args),
-                                                runtime.model_parameters(config))
+        params = runtime.model_parameters(config)
+        self.hidden_name = params["text_hidden_name"]
+        hidden_config = pb_utils.get_output_config_by_name(config, self.hidden_name)
+        self.hidden_dtype = pb_utils.triton_string_to_numpy(hidden_config["data_type"])
+        self.preparer = runtime.RequestPreparer(runtime.pipeline_dir(args), runtime.build_info(args), params)
         self.metrics = Metrics("preprocess")
         for reason in self.preparer.policy.reasons:   # every label value present from startup, at 0
             self.metrics.metric("toonark_prompt_refusals_total", reason=reason)
+        encoder, encoder_input = params["text_encoder_model"], params["text_encoder_input"]
+        ids_dtype = pb_utils.triton_string_to_numpy(params["text_encoder_input_type"])
+        self.encoder = runtime.PromptEncoder(
+            lambda ids: runtime.call_model(pb_utils, encoder, {encoder_input: ids.astype(ids_dtype, copy=False)},
+                                           self.hidden_name),
+            params["prompt_cache_bytes"], self.metrics, args.get("model_instance_name", "preprocess"))
 
     def execute(self, requests):
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
@@ -33,5 +42,6 @@ class TritonPythonModel:
             if err.reason:
                 self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
             raise
-        tensors = {self.input_ids_name: input_ids, **resolved.tensors()}
+        embeddings = self.encoder(resolved, input_ids)   # a failed text encoder call raises: nothing cached
+        tensors = {self.hidden_name: embeddings.astype(self.hidden_dtype, copy=False), **resolved.tensors()}
         return [pb_utils.Tensor(name, value) for name, value in tensors.items()]
