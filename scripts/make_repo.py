@@ -22,16 +22,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "tensorrt_plan: native backends of NGC tritonserver images")
     parser.add_argument("--repo", type=Path, help="where to write it (default OUT/triton_model_repo)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per engine (0: auto)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="instances (processes) of each Python model (python layout: engines too); more than "
+                             "one makes a killed process cheaper where memory allows")
     parser.add_argument("--prompt-cache-mb", type=float, default=64.0,
                         help="prompt-embedding cache of each preprocess instance, in MiB (0: off)")
     return parser.parse_args(argv)
+
+
+def instances_for(args: argparse.Namespace) -> dict[str, int]:
+    from toonark.serving.repository import python_model_names
+    return {name: args.instances for name in python_model_names(args.layout)}
 
 
 def run(args: argparse.Namespace) -> None:
     from toonark.serving.repository import write_repo
     repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
                       out=args.repo, intra_op_threads=args.threads,
-                      prompt_cache_bytes=int(args.prompt_cache_mb * (1 << 20)))
+                      prompt_cache_bytes=int(args.prompt_cache_mb * (1 << 20)),
+                      instances=None if args.instances == 1 else instances_for(args))
     print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
           f"`make serve OUT={args.out}`")
 

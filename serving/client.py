@@ -298,7 +298,8 @@ def _generate_once(url: str, options: GenerateOptions, protocol: str, timings: b
         status = err.status()
         # gRPC reports a refused or broken connection as UNAVAILABLE; reconnect before the next try.
         error = ServerError(message, is_retryable(status, message))
-        error.connection = status == "StatusCode.UNAVAILABLE" and not message.startswith("Request for")
+        error.connection = status == "StatusCode.UNAVAILABLE" and any(
+            word in message.lower() for word in ("connect", "socket", "closed", "reset"))
         raise error from None
     except (ConnectionError, OSError, http.client.HTTPException) as err:   # HTTP: refused, reset, closed mid-reply
         error = ServerError(f"cannot reach the {protocol} endpoint {url}: {one_line(err)} "

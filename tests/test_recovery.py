@@ -287,3 +287,30 @@ def test_failover_to_the_other_server_loses_no_request(recovery_repo, tmp_path_f
     assert report["by_server"][a.http_url]["ok"] + report["by_server"].get(a.grpc_url, {"ok": 0})["ok"] > 0
     after = [s for s in run.samples() if s.started > killed_at + 1]
     assert after and all(s.url in (b.http_url, b.grpc_url) for s in after)
+
+
+@pytest.mark.server
+def test_idle_unload_frees_the_engines_and_the_next_request_is_served(recovery_repo, tmp_path_factory):
+    """make serve IDLE_UNLOAD_S=N: after N idle seconds the engine models free their sessions (the ensemble
+    stays ready); the next request loads them again and is served, not refused."""
+    from toonark.serving.launcher import TritonServer
+    log = tmp_path_factory.mktemp("idle") / "tritonserver.log"
+    triton = TritonServer(recovery_repo, log_path=log, exit_timeout_s=5, idle_unload_s=1.5)
+    options = GenerateOptions(SUBJECT, seed=3, steps=1, width=64, height=64)
+    try:
+        triton.start()
+        triton.wait_ready(300)
+        warm = generate(triton.http_url, options, retry=NO_RETRY)
+        deadline = time.monotonic() + 60
+        while log.read_text().count("session freed") < 3:   # text_encoder, unet, vae_decoder
+            assert time.monotonic() < deadline, triton.log_tail()
+            time.sleep(0.2)
+        assert triton.model_ready()
+        cold = generate(triton.http_url, options, retry=NO_RETRY)   # no retry: served at the first try
+        assert cold.images == warm.images
+        loads = [line for line in log.read_text().splitlines() if "loaded again in" in line]
+        print(f"\nidle unload: warm request {warm.seconds:.2f} s, after unload {cold.seconds:.2f} s; "
+              + "; ".join(line.split("idle unload: ")[-1] for line in loads))
+        assert len(loads) >= 2   # unet and vae_decoder at least (the prompt cache may spare text_encoder)
+    finally:
+        triton.stop()

@@ -255,6 +255,70 @@ def encode_images(decoded: np.ndarray, fmt: str, quality: int = DEFAULT_QUALITY)
     return out
 
 
+# --- idle unload ---------------------------------------------------------------------------------
+
+IDLE_UNLOAD_ENV = "TOONARK_IDLE_UNLOAD_S"   # set by the launcher (make serve IDLE_UNLOAD_S=N); stubs inherit it
+
+
+def idle_unload_seconds() -> float:
+    """Seconds without requests after which an engine model frees its session (0: never)."""
+    import os
+    raw = os.environ.get(IDLE_UNLOAD_ENV, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{IDLE_UNLOAD_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{IDLE_UNLOAD_ENV}={raw} must be >= 0 (0: never unload)")
+    return value
+
+
+class IdleEngine:
+    """An engine that frees itself after `idle_s` seconds without a request and loads again on the next one
+    (that request waits for the load; it is never refused). The model and its process stay loaded in
+    Triton, so the ensemble stays ready: with explicit model control an unloaded model would refuse
+    requests instead. idle_s 0: a plain engine, loaded once."""
+
+    def __init__(self, load: Callable[[], object], idle_s: float = 0.0, log=None):
+        import threading
+        import time
+        self._load, self.idle_s, self._log = load, float(idle_s), log
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+        self.engine = load()
+        self.last_used = self._clock()
+        self.loads = 1
+        self.last_load_s: float | None = None
+        if self.idle_s > 0:
+            self._stop = threading.Event()
+            threading.Thread(target=self._watch, name="toonark-idle-unload", daemon=True).start()
+
+    def run(self, feeds: dict) -> dict:
+        with self._lock:
+            if self.engine is None:
+                start = self._clock()
+                self.engine = self._load()
+                self.loads += 1
+                self.last_load_s = self._clock() - start
+                if self._log:
+                    self._log(f"idle unload: loaded again in {self.last_load_s:.2f} s for a request")
+            self.last_used = self._clock()
+            engine = self.engine
+            result = engine.run(feeds)
+            self.last_used = self._clock()
+            return result
+
+    def _watch(self) -> None:
+        import gc
+        while not self._stop.wait(min(1.0, self.idle_s / 4)):
+            with self._lock:
+                if self.engine is not None and self._clock() - self.last_used >= self.idle_s:
+                    self.engine = None
+                    gc.collect()
+                    if self._log:
+                        self._log(f"idle unload: session freed after {self.idle_s:g} s without requests")
+
+
 # --- engines --------------------------------------------------------------------------------------
 
 def load_runner(args: dict, params: dict):

@@ -1,6 +1,7 @@
 """toonark engine runner: serves one built submodel (text_encoder, unet or vae_decoder) from <model>/1/
 with ONNX Runtime. The generator copies this file into each engine model; names and dtypes come from
-the config, which the generator wrote from the export spec."""
+the config, which the generator wrote from the export spec. With TOONARK_IDLE_UNLOAD_S=N (make serve
+IDLE_UNLOAD_S=N) the session is freed after N idle seconds and loaded again by the next request."""
 import json
 
 import numpy as np
@@ -14,8 +15,10 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
-        self.engine = runtime.load_runner(args, runtime.model_parameters(config))
-        self.input_names = [t.name for t in self.engine.spec.inputs]
+        params = runtime.model_parameters(config)
+        self.engine = runtime.IdleEngine(lambda: runtime.load_runner(args, params), runtime.idle_unload_seconds(),
+                                         log=pb_utils.Logger.log_info)
+        self.input_names = [t.name for t in self.engine.engine.spec.inputs]
         self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
 
     def execute(self, requests):
