@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="width and height")
     parser.add_argument("--seed", type=int, default=0, help="picks the random kills")
     parser.add_argument("--short", action="store_true",
-                        help="a ~40 s run (4 clients, a kill every 6 s after 4 s, 10 s 'minutes') for tests")
+                        help="a ~40 s run (4 clients, a kill every 5 s after 4 s, 10 s 'minutes') for tests")
     parser.add_argument("--log", type=Path, help="tritonserver's log file")
     parser.add_argument("--json", type=Path, help="write the report here (atomically)")
     return parser.parse_args(argv)
@@ -47,7 +47,7 @@ def config_from(args: argparse.Namespace):
     common = dict(models=tuple(args.model or ()), kill_each=args.kill_each, seed=args.seed, steps=args.steps,
                   width=args.size, height=args.size, max_growth_mb=args.max_growth_mb, max_fd_growth=args.max_fd_growth)
     if args.short:
-        return SoakConfig(seconds=40.0, clients=4, requests_per_client=args.requests or 10 ** 9, kill_every_s=6.0,
+        return SoakConfig(seconds=40.0, clients=4, requests_per_client=args.requests or 10 ** 9, kill_every_s=5.0,
                           warmup_s=4.0, sample_every_s=2.0, minute_s=10.0, **common)
     return SoakConfig(seconds=args.minutes * 60, clients=args.clients, requests_per_client=args.requests or 10 ** 9,
                       kill_every_s=args.kill_every, warmup_s=args.warmup, **common)

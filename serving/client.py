@@ -208,6 +208,15 @@ class Connections:
             self._clients[url] = connect(url, self.protocol, self.timeout_s)
         return self._clients[url]
 
+    def adopt(self, url: str, client) -> None:
+        """Use the caller's open `client` for `url` (it stays the caller's: see release)."""
+        self._clients.setdefault(url, client)
+
+    def release(self, url: str, client) -> None:
+        """Forget the caller's `client` without closing it."""
+        if self._clients.get(url) is client:
+            del self._clients[url]
+
     def drop(self, url: str) -> None:
         client = self._clients.pop(url, None)
         if client is not None:
@@ -242,8 +251,8 @@ def generate(url: str | list[str] | tuple[str, ...], options: GenerateOptions, p
     policy = retry or NO_RETRY
     own = connections is None
     pool = connections if connections is not None else Connections(protocol, timeout_s)
-    if client is not None and urls[0] not in pool._clients:
-        pool._clients[urls[0]] = client
+    if client is not None:
+        pool.adopt(urls[0], client)
     started = time.monotonic()
     attempt = 0
     try:
@@ -265,8 +274,8 @@ def generate(url: str | list[str] | tuple[str, ...], options: GenerateOptions, p
                 log.info("retry %d/%d in %.2f s (%s): %s", attempt, policy.attempts - 1, wait, target, err)
                 time.sleep(wait)
     finally:
-        if client is not None and pool._clients.get(urls[0]) is client:
-            pool._clients.pop(urls[0])   # the caller's client stays open
+        if client is not None:
+            pool.release(urls[0], client)   # the caller's client stays open
         if own:
             pool.close()
 
