@@ -11,6 +11,8 @@ HTTP_PORT   ?=
 GRPC_PORT   ?=
 METRICS_PORT?=
 HOST        ?=
+# IDLE_UNLOAD_S=N: the engines free their sessions after N idle seconds; the next request loads them again.
+IDLE_UNLOAD_S ?=
 PYTEST_ARGS ?=
 # GPU=1: onnxruntime-gpu + CUDA torch (requirements-gpu.txt), checked by scripts/gpu_check.py at the end.
 # WHEELS=dir (with GPU=1): offline machine; install only the wheels in dir (scripts/stage_wheels.py) and reuse
@@ -38,7 +40,7 @@ help:
 	@echo "make calibrate OUT=dir          INT8 UNet calibration + quality gate"
 	@echo "make engine OUT=dir BACKEND=ort-cpu|ort-cuda|tensorrt PRECISION=fp32|fp16|int8"
 	@echo "make repo OUT=dir [LORAS=dir]   Triton model repository for the built engines [+ LoRA styles]"
-	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT="
+	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT= [IDLE_UNLOAD_S=N]"
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
 	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json"
@@ -109,7 +111,7 @@ repo: setup
 	$(PY) scripts/make_repo.py --out $(OUT) --backend $(BACKEND) --precision $(PRECISION) --layout $(LAYOUT) $(if $(LORAS),--loras $(LORAS)) $(if $(UNET_LOOP),--unet-loop $(UNET_LOOP)) --denoise-instances $(INSTANCES)
 
 serve: setup
-	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
+	$(PY) scripts/serve.py --repo $(OUT)/triton_model_repo $(if $(HOST),--host $(HOST)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT)) $(if $(IDLE_UNLOAD_S),--idle-unload-s $(IDLE_UNLOAD_S))
 
 trtexec: setup
 	$(PY) scripts/trtexec.py --out $(OUT) $(TRT_FLAGS)

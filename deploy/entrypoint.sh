@@ -3,7 +3,7 @@
 #   build            engines for THIS GPU from the exported ONNX in $TOONARK_BUILD (skipped when up to date),
 #                    then the model repository ($TOONARK_REPO): what `make engine` + `make repo` do
 #   serve            the toonark launcher on $TOONARK_REPO (scripts/serve.py: the tritonserver flags of
-#                    `make serve`: explicit model control, response cache, metrics, restricted admin APIs,
+#                    `make serve`: explicit model control, metrics, restricted admin APIs,
 #                    the Python-stub watchdog), listening on 0.0.0.0
 #   build-and-serve  both (docker run / compose); on Kubernetes a Job builds once and the pods only serve
 #   warmup           one request through the ensemble: exits 0 once the server answers (the startupProbe)

@@ -2,7 +2,9 @@
 
     python scripts/generate.py --url 127.0.0.1:8000 --prompt "a happy robot" --out robot.png --timings
 
-Options not given are not sent, so the server's defaults apply (see `make repo`)."""
+Options not given are not sent, so the server's defaults apply (see `make repo`). A transient failure
+(UNAVAILABLE, a connection error, a model process that died and is being reloaded) is retried with
+back-off, bounded (serving/client.py RetryPolicy); --url may be repeated to fail over to another server."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +18,8 @@ from toonark.serving.client import PROTOCOLS
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.parser(__doc__, raw=True)
-    parser.add_argument("--url", default=api.DEFAULT_HTTP_URL, help="HOST:PORT of the HTTP or gRPC endpoint")
+    parser.add_argument("--url", action="append", help=f"HOST:PORT of the HTTP or gRPC endpoint (default "
+                        f"{api.DEFAULT_HTTP_URL}); repeat it to fail over to other servers")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", help="negative prompt (default: the server's kid-safe one)")
@@ -43,11 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out/image.png"), help="image file to write")
     parser.add_argument("--timings", action="store_true", help="print a per-stage profile (Triton statistics)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image")
+    parser.add_argument("--no-retry", action="store_true", help="fail at the first error (no client retry)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from toonark.serving.client import GenerateOptions, format_profile, generate
+    from toonark.serving.client import DEFAULT_RETRY, GenerateOptions, format_profile, generate
     suffix_format = {".webp": "webp", ".npy": api.RAW_FORMAT}.get(args.out.suffix.lower())
     fmt = args.format or suffix_format
     if args.mask_in is not None and args.image_in is None:
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                               guidance=args.guidance, width=args.width, height=args.height, format=fmt,
                               num_images=args.num_images, quality=args.quality, lora=args.lora,
                               lora_scale=args.lora_scale, strength=args.strength, **pictures)
-    result = generate(args.url, options, args.protocol, timings=args.timings, timeout_s=args.timeout)
+    result = generate(args.url or [api.DEFAULT_HTTP_URL], options, args.protocol, timings=args.timings,
+                      timeout_s=args.timeout, retry=None if args.no_retry else DEFAULT_RETRY)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     raw = result.pixels is not None
     out = args.out.with_suffix(".npy") if raw else args.out
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             path.write_bytes(image)
         flagged = " (flagged by the safety checker: blank)" if result.nsfw and result.nsfw[i] else ""
         print(f"wrote {path} ({len(image)} bytes){flagged}")
-    print(f"{len(result.images)} image(s) in {result.seconds:.2f} s over {args.protocol}")
+    print(f"{len(result.images)} image(s) in {result.seconds:.2f} s over {args.protocol}"
+          + (f" (after {result.attempts} tries, from {result.url})" if result.attempts > 1 else ""))
     if args.timings:
         print(format_profile(result))
     return 0

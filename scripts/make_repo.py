@@ -1,6 +1,6 @@
 """Generate the Triton model repository for a build (`make repo OUT=dir BACKEND= PRECISION= [UNET_LOOP= INSTANCES=]`):
-OUT/triton_model_repo with the `toonark` ensemble (preprocess -> text_encoder -> denoise [the UNet in process, or
-unet by BLS] -> vae_decoder -> postprocess), every config.pbtxt written from the export specs."""
+OUT/triton_model_repo with the `toonark` ensemble (preprocess [prompt cache; text_encoder by BLS on a miss] ->
+denoise [the UNet in process, or unet by BLS] -> vae_decoder -> postprocess), every config.pbtxt written from the export specs."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and for Qwen-Image)")
     parser.add_argument("--denoise-instances", type=int, default=1, help="denoise instances (each its own UNet "
                         "session and CUDA graphs when in_process)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="instances (processes) of each Python model that runs one (python layout: engines too); "
+                             "more than one makes a killed process cheaper where memory allows")
+    parser.add_argument("--prompt-cache-mb", type=float, default=64.0,
+                        help="prompt-embedding cache of each preprocess instance, in MiB (0: off)")
     return parser.parse_args(argv)
 
 
@@ -37,7 +42,8 @@ def run(args: argparse.Namespace) -> None:
     repo = write_repo(args.out, backend=args.backend, precision=args.precision, layout=args.layout,
                       out=args.repo, intra_op_threads=args.threads, loras=args.loras,
                       lora_cache_size=args.lora_cache_size, unet_loop=args.unet_loop,
-                      denoise_instances=args.denoise_instances)
+                      denoise_instances=args.denoise_instances,
+                      prompt_cache_bytes=int(args.prompt_cache_mb * (1 << 20)), instances=args.instances)
     print(f"wrote {repo} ({args.layout} layout, {args.backend} {args.precision}); serve it with "
           f"`make serve OUT={args.out}`")
 

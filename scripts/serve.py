@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=api.DEFAULT_METRICS_PORT)
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for all models")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--idle-unload-s", type=float, default=0.0,
+                        help="free the engines' sessions after this many seconds without requests; the next "
+                             "request loads them again and is served (0: never)")
     return parser.parse_args(argv)
 
 
@@ -26,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from toonark.serving.launcher import ServerOptions, serve_forever
     return serve_forever(ServerOptions(repo=args.repo, host=args.host, http_port=args.http_port,
                                        grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                                       log_verbose=args.log_verbose), ready_timeout=args.ready_timeout)
+                                       log_verbose=args.log_verbose, idle_unload_s=args.idle_unload_s),
+                         ready_timeout=args.ready_timeout)
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,22 @@
 Optional inputs left as None are not sent, so the server's defaults apply. The profile comes
 from Triton's statistics API: the per-model deltas of the success counters around the request
 (exact when this client is the server's only user).
+
+Retry policy (RetryPolicy, on by default; every request is idempotent: seeded, no server state): a request
+is sent again, after a jittered exponential back-off, only when the failure says the server could not run
+it *now* and may later: gRPC UNAVAILABLE / HTTP 503 (a model reloading or not ready, a full queue), a
+connection error (server down or restarting), the INTERNAL error of a Python model process that died
+("Stub process '<model>_0_0' is not healthy.", which the launcher's watchdog heals in seconds), and a
+model that exists but is not ready ("Model 'unet' is not ready", "... has no available versions"). Never a
+refusal (400 / INVALID_ARGUMENT), a timeout or any other server error. Bounded by attempts and seconds.
+With several URLs (servers) a retried request goes to the next one: failover.
 """
 from __future__ import annotations
 
+import http.client
+import logging
+import random
+import re
 import time
 
 from dataclasses import dataclass, field
@@ -27,8 +40,57 @@ _NUMPY = api.NUMPY_TYPES
 _WIRE = {"STRING": "BYTES"}
 
 
+log = logging.getLogger(__name__)
+
+
 class ServerError(RuntimeError):
-    """The server (or the connection to it) failed the request; the message is one line."""
+    """The server (or the connection to it) failed the request; the message is one line. `retryable`: the
+    failure is one RetryPolicy retries (the request may succeed later or on another server)."""
+
+    def __init__(self, message: str, retryable: bool = False, attempts: int = 1):
+        super().__init__(message)
+        self.retryable = retryable
+        self.attempts = attempts
+        self.connection = False   # the connection itself failed (reopen it before another try)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retry of transient failures (module docstring): at most `attempts` tries in all and no new try
+    `max_seconds` after the first; wait i (i = 1, 2, ...) is uniform in [0, min(max_backoff_s,
+    backoff_s * 2**(i-1))] ("full jitter": clients that failed together do not come back together)."""
+    attempts: int = 10
+    max_seconds: float = 60.0
+    backoff_s: float = 0.2
+    max_backoff_s: float = 2.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"retry attempts must be >= 1 (1: no retry), got {self.attempts}")
+        if not (self.max_seconds >= 0 and self.backoff_s >= 0 and self.max_backoff_s >= 0):
+            raise ValueError("retry max_seconds, backoff_s and max_backoff_s must be >= 0")
+
+    def delay(self, retry: int, rng=random) -> float:
+        return rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1)))
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(attempts=1)
+
+# What a retry may fix (module docstring). Statuses as tritonclient reports them: gRPC "StatusCode.X", HTTP the code.
+RETRY_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503"})
+# A dead Python-backend stub answers INTERNAL with this message (recipe gotcha 8); BLS callers pass it on.
+STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
+# A model being (re)loaded: Triton answers these with INTERNAL / 400 although they are transient; only
+# for a model that exists ("...is not found" for an unknown name is not retried).
+NOT_READY = re.compile(r"Model '[^']*' is not ready|Request for unknown model: '[^']*' has no available versions")
+
+
+def is_retryable(status: str | None, message: str) -> bool:
+    """Whether a failed request (tritonclient's status, message) is worth sending again."""
+    if status in RETRY_STATUSES:
+        return True
+    return bool(STUB_DIED.search(message) or NOT_READY.search(message))
 
 
 @dataclass
@@ -81,6 +143,8 @@ class GenerateResult:
     # "untiled (...)"; None when the server does not say (a repository without the `tiling` parameter).
     tiles: str | None = None
     pixels: np.ndarray | None = None   # FORMAT=raw: uint8 (B, H, W, 3); `images` then holds empty strings
+    attempts: int = 1          # tries it took (RetryPolicy)
+    url: str | None = None     # the server that answered
 
 
 def one_line(message: str) -> str:
@@ -140,12 +204,94 @@ def stage_profile(before: dict, after: dict) -> dict[str, dict]:
     return profile
 
 
-def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timings: bool = False,
-             timeout_s: float = 600.0, client=None) -> GenerateResult:
+class Connections:
+    """Open clients by URL, reused across requests (one per URL; not thread-safe: one per thread). A client
+    whose connection failed is closed and opened again on its next use."""
+
+    def __init__(self, protocol: str = "http", timeout_s: float = 600.0):
+        _module(protocol)
+        self.protocol, self.timeout_s = protocol, timeout_s
+        self._clients: dict[str, object] = {}
+
+    def get(self, url: str):
+        if url not in self._clients:
+            self._clients[url] = connect(url, self.protocol, self.timeout_s)
+        return self._clients[url]
+
+    def adopt(self, url: str, client) -> None:
+        """Use the caller's open `client` for `url` (it stays the caller's: see release)."""
+        self._clients.setdefault(url, client)
+
+    def release(self, url: str, client) -> None:
+        """Forget the caller's `client` without closing it."""
+        if self._clients.get(url) is client:
+            del self._clients[url]
+
+    def drop(self, url: str) -> None:
+        client = self._clients.pop(url, None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:   # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                pass
+
+    def close(self) -> None:
+        for url in list(self._clients):
+            self.drop(url)
+
+    def __enter__(self) -> "Connections":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generate(url: str | list[str] | tuple[str, ...], options: GenerateOptions, protocol: str = "http", *,
+             timings: bool = False, timeout_s: float = 600.0, client=None, connections: Connections | None = None,
+             retry: RetryPolicy | None = DEFAULT_RETRY) -> GenerateResult:
     """One request to the `toonark` ensemble. Raises ServerError with a one-line message on any
-    server or connection failure, and when the response carries no image (gotcha 6: a cached
-    failure comes back as success without outputs).
-    client: an open `connect(url, protocol, timeout_s)` to reuse (left open); None: one for this request."""
+    server or connection failure (after the retries `retry` allows; None or NO_RETRY: one try), and when
+    the response carries no image.
+    url: one HOST:PORT, or several (servers): the first try goes to the first, each retry to the next.
+    client: an open `connect(url, protocol, timeout_s)` of the (first) url to reuse (left open);
+    connections: a Connections to reuse (left open); neither: connections for this request only."""
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("no server URL given")
+    policy = retry or NO_RETRY
+    own = connections is None
+    pool = connections if connections is not None else Connections(protocol, timeout_s)
+    if client is not None:
+        pool.adopt(urls[0], client)
+    started = time.monotonic()
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            target = urls[(attempt - 1) % len(urls)]
+            try:
+                result = _generate_once(target, options, protocol, timings, timeout_s, pool)
+                result.attempts, result.url = attempt, target
+                return result
+            except ServerError as err:
+                err.attempts = attempt
+                if err.connection and not (client is not None and target == urls[0]):
+                    pool.drop(target)
+                if (not err.retryable or attempt >= policy.attempts
+                        or time.monotonic() - started >= policy.max_seconds):
+                    raise
+                wait = min(policy.delay(attempt), max(0.0, policy.max_seconds - (time.monotonic() - started)))
+                log.info("retry %d/%d in %.2f s (%s): %s", attempt, policy.attempts - 1, wait, target, err)
+                time.sleep(wait)
+    finally:
+        if client is not None:
+            pool.release(urls[0], client)   # the caller's client stays open
+        if own:
+            pool.close()
+
+
+def _generate_once(url: str, options: GenerateOptions, protocol: str, timings: bool, timeout_s: float,
+                   pool: Connections) -> GenerateResult:
     module = _module(protocol)
     from tritonclient.utils import InferenceServerException
     inputs = []
@@ -156,10 +302,8 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         inputs.append(tensor)
     output_name = ENSEMBLE_OUTPUTS[0].name
     raw = (options.format or "").lower() == RAW_FORMAT
-    own_client = client is None
     try:
-        if own_client:
-            client = connect(url, protocol, timeout_s)
+        client = pool.get(url)
         before = model_statistics(client, protocol) if timings else {}
         start = time.perf_counter()
         kwargs = {"client_timeout": timeout_s} if protocol == "grpc" else {}
@@ -172,25 +316,28 @@ def generate(url: str, options: GenerateOptions, protocol: str = "http", *, timi
         nsfw = response.as_numpy(NSFW_OUTPUT.name)
         tiling = _tiling_parameter(client, protocol) if timings else None
     except InferenceServerException as err:
-        raise ServerError(one_line(err.message() or str(err))) from None
-    except (ConnectionError, OSError) as err:
-        raise ServerError(f"cannot reach the {protocol} endpoint {url}: {one_line(err)} "
-                          f"(is `make serve` running on that port?)") from None
-    finally:
-        if own_client and client is not None:
-            client.close()
+        message = one_line(err.message() or str(err))
+        status = err.status()
+        # gRPC reports a refused or broken connection as UNAVAILABLE; reconnect before the next try.
+        error = ServerError(message, is_retryable(status, message))
+        error.connection = status == "StatusCode.UNAVAILABLE" and any(
+            word in message.lower() for word in ("connect", "socket", "closed", "reset"))
+        raise error from None
+    except (ConnectionError, OSError, http.client.HTTPException) as err:   # HTTP: refused, reset, closed mid-reply
+        error = ServerError(f"cannot reach the {protocol} endpoint {url}: {one_line(err)} "
+                            f"(is `make serve` running on that port?)", retryable=True)
+        error.connection = True
+        raise error from None
     flags = None if nsfw is None else [bool(v) for v in nsfw.reshape(-1)]
     profile = stage_profile(before, after) if timings else {}
     if raw:   # FORMAT=raw: the pixels; IMAGE holds empty strings
         if pixels is None or pixels.size == 0:
-            raise ServerError(f"the server answered without {PIXELS_OUTPUT.name} data (a failed request cached as "
-                              f"success?); restart the server and check its log")
+            raise ServerError(f"the server answered without {PIXELS_OUTPUT.name} data; check the server's log")
         result = GenerateResult([b""] * len(pixels), seconds, profile, flags, pixels=pixels)
         size = pixels.shape[1:3]
     else:
         if images is None or images.size == 0 or any(len(image) == 0 for image in images.reshape(-1)):
-            raise ServerError(f"the server answered without {output_name} data (a failed request cached as success?); "
-                              f"restart the server and check its log")
+            raise ServerError(f"the server answered without {output_name} data; check the server's log")
         result = GenerateResult([bytes(image) for image in images.reshape(-1)], seconds, profile, flags)
         size = None
     if tiling:

@@ -120,6 +120,15 @@ def python_models(repo: Path) -> list[str]:
     return sorted(out)
 
 
+def instance_count(repo: Path, model: str) -> int:
+    """Instances (stub processes) a Python model runs: the sum of its instance_group counts (default 1)."""
+    import re
+    text = (Path(repo) / model / "config.pbtxt").read_text()
+    groups = re.findall(r"instance_group\s*\[(.*?)\]", text, re.S)
+    counts = [int(c) for group in groups for c in re.findall(r"count\s*:\s*(\d+)", group)]
+    return sum(counts) if counts else 1
+
+
 @dataclass
 class ServerOptions:
     repo: Path
@@ -131,6 +140,7 @@ class ServerOptions:
     exit_timeout_s: int = 10
     extra_args: tuple[str, ...] = ()
     watchdog: bool = True
+    idle_unload_s: float = 0.0
 
 
 class TritonServer:
@@ -139,13 +149,18 @@ class TritonServer:
     def __init__(self, repo: Path, *, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log_path: Path | None = None,
                  log_verbose: int = 0, exit_timeout_s: int = 10, extra_args: tuple[str, ...] = (),
-                 admin_key: str | None = None, cache_bytes: int = 16 << 20):
+                 admin_key: str | None = None, idle_unload_s: float = 0.0):
         self.repo = Path(repo).resolve()
-        self.cache_bytes = cache_bytes   # ~0.47 MB per SD-1.5 text embedding: 16 MiB holds ~34 prompts
+        if idle_unload_s < 0:
+            raise ValueError(f"idle unload must be >= 0 seconds (0: never), got {idle_unload_s}")
+        # Engine models free their sessions after this many idle seconds and load again on the next request
+        # (runtime.IdleEngine, read by the stubs from the environment they inherit).
+        self.idle_unload_s = idle_unload_s
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} does not exist; run `make repo OUT=<build>` first")
         self.models = repo_models(self.repo)
         self.python_models = python_models(self.repo)
+        self.instances = {model: instance_count(self.repo, model) for model in self.python_models}
         if not self.models:
             raise ValueError(f"{self.repo} holds no model folder with a config.pbtxt; regenerate it with `make repo`")
         self.host = host
@@ -199,9 +214,8 @@ class TritonServer:
         args = [str(bundle / "bin" / "tritonserver"),
                 f"--model-repository={self.repo}",
                 f"--backend-directory={bundle / 'backends'}",
-                f"--cache-directory={bundle / 'caches'}",
-                # The prompt-embedding cache (response_cache on text_encoder) is inert without a cache.
-                f"--cache-config=local,size={self.cache_bytes}",
+                # No --cache-config: no model uses Triton's response cache (it stores failures, recipe gotcha 6);
+                # the prompt-embedding cache is toonark's own, in preprocess (toonark.embedding_cache).
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
@@ -222,6 +236,8 @@ class TritonServer:
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
         libdir = sysconfig.get_config_var("LIBDIR")
         env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+        from toonark.triton_model_repo.runtime import IDLE_UNLOAD_ENV
+        env[IDLE_UNLOAD_ENV] = f"{self.idle_unload_s:g}"
         return env
 
     def start(self) -> "TritonServer":
@@ -282,6 +298,14 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
+    def model_ready(self, model: str = ENSEMBLE) -> bool:
+        """GET /v2/models/<model>/ready (the ensemble by default): whether requests can be served now."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
     def wait_ready(self, timeout: float = 120.0, cancel: threading.Event | None = None) -> float:
         """Poll /v2/health/ready; return seconds since start. Raises RuntimeError with the server's
         log tail when the process exits first, TimeoutError when it is not ready in time, and
@@ -328,38 +352,73 @@ class TritonServer:
         return stubs
 
     def dead_models(self) -> list[str]:
-        """Python-backend models of the repository without a live stub (each has one instance)."""
-        alive = set(self.stub_processes().values())
-        return [model for model in self.python_models if model not in alive]
+        """Python-backend models of the repository with fewer live stubs than instances."""
+        alive = collections.Counter(self.stub_processes().values())
+        return [model for model in self.python_models if alive[model] < self.instances.get(model, 1)]
 
     def _admin_client(self):
         import tritonclient.http as httpclient
         return httpclient.InferenceServerClient(self.http_url, connection_timeout=120, network_timeout=120)
 
     def reload_models(self, models: list[str], timeout: float = 120.0) -> float:
-        """Unload and load `models` (explicit model control), then the ensemble that the unload took down.
-        Returns the seconds it took. The unloaded stub's model stays UNLOADING in Triton's index (gotcha 8)."""
+        """Load `models` again with their config plus a new `reload_generation` parameter. A changed config
+        makes Triton 2.51 start new instances (new stub processes) and swap them in when ready, while the
+        ensemble stays loaded: requests in the gap fail fast with "Stub process ... is not healthy", which
+        the client retries. (Unload + load, the first watchdog's way, also took the ensemble down: every
+        request then failed with "Request for unknown model: 'toonark' has no available versions" for
+        2-4 s.) Falls back to unload + load if the override load fails. Returns the seconds it took."""
+        import json
         started = time.monotonic()
         headers = {ADMIN_HEADER: self.admin_key}
         client = self._admin_client()
+        old_pids = [pid for pid, name in self.stub_processes().items() if name in models]
         try:
             for model in models:
-                client.unload_model(model, headers=headers)
-            for model in models:
-                client.load_model(model, headers=headers)
-            if ENSEMBLE in self.models and ENSEMBLE not in models:
-                client.load_model(ENSEMBLE, headers=headers)
-            # Wait for the ensemble (or the models): the old version of a reloaded model may stay UNLOADING
-            # in the index forever (gotcha 8), which is_model_ready of that name can report.
+                try:
+                    config = client.get_model_config(model, headers=headers)
+                    config.setdefault("parameters", {})["reload_generation"] = {"string_value": uuid.uuid4().hex}
+                    client.load_model(model, headers=headers, config=json.dumps(config))
+                except Exception as err:   # noqa: BLE001 - the old way still heals the model
+                    self._log_line(f"toonark watchdog: reload of {model} with a new config failed "
+                                   f"({one_line(err)}); unloading and loading it")
+                    client.unload_model(model, headers=headers)
+                    client.load_model(model, headers=headers)
+                    if ENSEMBLE in self.models and ENSEMBLE not in models:
+                        client.load_model(ENSEMBLE, headers=headers)
             waiting = [ENSEMBLE] if ENSEMBLE in self.models else list(models)
             deadline = time.monotonic() + timeout
-            while not all(client.is_model_ready(m) for m in waiting):
+            while not all(client.is_model_ready(m) for m in waiting) or self.dead_models_of(models):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"models {models} were not ready {timeout:.0f} s after their reload")
-                time.sleep(0.2)
+                time.sleep(0.05)
         finally:
             client.close()
+        self._retire(old_pids)
         return time.monotonic() - started
+
+    RETIRE_GRACE_S = 5.0   # requests the old instances took before the swap finish first
+
+    def _retire(self, pids: list[int]) -> None:
+        """Stop the surviving processes of the replaced instances. With more than one instance, the old
+        model never finishes unloading (its dead instance keeps it UNLOADING, recipe gotcha 8), so its live
+        instances would stay forever (measured: +460 MiB after six kills with 2 instances each)."""
+        def retire():
+            alive = self.stub_processes()
+            stale = [pid for pid in pids if pid in alive]
+            for pid in stale:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if stale:
+                self._log_line(f"toonark watchdog: stopped {len(stale)} process(es) of the replaced instances")
+
+        if pids:
+            timer = threading.Timer(self.RETIRE_GRACE_S, retire)
+            timer.daemon = True
+            timer.start()
+
+    def dead_models_of(self, models: list[str]) -> list[str]:
+        dead = set(self.dead_models())
+        return [m for m in models if m in dead]
 
     WATCHDOG_BACKOFF_S = 2.0      # wait after the first failed reload; doubles per failure, at most 60 s
     WATCHDOG_MAX_ATTEMPTS = 5     # failed reloads in a row before the watchdog gives up (and says so)
@@ -377,6 +436,7 @@ class TritonServer:
         try:
             record["seconds"] = round(self.reload_models(dead), 2)
             record["ok"] = True
+            record["done_at"] = time.time()
             self._failed_attempts = 0
         except Exception as err:   # noqa: BLE001 - keep watching; the record and the log say what failed
             record.update(ok=False, error=one_line(err))
@@ -392,7 +452,7 @@ class TritonServer:
         self._log_line(f"toonark watchdog: stub of {', '.join(dead)} died; reload {outcome}")
         return dead
 
-    def start_watchdog(self, interval_s: float = 1.0) -> None:
+    def start_watchdog(self, interval_s: float = 0.25) -> None:
         """Watch the stubs every `interval_s` from a daemon thread (after wait_ready)."""
         if self._watchdog is not None:
             return
@@ -469,7 +529,7 @@ def serve_forever(options: ServerOptions, ready_timeout: float = 300.0, out=sys.
         server = TritonServer(options.repo, host=options.host, http_port=options.http_port,
                               grpc_port=options.grpc_port, metrics_port=options.metrics_port,
                               log_verbose=options.log_verbose, exit_timeout_s=options.exit_timeout_s,
-                              extra_args=options.extra_args)
+                              extra_args=options.extra_args, idle_unload_s=options.idle_unload_s)
         # Both set explicitly: a shell starting this in the background leaves SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)

@@ -3,9 +3,11 @@
     toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT?, NUM_IMAGES?,
                         QUALITY? -> IMAGE [, NSFW when the build has a safety checker]
       preprocess    (python)  kid template + safety + CLIP tokenizer -> input_ids (2B, L), uncond first;
-                              resolves the defaults of every optional input (the one place they live)
-      text_encoder  (engine)  input_ids -> last_hidden_state; Triton's response cache on (the prompt-embedding
-                              cache: needs the server's --cache-config; why only here: repo_configs)
+                              resolves the defaults of every optional input (the one place they live);
+                              the prompt embeddings from toonark's prompt-embedding cache
+                              (toonark.embedding_cache), calling `text_encoder` by BLS on a miss (with the
+                              resolved LoRA, keyed by it); passes input_ids on where denoise reads them (Qwen-Image)
+      text_encoder  (engine)  input_ids [, lora, lora_scale] -> last_hidden_state       (BLS only)
       denoise       (python)  DPM-Solver++ 2M with classifier-free guidance over the UNet (UNET_LOOPS: in process, or
                               `unet` by BLS each step); returns the VAE decoder's input (the model family's
                               latents_to_vae: the one place the scaling factor is applied)
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +50,7 @@ from toonark import triton_model_repo
 # for the generator's readers.
 from toonark.api import (ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, NSFW_OUTPUT, RESOLVED,  # noqa: F401
                          DENOISE_INPUTS, LORA_RESOLVED, POSTPROCESS_INPUTS, Port, config_defaults)
+from toonark.embedding_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from toonark.engines.backends import backend_for
 from toonark.files import atomic_dir, write_json
 from toonark.layout import BuildLayout
@@ -172,7 +176,8 @@ class QueuePolicy:
     BLS callers hit that window all the time: denoise sends the next UNet step about 1 ms after the previous
     answer, so 1-8 of 20 UNet calls per request waited 500 ms (served 0.5-4.7 s for a 0.6 s image). The
     other models are bounded anyway: `unet` is only called by denoise (one call in flight per denoise
-    instance); preprocess and text_encoder pass requests on in milliseconds to denoise's queue;
+    instance); preprocess (text_encoder by BLS on a prompt-cache miss) passes requests on to denoise's queue in
+    milliseconds;
     vae_decoder and postprocess get one request per finished denoise."""
     max_queue_size: int = 16
     timeout_s: float = 0.0
@@ -191,10 +196,11 @@ class QueuePolicy:
 
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
-                 default_model_filename: str | None = None, response_cache: bool = False,
+                 default_model_filename: str | None = None,
                  max_batch_size: int = 0, batch_delay_us: int | None = None) -> str:
     """max_batch_size > 0 with batch_delay_us: Triton's dynamic batcher hands the model up to that many requests
-    per execute, waiting at most batch_delay_us for more (no queue policy: see QueuePolicy)."""
+    per execute, waiting at most batch_delay_us for more (no queue policy: see QueuePolicy). No response_cache
+    option: Triton's response cache stores failures (issue 18; toonark's prompt cache is in preprocess)."""
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
@@ -204,8 +210,6 @@ def model_config(name: str, inputs, outputs, *, backend: str | None = None, plat
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
     if batch_delay_us is not None:
         text += f"dynamic_batching {{ max_queue_delay_microseconds: {int(batch_delay_us)} }}\n"
-    if response_cache:   # needs the server's --cache-config (local,size=...); without it Triton ignores this
-        text += "response_cache { enable: true }\n"
     return text + _parameters(params or {})
 
 
@@ -238,11 +242,13 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                  loras: list[str] | None = None, lora_cache_size: int = 4, vae_encoder: bool = False,
                  tile: int = 0, tile_overlap: int = -1, family=None,
                  unet_loop: str | None = None, denoise_instances: int = 1,
-                 batch_requests: bool | None = None) -> dict[str, str]:
+                 batch_requests: bool | None = None, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 instances: int | dict[str, int] | None = None) -> dict[str, str]:
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
-    `lora_scale`, which text_encoder (so they are part of its response-cache key) and denoise -> unet read;
+    `lora_scale`, which preprocess passes on its BLS call to text_encoder (and keys its prompt cache with) and
+    denoise passes on to unet;
     lora_cache_size: weight sets each engine keeps (LRU).
     vae_encoder: serve the VAE encoder (IMAGE_IN; called by denoise over BLS, like unet). tile / tile_overlap:
     the tiling of pictures above the profile in pixels (0 / -1: the profile's defaults, toonark.tiling).
@@ -254,7 +260,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     bls_device run SD's step graph: refused for a family without `device_loop` and with LoRA styles.
     denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process).
     batch_requests: in_process only (default: on for CUDA backends): concurrent requests share one device loop
-    (DENOISE_LOOP, Triton's dynamic batcher); denoise becomes a thin front that forwards by BLS."""
+    (DENOISE_LOOP, Triton's dynamic batcher); denoise becomes a thin front that forwards by BLS.
+    prompt_cache_bytes: bound of the prompt-embedding cache of each preprocess instance (0: off).
+    instances: instances (processes) of every Python model that has one (an int), or {model: count}
+    (with_instances)."""
     if loras and layout != "python":
         raise ValueError(f"LoRA styles are switched inside toonark's Python-backend runners; use --layout python, "
                          f"not {layout!r}")
@@ -301,15 +310,9 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
         if spec.name == unet.name and unet_loop == "in_process":
             continue   # denoise owns it
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
-        # Prompt-embedding cache: Triton's response cache on text_encoder only, so a repeated prompt (same
-        # input_ids: prompt + negative prompt) skips text encoding. Recipe gotcha 6: the cache also stores
-        # a failed response and replays it as an empty success until the server restarts, so only a model
-        # that cannot fail on a request that reached it may cache. text_encoder qualifies: preprocess
-        # checks the batch against the build's limits and always emits (2B, L) int64 token ids in
-        # range, and the engine is deterministic. Not preprocess (it refuses prompts and bad values by
-        # design: a refusal would be replayed as an empty 200), not denoise (a failing BLS unet call
-        # would be replayed), not vae_decoder (latents differ per seed: entries would never hit).
-        cache = spec.name == te.name
+        # No Triton response cache anywhere: Triton 2.51 stores a failed response and replays it as an empty
+        # success until restart (recipe gotcha 6), so a text encoder killed mid-request poisoned its prompt
+        # (issue 18). The prompt-embedding cache is toonark's own, in preprocess (PromptEncoder), in every layout.
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
@@ -318,7 +321,7 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
             graph = (backend_for(backend, strict=False).serves_cuda_graphs and spec.name != te.name
                      and symbols <= {"B", "H", "W"})
             configs[spec.name] = model_config(
-                spec.name, inputs, outputs, backend="python", kind=engine_kind, response_cache=cache,
+                spec.name, inputs, outputs, backend="python", kind=engine_kind,
                 # No execution provider here: OrtEngine takes its providers from engine.json.
                 # ort-cpu: idle ORT workers sleep instead of spinning: several pools share the cores with
                 # denoise and tritonserver, which need one between two UNet steps (issue 12).
@@ -330,12 +333,10 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                         **(tiling if spec.name in ("vae_decoder", "vae_encoder") else {})})
         elif layout == "onnxruntime_onnx":
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="onnxruntime_onnx",
-                                              kind=engine_kind, default_model_filename="model.onnx",
-                                              response_cache=cache)
+                                              kind=engine_kind, default_model_filename="model.onnx")
         else:
             configs[spec.name] = model_config(spec.name, inputs, outputs, platform="tensorrt_plan",
-                                              kind="KIND_GPU", default_model_filename="model.plan",
-                                              response_cache=cache)
+                                              kind="KIND_GPU", default_model_filename="model.plan")
     te_in, te_out = _engine_io(te, precision, metadata.get(te.name))
     unet_in, _ = _engine_io(unet, precision, metadata.get(unet.name))
     vae_in, vae_out = _engine_io(vae, precision, metadata.get(vae.name))
@@ -349,18 +350,27 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                 + "output [" + tail
     # Every preprocess input is optional, PROMPT too (the ensemble requires it): a request without PROMPT
     # then gets preprocess' clear refusal instead of Triton's "unexpected deadlock" of the ensemble.
+    # preprocess hands the prompt embeddings on (its cache, or text_encoder by BLS): the same in every layout,
+    # since only a Python model can own a cache that never stores a failure (text_encoder is native in
+    # the onnxruntime_onnx / tensorrt_plan layouts).
+    reads_ids = bool(getattr(family, "denoise_reads_ids", False))
+    ids_port = [te_in[0]] if reads_ids else []
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
-                                         [te_in[0], *RESOLVED, *lora_ports], backend="python",
+                                         [hidden, *ids_port, *RESOLVED, *lora_ports], backend="python",
                                          params={**serving_defaults(info),
                                                  "image_input": str(int(vae_encoder)), "tiled_sizes": str(int(tiled)),
-                                                 **({"lora_names": ",".join(loras)} if loras else {})})
+                                                 **({"lora_names": ",".join(loras)} if loras else {}),
+                                                 "text_encoder_model": te.name,
+                                                 "text_encoder_input": te_in[0].name,
+                                                 "text_encoder_input_type": "TYPE_" + te_in[0].triton_type,
+                                                 "text_hidden_name": hidden.name,
+                                                 **({"text_ids_name": te_in[0].name} if reads_ids else {}),
+                                                 "prompt_cache_bytes": str(int(prompt_cache_bytes))})
     encoder_params = {}
     if vae_encoder:
         encoder_in, _ = _engine_io(specs["vae_encoder"], precision, metadata.get("vae_encoder"))
         encoder_params = {"vae_encoder_model": "vae_encoder",
                           "vae_encoder_float_type": "TYPE_" + encoder_in[0].triton_type}
-    reads_ids = bool(getattr(family, "denoise_reads_ids", False))
-    ids_port = [te_in[0]] if reads_ids else []
     loop_params = {"unet_loop": unet_loop}
     if unet_loop == "in_process":
         loop_params.update({"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
@@ -395,8 +405,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     lora_map = {p.name: p.name for p in lora_ports}
     steps = [
         ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
-         {te_in[0].name: "input_ids", **resolved, **lora_map}),
-        (te.name, {te_in[0].name: "input_ids", **lora_map}, {hidden.name: "text_embeddings"}),
+         {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
+          **resolved, **lora_map}),
         ("denoise", {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
                      **{p.name: p.name for p in DENOISE_INPUTS}, **lora_map},
          {vae_in[0].name: "latents"}),
@@ -423,7 +433,34 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     policy = (queue or QueuePolicy()).config_text()
     for name in QUEUED_MODELS:
         configs[name] += policy
-    return configs
+    return with_instances(configs, instances)
+
+
+def python_model_names(configs: dict[str, str]) -> list[str]:
+    """The models of `configs` that run as Python-backend processes (what the watchdog reloads)."""
+    return [name for name, text in configs.items() if 'backend: "python"' in text]
+
+
+def with_instances(configs: dict[str, str], instances: int | dict[str, int] | None) -> dict[str, str]:
+    """More than one instance (process) of a model, where memory allows (issue 18): a killed process then
+    costs less, since the other instance keeps serving while the watchdog reloads it (tiny build, 8 clients:
+    p99 while a process is down 2.3-3.2 s with 2 instances of each Python model, 3-12 s with one).
+    instances: an int raises every Python model that runs one instance to that many (denoise keeps
+    denoise_instances / the batching front's count when those are above one); a dict names models and counts."""
+    if instances is None or instances == 1:
+        return dict(configs)
+    if isinstance(instances, int):
+        instances = {name: instances for name in python_model_names(configs)
+                     if re.search(r"count: 1 \}", configs[name])}
+    out = dict(configs)
+    for model, count in instances.items():
+        if model not in out or model == ENSEMBLE:
+            raise ValueError(f"instances: no model {model!r} to scale; choose from "
+                             f"{', '.join(m for m in out if m != ENSEMBLE)}")
+        if count < 1:
+            raise ValueError(f"instances: {model} needs at least 1 instance, got {count}")
+        out[model] = re.sub(r"count: \d+ \}", f"count: {int(count)} }}", out[model], count=1)
+    return out
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -459,7 +496,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                out: Path | None = None, intra_op_threads: int = 0, queue: QueuePolicy | None = None,
                verify_engines: bool = True, safety_checker: bool | None = None, loras: Path | None = None,
                lora_cache_size: int = 4, tile: int = 0, tile_overlap: int = -1, unet_loop: str | None = None,
-               denoise_instances: int = 1, batch_requests: bool | None = None) -> Path:
+               denoise_instances: int = 1, batch_requests: bool | None = None,
+               prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, instances: int | dict[str, int] | None = None) -> Path:
     """Write the Triton model repository for the engines of `build_dir` (default OUT/triton_model_repo).
 
     The folder is replaced atomically; engine files are hard-linked (copied across filesystems)
@@ -518,7 +556,8 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
                            intra_op_threads=intra_op_threads, queue=queue, safety_checker=checker_meta,
                            loras=lora_set.names if lora_set else None, lora_cache_size=lora_cache_size,
                            vae_encoder=encoder, tile=tile, tile_overlap=tile_overlap, family=family,
-                           unet_loop=unet_loop, denoise_instances=denoise_instances, batch_requests=batch_requests)
+                           unet_loop=unet_loop, denoise_instances=denoise_instances, batch_requests=batch_requests,
+                           prompt_cache_bytes=prompt_cache_bytes, instances=instances)
     remake = (f"make engine OUT={build_dir} BACKEND={backend} PRECISION={precision} && "
               f"make repo OUT={build_dir} BACKEND={backend} PRECISION={precision} LAYOUT={layout}")
     record = {"backend": backend, "precision": precision, "layout": layout, "remake": remake,

@@ -97,7 +97,7 @@ def test_container_serves_through_the_launcher_of_make_serve(tmp_path):
     for name in ("make_repo", "build_engine"):
         assert f"python3 -m toonark.scripts.{name} " in entry
     # What those flags are (the launcher's builder, for the image's install): explicit model control, the
-    # response cache text_encoder needs, metrics on the metrics port, strict readiness for the probes.
+    # metrics on the metrics port, strict readiness for the probes; no Triton response cache (issue 18).
     from toonark.serving.launcher import TritonServer
     defaults = _server_defaults()
     repo = tmp_path / "repo"
@@ -108,10 +108,9 @@ def test_container_serves_through_the_launcher_of_make_serve(tmp_path):
     command = server.command(Path("/opt/tritonserver"))
     for flag in ("--model-control-mode=explicit", "--strict-readiness=true", "--exit-on-error=true",
                  f"--metrics-port={defaults['metrics_port']}", f"--http-port={defaults['http_port']}",
-                 f"--grpc-port={defaults['grpc_port']}", "--backend-directory=/opt/tritonserver/backends",
-                 "--cache-directory=/opt/tritonserver/caches"):
+                 f"--grpc-port={defaults['grpc_port']}", "--backend-directory=/opt/tritonserver/backends"):
         assert flag in command, (flag, command)
-    assert any(arg.startswith("--cache-config=local,size=") for arg in command)
+    assert not any(arg.startswith("--cache-config") for arg in command)
 
 
 def test_ports_in_every_deploy_file_are_the_launchers():

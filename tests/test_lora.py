@@ -346,8 +346,9 @@ def test_served_refusals_list_known_names(lora_server):
 
 
 def test_interleaved_served_loras_never_mix(lora_server, tiny_engines, bases, loras):
-    """Concurrent requests with different LoRAs (same prompt: the text-encoder cache is hit across them): each
-    image equals the offline pipeline's with that LoRA alone; metrics count the switches."""
+    """Concurrent requests with different LoRAs (same prompt: the prompt-embedding cache of preprocess is keyed with
+    the LoRA, so it is hit only by requests of the same style and scale): each image equals the offline pipeline's
+    with that LoRA alone; metrics count the switches."""
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
     from toonark.engines.pipeline import load_pipeline
@@ -380,6 +381,50 @@ def test_interleaved_served_loras_never_mix(lora_server, tiny_engines, bases, lo
     switches = [line for line in text.splitlines() if line.startswith("toonark_lora_switches_total")]
     assert any('stage="unet"' in line and float(line.split()[-1]) > 0 for line in switches), switches
     assert any(line.startswith("toonark_lora_switch_seconds_total") for line in text.splitlines())
+
+
+def test_prompt_cache_is_keyed_with_the_lora(lora_server, tiny_engines, bases, loras):
+    """toonark's prompt-embedding cache (preprocess) holds one embedding per (prompt, text-encoder LoRA, scale):
+    the base model's embedding of a prompt is never served to a style that changes the text encoder, a repeat of
+    the same style and scale is a hit that does not run text_encoder, and the base model is one key whatever
+    LORA_SCALE says (no LoRA: the scale is not applied)."""
+    import urllib.request
+    from toonark.engines.pipeline import load_pipeline
+    from toonark.serving.client import GenerateOptions, generate
+    prompt = "a happy otter with a red kite"   # a prompt of its own: no other test cached it
+
+    def counters():
+        text = urllib.request.urlopen(lora_server.metrics_url, timeout=10).read().decode()
+        return {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith(("toonark_prompt_cache_hits_total", "toonark_prompt_cache_misses_total",
+                                    'nv_inference_request_success{model="text_encoder"'))}
+
+    before = counters()
+    served = {}
+    for name, scale in [("", 1.0), ("storybook", 1.0), ("storybook", 1.0), ("storybook", 1.5), ("", 0.5),
+                        ("crayon", 1.0)]:
+        result = generate(lora_server.http_url, GenerateOptions(prompt, seed=3, steps=2, width=64, height=64,
+                                                                lora=name, lora_scale=scale))
+        served.setdefault((name, scale), []).append(_pixels(result.images[0]))
+    after = counters()
+    moved = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert moved["toonark_prompt_cache_misses_total"] == 4 and moved["toonark_prompt_cache_hits_total"] == 2, moved
+    assert moved['nv_inference_request_success{model="text_encoder",version="1"}'] == 4, moved
+    first, again = served[("storybook", 1.0)]
+    assert np.array_equal(first, again)
+    assert np.array_equal(served[("", 1.0)][0], served[("", 0.5)][0])
+    # The storybook request came after the base model's embedding of the same prompt was cached: it must be the
+    # image of the storybook text encoder (the offline pipeline with that LoRA), not of the base embedding.
+    offline = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32")
+    te, unet = (_engine(tiny_engines, bases, loras, sub) for sub in ("text_encoder", "unet"))
+    offline.engines.update(text_encoder=te, unet=unet)
+    te.select("storybook", 1.0)
+    unet.select("storybook", 1.0)
+    expected = offline.generate(prompt=prompt, seed=3, steps=2, width=64, height=64).images[0]
+    te.select("", 1.0)   # the base text encoder with the storybook UNet: what a cache keyed without the LoRA serves
+    wrong = offline.generate(prompt=prompt, seed=3, steps=2, width=64, height=64).images[0]
+    assert np.abs(wrong.astype(np.int16) - expected.astype(np.int16)).max() > 1   # the key matters here
+    assert np.abs(first.astype(np.int16) - expected.astype(np.int16)).max() <= 1
 
 
 # --- TensorRT refit, up to the boundary (TensorRT is not installable here) ----------------------

@@ -3,8 +3,8 @@ cache, toonark's Prometheus metrics, NUM_IMAGES / QUALITY, and the safety checke
 
 One server for this module, on a copy of the shared tiny build plus a tiny random safety checker
 (build_pipeline(with_safety_checker=True) has the same text encoder / UNet / VAE weights as the
-shared tiny pipeline, checked by hash, so only the checker is exported here). The launcher passes
-`--cache-config local`.
+shared tiny pipeline, checked by hash, so only the checker is exported here). The prompt-embedding cache is
+toonark's own, in preprocess (tests/test_recovery.py tests it against faults).
 """
 from __future__ import annotations
 
@@ -109,32 +109,35 @@ def value(metrics, name, **labels) -> float:
 # --- 1. prompt-embedding cache ------------------------------------------------------------------------
 
 def test_repeated_prompt_hits_the_text_encoder_cache(server):
-    """Behaviour from Triton's own statistics counters (never wall time, which 2 busy cores make noisy): a
-    repeated prompt is answered from the cache without running the text encoder, the cache key is the whole
-    token input (a new negative prompt misses), and a cached embedding draws the same picture."""
-    before = stats(server, "text_encoder")
+    """Behaviour from counters (never wall time, which 2 busy cores make noisy): a repeated prompt is answered
+    from toonark's prompt-embedding cache without running the text encoder (Triton's statistics), the cache
+    key is the whole token input (a new negative prompt misses), and a cached embedding draws the same picture."""
+    before, metrics_before = stats(server, "text_encoder"), scrape(server)
     prompts = [f"a happy otter number {uuid.uuid4().hex[:6]}" for _ in range(3)]
     first = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 misses
     again = [run(server, prompt=p, seed=1).images[0] for p in prompts]     # 3 hits
     other_seed = run(server, prompt=prompts[0], seed=2).images[0]         # 1 hit
     other_negative = run(server, prompt=prompts[0], seed=1, negative_prompt="rain").images[0]   # 1 miss
-    after = stats(server, "text_encoder")
+    after, metrics_after = stats(server, "text_encoder"), scrape(server)
     delta = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}
-    assert delta["cache_miss"][0] == 4 and delta["cache_hit"][0] == 4, delta
-    assert delta["success"][0] == 8
-    assert delta["compute_infer"][0] == 4, "a hit must not run the text encoder"
+
+    def moved(name):
+        return value(metrics_after, name) - metrics_before.get((name, frozenset()), 0.0)
+
+    assert moved("toonark_prompt_cache_misses_total") == 4 and moved("toonark_prompt_cache_hits_total") == 4
+    assert delta["success"][0] == 4, "a hit must not run the text encoder"
     assert first == again, "the cached embeddings must give the same picture"
     assert other_seed != first[0]
     assert other_negative != first[0], "a new negative prompt must be encoded, not served from the cache"
 
 
-def test_only_the_text_encoder_caches(server):
+def test_no_model_uses_tritons_response_cache(server):
+    """Triton 2.51's response cache replays failures (recipe gotcha 6): no model may enable it."""
     import tritonclient.http as httpclient
     client = httpclient.InferenceServerClient(server.http_url)
-    caching = {name for name in ("preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "safety_checker",
-                                 "postprocess")
+    caching = {name for name in server.models
                if client.get_model_config(name).get("response_cache", {}).get("enable")}
-    assert caching == {"text_encoder"}
+    assert caching == set()
 
 
 # --- 2. metrics -----------------------------------------------------------------------------------------
@@ -165,8 +168,8 @@ def test_metrics_families_labels_and_increments(server):
         assert moved("toonark_stage_duration_seconds_count", stage=stage) == count, stage
         assert moved("toonark_stage_duration_seconds_sum", stage=stage) > 0, stage
         assert moved("toonark_stage_duration_seconds_bucket", stage=stage, le="+Inf") == count, stage
-    assert moved("nv_cache_num_hits_per_model", model="text_encoder", version="1") == 1
-    assert moved("nv_cache_num_misses_per_model", model="text_encoder", version="1") == 2
+    assert moved("toonark_prompt_cache_hits_total") == 1
+    assert moved("toonark_prompt_cache_misses_total") == 2
     print("\n" + "\n".join(f"{name}{dict(labels)} {v:g}" for (name, labels), v in sorted(after.items(), key=str)
                            if name.startswith("toonark_") and not name.endswith("_bucket")))
 

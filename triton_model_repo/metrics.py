@@ -10,17 +10,20 @@ Triton serves them on its metrics port next to its own (GET http://<host>:<metri
                                                                   UNet call, whatever the batch)
     toonark_images_total{format="png"|"webp"|"raw"}           counter  images returned (postprocess; blanked ones too)
     toonark_nsfw_images_total                             counter  images the safety checker flagged and blanked
+    toonark_prompt_cache_hits_total / _misses_total /    counters  the prompt-embedding cache (preprocess,
+      _evictions_total / _refused_total                            toonark.embedding_cache): lookups answered,
+                                                                  lookups that ran the text encoder, entries
+                                                                  dropped for room, outputs not stored
+    toonark_prompt_cache_bytes{instance=} / _entries{instance=}  gauges  its size now, one series per
+                                                                  preprocess instance (each has its own cache)
     toonark_stage_duration_seconds{stage="<model>"}       histogram  time inside each Python model's execute,
                                                                   per request: stage = preprocess, text_encoder,
                                                                   denoise, unet, vae_decoder, safety_checker,
                                                                   postprocess (_bucket / _sum / _count series)
 
-Triton's own series cover the rest, e.g. the prompt-embedding cache (recipe gotcha 7: only the
-per-model cache series move): nv_cache_num_hits_per_model{model="text_encoder",version="1"},
-nv_cache_num_misses_per_model, nv_cache_hit_duration_per_model / nv_cache_miss_duration_per_model (us);
-nv_inference_request_success{model=...}, nv_inference_compute_infer_duration_us{model=...}.
-A text_encoder request answered from the cache never reaches the model, so
-toonark_stage_duration_seconds{stage="text_encoder"} counts cache misses only.
+Triton's own series cover the rest: nv_inference_request_success{model=...},
+nv_inference_compute_infer_duration_us{model=...}. A prompt answered from the prompt cache never reaches
+text_encoder, so toonark_stage_duration_seconds{stage="text_encoder"} counts cache misses only.
 
 Families are created once per stub process (a family of the same name, kind and description from
 several models is one family: Triton 2.51 shares it; the stage label tells the models apart).
@@ -41,6 +44,12 @@ FAMILIES = {
     "toonark_steps_total": ("COUNTER", "Denoising steps served (UNet calls of denoise)"),
     "toonark_images_total": ("COUNTER", "Images returned, by format"),
     "toonark_nsfw_images_total": ("COUNTER", "Images flagged by the safety checker and replaced by a blank image"),
+    "toonark_prompt_cache_hits_total": ("COUNTER", "Prompt-embedding cache lookups answered from the cache"),
+    "toonark_prompt_cache_misses_total": ("COUNTER", "Prompt-embedding cache lookups that ran the text encoder"),
+    "toonark_prompt_cache_evictions_total": ("COUNTER", "Prompt embeddings dropped to stay within the byte bound"),
+    "toonark_prompt_cache_refused_total": ("COUNTER", "Text-encoder outputs not cached (empty, non-finite, bad shape)"),
+    "toonark_prompt_cache_bytes": ("GAUGE", "Bytes held by the prompt-embedding cache of one preprocess process"),
+    "toonark_prompt_cache_entries": ("GAUGE", "Prompts held by the prompt-embedding cache of one preprocess process"),
     "toonark_stage_duration_seconds": ("HISTOGRAM", "Time in each toonark model's execute per request, by stage"),
     # LoRA styles (engines/lora.py), per engine stage (text_encoder, unet): weight-set switches, by whether the set
     # came from the LRU (cache="hit") or was merged from the base (cache="miss"), and the seconds they took.
@@ -59,6 +68,9 @@ def _pb_utils():
 
 class _Noop:
     def increment(self, value=1):
+        pass
+
+    def set(self, value):
         pass
 
     def observe(self, value):
@@ -95,6 +107,10 @@ class Metrics:
     def count(self, name: str, value: float = 1, **labels) -> None:
         if value:
             self.metric(name, **labels).increment(value)
+
+    def set(self, name: str, value: float, **labels) -> None:
+        """Set a gauge."""
+        self.metric(name, **labels).set(value)
 
     @contextmanager
     def timed(self):

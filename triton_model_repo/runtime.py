@@ -37,6 +37,12 @@ PARAMETER_TYPES: dict[str, type] = {
     "engine_file": str, "intra_op_threads": int, "intra_op_spinning": int, "cuda_graph_sizes": str,
     # denoise: which loop runs the UNet (in_process | bls | bls_device) and where the BLS UNet's tensors live
     "unet_loop": str, "unet_device": str, "loop_model": str,
+    # preprocess: the prompt-embedding cache in front of the text encoder (PromptEncoder)
+    "text_encoder_model": str, "text_encoder_input": str, "text_encoder_input_type": str,
+    "prompt_cache_bytes": int,
+    # Set by the launcher's watchdog when it reloads a model whose process died: a changed config makes
+    # Triton load a new instance in place (the ensemble stays up); never read by the models.
+    "reload_generation": str,
     "default_quality": int,
     # image input and tiling (toonark.image_input, toonark.tiling): whether a VAE encoder is served, the
     # model denoise calls for it, and the tile size / overlap in pixels (0 / -1: the profile's defaults)
@@ -56,6 +62,21 @@ class UpstreamError(RuntimeError):
     def __init__(self, message: str, code=None):
         super().__init__(message)
         self.code = code
+
+
+def call_model(pb_utils, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One BLS call: `output` of `model` for `inputs`, or UpstreamError with that model's message and code
+    (a dead stub's "Stub process '<model>_0_0' is not healthy.", UNAVAILABLE while it reloads, ...)."""
+    response = pb_utils.InferenceRequest(
+        model_name=model, requested_output_names=[output],
+        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]).exec()
+    if response.has_error():
+        error = response.error()
+        raise UpstreamError(error.message(), error.code() if hasattr(error, "code") else None)
+    tensor = pb_utils.get_output_tensor_by_name(response, output)
+    if tensor is None:
+        raise UpstreamError(f"model {model!r} answered without {output}")
+    return tensor.as_numpy()
 
 
 def respond_each(requests, handle, pb_utils, metrics=None) -> list:
@@ -139,6 +160,58 @@ class RequestPreparer:
         """One request's ensemble inputs (keyword = the input's name in lower case; None = not sent)."""
         resolved = resolve_request(self.info, self.policy, self.defaults, self.serves, self.known_loras, **inputs)
         return resolved, resolved.input_ids(self.tokenizer, self.family, self.info.dims)
+
+
+class PromptEncoder:
+    """Token ids -> text embeddings through toonark's prompt-embedding cache (toonark.embedding_cache): a hit
+    skips the text encoder; a miss calls it (`encode(input_ids, lora_tensors)`, a BLS call in the served
+    preprocess) and stores the result only when it is a good embedding. A failed call raises and stores
+    nothing, so a fault of the text encoder (its process killed mid-request) never outlives its recovery
+    (issue 18). lora: a LoRA repository, whose text_encoder reads the resolved LoRA (api.LORA_RESOLVED):
+    the tensors go on the call and the LoRA's name and scale into the key."""
+
+    def __init__(self, encode: Callable[[np.ndarray, dict], np.ndarray], max_bytes: int, metrics=None,
+                 instance: str = "", lora: bool = False):
+        from toonark.embedding_cache import PromptEmbeddingCache
+        self.encode = encode
+        self.cache = PromptEmbeddingCache(max_bytes)
+        self.metrics = metrics
+        self.instance = instance
+        self.lora = lora
+        self._reported = self.cache.stats.as_dict()
+        self._report()
+
+    @staticmethod
+    def text_encoder_lora(resolved: ResolvedRequest) -> str | None:
+        """The id of the LoRA the text encoder applies for `resolved`: its name and scale as the engine reads it
+        (float32); None for the base model ("" name, whatever the scale)."""
+        if not resolved.lora:
+            return None
+        return f"{resolved.lora}@{float(np.float32(resolved.lora_scale))!r}"
+
+    def key(self, resolved: ResolvedRequest, input_ids: np.ndarray) -> tuple:
+        """Everything that changes the embedding: the token ids, and the text encoder's LoRA."""
+        return self.cache.key(input_ids, text_encoder_lora=self.text_encoder_lora(resolved) if self.lora else None)
+
+    def __call__(self, resolved: ResolvedRequest, input_ids: np.ndarray) -> np.ndarray:
+        key = self.key(resolved, input_ids)
+        extra = resolved.lora_tensors() if self.lora else {}
+        try:
+            value, _ = self.cache.get_or_compute(key, lambda: self.encode(input_ids, extra), rows=input_ids.shape[0])
+        finally:
+            self._report()
+        return value
+
+    def _report(self) -> None:
+        if self.metrics is None:
+            return
+        stats = self.cache.stats.as_dict()
+        for name in ("hits", "misses", "evictions", "refused"):
+            self.metrics.metric(f"toonark_prompt_cache_{name}_total")   # present from startup, at 0
+            self.metrics.count(f"toonark_prompt_cache_{name}_total", stats[name] - self._reported[name])
+        self.metrics.set("toonark_prompt_cache_bytes", stats["bytes"], instance=self.instance)
+        self.metrics.set("toonark_prompt_cache_entries", stats["entries"], instance=self.instance)
+        self._reported = stats
 
 
 # --- denoise --------------------------------------------------------------------------------------
@@ -601,6 +674,76 @@ def encode_webp(image: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="WEBP", quality=int(quality), method=0)
     return buffer.getvalue()
+
+
+# --- idle unload ---------------------------------------------------------------------------------
+
+IDLE_UNLOAD_ENV = "TOONARK_IDLE_UNLOAD_S"   # set by the launcher (make serve IDLE_UNLOAD_S=N); stubs inherit it
+
+
+def idle_unload_seconds() -> float:
+    """Seconds without requests after which an engine model frees its session (0: never)."""
+    import os
+    raw = os.environ.get(IDLE_UNLOAD_ENV, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{IDLE_UNLOAD_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{IDLE_UNLOAD_ENV}={raw} must be >= 0 (0: never unload)")
+    return value
+
+
+class IdleEngine:
+    """An engine that frees itself after `idle_s` seconds without a request and loads again on the next one
+    (that request waits for the load; it is never refused). The model and its process stay loaded in
+    Triton, so the ensemble stays ready: with explicit model control an unloaded model would refuse
+    requests instead. idle_s 0: a plain engine, loaded once."""
+
+    def __init__(self, load: Callable[[], object], idle_s: float = 0.0, log=None):
+        import threading
+        import time
+        self._load, self.idle_s, self._log = load, float(idle_s), log
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+        self.engine = load()
+        self.spec = self.engine.spec   # the submodel's declaration, the same for every load
+        # The LoRA runner's switch statistics (engines.lora): those of the latest load, kept while unloaded
+        # (a new load starts them at 0 again).
+        self.stats = getattr(self.engine, "stats", None)
+        self.last_used = self._clock()
+        self.loads = 1
+        self.last_load_s: float | None = None
+        if self.idle_s > 0:
+            self._stop = threading.Event()
+            threading.Thread(target=self._watch, name="toonark-idle-unload", daemon=True).start()
+
+    def run(self, feeds: dict, **options) -> dict:
+        """`options`: the engine's own (the LoRA runner's lora= / scale=)."""
+        with self._lock:
+            if self.engine is None:
+                start = self._clock()
+                self.engine = self._load()
+                self.stats = getattr(self.engine, "stats", None)
+                self.loads += 1
+                self.last_load_s = self._clock() - start
+                if self._log:
+                    self._log(f"idle unload: loaded again in {self.last_load_s:.2f} s for a request")
+            self.last_used = self._clock()
+            engine = self.engine
+            result = engine.run(feeds, **options)
+            self.last_used = self._clock()
+            return result
+
+    def _watch(self) -> None:
+        import gc
+        while not self._stop.wait(min(1.0, self.idle_s / 4)):
+            with self._lock:
+                if self.engine is not None and self._clock() - self.last_used >= self.idle_s:
+                    self.engine = None
+                    gc.collect()
+                    if self._log:
+                        self._log(f"idle unload: session freed after {self.idle_s:g} s without requests")
 
 
 # --- engines --------------------------------------------------------------------------------------

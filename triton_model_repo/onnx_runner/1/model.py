@@ -1,6 +1,7 @@
 """toonark engine runner: serves one built submodel (text_encoder, unet or vae_decoder) from <model>/1/
 with ONNX Runtime. The generator copies this file into each engine model; names and dtypes come from
-the config, which the generator wrote from the export spec."""
+the config, which the generator wrote from the export spec. With TOONARK_IDLE_UNLOAD_S=N (make serve
+IDLE_UNLOAD_S=N) the session is freed after N idle seconds and loaded again by the next request."""
 import json
 
 import numpy as np
@@ -15,12 +16,15 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
-        self.engine = runtime.load_runner(args, runtime.model_parameters(config))
+        params = runtime.model_parameters(config)
+        self.engine = runtime.IdleEngine(lambda: runtime.load_runner(args, params), runtime.idle_unload_seconds(),
+                                         log=pb_utils.Logger.log_info)
         self.input_names = [t.name for t in self.engine.spec.inputs]
         self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
         # LoRA repositories: the request names the style; the engine switches its weights under its lock.
         self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])
         self.switches = (0, 0, 0.0)
+        self.loads_counted = self.engine.loads
 
     def execute(self, requests):
         # A shape or dtype outside what the engine was built for is a ValueError: INVALID_ARG.
@@ -41,6 +45,9 @@ class TritonPythonModel:
     def _count_switches(self):
         stats = self.engine.stats
         hits, misses, seconds = self.switches
+        if self.engine.loads != self.loads_counted:   # loaded again after an idle unload: statistics from 0
+            hits, misses, seconds = 0, 0, 0.0
+            self.loads_counted = self.engine.loads
         self.metrics.count("toonark_lora_switches_total", stats.cache_hits - hits, stage=self.metrics.stage, cache="hit")
         self.metrics.count("toonark_lora_switches_total", stats.cache_misses - misses, stage=self.metrics.stage,
                            cache="miss")
