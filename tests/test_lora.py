@@ -187,13 +187,7 @@ def test_fused_graph_map_packed_qkv_and_nhwc(lora_dir, tmp_path):
     text_base = LoraBase.from_onnx(export_onnx(modules, pipeline_dims(modules), tmp_path / "src")["text_encoder"],
                                    "text_encoder")
     layers = load_loras(lora_dir, {"unet": base, "text_encoder": text_base}).for_submodel("crayon", "unet")
-    model = onnx.load(str(source))
-    inits = {t.name: t for t in model.graph.initializer}
-    for module, layer in layers.items():
-        name, transposed = base.sources[module]
-        merged = merged_weight(base.weights[module], layer, 1.5)
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(merged.T if transposed else merged), name))
-    onnx.save(model, str(tmp_path / "merged.onnx"))
+    _save_merged_export(source, base, layers, tmp_path / "merged.onnx")
     fuse(tmp_path / "merged.onnx", tmp_path / "fused" / "model.onnx")
     fused = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.initializer}
     mapping = EngineWeightMap(tmp_path / "base" / "model.onnx", base, set(layers))
@@ -271,13 +265,7 @@ def test_fused_graph_map_at_sd_widths(tmp_path):
     loras = LoraSet.from_folder(tmp_path, {"unet": base.shapes})
     layers = loras.for_submodel("a", "unet")
     assert set(tiny_rows) <= set(layers)
-    model = onnx.load(str(source))
-    inits = {t.name: t for t in model.graph.initializer}
-    for module, layer in layers.items():
-        name, transposed = base.sources[module]
-        merged = merged_weight(base.weights[module], layer, 1.5)
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(merged.T if transposed else merged), name))
-    onnx.save(model, str(tmp_path / "merged.onnx"))
+    _save_merged_export(source, base, layers, tmp_path / "merged.onnx")
     fused_merged = fuse(tmp_path / "merged.onnx", tmp_path / "fused" / "model.onnx")
 
     mapping = EngineWeightMap(tmp_path / "base" / "model.onnx", base, loras.modules("unet"))
@@ -520,3 +508,17 @@ def test_trt_plan_refits_only_lora_targets(tiny_build):
     assert plan.refit and "REFIT_INDIVIDUAL" in plan.builder_flags and "REFIT" not in plan.builder_flags
     assert TrtBuildPlan.from_json(plan.to_json()) == plan
     assert plan.refit_weights == ("onnx::MatMul_1", "onnx::MatMul_2")
+
+
+def _save_merged_export(source, base, layers, out):
+    """The exported graph with every LoRA layer merged at scale 1.5 into its initializer (what a LoRA-merged
+    export would hold), saved to `out`: the reference the fused engine's switched weights must equal."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(source))
+    inits = {t.name: t for t in model.graph.initializer}
+    for module, layer in layers.items():
+        name, transposed = base.sources[module]
+        merged = merged_weight(base.weights[module], layer, 1.5)
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(merged.T if transposed else merged), name))
+    onnx.save(model, str(out))
