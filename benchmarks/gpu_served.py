@@ -163,7 +163,87 @@ def sweep(server, options, levels: list[int], requests_per_level: int) -> list[d
     return rows
 
 
-CONFIGS = {"batched": (True, 1), "single": (False, 1), "single2": (False, 2)}   # name: (batch_requests, instances)
+# name: (batch_requests, denoise (loop) instances, extra parameters of the loop model)
+CONFIGS = {"batched": (True, 1, {}), "batched_split": (True, 1, {"pad_batches": "0"}),
+           "batched_2loops": (True, 2, {}), "single": (False, 1, {}), "single2": (False, 2, {})}
+
+
+def ceiling(build: Path, size: int, steps: int, reps: int = 3) -> dict:
+    """What the device loop can do without Triton: runtime.Denoiser.run_batch over UnetLoops (the code the
+    batched loop model runs) with 1-4 requests of one image, 3 requests both padded into the B=4 graph and
+    split into B=2 + B=1; ms per loop and images/s (the served throughput's upper bound, VAE excluded)."""
+    from toonark.family import family_for_folder
+    from toonark.layout import BuildLayout
+    from toonark.specs import BuildInfo
+    from toonark.triton_model_repo.runtime import DenoiseRequest, Denoiser, UnetLoops
+    layout, info = BuildLayout(build), BuildInfo.read(build)
+    folder = layout.engine_dir("ort-cuda", "fp16") / "unet"
+    metadata = json.loads((folder / "engine.json").read_text())
+    loops = UnetLoops(folder / "model.onnx", info.specs["unet"], metadata, info.dims, family_for_folder(layout.pipeline),
+                      graph_sizes=[{"B": b, "H": size, "W": size} for b in (1, 2, 4)])
+    denoiser = Denoiser(layout.pipeline, info)
+    rng = np.random.default_rng(0)
+    items = [DenoiseRequest(rng.standard_normal((2, info.dims.text_length, info.dims.text_hidden)).astype(np.float32),
+                            [i], steps, 7.5, size, size) for i in range(4)]
+    rows = []
+    for count, pad in ((1, True), (2, True), (3, False), (3, True), (4, True)):
+        run = lambda: denoiser.run_batch(items[:count], loops.loop_for, loops.buckets, pad=pad)
+        run()   # capture
+        seconds = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        ms = statistics.median(seconds) * 1e3
+        rows.append({"requests": count, "graphs": "B=4 (padded)" if count == 3 and pad else
+                     ("B=2 + B=1" if count == 3 else f"B={count}"), "loop_ms": round(ms, 1),
+                     "step_ms": round(ms / steps, 2), "images_per_s": round(count / ms * 1e3, 2)})
+        print(f"  ceiling: {count} requests ({rows[-1]['graphs']}): {ms:.1f} ms, {rows[-1]['images_per_s']} img/s",
+              flush=True)
+    del loops, denoiser
+    gc.collect()
+    return {"rows": rows}
+
+
+def idle_unload(build: Path, backend: str, precision: str, size: int, steps: int, work: Path, idle_s: float = 3.0) -> dict:
+    """make serve IDLE_UNLOAD_S=N on the default (batched) repository: a warm request, the wait until the UNet
+    (sessions + CUDA graphs) and the engine models are freed, then the next request (loads and captures again)."""
+    from toonark.serving.client import GenerateOptions, generate
+    from toonark.serving.launcher import TritonServer
+    from toonark.serving.repository import write_repo
+    repo = write_repo(build, backend, precision, layout="python", out=work / "repo-idle", verify_engines=False)
+    log = work / "tritonserver-idle.log"
+    options = GenerateOptions(prompt=SUBJECT, seed=1, steps=steps, width=size, height=size, guidance=7.5, format="png")
+    server = TritonServer(repo, log_path=log, idle_unload_s=idle_s)
+    server.start()
+    try:
+        server.wait_ready(600)
+        first = generate(server.http_url, options, "http").seconds
+        warm = [generate(server.http_url, options, "http").seconds for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while "UNet session freed" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2 * idle_s)   # the engine models' watchers too
+        freed = [line.split("idle unload: ")[-1].strip('"') for line in log.read_text().splitlines() if "freed" in line]
+        cold = generate(server.http_url, options, "http").seconds
+        again = generate(server.http_url, options, "http").seconds
+        time.sleep(1)
+        loads = [line.split("idle unload: ")[-1].strip('"') for line in log.read_text().splitlines()
+                 if "loaded again in" in line]
+        gpu = None
+        try:
+            import subprocess
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:   # noqa: BLE001 - informational
+            pass
+    finally:
+        server.stop()
+    out = {"idle_unload_s": idle_s, "first_request_s": round(first, 2), "warm_ms": round(statistics.median(warm) * 1e3, 1),
+           "after_unload_s": round(cold, 2), "next_ms": round(again * 1e3, 1), "freed": freed, "loads": loads,
+           "gpu_memory_at_end": gpu}
+    print(f"idle unload: warm {out['warm_ms']} ms, first after unload {out['after_unload_s']} s; {loads}", flush=True)
+    return out
 
 
 def served(build: Path, backend: str, precision: str, size: int, steps: int, reps: int, warmup: int,
@@ -172,14 +252,18 @@ def served(build: Path, backend: str, precision: str, size: int, steps: int, rep
     from toonark.serving.client import GenerateOptions, connect, generate
     from toonark.serving.launcher import TritonServer
     from toonark.serving.repository import write_repo
-    batch_requests, instances = CONFIGS[config]
+    batch_requests, instances, loop_params = CONFIGS[config]
     repo = write_repo(build, backend, precision, layout="python", out=work / f"repo-{config}", verify_engines=False,
                       unet_loop="in_process", batch_requests=batch_requests, denoise_instances=instances)
+    for key, value in loop_params.items():   # a variant of the loop model's parameters (benchmark only)
+        loop_config = repo / "denoise_loop" / "config.pbtxt"
+        loop_config.write_text(loop_config.read_text()
+                               + f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n')
     configs = {p.parent.name: p.read_text() for p in repo.glob("*/config.pbtxt")}
     options = GenerateOptions(prompt=SUBJECT, seed=1, steps=steps, width=size, height=size, guidance=7.5, format="png")
     server = TritonServer(repo, log_path=work / f"tritonserver-{config}.log")
     loop_model = "denoise_loop" if "denoise_loop" in configs else "denoise"
-    out: dict = {"config": config, "batch_requests": batch_requests, "denoise_instances": instances,
+    out: dict = {"config": config, "batch_requests": batch_requests, "denoise_instances": instances, **loop_params,
                  "models": sorted(configs),
                  "loop_config": [line for line in configs[loop_model].splitlines()
                                  if any(k in line for k in ("parameters", "instance_group", "batch"))]}
@@ -246,6 +330,9 @@ def table(result: dict) -> str:
     ip = result["in_process"]
     lines.append(f"in process ({'device loop' if ip['device_loop'] else 'host loop'}): median {ip['median_ms']:.1f} ms "
                  f"(p95 {ip['p95_ms']:.1f})")
+    for row in result.get("ceiling", {}).get("rows", []):
+        lines.append(f"ceiling (in process, run_batch): {row['requests']} requests as {row['graphs']}: "
+                     f"{row['loop_ms']:.1f} ms ({row['step_ms']:.2f} ms/step), {row['images_per_s']:.2f} img/s")
     for run in result["triton"]:
         lines.append(f"triton, {run['config']} (loop executions/inferences {run['loop_model_counts']['execution_count']}/"
                      f"{run['loop_model_counts']['inference_count']}): HTTP {run['http']['median_ms']:.1f} ms, "
@@ -281,7 +368,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--configs", help=f"repositories to serve, comma-separated, from {', '.join(CONFIGS)} "
                         f"(default batched,single; --tiny batched)")
     parser.add_argument("--clients", default="1,2,4,8", help="concurrency levels of the sweep")
-    parser.add_argument("--sweep-requests", type=int, help="requests per sweep level (default 24; --tiny 4)")
+    parser.add_argument("--sweep-requests", type=int, help="requests per sweep level (default 32; --tiny 4)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the in-process batch ceiling (GPU only)")
+    parser.add_argument("--idle-unload", type=float, default=0.0,
+                        help="also measure make serve IDLE_UNLOAD_S=N with this N (0: skip)")
     args = parser.parse_args(argv)
     from toonark.specs import BuildInfo
     info = BuildInfo.read(args.build)
@@ -296,7 +386,7 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
     levels = [int(v) for v in args.clients.split(",") if v.strip()]
-    sweep_requests = args.sweep_requests or (4 if args.tiny else 24)
+    sweep_requests = args.sweep_requests or (4 if args.tiny else 32)
     args.out.mkdir(parents=True, exist_ok=True)
     locate_triton()
     result: dict = {"what": "issue 12: served path vs in-process device loop", "backend": backend,
@@ -312,6 +402,9 @@ def main(argv=None) -> dict:
     print(f"in process: median {result['in_process']['median_ms']:.1f} ms", flush=True)
     save = lambda: (args.out / "gpu_served.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     save()
+    if backend == "ort-cuda" and not args.no_ceiling:
+        result["ceiling"] = ceiling(args.build, size, steps)
+        save()
     result["triton"], failed, pixels = [], {}, None
     for config in configs:   # one failing repository must not lose the others' numbers
         try:
@@ -325,6 +418,12 @@ def main(argv=None) -> dict:
         pixels = run.pop("pixels", None) if pixels is None else pixels
         run.pop("pixels", None)
         result["triton"].append(run)
+        save()
+    if args.idle_unload > 0:
+        try:
+            result["idle_unload"] = idle_unload(args.build, backend, precision, size, steps, args.out, args.idle_unload)
+        except Exception as err:   # noqa: BLE001 - recorded
+            failed["idle_unload"] = f"{type(err).__name__}: {err}"[:2000]
         save()
     if failed:
         result["failed"] = failed

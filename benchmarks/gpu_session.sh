@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh prepare     # SD-1.5-shaped ort-cuda fp16 build in /tmp/tkbuild + pipeline timings
 #   bash benchmarks/gpu_session.sh served [TREE]   # issue 12: benchmarks/gpu_served.py (TREE: a checkout to run it from)
 #   bash benchmarks/gpu_session.sh edits       # issues 14 + 15: gpu_lora.py, gpu_tiles.py
+#   bash benchmarks/gpu_session.sh lora        # issue 14 alone: gpu_lora.py
 #   bash benchmarks/gpu_session.sh qwen        # issue 17: gpu_qwen.py
 # Results: $OUT/<phase>.tgz (the JSON files) and the tables on stdout.
 set -uo pipefail
@@ -29,9 +30,15 @@ case "$phase" in
     . benchmarks/device_env.sh > /dev/null
     tree=${1:-.}
     [ "$tree" = . ] || python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" > /dev/null
-    (cd "$tree" && timeout ${SERVED_TIMEOUT:-420} python3 benchmarks/gpu_served.py --build "$BUILD" --out "$RES") 2>&1 \
+    # SERVED_ARGS: more gpu_served.py options (e.g. --configs batched,single --idle-unload 3)
+    (cd "$tree" && timeout ${SERVED_TIMEOUT:-420} python3 benchmarks/gpu_served.py --build "$BUILD" --out "$RES" \
+       ${SERVED_ARGS:-}) 2>&1 \
       | grep -v "^  \|Warning" | tail -60
     [ "$tree" = . ] || python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null
+    pack ;;
+  lora)
+    . benchmarks/device_env.sh > /dev/null
+    timeout ${LORA_TIMEOUT:-240} python3 benchmarks/gpu_lora.py --build "$BUILD" --out "$RES" 2>&1 | tail -25
     pack ;;
   edits)
     . benchmarks/device_env.sh > /dev/null

@@ -311,12 +311,15 @@ def test_failover_to_the_other_server_loses_no_request(recovery_repo, tmp_path_f
 
 
 @pytest.mark.server
-def test_idle_unload_frees_the_engines_and_the_next_request_is_served(recovery_repo, tmp_path_factory):
+@pytest.mark.parametrize("layout", ["bls", "in_process"])
+def test_idle_unload_frees_the_engines_and_the_next_request_is_served(layout, request, tmp_path_factory):
     """make serve IDLE_UNLOAD_S=N: after N idle seconds the engine models free their sessions (the ensemble
-    stays ready); the next request loads them again and is served, not refused."""
+    stays ready); the next request loads them again and is served, not refused. in_process: the UNet that
+    denoise owns (the GPU default: its sessions and CUDA graphs) is freed by denoise itself."""
     from toonark.serving.launcher import TritonServer
+    repo = request.getfixturevalue("in_process_repo" if layout == "in_process" else "recovery_repo")
     log = tmp_path_factory.mktemp("idle") / "tritonserver.log"
-    triton = TritonServer(recovery_repo, log_path=log, exit_timeout_s=5, idle_unload_s=1.5)
+    triton = TritonServer(repo, log_path=log, exit_timeout_s=5, idle_unload_s=1.5)
     options = GenerateOptions(SUBJECT, seed=3, steps=1, width=64, height=64)
     try:
         triton.start()

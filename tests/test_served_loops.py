@@ -275,3 +275,14 @@ def test_run_batch_groups_requests_and_answers_each_alone(tiny_engines):
         alone = denoiser.run_loop(item.text_embeddings, loop=loop, **item.options())
         assert got.shape == alone.shape
         assert np.abs(got - alone).max() <= 1e-4 * max(1.0, np.abs(alone).max())
+    # pad (CUDA graphs): 3 one-image requests run as one B=4 loop (a repeated row fills the graph), each still
+    # getting what it gets alone; without pad they split into B=2 + B=1
+    assert [[e[1] for e in c] for c in _chunks([(0, 1, 0), (1, 1, 0), (2, 1, 0)], (1, 2, 4), pad=True)] == [[1, 1, 1]]
+    three = [DenoiseRequest(text(1), [seed], 2, 7.5, 64, 64) for seed in (7, 8, 9)]
+    sizes.clear()
+    padded = denoiser.run_batch(three, loop_for, (1, 2, 4), pad=True)
+    assert sizes == [(4, 64, 64)]
+    for item, got in zip(three, padded):
+        alone = denoiser.run_loop(item.text_embeddings, loop=loop, **item.options())
+        assert got.shape == alone.shape == (1, *alone.shape[1:])
+        assert np.abs(got - alone).max() <= 1e-4 * max(1.0, np.abs(alone).max())

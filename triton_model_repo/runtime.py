@@ -53,6 +53,8 @@ PARAMETER_TYPES: dict[str, type] = {
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
     # LoRA styles (repositories written with LORAS=dir): preprocess' registered names, the engines' LRU size
     "lora_names": str, "lora_cache_size": int, "lora_strategy": str,
+    # the batched loop model on CUDA graphs: 0 splits 3 images into B=2 + B=1 instead of padding into B=4
+    "pad_batches": int,
 }
 
 
@@ -347,11 +349,14 @@ class Denoiser:
         self.last_unet_seconds = [(time.perf_counter() - start) / max(steps, 1)] * steps
         return out
 
-    def run_batch(self, items: list[DenoiseRequest], loop_for, buckets=(1, 2, 4)) -> list:
+    def run_batch(self, items: list[DenoiseRequest], loop_for, buckets=(1, 2, 4), pad: bool = False) -> list:
         """Several requests in shared device loops (the batched loop model). Requests with the same steps,
         guidance and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the
-        requests' uncond rows, then their cond rows (the step graph's CFG split). Returns one result per item, in
-        order: its latents for the VAE, or the exception that refused it."""
+        requests' uncond rows, then their cond rows (the step graph's CFG split). pad: a chunk between two
+        bucket sizes runs at the next bucket up with its first image repeated in the spare rows (3 images -> the
+        B=4 graph; on the H200 one B=4 loop costs less than a B=2 loop then a B=1 loop, benchmarks/gpu_served.py
+        `ceiling`); off: it is split into bucket sizes (2 + 1). Returns one result per item, in order: its
+        latents for the VAE, or the exception that refused it."""
         results: list = [None] * len(items)
         ready = []
         for index, item in enumerate(items):
@@ -366,12 +371,15 @@ class Denoiser:
             groups.setdefault((item.steps, item.guidance, item.width, item.height), []).append(entry)
         config = self.scheduler.config
         for (steps, guidance, width, height), entries in groups.items():
-            for chunk in _chunks(entries, buckets):
+            for chunk in _chunks(entries, buckets, pad):
                 try:
+                    images = sum(b for _, b, _ in chunk)
+                    spare = next((b for b in sorted(buckets) if b >= images), images) - images if pad else 0
                     texts = [np.asarray(items[i].text_embeddings, np.float32) for i, _, _ in chunk]
-                    text = np.concatenate([t[: b] for t, (_, b, _) in zip(texts, chunk)]
-                                          + [t[b:] for t, (_, b, _) in zip(texts, chunk)])
-                    latents = np.concatenate([lat for _, _, lat in chunk])
+                    first = (texts[0][:1], texts[0][chunk[0][1]:chunk[0][1] + 1], chunk[0][2][:1])
+                    text = np.concatenate([t[: b] for t, (_, b, _) in zip(texts, chunk)] + [first[0]] * spare
+                                          + [t[b:] for t, (_, b, _) in zip(texts, chunk)] + [first[1]] * spare)
+                    latents = np.concatenate([lat for _, _, lat in chunk] + [first[2]] * spare)
                     loop = loop_for(latents.shape[0], height, width)
                     out = loop.latents_for_vae(text, latents, self.scheduler.schedule(steps), guidance,
                                                solver_order=config.solver_order, prediction_type=config.prediction_type)
@@ -385,9 +393,10 @@ class Denoiser:
         return results
 
 
-def _chunks(entries: list, buckets) -> list[list]:
-    """Consecutive entries (index, images, latents) in chunks whose image counts are bucket sizes where they can
-    be (a CUDA graph each), largest first; an entry larger than every bucket runs alone."""
+def _chunks(entries: list, buckets, pad: bool = False) -> list[list]:
+    """Consecutive entries (index, images, latents) in chunks of at most the largest bucket's images; without
+    pad, chunks whose image counts are bucket sizes where they can be (a CUDA graph each), largest first (with
+    pad the caller fills a chunk up to the next bucket instead). An entry larger than every bucket runs alone."""
     chunks, current, images = [], [], 0
     largest = max(buckets)
     for entry in entries:
@@ -398,6 +407,8 @@ def _chunks(entries: list, buckets) -> list[list]:
         images += entry[1]
     if current:
         chunks.append(current)
+    if pad:
+        return chunks
     out = []
     for chunk in chunks:   # 3 images -> 2 + 1: both replay graphs
         total = sum(e[1] for e in chunk)
@@ -422,7 +433,8 @@ class UnetLoops:
     """
 
     def __init__(self, engine_path: Path, spec, metadata: dict, dims, family, *, threads: int | None = None,
-                 spinning: bool | None = None, graph_sizes: list[dict] = ()):
+                 spinning: bool | None = None, graph_sizes: list[dict] = (), idle_s: float = 0.0, log=None):
+        import threading
         from toonark.engines.backends import backend_for
         self.path, self.spec, self.metadata, self.dims, self.family = engine_path, spec, metadata, dims, family
         self.backend = backend_for(metadata["backend"])
@@ -433,6 +445,48 @@ class UnetLoops:
         self.buckets = tuple(sorted({s["B"] for s in self.graph_sizes})) or (1, 2, 4)
         self._loops: dict = {}
         self.engine = None if self.on_cuda else self.backend.load(engine_path, spec, metadata, **self.options)
+        # Idle unload (make serve IDLE_UNLOAD_S=N): after idle_s seconds without a request every session and
+        # CUDA graph is freed; the next request loads (and captures) again inside busy(). The UNet is what
+        # holds the GPU memory, so the model that owns it frees it (IdleEngine does the same for engine models).
+        self.idle_s, self._log = float(idle_s), log
+        self._lock = threading.RLock()
+        self.last_used = time.monotonic()
+        self.unloads = 0
+        if self.idle_s > 0:
+            threading.Thread(target=self._watch, name="toonark-idle-unload", daemon=True).start()
+
+    def busy(self):
+        """Hold the loops for one execute (the idle watcher waits for it to end)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            with self._lock:
+                reloading = self.unloads > 0 and not self._loops and self.engine is None
+                start = time.monotonic()
+                try:
+                    yield self
+                finally:
+                    self.last_used = time.monotonic()
+                    if reloading and self._log:
+                        self._log(f"idle unload: UNet loaded again in {self.last_used - start:.2f} s for a request "
+                                  "(its loop, CUDA graph capture included)")
+        return held()
+
+    def _watch(self) -> None:
+        import gc
+        while True:
+            time.sleep(min(1.0, self.idle_s / 4))
+            with self._lock:
+                loaded = bool(self._loops) or self.engine is not None
+                if loaded and time.monotonic() - self.last_used >= self.idle_s:
+                    self._loops.clear()
+                    self.engine = None
+                    self.unloads += 1
+                    gc.collect()
+                    if self._log:
+                        self._log(f"idle unload: UNet session freed (its CUDA graphs too) after {self.idle_s:g} s "
+                                  "without requests")
 
     def _load(self, **options):
         return self.backend.load(self.path, self.spec, self.metadata, **self.options, **options)
@@ -442,7 +496,7 @@ class UnetLoops:
         from toonark.engines.ort_loop import DeviceLoop
         if not self.on_cuda:   # ort-cpu: one loop over the engine serves every size (the batched loop model)
             if "cpu" not in self._loops:
-                self._loops["cpu"] = DeviceLoop({"unet": self.engine}, self.dims, self.family)
+                self._loops["cpu"] = DeviceLoop({"unet": self.host_engine()}, self.dims, self.family)
             return self._loops["cpu"]
         key = {"B": batch, "H": height, "W": width}
         bucket = next((tuple(sorted(s.items())) for s in self.graph_sizes if s == key), None)
@@ -754,7 +808,7 @@ def _spinning(params: dict) -> bool | None:
     return bool(params["intra_op_spinning"]) if "intra_op_spinning" in params else None
 
 
-def unet_loops(args: dict, params: dict) -> UnetLoops:
+def unet_loops(args: dict, params: dict, log=None) -> UnetLoops:
     """The UNet engine `denoise` owns (unet_loop=in_process): <denoise>/1/unet/ holds the engine and its
     engine.json, linked there by the generator; cuda_graph_sizes lists the CUDA-graph buckets ("B=1,H=512,
     W=512;B=2,..."), other sizes run a dynamic session."""
@@ -767,7 +821,8 @@ def unet_loops(args: dict, params: dict) -> UnetLoops:
     return UnetLoops(folder / params.get("engine_file", "model.onnx"), info.specs["unet"],
                      json.loads(metadata_path.read_text()), info.dims, family_for_folder(pipeline_dir(args)),
                      threads=params.get("intra_op_threads") or None, spinning=_spinning(params),
-                     graph_sizes=parse_graph_sizes(params.get("cuda_graph_sizes", "")))
+                     graph_sizes=parse_graph_sizes(params.get("cuda_graph_sizes", "")),
+                     idle_s=idle_unload_seconds(), log=log)
 
 
 def load_runner(args: dict, params: dict):

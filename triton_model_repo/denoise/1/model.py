@@ -48,7 +48,10 @@ class TritonPythonModel:
         self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])   # passed on to every unet call
         self.lora_tensors = []
         self.device_id = int(args.get("model_instance_device_id", 0) or 0)
-        self.loops = runtime.unet_loops(args, params) if self.loop_kind == "in_process" else None
+        self.loops = (runtime.unet_loops(args, params, log=pb_utils.Logger.log_info)
+                      if self.loop_kind == "in_process" else None)
+        # request batching on CUDA graphs: 3 images run in the B=4 graph (pad_batches 0: as 2 + 1)
+        self.pad_batches = params.get("pad_batches", 1) != 0 and bool(self.loops and self.loops.on_cuda)
         self.bls_loop = None
         if self.loop_kind == "bls_device":
             self.bls_loop = runtime.BlsDeviceLoop(self._unet_dlpack, self.denoiser.info.dims, self.denoiser.family,
@@ -91,8 +94,10 @@ class TritonPythonModel:
                           self._tensors({SD.image: image.astype(self.encoder_dtype)})).as_numpy()
 
     def execute(self, requests):
-        if self.batched:
-            return self._batch(requests)
+        if self.loops is not None:   # the UNet this model owns: held for the execute (idle unload waits)
+            with self.loops.busy():
+                return self._batch(requests) if self.batched else runtime.respond_each(
+                    requests, self._one, pb_utils, self.metrics)
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
     def _inputs(self, request, squeeze: bool = False) -> runtime.DenoiseRequest:
@@ -134,7 +139,8 @@ class TritonPythonModel:
                     outputs.append(self._host(item, self.loops.unet_call()))
             except Exception as err:   # noqa: BLE001 - answered below
                 outputs.append(err)
-        for index, result in zip(batched, self.denoiser.run_batch(items, self.loops.loop_for, self.loops.buckets)):
+        for index, result in zip(batched, self.denoiser.run_batch(items, self.loops.loop_for, self.loops.buckets,
+                                                                             pad=self.pad_batches)):
             outputs[index] = result
         self.metrics.metric("toonark_stage_duration_seconds", stage="unet").observe(time.perf_counter() - start)
 
