@@ -164,7 +164,7 @@ def sweep(server, options, levels: list[int], requests_per_level: int) -> list[d
 
 
 # name: (batch_requests, denoise (loop) instances, extra parameters of the loop model)
-CONFIGS = {"batched": (True, 1, {}), "batched_split": (True, 1, {"pad_batches": "0"}),
+CONFIGS = {"batched": (True, 1, {}), "batched_pad": (True, 1, {"pad_batches": "1"}),
            "batched_2loops": (True, 2, {}), "single": (False, 1, {}), "single2": (False, 2, {})}
 
 

@@ -378,21 +378,35 @@ class LoraOrtEngine:
         self.engine = self._new_engine(self.base_set, keep=True)
 
     # -- sessions ----------------------------------------------------------------------------
-    def _ortvalues(self, values: dict[str, np.ndarray]) -> dict:
-        """CPU: OrtValues over the numpy buffers themselves (a switch writes into them). CUDA: device OrtValues
-        (a switch copies into the same device memory, so a captured CUDA graph keeps reading valid addresses)."""
+    def _ortvalues(self, values: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """(OrtValues, device tensors). CPU: OrtValues over the numpy buffers themselves (a switch writes into
+        them). CUDA: OrtValues over device memory this engine owns (torch tensors shared by DLPack; a switch
+        copies into that same memory, so a captured CUDA graph keeps reading valid addresses). ORT refuses
+        an initializer in memory it allocated itself ("Buffer containing the initializer must be owned by the
+        user", onnxruntime-gpu 1.31 on the H200), and one in host memory is copied to the device once (a
+        switch would not reach it)."""
         import onnxruntime as ort
-        device = ("cuda", self.device_id) if self.on_cuda else ("cpu", 0)
-        return {name: ort.OrtValue.ortvalue_from_numpy(value, *device) for name, value in values.items()}
+        if not self.on_cuda:
+            return {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in values.items()}, {}
+        import torch
+        from onnxruntime.capi import _pybind_state as C
+        device = torch.device("cuda", self.device_id)
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in values.items()}
+        torch.cuda.synchronize(device)
+        return {name: ort.OrtValue(C.OrtValue.from_dlpack(t.__dlpack__(), False)) for name, t in tensors.items()}, tensors
 
     def _new_engine(self, values: dict[str, np.ndarray], keep: bool = False):
         # Own buffers: the session reads them for its lifetime (in-place switching writes into them).
         buffers = {name: np.array(value, copy=True) for name, value in values.items()}
-        ortvalues = self._ortvalues(buffers)
+        ortvalues, tensors = self._ortvalues(buffers)
         engine = self._OrtEngine(self.engine_path, self.spec, self.metadata, initializers=ortvalues or None,
-                                 extra_config={"session.disable_prepacking": "1"} if ortvalues else None,
+                                 # CPU: MLAS would prepack (copy) the weights; CUDA: NhwcConv needs its prepack
+                                 # (the OIHW -> OHWI transpose) and reads the other weights in place
+                                 extra_config={"session.disable_prepacking": "1"} if ortvalues and not self.on_cuda
+                                 else None,
                                  **self.engine_options)
-        engine._lora_buffers, engine._lora_ortvalues = buffers, ortvalues   # alive as long as the session
+        # alive as long as the session
+        engine._lora_buffers, engine._lora_ortvalues, engine._lora_tensors = buffers, ortvalues, tensors
         return engine
 
     # -- weight sets -------------------------------------------------------------------------
@@ -429,7 +443,10 @@ class LoraOrtEngine:
                 for name_, value in full.items():
                     np.copyto(self.engine._lora_buffers[name_], value)
                     if self.on_cuda:
-                        self.engine._lora_ortvalues[name_].update_inplace(value)
+                        import torch
+                        self.engine._lora_tensors[name_].copy_(torch.from_numpy(self.engine._lora_buffers[name_]))
+                if self.on_cuda:
+                    torch.cuda.synchronize(self.device_id)   # the next run (or graph replay) reads the new weights
                 if self.verify:
                     self._verify(full)
             self.current = key

@@ -53,7 +53,7 @@ PARAMETER_TYPES: dict[str, type] = {
     "concept_thresholds": str, "special_care_thresholds": str, "safety_adjustment": float,
     # LoRA styles (repositories written with LORAS=dir): preprocess' registered names, the engines' LRU size
     "lora_names": str, "lora_cache_size": int, "lora_strategy": str,
-    # the batched loop model on CUDA graphs: 0 splits 3 images into B=2 + B=1 instead of padding into B=4
+    # the batched loop model on CUDA graphs: 1 pads 3 images into the B=4 graph instead of B=2 + B=1
     "pad_batches": int,
 }
 
@@ -354,8 +354,8 @@ class Denoiser:
         guidance and size share a loop, in chunks of bucket sizes (images); each chunk's text rows are the
         requests' uncond rows, then their cond rows (the step graph's CFG split). pad: a chunk between two
         bucket sizes runs at the next bucket up with its first image repeated in the spare rows (3 images -> the
-        B=4 graph; on the H200 one B=4 loop costs less than a B=2 loop then a B=1 loop, benchmarks/gpu_served.py
-        `ceiling`); off: it is split into bucket sizes (2 + 1). Returns one result per item, in order: its
+        B=4 graph); off (the served default): it is split into bucket sizes (2 + 1), measured cheaper on the
+        H200 with the fused ORT UNet (389 ms vs 421 ms for 3 images, benchmarks/gpu_served.py `ceiling`). Returns one result per item, in order: its
         latents for the VAE, or the exception that refused it."""
         results: list = [None] * len(items)
         ready = []

@@ -50,8 +50,8 @@ class TritonPythonModel:
         self.device_id = int(args.get("model_instance_device_id", 0) or 0)
         self.loops = (runtime.unet_loops(args, params, log=pb_utils.Logger.log_info)
                       if self.loop_kind == "in_process" else None)
-        # request batching on CUDA graphs: 3 images run in the B=4 graph (pad_batches 0: as 2 + 1)
-        self.pad_batches = params.get("pad_batches", 1) != 0 and bool(self.loops and self.loops.on_cuda)
+        # request batching on CUDA graphs: 3 images run as B=2 + B=1 (pad_batches 1: padded into the B=4 graph)
+        self.pad_batches = params.get("pad_batches", 0) != 0 and bool(self.loops and self.loops.on_cuda)
         self.bls_loop = None
         if self.loop_kind == "bls_device":
             self.bls_loop = runtime.BlsDeviceLoop(self._unet_dlpack, self.denoiser.info.dims, self.denoiser.family,
