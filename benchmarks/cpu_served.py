@@ -75,6 +75,28 @@ def old_repository(repo: Path, target: Path) -> Path:
     return target
 
 
+def load_comparison(args, offline, prompt: str, negative: str, guidance: float, server) -> dict:
+    """The issue's load test (8 clients x 40 requests, 2 steps) through Triton against what the 2 cores do in
+    process: the same requests back to back in one pipeline (ORT's intra-op threads on every core), same run."""
+    from toonark.serving.loadtest import LoadConfig, run_load
+    from toonark.triton_model_repo.runtime import encode_images
+    count = args.load_clients * args.load_requests
+    start = time.perf_counter()
+    for i in range(count):
+        result = offline(prompt, negative, seed=i, steps=args.load_steps, guidance=guidance, width=args.size,
+                         height=args.size)
+        encode_images(result.decoded, "png")
+    in_process_ips = count / (time.perf_counter() - start)
+    report = run_load(LoadConfig(http_url=server.http_url, grpc_url=server.grpc_url, clients=args.load_clients,
+                                 requests_per_client=args.load_requests, steps=args.load_steps, width=args.size,
+                                 height=args.size, prompt=SUBJECT))
+    served_ips = report["images_per_s"]
+    return {"clients": args.load_clients, "requests_per_client": args.load_requests, "steps": args.load_steps,
+            "in_process_images_per_s": round(in_process_ips, 3), "served_images_per_s": served_ips,
+            "served_p50_ms": report["latency_ms"].get("p50"), "served_p99_ms": report["latency_ms"].get("p99"),
+            "errors": report["errors"], "in_process_over_served": round(in_process_ips / max(served_ips, 1e-9), 3)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", type=Path, default=Path("build/tiny"), help="build folder (make engine done)")
@@ -89,6 +111,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--before", action="store_true", help="also serve the pre-fix repository")
     parser.add_argument("--in-process-unet", action="store_true",
                         help="also serve a repository whose denoise owns the UNet engine (unet_loop=in_process)")
+    parser.add_argument("--load-clients", type=int, default=8,
+                        help="the load-test comparison: this many clients through Triton (0: skip)")
+    parser.add_argument("--load-requests", type=int, default=40, help="requests per load-test client")
+    parser.add_argument("--load-steps", type=int, default=2, help="steps of the load-test requests")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -184,6 +210,8 @@ def main(argv=None) -> dict:
                     times["optimum"].append(time.perf_counter() - start)
             print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {statistics.median(v[-args.reps:]):.3f}s" for k, v in times.items()), flush=True)
+        if args.load_clients:
+            results["load"] = load_comparison(args, offline, prompt, negative, guidance, servers["served"])
     finally:
         for server in servers.values():
             server.stop()
@@ -204,6 +232,8 @@ def main(argv=None) -> dict:
     served = results["methods"]["served"]
     results["targets"] = {"served_p50_le_1.15x_in_process": served["p50_s"] <= 1.15 * base,
                           "served_p95_le_1.3x_p50": served["p95_over_p50"] <= 1.3}
+    if "load" in results:
+        results["targets"]["load_test_within_1.3x_of_in_process"] = results["load"]["in_process_over_served"] <= 1.3
     if optimum is not None:
         results["targets"]["served_p50_le_optimum_p50"] = served["p50_s"] <= results["methods"]["optimum"]["p50_s"]
 
@@ -216,6 +246,12 @@ def main(argv=None) -> dict:
               f"{row['p95_over_p50']:>9.2f}{'' if queue is None else f'{queue:.1f}':>15}"
               f"{'' if compute is None else f'{compute:.1f}':>17}")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in results["ratios"].items()))
+    if "load" in results:
+        load = results["load"]
+        print(f"load test ({load['clients']} clients x {load['requests_per_client']}, {args.size} px, "
+              f"{load['steps']} steps): served {load['served_images_per_s']} images/s (p50 {load['served_p50_ms']} ms, "
+              f"p99 {load['served_p99_ms']} ms, errors {load['errors']}), in process back to back "
+              f"{load['in_process_images_per_s']} images/s: {load['in_process_over_served']}x")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
     out = args.json or Path("benchmarks/results") / f"cpu-served-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
