@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         return encode_images(result.decoded, "png")[0]
 
     optimum = None
-    if str(args.model):
+    if str(args.model) not in ("", "."):   # Path("") is "."
         import torch
         from optimum.onnxruntime import ORTStableDiffusionPipeline
         optimum = ORTStableDiffusionPipeline.from_pretrained(str(args.model), export=True)
