@@ -261,8 +261,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
-    `lora_scale`, which preprocess passes on its BLS call to text_encoder (and keys its prompt cache with) and
-    denoise passes on to unet;
+    `lora_scale`, inputs of the text_encoder step (its prompt cache keys on them) and of denoise, which switches the
+    UNet it owns (in_process, ort-cpu) or passes them on to unet (bls);
     lora_cache_size: weight sets each engine keeps (LRU).
     vae_encoder: serve the VAE encoder (IMAGE_IN; owned by an in_process denoise, otherwise called by denoise over
     BLS, like unet). tile / tile_overlap:
@@ -276,7 +276,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process).
     batch_requests: in_process only (default: on for CUDA backends): concurrent requests share one device loop
     (denoise gets max_batch_size > 0: Triton's dynamic batcher; still an ensemble step, no BLS front).
-    prompt_cache_bytes: bound of the prompt-embedding cache of each preprocess instance (0: off).
+    prompt_cache_bytes: bound of the prompt-embedding cache of each text_encoder instance (preprocess in the native
+    layouts; 0: off).
     instances: instances (processes) of every Python model that has one (an int), or {model: count}
     (with_instances)."""
     if loras and layout != "python":
