@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/cpu_served.py --build build/tiny --model build/tiny-pipeline --rounds 5
     .venv/bin/python benchmarks/cpu_served.py ... --before     # also the old repository (queue policy on
                                                                 # every model: the 500 ms BLS stalls)
-    .venv/bin/python benchmarks/cpu_served.py ... --in-process-unet   # also denoise owning the UNet engine
-                                                                      # (unet_loop=in_process), to pick the default
+    .venv/bin/python benchmarks/cpu_served.py ... --in-process-unet   # also the other unet_loop than the default
+                                                                      # (bls since in_process is the default), to
+                                                                      # compare them
 
 Same work for every method: the kid template + default negative prompt, seed, 256x256, 20 DPM-Solver++
 steps, CFG 7.5, one image, PNG-encoded at the server's settings (runtime.encode_images). Methods are
@@ -110,7 +111,7 @@ def main(argv=None) -> dict:
                         help="ORT threads of the served engines (make repo's default 0: ORT picks) and in process")
     parser.add_argument("--before", action="store_true", help="also serve the pre-fix repository")
     parser.add_argument("--in-process-unet", action="store_true",
-                        help="also serve a repository whose denoise owns the UNet engine (unet_loop=in_process)")
+                        help="also serve the other unet_loop than the default (bls; in_process when bls is it)")
     parser.add_argument("--load-clients", type=int, default=8,
                         help="the load-test comparison: this many clients through Triton (0: skip)")
     parser.add_argument("--load-requests", type=int, default=40, help="requests per load-test client")
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
         return encode_images(result.decoded, "png")[0]
 
     optimum = None
-    if str(args.model):
+    if str(args.model) not in ("", "."):   # Path("") is "."
         import torch
         from optimum.onnxruntime import ORTStableDiffusionPipeline
         optimum = ORTStableDiffusionPipeline.from_pretrained(str(args.model), export=True)
@@ -162,11 +163,13 @@ def main(argv=None) -> dict:
         encode_png(np.asarray(image))   # the server's PNG encoder: the same work
 
     repos = {"served": write_repo(args.build, out=work / "repo", intra_op_threads=args.intra_op_threads)}
-    if args.in_process_unet:
-        repos["served_unet_in_process"] = write_repo(args.build, out=work / "repo-in-process",
-                                                     intra_op_threads=args.intra_op_threads, unet_loop="in_process")
+    if args.in_process_unet:   # the other loop than the default repository's (in_process since issue 18: bls)
+        from toonark.serving.repository import default_unet_loop
+        other = "bls" if default_unet_loop("ort-cpu", "python") == "in_process" else "in_process"
+        repos[f"served_unet_{other}"] = write_repo(args.build, out=work / f"repo-{other}",
+                                                   intra_op_threads=args.intra_op_threads, unet_loop=other)
         for table in (times, unet_queue, unet_compute):
-            table["served_unet_in_process"] = []
+            table[f"served_unet_{other}"] = []
     if args.before:
         repos["served_before"] = old_repository(repos["served"], work / "repo-before")
         for table in (times, unet_queue, unet_compute):

@@ -15,8 +15,8 @@ What it measures, in this order (one process; the in-process pipeline is freed b
   raw          the same request with FORMAT=raw (uint8 pixels, no encoding)
   sweep        1, 2, 4, 8 concurrent clients (own connection each, HTTP and gRPC alternating), images/s and
                p50 / p95 latency; repeated for every --configs entry: "batched" (the default repository:
-               denoise forwards to denoise_loop, whose dynamic batcher runs concurrent requests in one device
-               loop over the B=1/2/4 CUDA graphs), "single" (one request per loop), "single2" (2 instances)
+               denoise's dynamic batcher hands it concurrent requests, run in one device loop over the
+               B=1/2/4 CUDA graphs; until 2026-12-02 through a BLS front and a `denoise_loop` model), "single" (one request per loop), "single2" (2 instances)
   encoding     benchmarks/encode_candidates.py's encoders on the served image's pixels and on noise
 Writes OUT/gpu_served.json and prints a table. Targets (issue 12): Triton <= in-process + 15 ms and
 <= 0.18 s on the H200; >= 9 images/s at 4 clients.
@@ -256,13 +256,13 @@ def served(build: Path, backend: str, precision: str, size: int, steps: int, rep
     repo = write_repo(build, backend, precision, layout="python", out=work / f"repo-{config}", verify_engines=False,
                       unet_loop="in_process", batch_requests=batch_requests, denoise_instances=instances)
     for key, value in loop_params.items():   # a variant of the loop model's parameters (benchmark only)
-        loop_config = repo / "denoise_loop" / "config.pbtxt"
+        loop_config = repo / "denoise" / "config.pbtxt"
         loop_config.write_text(loop_config.read_text()
                                + f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n')
     configs = {p.parent.name: p.read_text() for p in repo.glob("*/config.pbtxt")}
     options = GenerateOptions(prompt=SUBJECT, seed=1, steps=steps, width=size, height=size, guidance=7.5, format="png")
     server = TritonServer(repo, log_path=work / f"tritonserver-{config}.log")
-    loop_model = "denoise_loop" if "denoise_loop" in configs else "denoise"
+    loop_model = "denoise"   # the batching ensemble step itself (issue 18: no BLS front)
     out: dict = {"config": config, "batch_requests": batch_requests, "denoise_instances": instances, **loop_params,
                  "models": sorted(configs),
                  "loop_config": [line for line in configs[loop_model].splitlines()

@@ -25,15 +25,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-cache-size", type=int, default=4, help="LoRA weight sets each engine keeps (LRU)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per engine (0: auto)")
     parser.add_argument("--unet-loop", choices=UNET_LOOPS, help="how denoise runs the UNet (default: in_process for "
-                        "python + ort-cuda, bls_device for the native layouts on a GPU, bls on the CPU, with LoRAs "
-                        "and for Qwen-Image)")
+                        "the python layout, bls_device for the native layouts on a GPU, bls for the native layouts on "
+                        "the CPU, LoRAs on a GPU and Qwen-Image)")
     parser.add_argument("--denoise-instances", type=int, default=1, help="denoise instances (each its own UNet "
                         "session and CUDA graphs when in_process)")
     parser.add_argument("--instances", type=int, default=1,
                         help="instances (processes) of each Python model that runs one (python layout: engines too); "
                              "more than one makes a killed process cheaper where memory allows")
     parser.add_argument("--prompt-cache-mb", type=float, default=64.0,
-                        help="prompt-embedding cache of each preprocess instance, in MiB (0: off)")
+                        help="prompt-embedding cache of each text_encoder instance (preprocess in the native "
+                        "layouts), in MiB (0: off)")
     return parser.parse_args(argv)
 
 

@@ -132,12 +132,22 @@ def _client(index: int, config: LoadConfig, deadline: float, shared: _Shared, t0
                 urls = urls[urls.index(served_by):] + urls[:urls.index(served_by)]
 
 
+# A unique subject spells its number in syllables: digits would be refused by the kid-safety rules when they
+# form a hate code ("number 1488" was, in a kill-each run).
+_SYLLABLES = ("ba", "ko", "mi", "nu", "pe", "ru", "si", "to", "vu", "zo")
+
+
+def pet_name(number: int) -> str:
+    """1488 -> "kopevuvu": a made-up, kid-safe name for a number (one syllable a digit)."""
+    return "".join(_SYLLABLES[int(d)] for d in str(abs(int(number))))
+
+
 def _request(index: int, n: int, config: LoadConfig, shared: _Shared, protocol: str, urls: list[str],
              connections: Connections, t0: float) -> str | None:
     seed = config.seed_base + index * config.requests_per_client + n
     prompt = config.prompt
     if config.unique_every and n % config.unique_every == 0:
-        prompt = f"{config.prompt} number {seed}"
+        prompt = f"{config.prompt} named {pet_name(seed)}"
     options = GenerateOptions(prompt, seed=seed,
                               steps=config.steps, width=config.width, height=config.height,
                               format=config.format)

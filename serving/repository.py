@@ -3,16 +3,18 @@
     toonark (ensemble)  PROMPT, NEGATIVE_PROMPT?, SEED?, STEPS?, GUIDANCE?, WIDTH?, HEIGHT?, FORMAT?, NUM_IMAGES?,
                         QUALITY? -> IMAGE [, NSFW when the build has a safety checker]
       preprocess    (python)  kid template + safety + CLIP tokenizer -> input_ids (2B, L), uncond first;
-                              resolves the defaults of every optional input (the one place they live);
-                              the prompt embeddings from toonark's prompt-embedding cache
-                              (toonark.embedding_cache), calling `text_encoder` by BLS on a miss (with the
-                              resolved LoRA, keyed by it); passes input_ids on where denoise reads them (Qwen-Image)
-      text_encoder  (engine)  input_ids [, lora, lora_scale] -> last_hidden_state       (BLS only)
-      denoise       (python)  DPM-Solver++ 2M with classifier-free guidance over the UNet (UNET_LOOPS: in process, or
-                              `unet` by BLS each step); returns the VAE decoder's input (the model family's
+                              resolves the defaults of every optional input (the one place they live)
+      text_encoder  (engine)  input_ids [, lora, lora_scale] -> last_hidden_state; python layout: an ensemble
+                              step that answers from toonark's prompt-embedding cache (toonark.embedding_cache,
+                              keyed by the token ids and the LoRA) and runs its engine on a miss. Native layouts
+                              (another backend's model): preprocess owns the cache and calls it by BLS on a miss
+      denoise       (python)  DPM-Solver++ 2M with classifier-free guidance over the UNet (UNET_LOOPS: in process,
+                              the default of the python layout, owning the UNet and VAE encoder engines; or `unet`
+                              by BLS each step); returns the VAE decoder's input (the model family's
                               latents_to_vae: the one place the scaling factor is applied)
-      unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample     (BLS only)
-      vae_encoder   (engine)  sample -> latent_parameters (BLS only, IMAGE_IN; when its engine was built)
+      unet          (engine)  sample, timestep, encoder_hidden_states -> out_sample   (BLS only; not with in_process)
+      vae_encoder   (engine)  sample -> latent_parameters (BLS only, IMAGE_IN; when its engine was built and the UNet
+                              is not in process)
       vae_decoder   (engine)  latent_sample -> sample (python layout: tiled above the profile, toonark.tiling)
       safety_checker (python) only when OUT/safety_checker/ exists (export/safety_checker.py): CLIP safety
                               checker on the decoded images; flagged ones become white, NSFW flags them
@@ -68,28 +70,35 @@ UNET_LOOPS = ("in_process", "bls", "bls_device")
 # Batch sizes (images per request) that get a CUDA graph of their own at the opt image size (in_process on
 # ort-cuda); other sizes run a dynamic-shape session.
 GRAPH_BATCHES = (1, 2, 4)
-# Request batching (in_process on ort-cuda): `denoise` forwards each request by BLS to DENOISE_LOOP, whose
-# dynamic batcher groups up to max(GRAPH_BATCHES) concurrent requests (same steps, guidance and size) into
-# one device loop over the B=2/4 CUDA graphs. The front has FRONT_INSTANCES instances so that many requests
-# can wait at the batcher; BATCH_DELAY_US is how long the batcher waits for company.
-DENOISE_LOOP = "denoise_loop"
-FRONT_INSTANCES = 8
+# Request batching (in_process on ort-cuda): `denoise` itself is configured with max_batch_size > 0, and Triton's
+# dynamic batcher hands it up to max(GRAPH_BATCHES) concurrent requests (same steps, guidance and size run in one
+# device loop over the B=2/4 CUDA graphs). It stays an ensemble step: Triton 2.51's ensemble (max_batch_size 0)
+# feeds a batching step by prepending a batch dimension of 1 to each tensor whose shape matches the step's
+# declared dims, and strips it again from the step's outputs for the next (non-batching) step
+# (core ensemble_scheduler.cc ReshapeTensorDims; checked on the bundled server), so no front model forwards
+# requests by BLS (a BLS callee killed mid-call can abort tritonserver 2.51, issue 18). BATCH_DELAY_US is how long
+# the batcher waits for company.
 BATCH_DELAY_US = 3000
 
 
+def engine_kind_of(backend: str) -> str:
+    """KIND_GPU or KIND_CPU: where the backend's engines run."""
+    return backend_for(backend, strict=False).triton_kind
+
+
 def default_unet_loop(backend: str, layout: str, family=None, loras: bool = False) -> str:
-    """python + a CUDA backend: in_process (the device loop inside denoise). python + ort-cpu: bls, measured
-    (benchmarks/cpu_served.py, README "Speed"): with the batcher fix the BLS hop costs about what the
-    in-process call saves on 2 cores, and the `unet` model keeps its own statistics and queue. Native layouts:
-    bls_device on the GPU (the UNet belongs to the onnxruntime / tensorrt backend), bls on the CPU.
-    Always bls for a repository with LoRA styles (they are switched in the `unet` model's runner, on BLS calls
-    with host tensors) and for a family without the device loop (ModelFamily.device_loop: Qwen-Image's
-    transformer and flow-matching sampler are served over BLS)."""
-    if loras or (family is not None and not family.device_loop):
+    """python layout: in_process, denoise owns the UNet engine (CUDA: the device loop; ort-cpu: the host loop, where
+    it measured within noise of the BLS hop, benchmarks/results/2026-12-02-cpu-served-loops.json, README "Speed"),
+    so no model of the default repositories is a BLS callee (killing one mid-call can abort tritonserver 2.51,
+    issue 18). Native layouts: bls_device on the GPU (the UNet belongs to the onnxruntime / tensorrt backend), bls
+    on the CPU. bls for a family without the device loop (ModelFamily.device_loop: Qwen-Image's transformer and
+    flow-matching sampler are served over BLS) and for LoRA styles on a GPU (they are switched in a runner on host
+    tensors: the `unet` model's on BLS calls; on ort-cpu the one denoise owns)."""
+    if family is not None and not family.device_loop:
         return "bls"
-    gpu = backend_for(backend, strict=False).triton_kind == "KIND_GPU"
+    gpu = engine_kind_of(backend) == "KIND_GPU"
     if layout == "python":
-        return "in_process" if gpu else "bls"
+        return "bls" if loras and gpu else "in_process"
     return "bls_device" if gpu else "bls"
 
 
@@ -188,8 +197,10 @@ class QueuePolicy:
         if not self.timeout_s >= 0:
             raise ValueError(f"queue timeout must be >= 0 seconds, got {self.timeout_s}")
 
-    def config_text(self) -> str:
-        return (f"dynamic_batching {{ default_queue_policy {{ timeout_action: REJECT "
+    def config_text(self, batch_delay_us: int | None = None) -> str:
+        """The dynamic_batching block; batch_delay_us: also the batching delay of a batching model (one block)."""
+        delay = f"max_queue_delay_microseconds: {int(batch_delay_us)} " if batch_delay_us is not None else ""
+        return (f"dynamic_batching {{ {delay}default_queue_policy {{ timeout_action: REJECT "
                 f"default_timeout_microseconds: {int(round(self.timeout_s * 1e6))} "
                 f"max_queue_size: {self.max_queue_size} }} }}\n")
 
@@ -197,10 +208,11 @@ class QueuePolicy:
 def model_config(name: str, inputs, outputs, *, backend: str | None = None, platform: str | None = None,
                  kind: str = "KIND_CPU", count: int = 1, params: dict[str, str] | None = None,
                  default_model_filename: str | None = None,
-                 max_batch_size: int = 0, batch_delay_us: int | None = None) -> str:
+                 max_batch_size: int = 0, batch_delay_us: int | None = None, queue: QueuePolicy | None = None) -> str:
     """max_batch_size > 0 with batch_delay_us: Triton's dynamic batcher hands the model up to that many requests
-    per execute, waiting at most batch_delay_us for more (no queue policy: see QueuePolicy). No response_cache
-    option: Triton's response cache stores failures (issue 18; toonark's prompt cache is in preprocess)."""
+    per execute, waiting at most batch_delay_us for more. queue: the back-pressure limits (QueuePolicy: only on
+    the ensemble's bottleneck). No response_cache option: Triton's response cache stores failures (issue 18;
+    toonark's prompt cache is in text_encoder)."""
     head = f"name: {_quote(name)}\n"
     head += f"backend: {_quote(backend)}\n" if backend else f"platform: {_quote(platform)}\n"
     if default_model_filename:
@@ -208,7 +220,9 @@ def model_config(name: str, inputs, outputs, *, backend: str | None = None, plat
     head += f"max_batch_size: {max_batch_size}\n"
     text = head + _io_block("input", inputs) + _io_block("output", outputs)
     text += f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
-    if batch_delay_us is not None:
+    if queue is not None:
+        text += queue.config_text(batch_delay_us)
+    elif batch_delay_us is not None:
         text += f"dynamic_batching {{ max_queue_delay_microseconds: {int(batch_delay_us)} }}\n"
     return text + _parameters(params or {})
 
@@ -247,10 +261,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     """{model name: config.pbtxt text} for every model of the repository (no files touched).
     queue: the back-pressure limits of the ensemble's bottleneck, QUEUED_MODELS (default QueuePolicy()).
     loras: registered LoRA names (write_repo(loras=dir)): preprocess resolves LORA / LORA_SCALE into `lora` /
-    `lora_scale`, which preprocess passes on its BLS call to text_encoder (and keys its prompt cache with) and
-    denoise passes on to unet;
+    `lora_scale`, inputs of the text_encoder step (its prompt cache keys on them) and of denoise, which switches the
+    UNet it owns (in_process, ort-cpu) or passes them on to unet (bls);
     lora_cache_size: weight sets each engine keeps (LRU).
-    vae_encoder: serve the VAE encoder (IMAGE_IN; called by denoise over BLS, like unet). tile / tile_overlap:
+    vae_encoder: serve the VAE encoder (IMAGE_IN; owned by an in_process denoise, otherwise called by denoise over
+    BLS, like unet). tile / tile_overlap:
     the tiling of pictures above the profile in pixels (0 / -1: the profile's defaults, toonark.tiling).
     family: the build's model family (toonark.family; default Stable Diffusion): its served submodels are
     the three engine steps (Qwen-Image: text_encoder, transformer, vae_decoder), a family whose denoise
@@ -260,8 +275,9 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     bls_device run SD's step graph: refused for a family without `device_loop` and with LoRA styles.
     denoise_instances: instances of denoise (each its own UNet session and CUDA graphs when in_process).
     batch_requests: in_process only (default: on for CUDA backends): concurrent requests share one device loop
-    (DENOISE_LOOP, Triton's dynamic batcher); denoise becomes a thin front that forwards by BLS.
-    prompt_cache_bytes: bound of the prompt-embedding cache of each preprocess instance (0: off).
+    (denoise gets max_batch_size > 0: Triton's dynamic batcher; still an ensemble step, no BLS front).
+    prompt_cache_bytes: bound of the prompt-embedding cache of each text_encoder instance (preprocess in the native
+    layouts; 0: off).
     instances: instances (processes) of every Python model that has one (an int), or {model: count}
     (with_instances)."""
     if loras and layout != "python":
@@ -275,9 +291,11 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     if unet_loop != "bls" and family is not None and not family.device_loop:
         raise ValueError(f"unet_loop {unet_loop} runs Stable Diffusion's solver step graph; the {family.name} family's "
                          f"denoise calls its {family.denoiser_submodel} by BLS: use unet_loop bls")
-    if unet_loop != "bls" and loras:
-        raise ValueError(f"LoRA styles are switched in the unet model's runner on each BLS call with host tensors; "
-                         f"unet_loop {unet_loop} bypasses it: use unet_loop bls (the default with LoRAs)")
+    lora_host_loop = unet_loop == "bls" or (unet_loop == "in_process" and engine_kind_of(backend) == "KIND_CPU")
+    if loras and not lora_host_loop:
+        raise ValueError(f"LoRA styles are switched in the UNet's runner on host tensors (the unet model's on each BLS "
+                         f"call, or denoise's own on ort-cpu); unet_loop {unet_loop} on {backend} bypasses it: use "
+                         f"unet_loop bls (the default with LoRAs on a GPU)")
     if unet_loop == "in_process" and layout != "python":
         raise ValueError(f"unet_loop in_process runs the UNet engine inside denoise (ONNX Runtime, python layout); "
                          f"layout {layout} serves it with another backend: use bls_device or bls")
@@ -307,12 +325,13 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     tiling = ({"tiling": tiling_parameter(info.limits, info.dims, tile or None, tile_overlap if tile_overlap >= 0 else None)}
               if tiled else {})
     for spec in (te, unet, vae) + ((specs["vae_encoder"],) if vae_encoder else ()):
-        if spec.name == unet.name and unet_loop == "in_process":
-            continue   # denoise owns it
+        if spec.name in (unet.name, "vae_encoder") and unet_loop == "in_process":
+            continue   # denoise owns it (the VAE encoder too: no BLS callee, issue 18)
         inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
         # No Triton response cache anywhere: Triton 2.51 stores a failed response and replays it as an empty
         # success until restart (recipe gotcha 6), so a text encoder killed mid-request poisoned its prompt
-        # (issue 18). The prompt-embedding cache is toonark's own, in preprocess (PromptEncoder), in every layout.
+        # (issue 18). The prompt-embedding cache is toonark's own (PromptEncoder): in text_encoder here, in
+        # preprocess in the native layouts.
         if layout == "python":
             # ort-cuda: a KIND_GPU instance (Triton pins it to the GPU); the UNet and the VAE decoder replay a
             # CUDA graph at the opt size (batch opt_batch, opt_image square), other sizes run a dynamic session.
@@ -327,6 +346,8 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                 # denoise and tritonserver, which need one between two UNet steps (issue 12).
                 params={"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
                         **({"lora_cache_size": str(lora_cache_size)} if loras and spec.name in (te.name, unet.name) else {}),
+                        # the prompt-embedding cache (runtime.PromptEncoder): text_encoder runs its engine on a miss
+                        **({"prompt_cache_bytes": str(int(prompt_cache_bytes))} if spec.name == te.name else {}),
                         **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {}),
                         **({"cuda_graph_sizes": f"B={info.limits.opt_batch},H={info.limits.opt_image},"
                                                 f"W={info.limits.opt_image}"} if graph else {}),
@@ -343,38 +364,42 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     hidden = te_out[0]
     lora_ports = list(LORA_RESOLVED) if loras else []
     if loras:   # the adapted engines read the resolved LoRA (python layout only, checked above)
-        for spec in (te, unet):
+        for spec in (s for s in (te, unet) if s.name in configs):   # an in_process denoise owns the UNet
             inputs, outputs = _engine_io(spec, precision, metadata.get(spec.name))
             head, _, tail = configs[spec.name].partition("output [")
             configs[spec.name] = head.replace(_io_block("input", inputs), _io_block("input", inputs + lora_ports)) \
                 + "output [" + tail
     # Every preprocess input is optional, PROMPT too (the ensemble requires it): a request without PROMPT
     # then gets preprocess' clear refusal instead of Triton's "unexpected deadlock" of the ensemble.
-    # preprocess hands the prompt embeddings on (its cache, or text_encoder by BLS): the same in every layout,
-    # since only a Python model can own a cache that never stores a failure (text_encoder is native in
-    # the onnxruntime_onnx / tensorrt_plan layouts).
+    # The prompt-embedding cache (runtime.PromptEncoder; only a Python model can own a cache that never stores a
+    # failure): python layout, in the text_encoder model, an ensemble step (preprocess -> text_encoder -> denoise:
+    # no BLS callee, so any Python process can be killed safely, issue 18); native layouts, where text_encoder
+    # is another backend's model (no Python process to kill), in preprocess, which calls it by BLS on a miss.
     reads_ids = bool(getattr(family, "denoise_reads_ids", False))
     ids_port = [te_in[0]] if reads_ids else []
+    cache_in_encoder = layout == "python"
+    ids_params = {"text_encoder_input": te_in[0].name, "text_encoder_input_type": "TYPE_" + te_in[0].triton_type}
+    bls_params = {} if cache_in_encoder else {"text_encoder_model": te.name, "text_hidden_name": hidden.name,
+                                              "prompt_cache_bytes": str(int(prompt_cache_bytes))}
     configs["preprocess"] = model_config("preprocess", [replace(p, optional=True) for p in ENSEMBLE_INPUTS],
+                                         [te_in[0]] + [*RESOLVED, *lora_ports] if cache_in_encoder else
                                          [hidden, *ids_port, *RESOLVED, *lora_ports], backend="python",
                                          params={**serving_defaults(info),
                                                  "image_input": str(int(vae_encoder)), "tiled_sizes": str(int(tiled)),
                                                  **({"lora_names": ",".join(loras)} if loras else {}),
-                                                 "text_encoder_model": te.name,
-                                                 "text_encoder_input": te_in[0].name,
-                                                 "text_encoder_input_type": "TYPE_" + te_in[0].triton_type,
-                                                 "text_hidden_name": hidden.name,
-                                                 **({"text_ids_name": te_in[0].name} if reads_ids else {}),
-                                                 "prompt_cache_bytes": str(int(prompt_cache_bytes))})
+                                                 **ids_params, **bls_params})
     encoder_params = {}
     if vae_encoder:
         encoder_in, _ = _engine_io(specs["vae_encoder"], precision, metadata.get("vae_encoder"))
-        encoder_params = {"vae_encoder_model": "vae_encoder",
+        # in_process: denoise owns the engine (<denoise>/1/vae_encoder/), otherwise it calls the model by BLS
+        encoder_params = {"vae_encoder_model": "in_process" if unet_loop == "in_process" else "vae_encoder",
                           "vae_encoder_float_type": "TYPE_" + encoder_in[0].triton_type}
     loop_params = {"unet_loop": unet_loop}
     if unet_loop == "in_process":
         loop_params.update({"engine_file": "model.onnx", "intra_op_threads": str(intra_op_threads),
-                            **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {})})
+                            **({"intra_op_spinning": "0"} if engine_kind == "KIND_CPU" else {}),
+                            # LoRA styles: denoise's own UNet runner switches them (ort-cpu, checked above)
+                            **({"lora_cache_size": str(lora_cache_size)} if loras else {})})
         if backend_for(backend, strict=False).serves_cuda_graphs:
             loop_params["cuda_graph_sizes"] = graph_buckets(info)
     elif unet_loop == "bls_device":
@@ -384,29 +409,26 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
                       "unet_float_type": "TYPE_" + unet_in[0].triton_type, "text_hidden_name": hidden.name,
                       "latent_name": vae_in[0].name, **tiling, **encoder_params,
                       **({"text_ids_name": te_in[0].name} if reads_ids else {}), **loop_params}
-    if batch_requests:
-        # The loop model: the same inputs and outputs with a leading request dimension (Triton's batch), each
-        # request delivered as is (the Python backend does not concatenate), grouped by runtime.Denoiser; edits
-        # and tiled sizes run there one at a time in the host loop (it calls vae_encoder by BLS).
-        configs[DENOISE_LOOP] = model_config(
-            DENOISE_LOOP, denoise_inputs, [vae_in[0]], backend="python", kind=engine_kind, count=denoise_instances,
-            params=denoise_params, max_batch_size=max(b for b in GRAPH_BATCHES if b <= info.limits.max_batch),
-            batch_delay_us=BATCH_DELAY_US)
-        denoise_params = {**denoise_params, "unet_loop": "forward", "loop_model": DENOISE_LOOP}
-        denoise_params = {k: v for k, v in denoise_params.items() if k not in ("cuda_graph_sizes", "engine_file",
-                                                                          "intra_op_threads", "intra_op_spinning")}
+    # Request batching: denoise takes up to max(GRAPH_BATCHES) requests per execute (Triton's dynamic batcher, a
+    # leading request dimension the ensemble adds), each delivered as is (the Python backend does not concatenate),
+    # grouped by runtime.Denoiser.run_batch; edits and tiled sizes run one at a time in the host loop.
+    batching = dict(max_batch_size=max(b for b in GRAPH_BATCHES if b <= info.limits.max_batch),
+                    batch_delay_us=BATCH_DELAY_US) if batch_requests else {}
     configs["denoise"] = model_config(
-        "denoise", denoise_inputs, [vae_in[0]], backend="python",
-        kind=engine_kind if unet_loop != "bls" and not batch_requests else "KIND_CPU",
-        count=FRONT_INSTANCES if batch_requests else denoise_instances, params=denoise_params)
+        "denoise", denoise_inputs, [vae_in[0]], backend="python", kind=engine_kind if unet_loop != "bls" else "KIND_CPU",
+        count=denoise_instances, params=denoise_params, queue=queue or QueuePolicy(), **batching)
     configs["postprocess"] = model_config("postprocess", [vae_out[0], *POSTPROCESS_INPUTS], list(ENSEMBLE_OUTPUTS),
                                           backend="python")
     resolved = {p.name: p.name for p in RESOLVED}
     lora_map = {p.name: p.name for p in lora_ports}
-    steps = [
-        ("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
-         {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
-          **resolved, **lora_map}),
+    ids_map = {te_in[0].name: "input_ids"}
+    if cache_in_encoder:
+        steps = [("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS}, {**ids_map, **resolved, **lora_map}),
+                 (te.name, {**ids_map, **lora_map}, {hidden.name: "text_embeddings"})]
+    else:
+        steps = [("preprocess", {p.name: p.name for p in ENSEMBLE_INPUTS},
+                  {hidden.name: "text_embeddings", **(ids_map if reads_ids else {}), **resolved, **lora_map})]
+    steps += [
         ("denoise", {hidden.name: "text_embeddings", **({te_in[0].name: "input_ids"} if reads_ids else {}),
                      **{p.name: p.name for p in DENOISE_INPUTS}, **lora_map},
          {vae_in[0].name: "latents"}),
@@ -430,9 +452,6 @@ def repo_configs(info: BuildInfo, *, backend: str = "ort-cpu", precision: str = 
     steps.append(("postprocess", {vae_out[0].name: images, **{p.name: p.name for p in POSTPROCESS_INPUTS}},
                   {p.name: p.name for p in ENSEMBLE_OUTPUTS}))
     configs[ENSEMBLE] = ensemble_config(steps, outputs)
-    policy = (queue or QueuePolicy()).config_text()
-    for name in QUEUED_MODELS:
-        configs[name] += policy
     return with_instances(configs, instances)
 
 
@@ -465,15 +484,16 @@ def with_instances(configs: dict[str, str], instances: int | dict[str, int] | No
 
 # --- files ------------------------------------------------------------------------------------
 
-def _write_loras(repo: Path, lora_set, bases: dict) -> None:
-    """<repo>/loras/<name>.safetensors, and per adapted engine its base weights and the layer shapes."""
+def _write_loras(repo: Path, lora_set, bases: dict, folders: dict[str, Path]) -> None:
+    """<repo>/loras/<name>.safetensors, and per adapted engine its base weights and the layer shapes beside the
+    engine (folders: {submodel: the folder its engine was linked into})."""
     from toonark.engines.lora import with_siblings
     from toonark.triton_model_repo.runtime import LORA_BASE_FILE, LORA_FOLDER, LORA_TARGETS_FILE
     for name, lora in lora_set.files.items():
         _link_or_copy(lora.path, repo / LORA_FOLDER / f"{name}.safetensors")
     shapes = {sub: {m: list(shape) for m, shape in base.shapes.items()} for sub, base in bases.items()}
     for sub, base in bases.items():
-        version = repo / sub / "1"
+        version = folders[sub]
         base.subset(with_siblings(lora_set.modules(sub), base.weights)).save(version / LORA_BASE_FILE)
         (version / LORA_TARGETS_FILE).write_text(json.dumps(shapes))
 
@@ -569,21 +589,21 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         for name, text in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
+        folders = {}
         for name in served:
-            # the UNet of an in_process denoise goes to <denoise or denoise_loop>/1/unet/ (runtime.unet_loops)
-            loop_model = DENOISE_LOOP if DENOISE_LOOP in configs else "denoise"
-            version = tmp / loop_model / "1" / "unet" if name == unet_name and in_process else tmp / name / "1"
+            # the UNet (and VAE encoder) of an in_process denoise go to denoise/1/<name>/ (runtime.owned_engine)
+            owned = in_process and name in (unet_name, "vae_encoder")
+            version = tmp / "denoise" / "1" / name if owned else tmp / name / "1"
+            folders[name] = version
             metadata_file = engine_root / name / "engine.json"
             for source in engine_backend.engine_files(engine_root / name) + ([metadata_file] if metadata_file.is_file() else []):
                 _link_or_copy(source, version / source.name)
-            if layout == "python" and not (name == unet_name and in_process):
+            if layout == "python" and not owned:
                 shutil.copy2(SOURCE_DIR / "onnx_runner" / "1" / "model.py", version / "model.py")
         if lora_set is not None:
-            _write_loras(tmp, lora_set, lora_bases_)
+            _write_loras(tmp, lora_set, lora_bases_, folders)
         for name in ("preprocess", "denoise", "postprocess"):
             shutil.copy2(SOURCE_DIR / name / "1" / "model.py", tmp / name / "1" / "model.py")
-        if DENOISE_LOOP in configs:   # the same model.py; its config says it is the batched loop
-            shutil.copy2(SOURCE_DIR / "denoise" / "1" / "model.py", tmp / DENOISE_LOOP / "1" / "model.py")
         if checker_meta is not None:   # safety_checker: None = when the build has one, True = required, False = off
             _link_or_copy(checker / "model.onnx", tmp / "safety_checker" / "1" / "model.onnx")
             shutil.copy2(checker / METADATA_FILE, tmp / "safety_checker" / "1" / METADATA_FILE)
@@ -592,8 +612,6 @@ def write_repo(build_dir: Path, backend: str = "ort-cpu", precision: str = "fp32
         # so BuildInfo.read(<model>/1) works there exactly as on the build folder.
         parts = {"preprocess": ("tokenizer",), "denoise": ("scheduler",) + family.denoise_pipeline_parts,
                  "postprocess": ()}
-        if DENOISE_LOOP in configs:
-            parts[DENOISE_LOOP] = parts["denoise"]
         if layout == "python":
             parts.update({name: () for name in served if name in configs})
         for name, folders in parts.items():

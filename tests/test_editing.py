@@ -252,15 +252,16 @@ def test_served_edit_equals_offline(triton_server, pipe, protocol, mask, strengt
 @pytest.mark.server
 def test_served_tiled_picture_equals_offline_and_reports_its_grid(triton_server, pipe):
     """A size above the profile (max 256 here) is made in tiles; served bytes equal offline, the unet is called
-    once per tile group per step, and --timings names the grid."""
+    once per tile group per step (offline), and --timings names the grid."""
     request = dict(prompt="a big friendly whale", seed=2, steps=3, width=384, height=320)
     want, result = offline_png(pipe, **request)
     assert result.timings["tiles"] == "2x2 tiles of 256x256 px, overlap 64 px"
     got = served(triton_server, "http", _timings=True, **request)
     assert got.images[0] == want
     assert got.tiles == "2x2 tiles of 256x256 px, overlap 64 px"
-    # 4 tiles, 2 per call (the profile's 2 x max_batch rows = 4 = 2 tiles x 2 CFG rows): 2 calls a step
-    assert result.timings["unet_calls_per_step"] == 2 and got.stages_ms["unet"]["calls"] == 2 * 3
+    # 4 tiles, 2 per call (the profile's 2 x max_batch rows = 4 = 2 tiles x 2 CFG rows): 2 calls a step (the
+    # served UNet runs inside denoise in the default repository: its calls are not a Triton model's statistics)
+    assert result.timings["unet_calls_per_step"] == 2 and "unet" not in got.stages_ms
     small = served(triton_server, "http", _timings=True, prompt="a cat", steps=1, width=64, height=64)
     assert small.tiles == "untiled (64x64 fits the profile's 256 px)"
 

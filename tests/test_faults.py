@@ -97,7 +97,8 @@ def test_overload_is_rejected_fast_and_the_server_serves_afterwards(fault_server
         assert generate(url, small(seed=100), protocol).images[0][:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("model", ["denoise", "unet"])
+# denoise owns the UNet in the default repository; text_encoder is the ensemble step with the prompt cache
+@pytest.mark.parametrize("model", ["denoise", "text_encoder"])
 def test_killed_model_process_is_reloaded(fault_server, model):
     import tritonclient.http as httpclient
     generate(fault_server.http_url, small())

@@ -117,11 +117,11 @@ def test_python_layout_on_gpu_uses_kind_gpu_and_cuda_graphs(tiny_build):
     limits = info.limits
     sizes = f"B={limits.opt_batch},H={limits.opt_image},W={limits.opt_image}"
     assert "KIND_GPU" in configs["vae_decoder"] and sizes in configs["vae_decoder"]
-    # the UNet runs inside the denoise loop model (unet_loop in_process), one CUDA graph per batch bucket
+    # the UNet runs inside the batching denoise step (unet_loop in_process), one CUDA graph per batch bucket
     assert "unet" not in configs
-    assert "KIND_GPU" in configs["denoise_loop"] and sizes in configs["denoise_loop"]
+    assert "KIND_GPU" in configs["denoise"] and sizes in configs["denoise"]
     assert "KIND_GPU" in configs["text_encoder"] and "cuda_graph_sizes" not in configs["text_encoder"]
-    cpu = repo_configs(info, backend="ort-cpu", precision="fp32", layout="python")
+    cpu = repo_configs(info, backend="ort-cpu", precision="fp32", layout="python", unet_loop="bls")
     assert "KIND_CPU" in cpu["unet"] and "cuda_graph_sizes" not in cpu["unet"]
 
 

@@ -79,3 +79,17 @@ def test_an_explicit_protocol_without_its_url_is_refused(capsys):
     assert "no --grpc-url" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="protocol list is empty.*--http-url and/or --grpc-url"):
         LoadConfig(http_url="127.0.0.1:1", protocols=(), clients=1)
+
+
+def test_unique_subjects_pass_the_kid_safety_rules():
+    """The load tester's unique subjects spell their number in syllables: "number 1488" was refused as a hate code
+    in a kill-each run (a lost request that was no server fault); every name of a long run passes and is unique."""
+    from toonark.prompts import PromptPolicy
+    from toonark.serving.loadtest import LoadConfig, pet_name
+    policy, prompt = PromptPolicy.load(), LoadConfig.__dataclass_fields__["prompt"].default
+    with pytest.raises(Exception, match="hate"):
+        policy.compose(f"{prompt} number 1488")
+    names = [pet_name(n) for n in range(5000)]
+    assert len(set(names)) == len(names) and pet_name(1488) == "kopevuvu"
+    for name in names:
+        policy.compose(f"{prompt} named {name}")

@@ -372,9 +372,9 @@ def test_interleaved_served_loras_never_mix(lora_server, tiny_engines, bases, lo
 
 
 def test_prompt_cache_is_keyed_with_the_lora(lora_server, tiny_engines, bases, loras):
-    """toonark's prompt-embedding cache (preprocess) holds one embedding per (prompt, text-encoder LoRA, scale):
-    the base model's embedding of a prompt is never served to a style that changes the text encoder, a repeat of
-    the same style and scale is a hit that does not run text_encoder, and the base model is one key whatever
+    """toonark's prompt-embedding cache (the text_encoder step) holds one embedding per (prompt, text-encoder LoRA,
+    scale): the base model's embedding of a prompt is never served to a style that changes the text encoder, a
+    repeat of the same style and scale is a hit that does not run text_encoder's engine, and the base model is one key whatever
     LORA_SCALE says (no LoRA: the scale is not applied)."""
     import urllib.request
     from toonark.engines.pipeline import load_pipeline
@@ -385,7 +385,7 @@ def test_prompt_cache_is_keyed_with_the_lora(lora_server, tiny_engines, bases, l
         text = urllib.request.urlopen(lora_server.metrics_url, timeout=10).read().decode()
         return {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith(("toonark_prompt_cache_hits_total", "toonark_prompt_cache_misses_total",
-                                    'nv_inference_request_success{model="text_encoder"'))}
+                                    'toonark_stage_duration_seconds_count{stage="text_encoder"'))}
 
     before = counters()
     served = {}
@@ -397,7 +397,7 @@ def test_prompt_cache_is_keyed_with_the_lora(lora_server, tiny_engines, bases, l
     after = counters()
     moved = {k: after[k] - before.get(k, 0.0) for k in after}
     assert moved["toonark_prompt_cache_misses_total"] == 4 and moved["toonark_prompt_cache_hits_total"] == 2, moved
-    assert moved['nv_inference_request_success{model="text_encoder",version="1"}'] == 4, moved
+    assert moved['toonark_stage_duration_seconds_count{stage="text_encoder"}'] == 4, moved
     first, again = served[("storybook", 1.0)]
     assert np.array_equal(first, again)
     assert np.array_equal(served[("", 1.0)][0], served[("", 0.5)][0])

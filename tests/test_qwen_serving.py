@@ -46,11 +46,12 @@ def test_repository_has_the_family_models_and_routes_ids_to_denoise(qwen_repo):
                                            "vae_decoder", "postprocess"}
     denoise = (qwen_repo / "denoise" / "config.pbtxt").read_text()
     assert 'name: "input_ids"' in denoise and '"unet_model" value: { string_value: "transformer" }' in denoise
-    # No text_encoder step: preprocess calls it by BLS (prompt cache) and hands denoise the token ids itself.
+    # preprocess -> text_encoder (the prompt cache) -> denoise, which reads the token ids from preprocess too.
     preprocess = (qwen_repo / "preprocess" / "config.pbtxt").read_text().split("output [")[1]
-    assert 'name: "input_ids"' in preprocess
+    assert 'name: "input_ids"' in preprocess and "text_encoder_model" not in preprocess
     ensemble = (qwen_repo / "toonark" / "config.pbtxt").read_text()
-    assert 'model_name: "text_encoder"' not in ensemble
+    assert 'model_name: "text_encoder" model_version: -1 input_map { key: "input_ids" value: "input_ids" }' in ensemble
+    assert '"prompt_cache_bytes"' in (qwen_repo / "text_encoder" / "config.pbtxt").read_text()
     sd_inputs = [line for line in ensemble.split("output [")[0].splitlines() if "name:" in line]
     from toonark.api import ENSEMBLE_INPUTS
     assert len(sd_inputs) == len(ENSEMBLE_INPUTS) + 1   # the ensemble's own name line + every declared input
@@ -100,15 +101,16 @@ def test_refusals_as_for_stable_diffusion(qwen_server, options, message):
 
 
 def test_metrics_and_prompt_cache(qwen_server):
-    """toonark's prompt-embedding cache in preprocess (Qwen's text encoder called by BLS on a miss): the same
-    prompt again is a hit that does not run the text encoder, and draws the picture its first request drew."""
+    """toonark's prompt-embedding cache in the text_encoder step (its engine runs on a miss only): the same
+    prompt again is a hit that does not run the text encoder's engine, and draws the picture its first request
+    drew."""
     import urllib.request
 
     def counters():
         text = urllib.request.urlopen(qwen_server.metrics_url).read().decode()
         values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
                   if line.startswith(("toonark_prompt_cache_hits_total", "toonark_prompt_cache_misses_total",
-                                      'nv_inference_request_success{model="text_encoder"'))}
+                                      'toonark_stage_duration_seconds_count{stage="text_encoder"'))}
         return text, values
 
     _, before = counters()
@@ -118,5 +120,5 @@ def test_metrics_and_prompt_cache(qwen_server):
     moved = {k: after[k] - before.get(k, 0.0) for k in after}
     assert 'toonark_steps_total' in text and 'stage="transformer"' in text
     assert moved["toonark_prompt_cache_misses_total"] == 1 and moved["toonark_prompt_cache_hits_total"] == 2, moved
-    assert moved['nv_inference_request_success{model="text_encoder",version="1"}'] == 1, moved
+    assert moved['toonark_stage_duration_seconds_count{stage="text_encoder"}'] == 1, moved
     assert images[0] == images[2] and images[0] != images[1]

@@ -25,6 +25,8 @@ from toonark.serving.client import (NO_RETRY, STUB_DIED, GenerateOptions, RetryP
                                     is_retryable)
 
 SUBJECT = "a happy otter with a kite"
+# What tritonserver 2.51 prints when it aborts because a killed Python stub held its shared-memory lock.
+UPSTREAM_ABORT = "boost::interprocess::lock_exception"
 
 
 # --- the prompt-embedding cache ---------------------------------------------------------------------------
@@ -157,16 +159,6 @@ def recovery_repo(tiny_engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def in_process_repo(tiny_engines, tmp_path_factory):
-    """denoise owning the UNet (UNET_LOOP=in_process): no `unet` process that denoise calls by BLS. Killing a
-    BLS callee in the middle of a call can abort tritonserver 2.51 itself (boost::interprocess::lock_exception in
-    libtriton_python.so, seen in 2 of 6 runs with the bls loop: README "Operating"), which no retry survives."""
-    from toonark.serving.repository import write_repo
-    return write_repo(tiny_engines, out=tmp_path_factory.mktemp("recovery-in-process") / "repo", intra_op_threads=1,
-                      unet_loop="in_process")
-
-
-@pytest.fixture(scope="module")
 def server(recovery_repo, tmp_path_factory):
     triton = _server(recovery_repo, tmp_path_factory, "recovery-log")
     try:
@@ -180,9 +172,10 @@ def server(recovery_repo, tmp_path_factory):
 
 
 def _metric(server, name: str) -> float:
+    """The sum of a metric's series; name may end in its labels ('x{stage="text_encoder"}': that series)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+    prefixes = (name + " ",) if name.endswith("}") else (name + " ", name + "{")
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefixes))
 
 
 def _wait_healed(server, pid: int, model: str, timeout: float = 90) -> None:
@@ -231,15 +224,20 @@ def test_killed_text_encoder_does_not_poison_its_prompt(server, tiny_engines):
 
 @pytest.mark.server
 def test_prompt_cache_hits_skip_the_text_encoder(server):
+    """The cache lives in the text_encoder ensemble step: every request passes through it, a hit answers without
+    running the engine (the text_encoder stage duration times engine runs only)."""
     import tritonclient.http as httpclient
     client = httpclient.InferenceServerClient(server.http_url)
 
-    def encoder_runs():
+    def encoder_requests():
         stats = client.get_inference_statistics("text_encoder")["model_stats"][0]["inference_stats"]
         return int(stats["success"]["count"])
 
-    hits, misses, runs = (_metric(server, "toonark_prompt_cache_hits_total"),
-                          _metric(server, "toonark_prompt_cache_misses_total"), encoder_runs())
+    def engine_runs():
+        return _metric(server, 'toonark_stage_duration_seconds_count{stage="text_encoder"}')
+
+    hits, misses = (_metric(server, "toonark_prompt_cache_hits_total"), _metric(server, "toonark_prompt_cache_misses_total"))
+    requests, runs = encoder_requests(), engine_runs()
     subject = f"a friendly fox {uuid.uuid4().hex[:6]}"
     first = generate(server.http_url, GenerateOptions(subject, seed=1, steps=1, width=64, height=64)).images[0]
     again = generate(server.grpc_url, GenerateOptions(subject, seed=1, steps=1, width=64, height=64), "grpc").images[0]
@@ -249,29 +247,38 @@ def test_prompt_cache_hits_skip_the_text_encoder(server):
     assert first == again
     assert _metric(server, "toonark_prompt_cache_hits_total") - hits == 2
     assert _metric(server, "toonark_prompt_cache_misses_total") - misses == 2
-    assert encoder_runs() - runs == 2, "a hit must not run the text encoder"
+    assert encoder_requests() - requests == 4, "every request is a text_encoder ensemble step"
+    assert engine_runs() - runs == 2, "a hit must not run the text encoder's engine"
     assert _metric(server, "toonark_prompt_cache_bytes") > 0
     configs = [client.get_model_config(m) for m in server.models]
     assert not [c["name"] for c in configs if c.get("response_cache", {}).get("enable")], "no Triton response cache"
+    ensemble = client.get_model_config("toonark")["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in ensemble][:3] == ["preprocess", "text_encoder", "denoise"]
 
 
 @pytest.mark.server
-def test_any_killed_model_process_loses_no_request_under_load(in_process_repo, tmp_path, capsys):
-    """`scripts/soak.py --short --kill-each`: each Python model process killed in turn under 4 clients
-    (HTTP and gRPC), ~40 s: zero failed requests, every kill healed, memory within the bound."""
+def test_any_killed_model_process_loses_no_request_under_load(recovery_repo, tmp_path, capsys):
+    """`scripts/soak.py --short --kill-each`: every Python model process of the default repository killed in turn
+    under 4 clients (HTTP and gRPC), ~40 s: zero failed requests, every kill healed, memory within the bound. The
+    default repository has no BLS callee (text_encoder is an ensemble step, denoise owns the UNet), so killing any
+    of them is safe: killing a BLS callee mid-call can abort tritonserver 2.51 itself (README "Operating")."""
     import json
     from toonark.scripts.soak import main
-    from toonark.serving.launcher import python_models
-    # BLS callees (text_encoder, called by preprocess; vae_encoder, by denoise) are left out: killing one
-    # mid-call can abort tritonserver 2.51 itself (seen with text_encoder in a fresh-clone run); README "Operating".
-    killed = [m for m in python_models(in_process_repo) if m not in ("text_encoder", "vae_encoder")]
-    code = main(["--start", str(in_process_repo), "--short", "--kill-each", *[a for m in killed for a in ("--model", m)],
-                 "--json", str(tmp_path / "soak.json"),
+    from toonark.serving.launcher import python_models, repo_models
+    killed = python_models(recovery_repo)
+    assert set(killed) == {"preprocess", "text_encoder", "denoise", "vae_decoder", "postprocess"}, killed
+    assert "unet" not in repo_models(recovery_repo)
+    code = main(["--start", str(recovery_repo), "--short", "--kill-each", "--json", str(tmp_path / "soak.json"),
                  "--log", str(tmp_path / "tritonserver.log")])
     out = capsys.readouterr().out
     print(out)
     report = json.loads((tmp_path / "soak.json").read_text())
-    assert [k["model"] for k in report["kills"]] == killed, report["kills"]
+    if not report["ok"] and UPSTREAM_ABORT in (tmp_path / "tritonserver.log").read_text():
+        # tritonserver 2.51 itself aborted when a stub died holding its message queue's lock: upstream
+        # triton-inference-server/server#8882, seen here in ~1 of 4 runs even without BLS callees (README
+        # "Operating"); only a second server saves those requests (test_failover_to_the_other_server_...).
+        pytest.xfail(f"tritonserver aborted ({UPSTREAM_ABORT}, upstream server#8882): {report['failures']}")
+    assert sorted(k["model"] for k in report["kills"]) == sorted(killed), report["kills"]
     assert report["errors"] == 0, report["errors_by_message"]
     assert all(k["recovery_s"] is not None for k in report["kills"])
     assert report["load"]["retried"]["requests"] > 0, "the kills were never felt: the test proves nothing"
@@ -312,13 +319,18 @@ def test_failover_to_the_other_server_loses_no_request(recovery_repo, tmp_path_f
 
 @pytest.mark.server
 @pytest.mark.parametrize("layout", ["bls", "in_process"])
-def test_idle_unload_frees_the_engines_and_the_next_request_is_served(layout, request, tmp_path_factory):
+def test_idle_unload_frees_the_engines_and_the_next_request_is_served(layout, tiny_engines, request,
+                                                                       tmp_path_factory):
     """make serve IDLE_UNLOAD_S=N: after N idle seconds the engine models free their sessions (the ensemble
-    stays ready); the next request loads them again and is served, not refused. in_process: the UNet that
-    denoise owns (the GPU default: its sessions and CUDA graphs) is freed by denoise itself."""
+    stays ready); the next request loads them again and is served, not refused. bls: a `unet` engine model;
+    in_process (the default): the UNet that denoise owns (on a GPU its sessions and CUDA graphs) is freed by
+    denoise itself."""
     from toonark.serving.launcher import TritonServer
-    repo = request.getfixturevalue("in_process_repo" if layout == "in_process" else "recovery_repo")
-    log = tmp_path_factory.mktemp("idle") / "tritonserver.log"
+    from toonark.serving.repository import write_repo
+    folder = tmp_path_factory.mktemp("idle")
+    repo = (write_repo(tiny_engines, out=folder / "repo", intra_op_threads=1, unet_loop="bls") if layout == "bls"
+            else request.getfixturevalue("recovery_repo"))
+    log = folder / "tritonserver.log"
     triton = TritonServer(repo, log_path=log, exit_timeout_s=5, idle_unload_s=1.5)
     options = GenerateOptions(SUBJECT, seed=3, steps=1, width=64, height=64)
     try:

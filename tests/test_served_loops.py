@@ -67,22 +67,28 @@ def test_generator_picks_the_unet_loop_per_backend_and_layout():
     from toonark.serving.repository import repo_configs
     gpu = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16")
     assert "unet" not in gpu   # denoise owns it
-    # request batching: denoise forwards to denoise_loop, whose dynamic batcher groups requests
-    front, loop = gpu["denoise"], gpu["denoise_loop"]
-    assert '"unet_loop" value: { string_value: "forward" }' in front and "kind: KIND_CPU count: 8" in front
-    assert '"loop_model" value: { string_value: "denoise_loop" }' in front
-    assert '"unet_loop" value: { string_value: "in_process" }' in loop and "kind: KIND_GPU" in loop
-    assert "max_batch_size: 2" in loop and "dynamic_batching { max_queue_delay_microseconds: 3000 }" in loop
-    assert "default_queue_policy" not in loop   # a queue policy would turn off the batcher's prefetch
+    # request batching: denoise itself has Triton's dynamic batcher and stays an ensemble step (no BLS front)
+    assert set(gpu) == {"toonark", "preprocess", "text_encoder", "denoise", "vae_decoder", "postprocess"}
+    loop = gpu["denoise"]
+    assert '"unet_loop" value: { string_value: "in_process" }' in loop and "kind: KIND_GPU count: 1" in loop
+    assert "max_batch_size: 2" in loop and loop.count("dynamic_batching") == 1
+    assert ("dynamic_batching { max_queue_delay_microseconds: 3000 default_queue_policy { timeout_action: REJECT "
+            "default_timeout_microseconds: 0 max_queue_size: 16 } }") in loop
     assert '"cuda_graph_sizes" value: { string_value: "B=1,H=128,W=128;B=2,H=128,W=128" }' in loop
+    assert 'model_name: "denoise" model_version: -1 input_map { key: "last_hidden_state" value: "text_embeddings" }' \
+        in gpu["toonark"]
     single = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", batch_requests=False, denoise_instances=2)
-    assert "denoise_loop" not in single and "kind: KIND_GPU count: 2" in single["denoise"]
+    assert "max_batch_size: 0" in single["denoise"] and "kind: KIND_GPU count: 2" in single["denoise"]
     assert '"unet_loop" value: { string_value: "in_process" }' in single["denoise"]
     native = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx")
     assert '"unet_loop" value: { string_value: "bls_device" }' in native["denoise"]
     assert '"unet_device" value: { string_value: "cuda" }' in native["denoise"] and "unet" in native
+    # the CPU default: denoise owns the UNet too (no BLS callee in the default repository, issue 18)
     cpu = repo_configs(SD_INFO)
-    assert '"unet_loop" value: { string_value: "bls" }' in cpu["denoise"] and "unet" in cpu
+    assert '"unet_loop" value: { string_value: "in_process" }' in cpu["denoise"] and "unet" not in cpu
+    assert set(cpu) == {"toonark", "preprocess", "text_encoder", "denoise", "vae_decoder", "postprocess"}
+    native_cpu = repo_configs(SD_INFO, layout="onnxruntime_onnx")
+    assert '"unet_loop" value: { string_value: "bls" }' in native_cpu["denoise"] and "unet" in native_cpu
     with pytest.raises(ValueError, match="unet_loop in_process runs the UNet engine inside denoise"):
         repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", layout="onnxruntime_onnx", unet_loop="in_process")
     with pytest.raises(ValueError, match="batch_requests groups requests in the device loop denoise owns"):
@@ -92,8 +98,9 @@ def test_generator_picks_the_unet_loop_per_backend_and_layout():
 
 
 def test_generator_serves_loras_and_other_families_over_bls():
-    """The device loop is plain SD text-to-image: a LoRA repository (styles switched in the unet model's runner)
-    and a family without ModelFamily.device_loop (Qwen-Image) default to bls on the GPU too, and refuse the others."""
+    """The device loop is plain SD text-to-image: a LoRA repository on a GPU (styles switched in the unet model's
+    runner on host tensors) and a family without ModelFamily.device_loop (Qwen-Image) default to bls, and refuse the
+    others; on ort-cpu an in_process denoise switches the styles in its own UNet runner (the default)."""
     from toonark.family import QwenImage, StableDiffusion
     from toonark.serving.repository import default_unet_loop, repo_configs
     assert StableDiffusion.device_loop and not QwenImage.device_loop
@@ -101,12 +108,16 @@ def test_generator_serves_loras_and_other_families_over_bls():
     assert default_unet_loop("ort-cuda", "python", QwenImage()) == "bls"
     assert default_unet_loop("ort-cuda", "onnxruntime_onnx", QwenImage()) == "bls"
     assert default_unet_loop("ort-cuda", "python", StableDiffusion(), loras=True) == "bls"
+    assert default_unet_loop("ort-cpu", "python", StableDiffusion(), loras=True) == "in_process"
     lora = repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", loras=["toon"])
-    assert "unet" in lora and "denoise_loop" not in lora
+    assert "unet" in lora and "max_batch_size: 0" in lora["denoise"]
     assert '"unet_loop" value: { string_value: "bls" }' in lora["denoise"] and 'name: "lora"' in lora["denoise"]
+    cpu = repo_configs(SD_INFO, loras=["toon"])
+    assert "unet" not in cpu and '"unet_loop" value: { string_value: "in_process" }' in cpu["denoise"]
+    assert 'name: "lora"' in cpu["denoise"] and '"lora_cache_size" value: { string_value: "4" }' in cpu["denoise"]
     for loop in ("in_process", "bls_device"):
-        with pytest.raises(ValueError, match=f"LoRA styles are switched in the unet model's runner.*unet_loop {loop} "
-                                             f"bypasses it"):
+        with pytest.raises(ValueError, match=f"LoRA styles are switched in the UNet's runner on host tensors.*unet_loop "
+                                             f"{loop} on ort-cuda bypasses it"):
             repo_configs(SD_INFO, backend="ort-cuda", precision="fp16", loras=["toon"], unet_loop=loop)
         with pytest.raises(ValueError, match=f"unet_loop {loop} runs Stable Diffusion's solver step graph; the "
                                              f"qwen-image family's denoise calls its transformer by BLS"):
@@ -187,7 +198,7 @@ def test_each_unet_loop_serves_the_offline_image(loop_server, tiny_engines):
 @pytest.mark.server
 def test_in_process_loops_serve_edits_and_tiled_sizes(loop_server, tiny_engines):
     """What the device loop does not take still gets served: an img2img request and a size above the profile
-    run the host loop over the engine denoise owns (in_process), or alone beside the batch (the loop model),
+    run the host loop over the engine denoise owns (in_process), or alone beside the batch (request batching),
     and give the offline pipeline's PNG bytes; bls_device hands them to `unet` over BLS with host tensors."""
     from toonark.engines.pipeline import load_pipeline
     from toonark.serving.client import GenerateOptions, generate
@@ -208,8 +219,9 @@ def test_in_process_loops_serve_edits_and_tiled_sizes(loop_server, tiny_engines)
 
 @pytest.mark.server
 def test_batched_loop_groups_concurrent_requests(loop_server, tiny_engines):
-    """Four concurrent requests of one size reach denoise_loop in fewer executions than requests (Triton's
-    dynamic batcher grouped them), and each image is its own offline image (within one uint8 level)."""
+    """Four concurrent requests of one size reach the batching denoise step in fewer executions than requests
+    (Triton's dynamic batcher grouped them; the ensemble feeds it directly), and each image is its own offline
+    image (within one uint8 level)."""
     import threading
     from PIL import Image
     from toonark.engines.pipeline import load_pipeline
@@ -234,7 +246,8 @@ def test_batched_loop_groups_concurrent_requests(loop_server, tiny_engines):
         thread.join()
     assert sorted(results) == [20, 21, 22, 23]
     stats = {m["name"]: m for m in connect(server.http_url).get_inference_statistics()["model_stats"]}
-    loop = stats["denoise_loop"]
+    assert "denoise_loop" not in stats and int(stats["denoise"]["inference_count"]) >= 4
+    loop = stats["denoise"]
     assert int(loop["execution_count"]) < int(loop["inference_count"]), loop
     pipe = load_pipeline(tiny_engines, backend="ort-cpu", precision="fp32")
     for seed, png in results.items():

@@ -110,7 +110,7 @@ def value(metrics, name, **labels) -> float:
 
 def test_repeated_prompt_hits_the_text_encoder_cache(server):
     """Behaviour from counters (never wall time, which 2 busy cores make noisy): a repeated prompt is answered
-    from toonark's prompt-embedding cache without running the text encoder (Triton's statistics), the cache
+    from toonark's prompt-embedding cache in the text_encoder step without running its engine, the cache
     key is the whole token input (a new negative prompt misses), and a cached embedding draws the same picture."""
     before, metrics_before = stats(server, "text_encoder"), scrape(server)
     prompts = [f"a happy otter number {uuid.uuid4().hex[:6]}" for _ in range(3)]
@@ -124,8 +124,14 @@ def test_repeated_prompt_hits_the_text_encoder_cache(server):
     def moved(name):
         return value(metrics_after, name) - metrics_before.get((name, frozenset()), 0.0)
 
+    def moved_stage(stage):   # toonark_stage_duration_seconds{stage="text_encoder"} times engine runs only
+        labels = frozenset({"stage": stage}.items())
+        return (value(metrics_after, "toonark_stage_duration_seconds_count", stage=stage)
+                - metrics_before.get(("toonark_stage_duration_seconds_count", labels), 0.0))
+
     assert moved("toonark_prompt_cache_misses_total") == 4 and moved("toonark_prompt_cache_hits_total") == 4
-    assert delta["success"][0] == 4, "a hit must not run the text encoder"
+    assert delta["success"][0] == 8, "every request passes the text_encoder ensemble step"
+    assert moved_stage("text_encoder") == 4, "a hit must not run the text encoder's engine"
     assert first == again, "the cached embeddings must give the same picture"
     assert other_seed != first[0]
     assert other_negative != first[0], "a new negative prompt must be encoded, not served from the cache"
@@ -162,7 +168,8 @@ def test_metrics_families_labels_and_increments(server):
     assert moved("toonark_images_total", format="png") == 2
     assert moved("toonark_images_total", format="webp") == 2
     assert moved("toonark_nsfw_images_total") == 0
-    expected = {"preprocess": 4, "text_encoder": 2, "denoise": 3, "unet": 6, "vae_decoder": 3, "safety_checker": 3,
+    # text_encoder: engine runs (cache misses); unet: the loop denoise owns, once per request (in_process)
+    expected = {"preprocess": 4, "text_encoder": 2, "denoise": 3, "unet": 3, "vae_decoder": 3, "safety_checker": 3,
                 "postprocess": 3}
     for stage, count in expected.items():
         assert moved("toonark_stage_duration_seconds_count", stage=stage) == count, stage

@@ -34,9 +34,9 @@ def test_every_model_is_ready(triton_server, triton_repo):
     import tritonclient.http as httpclient
     from toonark.serving.launcher import repo_models
     models = repo_models(triton_repo)
-    # vae_encoder: the tiny build exports and builds it, so the repository serves IMAGE_IN
-    assert set(models) == {"toonark", "preprocess", "text_encoder", "denoise", "unet", "vae_decoder", "vae_encoder",
-                           "postprocess"}
+    # the default python layout: denoise owns the UNet and the VAE encoder (the tiny build has one: IMAGE_IN is
+    # served), so no model is a BLS callee (issue 18)
+    assert set(models) == {"toonark", "preprocess", "text_encoder", "denoise", "vae_decoder", "postprocess"}
     for client in (httpclient.InferenceServerClient(triton_server.http_url),
                    grpcclient.InferenceServerClient(triton_server.grpc_url)):
         assert client.is_server_ready()
@@ -72,11 +72,16 @@ def test_seed_decides_the_image(triton_server):
 def test_defaults_apply_when_only_the_prompt_is_sent(triton_server, tiny_engines):
     from toonark.specs import BuildInfo
     limits = BuildInfo.read(tiny_engines).limits
-    # A subject of its own: a prompt other tests sent would be a prompt-cache hit (text_encoder not called).
+    import urllib.request
+
+    def steps_served():
+        text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("toonark_steps_total"))
+    before = steps_served()
     result = generate(triton_server.http_url, GenerateOptions(f"{SUBJECT} in the park", preset="fast"), timings=True)
     assert decode(result.images[0]).size == (limits.opt_image, limits.opt_image)
     from toonark.prompts import PromptPolicy
-    assert result.stages_ms["unet"]["calls"] == PromptPolicy.load().presets["fast"]
+    assert steps_served() - before == PromptPolicy.load().presets["fast"]   # denoise owns the UNet: no unet model
     for stage in ("preprocess", "text_encoder", "denoise", "vae_decoder", "postprocess", "toonark"):
         assert result.stages_ms[stage]["calls"] == 1, stage
 
@@ -147,7 +152,7 @@ def test_generate_cli_round_trip(triton_server, tmp_path, capsys):
                  "--steps", "2", "--width", "64", "--height", "64", "--out", str(out), "--timings"]) == 0
     assert decode(out.read_bytes()).format == "WEBP"
     printed = capsys.readouterr().out
-    assert "unet" in printed and "vae_decoder" in printed
+    assert "denoise" in printed and "vae_decoder" in printed
     assert main(["--url", triton_server.http_url, "--prompt", SUBJECT, "--width", "100", "--out",
                  str(tmp_path / "bad.png")]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
@@ -179,8 +184,9 @@ def test_config_io_equals_spec(tiny_engines, layout, backend):
     from toonark.specs import SERVED_SUBMODELS, BuildInfo
     from toonark.serving.repository import repo_configs
     info = BuildInfo.read(tiny_engines)
+    # unet_loop bls: the unet model is in the repository (the python layout's default, in_process, has none)
     configs = {name: parse_config(text) for name, text in
-               repo_configs(info, backend=backend, precision="fp32", layout=layout).items()}
+               repo_configs(info, backend=backend, precision="fp32", layout=layout, unet_loop="bls").items()}
     for name in SERVED_SUBMODELS:
         config, spec = configs[name], info.specs[name]
         assert config.max_batch_size == 0
@@ -206,7 +212,7 @@ def test_served_configs_are_the_generated_ones(triton_server, triton_repo, tiny_
     from toonark.specs import BuildInfo
     info = BuildInfo.read(tiny_engines)
     client = httpclient.InferenceServerClient(triton_server.http_url)
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in ("text_encoder", "vae_decoder"):   # the default repository's engine models (denoise owns the UNet)
         served = client.get_model_config(name)
         rows = [(i["name"], i["data_type"], [int(d) for d in i["dims"]]) for i in served["input"]]
         assert rows == spec_rows(info.specs[name].inputs), name

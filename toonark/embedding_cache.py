@@ -19,7 +19,7 @@ text encoder, None without one; `model`: anything else that selects weights, e.g
 seed, size, steps and guidance do not change it, so a repeated prompt hits with any of them.
 
 Core module (rank 0): numpy and the stdlib only. One cache per process (each Triton model instance is its
-own process, so each preprocess instance has its own cache); thread-safe for offline use.
+own process, so each text_encoder instance has its own cache); thread-safe for offline use.
 """
 from __future__ import annotations
 

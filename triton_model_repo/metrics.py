@@ -10,20 +10,24 @@ Triton serves them on its metrics port next to its own (GET http://<host>:<metri
                                                                   UNet call, whatever the batch)
     toonark_images_total{format="png"|"webp"|"raw"}           counter  images returned (postprocess; blanked ones too)
     toonark_nsfw_images_total                             counter  images the safety checker flagged and blanked
-    toonark_prompt_cache_hits_total / _misses_total /    counters  the prompt-embedding cache (preprocess,
-      _evictions_total / _refused_total                            toonark.embedding_cache): lookups answered,
+    toonark_prompt_cache_hits_total / _misses_total /    counters  the prompt-embedding cache (text_encoder;
+      _evictions_total / _refused_total                            preprocess in the native layouts;
+                                                                  toonark.embedding_cache): lookups answered,
                                                                   lookups that ran the text encoder, entries
                                                                   dropped for room, outputs not stored
     toonark_prompt_cache_bytes{instance=} / _entries{instance=}  gauges  its size now, one series per
-                                                                  preprocess instance (each has its own cache)
+                                                                  instance of the model that owns it (each
+                                                                  has its own cache)
     toonark_stage_duration_seconds{stage="<model>"}       histogram  time inside each Python model's execute,
                                                                   per request: stage = preprocess, text_encoder,
                                                                   denoise, unet, vae_decoder, safety_checker,
                                                                   postprocess (_bucket / _sum / _count series)
 
 Triton's own series cover the rest: nv_inference_request_success{model=...},
-nv_inference_compute_infer_duration_us{model=...}. A prompt answered from the prompt cache never reaches
-text_encoder, so toonark_stage_duration_seconds{stage="text_encoder"} counts cache misses only.
+nv_inference_compute_infer_duration_us{model=...}. A prompt answered from the prompt cache does not run the
+text encoder's engine, and toonark_stage_duration_seconds{stage="text_encoder"} times engine runs only: it counts
+cache misses (nv_inference_request_success{model="text_encoder"} counts every request of the python layout,
+where text_encoder is an ensemble step).
 
 Families are created once per stub process (a family of the same name, kind and description from
 several models is one family: Triton 2.51 shares it; the stage label tells the models apart).
@@ -48,8 +52,8 @@ FAMILIES = {
     "toonark_prompt_cache_misses_total": ("COUNTER", "Prompt-embedding cache lookups that ran the text encoder"),
     "toonark_prompt_cache_evictions_total": ("COUNTER", "Prompt embeddings dropped to stay within the byte bound"),
     "toonark_prompt_cache_refused_total": ("COUNTER", "Text-encoder outputs not cached (empty, non-finite, bad shape)"),
-    "toonark_prompt_cache_bytes": ("GAUGE", "Bytes held by the prompt-embedding cache of one preprocess process"),
-    "toonark_prompt_cache_entries": ("GAUGE", "Prompts held by the prompt-embedding cache of one preprocess process"),
+    "toonark_prompt_cache_bytes": ("GAUGE", "Bytes held by the prompt-embedding cache of one model process"),
+    "toonark_prompt_cache_entries": ("GAUGE", "Prompts held by the prompt-embedding cache of one model process"),
     "toonark_stage_duration_seconds": ("HISTOGRAM", "Time in each toonark model's execute per request, by stage"),
     # LoRA styles (engines/lora.py), per engine stage (text_encoder, unet): weight-set switches, by whether the set
     # came from the LRU (cache="hit") or was merged from the base (cache="miss"), and the seconds they took.

@@ -36,10 +36,10 @@ PARAMETER_TYPES: dict[str, type] = {
     "unet_model": str, "unet_output": str, "unet_float_type": str, "text_hidden_name": str, "latent_name": str,
     "engine_file": str, "intra_op_threads": int, "intra_op_spinning": int, "cuda_graph_sizes": str,
     # denoise: which loop runs the UNet (in_process | bls | bls_device) and where the BLS UNet's tensors live
-    "unet_loop": str, "unet_device": str, "loop_model": str,
-    # preprocess: the prompt-embedding cache in front of the text encoder (PromptEncoder)
-    "text_encoder_model": str, "text_encoder_input": str, "text_encoder_input_type": str,
-    "prompt_cache_bytes": int,
+    "unet_loop": str, "unet_device": str,
+    # the prompt-embedding cache (PromptEncoder): its bound, in text_encoder (python layout) or in preprocess (native
+    # layouts, which call text_encoder by BLS on a miss: its name, input and input type)
+    "prompt_cache_bytes": int, "text_encoder_model": str, "text_encoder_input": str, "text_encoder_input_type": str,
     # Set by the launcher's watchdog when it reloads a model whose process died: a changed config makes
     # Triton load a new instance in place (the ensemble stays up); never read by the models.
     "reload_generation": str,
@@ -166,40 +166,36 @@ class RequestPreparer:
 
 class PromptEncoder:
     """Token ids -> text embeddings through toonark's prompt-embedding cache (toonark.embedding_cache): a hit
-    skips the text encoder; a miss calls it (`encode(input_ids, lora_tensors)`, a BLS call in the served
-    preprocess) and stores the result only when it is a good embedding. A failed call raises and stores
-    nothing, so a fault of the text encoder (its process killed mid-request) never outlives its recovery
-    (issue 18). lora: a LoRA repository, whose text_encoder reads the resolved LoRA (api.LORA_RESOLVED):
-    the tensors go on the call and the LoRA's name and scale into the key."""
+    skips the text encoder; a miss runs `encode()` and stores the result only when it is a good embedding. A
+    failed run raises and stores nothing, so a fault of the text encoder never outlives its recovery (issue 18).
+    Where it lives: in the served `text_encoder` model (python layout), the ensemble step between preprocess and
+    denoise, whose miss runs the engine in the same process; in the native layouts (text_encoder is another
+    backend's model) in preprocess, whose miss calls text_encoder by BLS. A text-encoder LoRA (api.LORA_RESOLVED:
+    name and scale) goes into the key (lora_id)."""
 
-    def __init__(self, encode: Callable[[np.ndarray, dict], np.ndarray], max_bytes: int, metrics=None,
-                 instance: str = "", lora: bool = False):
+    def __init__(self, max_bytes: int, metrics=None, instance: str = ""):
         from toonark.embedding_cache import PromptEmbeddingCache
-        self.encode = encode
         self.cache = PromptEmbeddingCache(max_bytes)
         self.metrics = metrics
         self.instance = instance
-        self.lora = lora
         self._reported = self.cache.stats.as_dict()
         self._report()
 
     @staticmethod
-    def text_encoder_lora(resolved: ResolvedRequest) -> str | None:
-        """The id of the LoRA the text encoder applies for `resolved`: its name and scale as the engine reads it
-        (float32); None for the base model ("" name, whatever the scale)."""
-        if not resolved.lora:
+    def lora_id(name: str, scale: float) -> str | None:
+        """The id of the LoRA the text encoder applies: its name and scale as the engine reads it (float32);
+        None for the base model ("" name, whatever the scale)."""
+        if not name:
             return None
-        return f"{resolved.lora}@{float(np.float32(resolved.lora_scale))!r}"
+        return f"{name}@{float(np.float32(scale))!r}"
 
-    def key(self, resolved: ResolvedRequest, input_ids: np.ndarray) -> tuple:
+    def key(self, input_ids: np.ndarray, lora_id: str | None = None) -> tuple:
         """Everything that changes the embedding: the token ids, and the text encoder's LoRA."""
-        return self.cache.key(input_ids, text_encoder_lora=self.text_encoder_lora(resolved) if self.lora else None)
+        return self.cache.key(input_ids, text_encoder_lora=lora_id)
 
-    def __call__(self, resolved: ResolvedRequest, input_ids: np.ndarray) -> np.ndarray:
-        key = self.key(resolved, input_ids)
-        extra = resolved.lora_tensors() if self.lora else {}
+    def __call__(self, input_ids: np.ndarray, encode: Callable[[], np.ndarray], lora_id: str | None = None) -> np.ndarray:
         try:
-            value, _ = self.cache.get_or_compute(key, lambda: self.encode(input_ids, extra), rows=input_ids.shape[0])
+            value, _ = self.cache.get_or_compute(self.key(input_ids, lora_id), encode, rows=input_ids.shape[0])
         finally:
             self._report()
         return value
@@ -433,18 +429,25 @@ class UnetLoops:
     """
 
     def __init__(self, engine_path: Path, spec, metadata: dict, dims, family, *, threads: int | None = None,
-                 spinning: bool | None = None, graph_sizes: list[dict] = (), idle_s: float = 0.0, log=None):
+                 spinning: bool | None = None, graph_sizes: list[dict] = (), lora: dict | None = None,
+                 idle_s: float = 0.0, log=None):
+        """lora: {"params": the config's parameters, "loras": <repo>/loras} for a LoRA repository (ort-cpu host loop:
+        the UNet engine is engines.lora's LoraOrtEngine, switched per request by unet_call's lora=)."""
         import threading
         from toonark.engines.backends import backend_for
         self.path, self.spec, self.metadata, self.dims, self.family = engine_path, spec, metadata, dims, family
         self.backend = backend_for(metadata["backend"])
         self.options = {"threads": threads, **({"spinning": spinning} if spinning is not None else {})}
         self.on_cuda = self.backend.serves_cuda_graphs
+        if lora is not None and self.on_cuda:
+            raise ValueError("LoRA styles in an in_process denoise run the host loop on ort-cpu only; serve them with "
+                             "unet_loop bls on CUDA (regenerate the repository with `make repo`)")
         self.graph_sizes = [dict(s) for s in graph_sizes] if self.on_cuda else []
         # request batching chunks images into these sizes (one CUDA graph each; any size on the CPU)
         self.buckets = tuple(sorted({s["B"] for s in self.graph_sizes})) or (1, 2, 4)
         self._loops: dict = {}
-        self.engine = None if self.on_cuda else self.backend.load(engine_path, spec, metadata, **self.options)
+        self._lora = lora
+        self.engine = None if self.on_cuda and lora is None else self._load_host()
         # Idle unload (make serve IDLE_UNLOAD_S=N): after idle_s seconds without a request every session and
         # CUDA graph is freed; the next request loads (and captures) again inside busy(). The UNet is what
         # holds the GPU memory, so the model that owns it frees it (IdleEngine does the same for engine models).
@@ -511,13 +514,22 @@ class UnetLoops:
         requests a device loop does not take, edits and tiled sizes): on ort-cuda the dynamic-shape session,
         created on first use and shared with the dynamic-size DeviceLoop."""
         if self.engine is None:
-            self.engine = self._load()
+            self.engine = self._load_host()
         return self.engine
 
-    def unet_call(self) -> UnetCall:
+    def _load_host(self):
+        """The host loop's engine: a LoRA repository's LoraOrtEngine, else the plain (dynamic-shape) session."""
+        if self._lora is not None:
+            return load_lora_runner(self.path.parent, self.spec, self.metadata, self._lora["params"],
+                                    loras=self._lora["loras"], **self.options)
+        return self._load()
+
+    def unet_call(self, lora: dict | None = None) -> UnetCall:
+        """The host loop's UNet; lora: {"lora": name, "scale": scale} of the request (a LoRA repository)."""
         output = self.spec.output_names[0]
         engine = self.host_engine()
-        return lambda feeds: engine.run(feeds)[output]
+        options = lora or {}
+        return lambda feeds: engine.run(feeds, **options)[output]
 
 
 def parse_graph_sizes(text: str) -> list[dict[str, int]]:
@@ -818,19 +830,23 @@ def unet_loops(args: dict, params: dict, log=None) -> UnetLoops:
     if not metadata_path.is_file():
         raise FileNotFoundError(f"{metadata_path} is missing; regenerate the repository with `make repo`")
     info = build_info(args)
+    # A LoRA repository: the styles in <repo>/loras, the UNet's base weights beside its engine (write_repo).
+    lora = ({"params": params, "loras": Path(args["model_repository"]).parent / LORA_FOLDER}
+            if "lora_cache_size" in params else None)
     return UnetLoops(folder / params.get("engine_file", "model.onnx"), info.specs["unet"],
                      json.loads(metadata_path.read_text()), info.dims, family_for_folder(pipeline_dir(args)),
                      threads=params.get("intra_op_threads") or None, spinning=_spinning(params),
-                     graph_sizes=parse_graph_sizes(params.get("cuda_graph_sizes", "")),
+                     graph_sizes=parse_graph_sizes(params.get("cuda_graph_sizes", "")), lora=lora,
                      idle_s=idle_unload_seconds(), log=log)
 
 
-def load_runner(args: dict, params: dict):
+def load_runner(args: dict, params: dict, name: str | None = None):
     """The engine of a served submodel, from <model>/1/ (model.onnx + engine.json + pipeline/toonark.json),
-    loaded by the backend object engine.json names (the python layout serves ONNX Runtime engines)."""
+    loaded by the backend object engine.json names (the python layout serves ONNX Runtime engines). name: an
+    engine the model owns besides its own, from <model>/1/<name>/ (an in_process denoise's vae_encoder)."""
     from toonark.engines.backends import backend_for
-    folder = version_dir(args)
-    name = json.loads(args["model_config"])["name"]
+    folder = version_dir(args) / name if name else version_dir(args)
+    name = name or json.loads(args["model_config"])["name"]
     spec = build_info(args).specs[name]
     metadata_path = folder / "engine.json"
     if not metadata_path.is_file():
@@ -880,12 +896,30 @@ LORA_BASE_FILE = "lora_base.safetensors"    # <model>/1/: fp32 base weights of t
 LORA_TARGETS_FILE = "lora_targets.json"     # <model>/1/: {submodel: {module: shape}} of every adaptable layer
 
 
-def load_lora_runner(folder: Path, spec, metadata: dict, params: dict, **options):
-    """toonark.engines.lora.LoraOrtEngine over <model>/1/'s engine, the base weights and <repo>/loras."""
+def load_lora_runner(folder: Path, spec, metadata: dict, params: dict, loras: Path | None = None, **options):
+    """toonark.engines.lora.LoraOrtEngine over `folder`'s engine (<model>/1/, or denoise/1/unet/ of an in_process
+    denoise), the base weights beside it and the registered styles (loras: default <repo>/loras)."""
     from toonark.engines.lora import LoraBase, LoraOrtEngine, LoraSet
     shapes = {sub: {m: tuple(v) for m, v in modules.items()}
               for sub, modules in json.loads((folder / LORA_TARGETS_FILE).read_text()).items()}
-    loras = LoraSet.from_folder(folder.parent.parent / LORA_FOLDER, shapes)
+    loras = LoraSet.from_folder(loras or folder.parent.parent / LORA_FOLDER, shapes)
     return LoraOrtEngine(folder / params.get("engine_file", "model.onnx"), spec, metadata,
                          LoraBase.load(folder / LORA_BASE_FILE), loras, cache_size=params["lora_cache_size"],
                          strategy=params.get("lora_strategy", "inplace"), **options)
+
+
+class LoraSwitchCounter:
+    """An engine's LoRA switch statistics (engines.lora: cache_hits, cache_misses, seconds) reported as the deltas of
+    toonark_lora_switches_total{stage, cache} and toonark_lora_switch_seconds_total{stage}."""
+
+    def __init__(self, metrics, stage: str):
+        self.metrics, self.stage = metrics, stage
+        self.last = (0, 0, 0.0)
+
+    def report(self, stats, restarted: bool = False) -> None:
+        """restarted: the engine was loaded again (idle unload), its statistics start from 0."""
+        hits, misses, seconds = (0, 0, 0.0) if restarted else self.last
+        self.metrics.count("toonark_lora_switches_total", stats.cache_hits - hits, stage=self.stage, cache="hit")
+        self.metrics.count("toonark_lora_switches_total", stats.cache_misses - misses, stage=self.stage, cache="miss")
+        self.metrics.count("toonark_lora_switch_seconds_total", stats.seconds - seconds, stage=self.stage)
+        self.last = (stats.cache_hits, stats.cache_misses, stats.seconds)

@@ -1,15 +1,16 @@
 """toonark denoise: the family's sampler (SD: DPM-Solver++ 2M with classifier-free guidance; Qwen-Image: flow
 matching) over the UNet / transformer, in one of these loops (config parameter `unet_loop`, chosen by the
 generator, serving/repository.py):
-  in_process  this model owns the UNet engine (python layout, plain SD): ort-cuda runs the device loop with CUDA
+  in_process  this model owns the UNet engine and the VAE encoder's (python layout, plain SD; no BLS callee, so any
+              process can be killed safely, issue 18): ort-cuda runs the device loop with CUDA
               graphs per size bucket, ort-cpu the host loop; no per-step hop at all. Edits and sizes above the
               profile run the host loop over the same engine (the device loop does text-to-image only)
   bls         one BLS call to the step model per step with host tensors (the host loop; LoRA tensors go along)
   bls_device  one BLS call per step with device tensors (DLPack) and the solver step on the device
-  forward     (request batching) hand the request by BLS to `loop_model` (this same file, configured with
-              max_batch_size > 0 and in_process): Triton's dynamic batcher gives that model several requests
-              per execute, which runtime.Denoiser.run_batch runs in shared device loops (edits and tiled
-              sizes: one at a time in the host loop)
+With max_batch_size > 0 (request batching, in_process on CUDA) Triton's dynamic batcher gives this model several
+requests per execute (each with a leading request dimension of 1, which the ensemble adds and strips again);
+runtime.Denoiser.run_batch runs them in shared device loops (edits and tiled sizes: one at a time in the host
+loop). It is an ensemble step like the others: nothing calls it by BLS.
 """
 import json
 import time
@@ -28,8 +29,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = runtime.model_parameters(config)
         self.loop_kind = params.get("unet_loop", "bls")
-        self.batched = int(config.get("max_batch_size", 0)) > 0   # the loop model of request batching
-        self.loop_model = params.get("loop_model")
+        self.batched = int(config.get("max_batch_size", 0)) > 0   # request batching: several requests per execute
         self.unet_model = params["unet_model"]
         self.unet_output = params["unet_output"]
         self.text_name = params["text_hidden_name"]
@@ -43,10 +43,17 @@ class TritonPythonModel:
         self.ids_name = params.get("text_ids_name")
         self.encoder_model = params.get("vae_encoder_model")   # absent: the build serves no VAE encoder
         self.encoder_dtype = pb_utils.triton_string_to_numpy(params.get("vae_encoder_float_type", "TYPE_FP32"))
+        self.encoder_engine = None
+        if self.encoder_model == "in_process":   # this model owns the VAE encoder (<denoise>/1/vae_encoder/)
+            own = {k: v for k, v in params.items() if k not in ("cuda_graph_sizes", "lora_cache_size")}
+            self.encoder_engine = runtime.load_runner(args, own, name="vae_encoder")
         self.logger = pb_utils.Logger
         self.metrics = Metrics("denoise")
-        self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])   # passed on to every unet call
+        # LoRA repositories: the request's style goes with every unet call (bls), or switches the UNet engine this
+        # model owns (in_process on ort-cpu; its switches reported under stage="unet")
+        self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])
         self.lora_tensors = []
+        self.switches = runtime.LoraSwitchCounter(self.metrics, "unet")
         self.device_id = int(args.get("model_instance_device_id", 0) or 0)
         self.loops = (runtime.unet_loops(args, params, log=pb_utils.Logger.log_info)
                       if self.loop_kind == "in_process" else None)
@@ -89,9 +96,11 @@ class TritonPythonModel:
         return self._exec(self.unet_model, self.unet_output, inputs, memory).to_dlpack()
 
     def _vae_encoder(self, image):
-        # vae_encoder tiles pictures above the profile itself (runtime.TiledRunner).
-        return self._exec(self.encoder_model, SD.latent_parameters,
-                          self._tensors({SD.image: image.astype(self.encoder_dtype)})).as_numpy()
+        # The engine tiles pictures above the profile itself (runtime.TiledRunner), here or in the vae_encoder model.
+        feeds = {SD.image: np.ascontiguousarray(image.astype(self.encoder_dtype))}
+        if self.encoder_engine is not None:
+            return self.encoder_engine.run(feeds)[SD.latent_parameters]
+        return self._exec(self.encoder_model, SD.latent_parameters, self._tensors(feeds)).as_numpy()
 
     def execute(self, requests):
         if self.loops is not None:   # the UNet this model owns: held for the execute (idle unload waits)
@@ -101,7 +110,7 @@ class TritonPythonModel:
         return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
 
     def _inputs(self, request, squeeze: bool = False) -> runtime.DenoiseRequest:
-        """One request's values (squeeze: drop the leading request dimension of the loop model)."""
+        """One request's values (squeeze: drop the leading request dimension of a batching denoise)."""
         def tensor(name):
             value = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
             return value[0] if squeeze else value
@@ -123,7 +132,7 @@ class TritonPythonModel:
                                  **edit, **extra)
 
     def _batch(self, requests):
-        """The loop model: every request of this execute in shared device loops, one response each, in order;
+        """Request batching: every request of this execute in shared device loops, one response each, in order;
         a request the device loop does not take (an edit, a size above the profile) runs alone in the host loop
         over the same engine."""
         start = time.perf_counter()
@@ -148,17 +157,15 @@ class TritonPythonModel:
             result = outputs[index]
             if isinstance(result, Exception):
                 raise result
+            self.metrics.count("toonark_steps_total", int(api.one_value(pb_utils.get_input_tensor_by_name(
+                requests[index], api.STEPS.name).as_numpy(), api.STEPS.name, 0)))
             return [pb_utils.Tensor(self.latent_name, result[None].astype(self.latent_dtype))]
         return runtime.respond_each(range(len(requests)), respond, pb_utils)
 
-    def _forward(self, request):
-        inputs = [pb_utils.Tensor(name, np.ascontiguousarray(pb_utils.get_input_tensor_by_name(request, name)
-                                                             .as_numpy()[None]))
-                  for name in [self.text_name] + [port.name for port in api.DENOISE_INPUTS]]
-        latents = self._exec(self.loop_model, self.latent_name, inputs).as_numpy()[0]
-        self.metrics.count("toonark_steps_total", int(api.one_value(
-            pb_utils.get_input_tensor_by_name(request, api.STEPS.name).as_numpy(), api.STEPS.name, 0)))
-        return [pb_utils.Tensor(self.latent_name, latents)]
+    def _lora_options(self) -> dict:
+        """The request's style as the LoRA runner takes it (from the resolved lora / lora_scale tensors)."""
+        name, scale = (t.as_numpy() for t in self.lora_tensors)
+        return {"lora": api.text_value(name, "lora", ""), "scale": float(api.one_value(scale, "lora_scale", 1.0))}
 
     @staticmethod
     def _unavailable(response):
@@ -166,9 +173,6 @@ class TritonPythonModel:
         return error is not None and getattr(error, "code", lambda: None)() == pb_utils.TritonError.UNAVAILABLE
 
     def _one(self, request):
-        if self.loop_kind == "forward":
-            return self._forward(request)
-
         item = self._inputs(request)
         # Requests run one at a time in this instance, so the LoRA of the request being served goes with each call.
         self.lora_tensors = [pb_utils.Tensor(port.name, pb_utils.get_input_tensor_by_name(request, port.name)
@@ -182,7 +186,9 @@ class TritonPythonModel:
             loop = self.loops.loop_for(text.shape[0] // 2, item.height, item.width)
             latents = self.denoiser.run_loop(text, loop=loop, **kwargs)
         elif self.loops is not None:   # ort-cpu, or an edit / tiled size on ort-cuda: the owned engine, host loop
-            latents = self._host(item, self.loops.unet_call())
+            latents = self._host(item, self.loops.unet_call(self._lora_options() if self.lora else None))
+            if self.lora:
+                self.switches.report(self.loops.engine.stats)
         elif self.bls_loop is not None and self.denoiser.device_loop_takes(item):
             latents = self.denoiser.run_loop(text, loop=self.bls_loop, **kwargs)
         else:

@@ -1,6 +1,8 @@
 """toonark engine runner: serves one built submodel (text_encoder, unet or vae_decoder) from <model>/1/
 with ONNX Runtime. The generator copies this file into each engine model; names and dtypes come from
-the config, which the generator wrote from the export spec. With TOONARK_IDLE_UNLOAD_S=N (make serve
+the config, which the generator wrote from the export spec. The text encoder (config parameter
+prompt_cache_bytes) answers from toonark's prompt-embedding cache and runs its engine on a miss only
+(runtime.PromptEncoder: never stores a failure; the cache key holds the request's LoRA). With TOONARK_IDLE_UNLOAD_S=N (make serve
 IDLE_UNLOAD_S=N) the session is freed after N idle seconds and loaded again by the next request."""
 import json
 
@@ -23,33 +25,46 @@ class TritonPythonModel:
         self.metrics = Metrics(config["name"])   # stage = text_encoder | unet | vae_decoder
         # LoRA repositories: the request names the style; the engine switches its weights under its lock.
         self.lora = any(i["name"] == api.LORA_NAME.name for i in config["input"])
-        self.switches = (0, 0, 0.0)
+        self.switches = runtime.LoraSwitchCounter(self.metrics, self.metrics.stage)
         self.loads_counted = self.engine.loads
+        self.prompt_cache = None
+        if "prompt_cache_bytes" in params:   # text_encoder: the engine runs on a cache miss only
+            self.prompt_cache = runtime.PromptEncoder(params["prompt_cache_bytes"], self.metrics,
+                                                      args.get("model_instance_name", config["name"]))
 
     def execute(self, requests):
         # A shape or dtype outside what the engine was built for is a ValueError: INVALID_ARG.
-        return runtime.respond_each(requests, self._one, pb_utils, self.metrics)
+        # With the prompt cache, the stage duration times the engine runs (cache misses) only.
+        return runtime.respond_each(requests, self._one, pb_utils, None if self.prompt_cache else self.metrics)
 
     def _one(self, request):
         feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+        options = {}
         if self.lora:
-            name = api.text_value(pb_utils.get_input_tensor_by_name(request, api.LORA_NAME.name).as_numpy(), "lora", "")
-            scale = float(api.one_value(pb_utils.get_input_tensor_by_name(request, api.LORA_WEIGHT.name).as_numpy(),
-                                        "lora_scale", 1.0))
-            results = self.engine.run(feeds, lora=name, scale=scale)
-            self._count_switches()
-        else:
-            results = self.engine.run(feeds)
+            options = dict(lora=api.text_value(pb_utils.get_input_tensor_by_name(request, api.LORA_NAME.name)
+                                               .as_numpy(), "lora", ""),
+                           scale=float(api.one_value(pb_utils.get_input_tensor_by_name(request, api.LORA_WEIGHT.name)
+                                                     .as_numpy(), "lora_scale", 1.0)))
+        if self.prompt_cache is not None:   # one input (the token ids), one output (the embeddings)
+            (name, dtype), = self.outputs
+            ids = feeds[self.input_names[0]]
+
+            def encode():
+                with self.metrics.timed():
+                    return np.ascontiguousarray(self._run(feeds, options)[name], dtype=dtype)
+
+            lora_id = runtime.PromptEncoder.lora_id(options["lora"], options["scale"]) if self.lora else None
+            return [pb_utils.Tensor(name, self.prompt_cache(ids, encode, lora_id))]
+        results = self._run(feeds, options)
         return [pb_utils.Tensor(name, np.ascontiguousarray(results[name], dtype=dtype)) for name, dtype in self.outputs]
 
+    def _run(self, feeds, options):
+        results = self.engine.run(feeds, **options)
+        if self.lora:
+            self._count_switches()
+        return results
+
     def _count_switches(self):
-        stats = self.engine.stats
-        hits, misses, seconds = self.switches
-        if self.engine.loads != self.loads_counted:   # loaded again after an idle unload: statistics from 0
-            hits, misses, seconds = 0, 0, 0.0
-            self.loads_counted = self.engine.loads
-        self.metrics.count("toonark_lora_switches_total", stats.cache_hits - hits, stage=self.metrics.stage, cache="hit")
-        self.metrics.count("toonark_lora_switches_total", stats.cache_misses - misses, stage=self.metrics.stage,
-                           cache="miss")
-        self.metrics.count("toonark_lora_switch_seconds_total", stats.seconds - seconds, stage=self.metrics.stage)
-        self.switches = (stats.cache_hits, stats.cache_misses, stats.seconds)
+        restarted = self.engine.loads != self.loads_counted   # loaded again after an idle unload
+        self.loads_counted = self.engine.loads
+        self.switches.report(self.engine.stats, restarted)
