@@ -13,6 +13,7 @@ the full report (serving/soak.py REPORT_KEYS, plus the RSS / fd samples) with --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="picks the random kills")
     parser.add_argument("--short", action="store_true",
                         help="a ~40 s run (4 clients, a kill every 5 s after 4 s, 10 s 'minutes') for tests")
+    parser.add_argument("--standby", action="store_true",
+                        help="also start a second server on the same repository; the clients fail over to it (the "
+                             "kills hit the first): zero lost requests even if tritonserver itself aborts")
     parser.add_argument("--log", type=Path, help="tritonserver's log file")
     parser.add_argument("--json", type=Path, help="write the report here (atomically)")
     return parser.parse_args(argv)
@@ -59,10 +63,15 @@ def run(args: argparse.Namespace) -> int:
     from toonark.serving.soak import format_report, run_soak
     config = config_from(args)
     repo = args.start / "triton_model_repo" if (args.start / "triton_model_repo").is_dir() else args.start
-    with TritonServer(repo, log_path=args.log) as server:
+    standby_log = args.log.with_name(args.log.stem + "-standby" + args.log.suffix) if args.log else None
+    with TritonServer(repo, log_path=args.log) as server, contextlib.ExitStack() as stack:
+        standby = stack.enter_context(TritonServer(repo, log_path=standby_log)) if args.standby else None
         print(f"started tritonserver for {repo}: ready in {server.wait_ready(300):.1f} s", flush=True)
         server.start_watchdog()
-        report = run_soak(server, config, progress=lambda line: print(line, flush=True))
+        if standby is not None:
+            print(f"standby tritonserver: ready in {standby.wait_ready(300):.1f} s", flush=True)
+            standby.start_watchdog()
+        report = run_soak(server, config, progress=lambda line: print(line, flush=True), standby=standby)
     print(format_report(report))
     if args.json:
         write_report(args.json, report)
