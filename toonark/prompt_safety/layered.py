@@ -188,6 +188,14 @@ def _default_classifier():
     return SafetyClassifier()
 
 
+def refusal_labels(reasons: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Every (reason, layer) pair a refusal can carry: the refusal metric's label values. A script
+    refusal is always (language, language); every other category can come from any other layer."""
+    rule_layers = tuple(layer for layer in LAYERS if layer != LANGUAGE)
+    return tuple((reason, layer) for reason in reasons
+                 for layer in ((LANGUAGE,) if reason == LANGUAGE else rule_layers))
+
+
 _CACHE: dict[int, tuple[_SafetyRules, LayeredFilter]] = {}
 
 

@@ -22,8 +22,8 @@ class TritonPythonModel:
         self.lora = any(o["name"] == api.LORA_NAME.name for o in config["output"])   # a LoRA repository
         self.preparer = runtime.RequestPreparer(runtime.pipeline_dir(args), runtime.build_info(args), params)
         self.metrics = Metrics("preprocess")
-        for reason in self.preparer.policy.reasons:   # every label value present from startup, at 0
-            self.metrics.metric("toonark_prompt_refusals_total", reason=reason)
+        for reason, layer in self.preparer.policy.refusal_labels:   # every label pair present from startup, at 0
+            self.metrics.metric("toonark_prompt_refusals_total", reason=reason, layer=layer)
         encoder, encoder_input = params["text_encoder_model"], params["text_encoder_input"]
         self.ids_dtype = pb_utils.triton_string_to_numpy(params["text_encoder_input_type"])
         self.encoder = runtime.PromptEncoder(
@@ -44,7 +44,7 @@ class TritonPythonModel:
             resolved, input_ids = self.preparer.prepare(**values)
         except api.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
             if err.reason:
-                self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
+                self.metrics.count("toonark_prompt_refusals_total", reason=err.reason, layer=err.layer)
             raise
         embeddings = self.encoder(resolved, input_ids)   # a failed text encoder call raises: nothing cached
         tensors = {self.hidden_name: embeddings.astype(self.hidden_dtype, copy=False), **resolved.tensors(),
