@@ -21,12 +21,16 @@ from toonark.prompts import normalize
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 OPSETS = {"": 17, "ai.onnx.ml": 3}
-MARGIN = 0.1
-MAX_THRESHOLD = 0.95
-FOLDS = 5
-C = 10.0
+FOLDS = 4
+C = 30.0
+# The operating point (classifier threshold, word-rule veto) is picked from this grid by choose_operating_point.
+# Phrase rules get no veto: they are relations as specific as the idiom allow-rules that may override them,
+# and some read the raw text the classifier never sees (masked swear words, "p*ssy").
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))          # 0.30 .. 0.95
+WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+FALSE_REFUSAL_WEIGHT = 2.0
 
 
 def _pipeline():
@@ -34,11 +38,12 @@ def _pipeline():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
     # lowercase=False: the input is already normalised, and skl2onnx would otherwise add a
-    # StringNormalizer that needs an installed en_US locale at run time.
+    # StringNormalizer that needs an installed en_US locale at run time. (char_wb n-grams score the
+    # same out of fold on dev, but skl2onnx cannot convert them.)
     chars = TfidfVectorizer(analyzer="char", ngram_range=(2, 5), sublinear_tf=True, lowercase=False, min_df=1)
     words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=False,
                             token_pattern=r"[a-z0-9]+")
-    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs"))
+    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs", tol=1e-3))
 
 
 def _round(pipe) -> None:
@@ -48,19 +53,53 @@ def _round(pipe) -> None:
     clf.intercept_ = np.round(clf.intercept_, 6)
 
 
-def _unsafe_prob(pipe, texts, safe_index):
-    return 1.0 - pipe.predict_proba(texts)[:, safe_index]
+def _rates(refused, unsafe) -> tuple[float, float]:
+    """(recall, harmless refused) of boolean decisions."""
+    caught = [r for r, u in zip(refused, unsafe) if u]
+    wrong = [r for r, u in zip(refused, unsafe) if not u]
+    return (sum(caught) / len(caught) if caught else 1.0), (sum(wrong) / len(wrong) if wrong else 0.0)
 
 
-def _choose_threshold(oof, labels) -> float:
-    """Just above the highest out-of-fold score of any harmless dev prompt, plus MARGIN.
+def decide(score: float | None, layer: str | None, words: int, threshold: float, vetoes: dict[str, float]) -> bool:
+    """The layered filter's decision from its parts (mirrors LayeredFilter.verdict): a rule hit stands
+    unless the prompt has MIN_VETO_WORDS words and the classifier's score is under that layer's veto;
+    otherwise the classifier refuses at the threshold. `score` None: no classifier reading (prompt under
+    MIN_CLASSIFIER_WORDS normalised words)."""
+    from toonark.prompt_safety.layered import MIN_VETO_WORDS
+    if layer is not None and (score is None or words < MIN_VETO_WORDS or layer not in vetoes
+                              or score >= vetoes[layer]):
+        return True
+    return score is not None and score >= threshold
 
-    Out of fold (folds grouped by base prompt) is how the classifier meets prompts it has not seen.
-    The shipped model is trained on all of dev and scores more sharply than the fold models, so a
-    threshold fitted exactly to the fold scores refuses unseen harmless prompts; the margin is for that
-    shift. The classifier is the last layer, a backstop behind the rules, so it is kept precise."""
-    highest = max(p for p, y in zip(oof, labels) if y == evalset.SAFE)
-    return round(min(MAX_THRESHOLD, highest + MARGIN), 2)
+
+def choose_operating_point(scores, layers, words, unsafe, blind) -> tuple[float, dict[str, float], dict]:
+    """(threshold, vetoes, metrics) maximising recall - FALSE_REFUSAL_WEIGHT x harmless refused over the
+    grid, from out-of-fold classifier scores and the rules' verdicts on dev. Recall is counted on the
+    unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev half no rule came
+    from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules are fitted
+    (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
+    harmless dev prompts: the classifier's out-of-fold scores are honest on all of them, and the blind
+    ones carry the rules' own false refusals (one harmless look-alike in six before any veto).
+    The weight: a miss is the worst failure, but a point of recall bought with more than half a point of
+    harmless refusals is not worth it (the issue's targets give both the same 1 % budget)."""
+    import numpy as np
+    from toonark.prompt_safety.layered import MIN_VETO_WORDS
+    score = np.array([-1.0 if s is None else s for s in scores])      # -1: no reading (too short)
+    layer = np.array([l or "" for l in layers])
+    vetoable = (score >= 0) & (np.array(words) >= MIN_VETO_WORDS)
+    unsafe, blind = np.array(unsafe, dtype=bool), np.array(blind, dtype=bool)
+    best = None
+    for threshold in sorted(THRESHOLDS, reverse=True):
+        for word in WORD_VETOES:   # the same decision as decide(), for all prompts at once
+            excused = vetoable & (layer == "word") & (score < word)
+            refused = ((layer != "") & ~excused) | (score >= threshold)
+            recall, wrong = refused[unsafe & blind].mean(), refused[~unsafe].mean()
+            value = recall - FALSE_REFUSAL_WEIGHT * wrong
+            if best is None or value > best[0] + 1e-12:
+                best = (value, threshold, {"word": word}, float(recall), float(wrong))
+    _, threshold, vetoes, recall, wrong = best
+    return threshold, vetoes, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
+                               "harmless_refused_all_dev": round(wrong, 4)}
 
 
 def _metrics(scores, labels, threshold) -> dict:
@@ -82,7 +121,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     from skl2onnx.common.data_types import StringTensorType
     from threadpoolctl import threadpool_limits
 
-    from toonark.prompt_safety.layered import LayeredFilter
+    from toonark.prompt_safety import evaluate
+    from toonark.prompt_safety.layered import MIN_CLASSIFIER_WORDS, MIN_VETO_WORDS, LayeredFilter
     from toonark.prompts import PromptPolicy
 
     out_dir = Path(out_dir)
@@ -96,11 +136,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     y = [e.label for e in dev]
     groups = [e.base for e in dev]
     # Templated examples (training only, never evaluated): added to every training fold and to the
-    # final fit; the held-out folds and the threshold see hand-written dev prompts alone.
+    # final fit; the held-out folds and the operating point see hand-written dev prompts alone.
     generated = [] if limit is not None else templates.generate()
     gx = [normalize(t) for t, _ in generated]
     gy = [label for _, label in generated]
-    rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
 
     with threadpool_limits(1):
         labels = sorted(set(y))
@@ -112,14 +151,19 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                 pipe = _pipeline().fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy)
                 _round(pipe)
                 oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
-            threshold = _choose_threshold(oof, y)
-            rule_refused = [rules.verdict(e.text) is not None for e in dev]
-            dev_filter = {"missed_unsafe": sum(1 for p, l, r in zip(oof, y, rule_refused)
-                                               if l != evalset.SAFE and not r and p < threshold),
-                          "harmless_refused": sum(1 for p, l, r in zip(oof, y, rule_refused)
-                                                  if l == evalset.SAFE and (r or p >= threshold))}
+            rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
+            layers = [getattr(rules.verdict(e.text), "layer", None) for e in dev]
+            scores = [None if len(t.split()) < MIN_CLASSIFIER_WORDS else float(p) for t, p in zip(x, oof)]
+            fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
+            blind = [evalset.sha12(e.base) not in fitted for e in dev]
+            words = [len(t.split()) for t in x]
+            threshold, vetoes, chosen = choose_operating_point(scores, layers, words, [e.unsafe for e in dev], blind)
+            recall, refused = _rates([decide(s, l, n, threshold, vetoes) for s, l, n in zip(scores, layers, words)],
+                                     [e.unsafe for e in dev])
+            dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(recall, 4),
+                                                "harmless_refused": round(refused, 4)}}
         else:
-            threshold, dev_filter = 0.5, {}
+            threshold, vetoes, dev_filter = 0.5, {}, {}
         pipe = _pipeline().fit(x + gx, y + gy)
         _round(pipe)
 
@@ -151,14 +195,19 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "labels": labels,
         "safe_label": evalset.SAFE,
         "threshold": threshold,
+        "vetoes": vetoes,
         "trained_on": {"file": f"toonark/data/{data_path.name}", "sha256": evalset.data_sha256(data_path),
                        "split": "dev", "examples": len(dev), "limit": limit},
         "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
         "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g; trained on dev + templated" % C,
-        "threshold_rule": f"highest out-of-fold score of a harmless dev prompt + {MARGIN:g} (at most "
-                          f"{MAX_THRESHOLD:g}); {FOLDS} folds grouped by base prompt",
+        "operating_point_rule": (f"threshold and word veto (a word-rule hit in a prompt of {MIN_VETO_WORDS}+ words is "
+                                 f"excused when P(unsafe) < the veto) "
+                                 f"maximise recall - {FALSE_REFUSAL_WEIGHT:g} x harmless refused of the whole filter "
+                                 f"on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on the dev "
+                                 f"prompts of batches whose dev half no rule was written from, harmless refused on "
+                                 f"all dev"),
         "metrics": {
             "dev_out_of_fold_classifier_alone": _metrics(oof, y, threshold) if limit is None else None,
             "dev_out_of_fold_whole_filter": dev_filter or None,
@@ -170,8 +219,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     }
     _atomic_write(out_dir / MODEL_NAME, blob)
     _atomic_write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
-    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f", out_dir / MODEL_NAME, len(blob),
-             sidecar["onnx_sha256"][:12], threshold)
+    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f, vetoes %s", out_dir / MODEL_NAME, len(blob),
+             sidecar["onnx_sha256"][:12], threshold, vetoes)
     return sidecar
 
 
