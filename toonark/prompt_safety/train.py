@@ -30,7 +30,10 @@ C = 30.0
 # and some read the raw text the classifier never sees (masked swear words, "p*ssy").
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))          # 0.30 .. 0.95
 WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-FALSE_REFUSAL_WEIGHT = 2.0
+# The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue's 1 %
+# costs about a third of the recall with this much data (README "Kid-safe prompts"); 7 % is about what the
+# filter refused before the classifier veto, on a test part of far fewer hard look-alikes.
+FALSE_REFUSAL_BUDGET = 0.07
 
 
 def _pipeline():
@@ -73,15 +76,17 @@ def decide(score: float | None, layer: str | None, words: int, threshold: float,
 
 
 def choose_operating_point(scores, layers, words, unsafe, blind) -> tuple[float, dict[str, float], dict]:
-    """(threshold, vetoes, metrics) maximising recall - FALSE_REFUSAL_WEIGHT x harmless refused over the
-    grid, from out-of-fold classifier scores and the rules' verdicts on dev. Recall is counted on the
-    unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev half no rule came
-    from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules are fitted
-    (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
-    harmless dev prompts: the classifier's out-of-fold scores are honest on all of them, and the blind
-    ones carry the rules' own false refusals (one harmless look-alike in six before any veto).
-    The weight: a miss is the worst failure, but a point of recall bought with more than half a point of
-    harmless refusals is not worth it (the issue's targets give both the same 1 % budget)."""
+    """(threshold, vetoes, metrics): the grid point with the highest recall whose harmless-refused rate is
+    within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the higher threshold), from out-of-fold
+    classifier scores and the rules' verdicts on dev. Recall is counted on the unsafe dev prompts the rules
+    were NOT written from (`blind`: batches whose dev half no rule came from, safety_batches.json
+    `dev_used_for_rules` false): on the other dev prompts the rules are fitted (they catch 99 %) and would
+    say the classifier adds nothing. Harmless refused is counted on all harmless dev prompts: the
+    classifier's out-of-fold scores are honest on all of them, and the blind ones carry the rules' own
+    false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost linearly
+    over thresholds 0.5-0.85 (about 2 points of recall per point of refusals), so any fixed weight near
+    that rate makes the chosen point jump with each new batch; a budget moves it only as far as the data
+    does."""
     import numpy as np
     from toonark.prompt_safety.layered import MIN_VETO_WORDS
     score = np.array([-1.0 if s is None else s for s in scores])      # -1: no reading (too short)
@@ -93,11 +98,13 @@ def choose_operating_point(scores, layers, words, unsafe, blind) -> tuple[float,
         for word in WORD_VETOES:   # the same decision as decide(), for all prompts at once
             excused = vetoable & (layer == "word") & (score < word)
             refused = ((layer != "") & ~excused) | (score >= threshold)
-            recall, wrong = refused[unsafe & blind].mean(), refused[~unsafe].mean()
-            value = recall - FALSE_REFUSAL_WEIGHT * wrong
-            if best is None or value > best[0] + 1e-12:
-                best = (value, threshold, {"word": word}, float(recall), float(wrong))
-    _, threshold, vetoes, recall, wrong = best
+            recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
+            if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
+                best = (recall, wrong, threshold, {"word": word})
+    if best is None:
+        raise ValueError(f"no threshold and veto keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
+                         f"rules alone refuse more; fix the rules' false refusals first")
+    recall, wrong, threshold, vetoes = best
     return threshold, vetoes, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
                                "harmless_refused_all_dev": round(wrong, 4)}
 
@@ -204,7 +211,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g; trained on dev + templated" % C,
         "operating_point_rule": (f"threshold and word veto (a word-rule hit in a prompt of {MIN_VETO_WORDS}+ words is "
                                  f"excused when P(unsafe) < the veto) "
-                                 f"maximise recall - {FALSE_REFUSAL_WEIGHT:g} x harmless refused of the whole filter "
+                                 f"maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused "
                                  f"on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on the dev "
                                  f"prompts of batches whose dev half no rule was written from, harmless refused on "
                                  f"all dev"),
