@@ -31,8 +31,9 @@ C = 30.0
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))          # 0.30 .. 0.95
 WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue's 1 %
-# costs about a third of the recall with this much data (README "Kid-safe prompts"); 7 % is about what the
-# filter refused before the classifier veto, on a test part of far fewer hard look-alikes.
+# costs about a third of the recall with this much data (README "Kid-safe prompts"); 7 % was set near the
+# harmless-refused rate the filter measured when the budget replaced a weighted sum (a policy choice: a
+# missed unsafe prompt is the worst failure, a refused harmless one the next worst).
 FALSE_REFUSAL_BUDGET = 0.07
 
 
@@ -56,26 +57,16 @@ def _round(pipe) -> None:
     clf.intercept_ = np.round(clf.intercept_, 6)
 
 
-def _rates(refused, unsafe) -> tuple[float, float]:
-    """(recall, harmless refused) of boolean decisions."""
-    caught = [r for r, u in zip(refused, unsafe) if u]
-    wrong = [r for r, u in zip(refused, unsafe) if not u]
-    return (sum(caught) / len(caught) if caught else 1.0), (sum(wrong) / len(wrong) if wrong else 0.0)
+def _refused(score, layer, vetoable, threshold: float, word_veto: float):
+    """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
+    LayeredFilter.verdict): a rule hit stands unless the prompt can be vetoed (MIN_VETO_WORDS words) and
+    the classifier's score is under the word veto (phrase hits are never vetoed); otherwise the classifier
+    refuses at the threshold. score -1: no classifier reading (under MIN_CLASSIFIER_WORDS words)."""
+    excused = vetoable & (layer == "word") & (score < word_veto)
+    return ((layer != "") & ~excused) | (score >= threshold)
 
 
-def decide(score: float | None, layer: str | None, words: int, threshold: float, vetoes: dict[str, float]) -> bool:
-    """The layered filter's decision from its parts (mirrors LayeredFilter.verdict): a rule hit stands
-    unless the prompt has MIN_VETO_WORDS words and the classifier's score is under that layer's veto;
-    otherwise the classifier refuses at the threshold. `score` None: no classifier reading (prompt under
-    MIN_CLASSIFIER_WORDS normalised words)."""
-    from toonark.prompt_safety.layered import MIN_VETO_WORDS
-    if layer is not None and (score is None or words < MIN_VETO_WORDS or layer not in vetoes
-                              or score >= vetoes[layer]):
-        return True
-    return score is not None and score >= threshold
-
-
-def choose_operating_point(scores, layers, words, unsafe, blind) -> tuple[float, dict[str, float], dict]:
+def choose_operating_point(scores, layers, vetoable, unsafe, blind) -> tuple[float, dict[str, float], dict]:
     """(threshold, vetoes, metrics): the grid point with the highest recall whose harmless-refused rate is
     within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the higher threshold), from out-of-fold
     classifier scores and the rules' verdicts on dev. Recall is counted on the unsafe dev prompts the rules
@@ -86,18 +77,11 @@ def choose_operating_point(scores, layers, words, unsafe, blind) -> tuple[float,
     false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost linearly
     over thresholds 0.5-0.85 (about 2 points of recall per point of refusals), so any fixed weight near
     that rate makes the chosen point jump with each new batch; a budget moves it only as far as the data
-    does."""
-    import numpy as np
-    from toonark.prompt_safety.layered import MIN_VETO_WORDS
-    score = np.array([-1.0 if s is None else s for s in scores])      # -1: no reading (too short)
-    layer = np.array([l or "" for l in layers])
-    vetoable = (score >= 0) & (np.array(words) >= MIN_VETO_WORDS)
-    unsafe, blind = np.array(unsafe, dtype=bool), np.array(blind, dtype=bool)
+    does. Arguments are numpy arrays over the dev prompts (see _refused; unsafe, blind: bool)."""
     best = None
     for threshold in sorted(THRESHOLDS, reverse=True):
-        for word in WORD_VETOES:   # the same decision as decide(), for all prompts at once
-            excused = vetoable & (layer == "word") & (score < word)
-            refused = ((layer != "") & ~excused) | (score >= threshold)
+        for word in WORD_VETOES:
+            refused = _refused(scores, layers, vetoable, threshold, word)
             recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
             if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
                 best = (recall, wrong, threshold, {"word": word})
@@ -159,16 +143,17 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                 _round(pipe)
                 oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
             rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
-            layers = [getattr(rules.verdict(e.text), "layer", None) for e in dev]
-            scores = [None if len(t.split()) < MIN_CLASSIFIER_WORDS else float(p) for t, p in zip(x, oof)]
+            layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
+            words = np.array([len(t.split()) for t in x])
+            scores = np.where(words >= MIN_CLASSIFIER_WORDS, oof, -1.0)
             fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-            blind = [evalset.sha12(e.base) not in fitted for e in dev]
-            words = [len(t.split()) for t in x]
-            threshold, vetoes, chosen = choose_operating_point(scores, layers, words, [e.unsafe for e in dev], blind)
-            recall, refused = _rates([decide(s, l, n, threshold, vetoes) for s, l, n in zip(scores, layers, words)],
-                                     [e.unsafe for e in dev])
-            dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(recall, 4),
-                                                "harmless_refused": round(refused, 4)}}
+            blind = np.array([evalset.sha12(e.base) not in fitted for e in dev])
+            unsafe = np.array([e.unsafe for e in dev])
+            vetoable = words >= MIN_VETO_WORDS
+            threshold, vetoes, chosen = choose_operating_point(scores, layers, vetoable, unsafe, blind)
+            refused = _refused(scores, layers, vetoable, threshold, vetoes["word"])
+            dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
+                                                "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
         else:
             threshold, vetoes, dev_filter = 0.5, {}, {}
         pipe = _pipeline().fit(x + gx, y + gy)
