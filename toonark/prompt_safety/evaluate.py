@@ -130,7 +130,7 @@ def batch_table(flt, examples: list[evalset.Example], split: str) -> str:
         grouped[batch_of.get(hashlib.sha256(ex.base.encode("utf-8")).hexdigest()[:12], "unlisted")].append(ex)
     written = {b["batch"]: b["written"] for b in batches()}
     lines = [f"| batch | base prompts | written | {split}: recall % / harmless refused % |", "|---|---|---|---|"]
-    for key in sorted(grouped, key=str):
+    for key in sorted(grouped, key=lambda k: (isinstance(k, str), k if isinstance(k, int) else 0, str(k))):
         exs = grouped[key]
         report = evaluate(flt, exs, split)
         lines.append(f"| {key} | {len({e.base for e in exs})} | {written.get(key, '-')} | "
