@@ -50,6 +50,15 @@ def _pipeline():
     return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs", tol=1e-3))
 
 
+def _unsafe_scores(train_x, train_y, texts):
+    """P(unsafe) of `texts` from a model trained on (train_x, train_y): one out-of-fold fold."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        pipe = _pipeline().fit(train_x, train_y)
+        _round(pipe)
+        return 1.0 - pipe.predict_proba(texts)[:, list(pipe.classes_).index(evalset.SAFE)]
+
+
 def _round(pipe) -> None:
     import numpy as np
     clf = pipe[-1]
@@ -137,11 +146,15 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         safe_index = labels.index(evalset.SAFE)
         oof = np.zeros(len(dev))
         if limit is None:
-            folds = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0)
-            for train_idx, hold_idx in folds.split(x, y, groups):
-                pipe = _pipeline().fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy)
-                _round(pipe)
-                oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
+            from joblib import Parallel, delayed
+            splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, groups))
+            # The fold models are independent: one process each (up to the cores there are), one BLAS thread in
+            # each, so the scores do not depend on how many run at once.
+            held = Parallel(n_jobs=min(FOLDS, os.cpu_count() or 1))(
+                delayed(_unsafe_scores)([x[i] for i in tr] + gx, [y[i] for i in tr] + gy, [x[i] for i in ho])
+                for tr, ho in splits)
+            for (_, hold_idx), scores in zip(splits, held):
+                oof[hold_idx] = scores
             rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
             layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
             words = np.array([len(t.split()) for t in x])
@@ -176,7 +189,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     all_x = [normalize(e.text) for e in examples]
     onnx_p = session.run(["probabilities"], {INPUT_NAME: np.array(all_x, dtype=object).reshape(-1, 1)})[0]
-    parity = float(np.abs(onnx_p - pipe.predict_proba(all_x)).max())
+    sklearn_p = pipe.predict_proba(all_x)
+    parity = float(np.abs(onnx_p - sklearn_p).max())
+    # What parity must guarantee is the decision: the share of prompts the two would refuse differently.
+    flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - sklearn_p[:, safe_index] >= threshold)))
 
     test_scores = 1.0 - onnx_p[[i for i, e in enumerate(examples) if e.split == "test"], safe_index]
     sidecar = {
@@ -205,6 +221,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
             "dev_out_of_fold_whole_filter": dev_filter or None,
             "test_classifier_alone": _metrics(list(test_scores), [e.label for e in test], threshold),
             "onnx_vs_sklearn_max_abs_diff": round(parity, 6),
+            "onnx_vs_sklearn_decisions_differ": {"prompts": flips, "of": len(examples)},
         },
         "built_with": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
                        "onnx_opsets": OPSETS},
