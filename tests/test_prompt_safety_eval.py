@@ -171,3 +171,27 @@ def test_classifier_rebuild_is_byte_identical(tmp_path):
     assert (tmp_path / "safety_known_words.txt").read_bytes() == \
         (Path(model).parent / "safety_known_words.txt").read_bytes()
     assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
+    """scripts/safety_add_batch.py's merge: new prompts land in their groups and in one new batch (with its
+    author, not yet used for rules), prompts already in the set are skipped case-insensitively, and an
+    unknown category is refused naming the known ones, with neither file touched."""
+    prompts, batches = tmp_path / "safety_prompts.json", tmp_path / "safety_batches.json"
+    prompts.write_bytes(evalset.data_path().read_bytes())
+    batches.write_bytes((evalset.data_path().parent / "safety_batches.json").read_bytes())
+    existing = evalset.load()[0].base
+    new = {"author": "a test", "unsafe": {"violence": ["a brand new prompt about a brawl", existing.upper()]},
+           "harmless": {"animals": ["a brand new prompt about a quokka", "a brand new prompt about a quokka"]}}
+    result = evalset.add_batch(new, "in a test", prompts, batches)
+    assert (result["added"], result["duplicates"]) == (2, 2)
+    after = {e.base: e.label for e in evalset.load(prompts)}
+    assert after["a brand new prompt about a brawl"] == "violence" and after["a brand new prompt about a quokka"] == "safe"
+    last = evaluate.batches(batches)[-1]
+    assert last["batch"] == result["batch"] and last["author"] == "a test" and last["dev_used_for_rules"] is False
+    assert sorted(last["bases"]) == sorted(evalset.sha12(p) for p in ("a brand new prompt about a brawl",
+                                                                        "a brand new prompt about a quokka"))
+    before = prompts.read_bytes(), batches.read_bytes()
+    with pytest.raises(ValueError, match=r"unsafe.arson: no such category; use one of violence, child-harm"):
+        evalset.add_batch({"unsafe": {"arson": ["a burning barn"]}}, "in a test", prompts, batches)
+    assert (prompts.read_bytes(), batches.read_bytes()) == before
