@@ -1,7 +1,7 @@
 """Prompt safety measured on the project's labelled set (toonark/data/safety_prompts.json): the set's
 shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped ONNX
-classifier (matches its data and sidecar, rebuilds byte for byte). A few seconds on 2 cores; the
-rebuild needs the build-time extra (make setup installs it)."""
+classifier (matches its data and sidecar, rebuilds byte for byte). About a minute on 2 cores, most of it
+the rebuild, which needs the build-time extra (make setup installs it)."""
 from __future__ import annotations
 
 import hashlib
@@ -160,7 +160,8 @@ def test_classifier_refuses_a_model_that_does_not_match_its_sidecar(tmp_path):
 
 
 def test_classifier_rebuild_is_byte_identical(tmp_path):
-    """`make safety-model` from the same data gives the same bytes (about 10 s: the whole training)."""
+    """`make safety-model` from the same data gives the same bytes (45-60 s on 2 cores: the whole training,
+    4 fold models and the final one)."""
     pytest.importorskip("sklearn", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     pytest.importorskip("skl2onnx", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety.train import build

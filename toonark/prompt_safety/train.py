@@ -3,7 +3,7 @@ export it to ONNX (scikit-learn + skl2onnx, the `safety-model` extra; the runtim
 
 Byte-reproducible: one BLAS thread, a deterministic solver, coefficients rounded to 6 decimals before
 export (so last-bit differences of floating-point sums cannot change the file), fixed opsets and
-producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold and
+producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold, the word veto and
 the metrics.
 """
 from __future__ import annotations
