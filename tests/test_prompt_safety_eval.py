@@ -1,7 +1,7 @@
 """Prompt safety measured on the project's labelled set (toonark/data/safety_prompts.json): the set's
 shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped ONNX
-classifier (matches its data and sidecar, rebuilds byte for byte). A few seconds on 2 cores; the
-rebuild needs the build-time extra (make setup installs it)."""
+classifier (matches its data and sidecar, rebuilds byte for byte). About a minute on 2 cores, most of it
+the rebuild, which needs the build-time extra (make setup installs it)."""
 from __future__ import annotations
 
 import hashlib
@@ -127,7 +127,11 @@ def test_classifier_matches_its_data_and_sidecar():
     assert sidecar["trained_on"]["split"] == "dev" and sidecar["trained_on"]["limit"] is None
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
     assert 0 < sidecar["threshold"] < 1
-    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.05
+    # skl2onnx's character n-grams differ from scikit-learn's on a few texts (single-letter words: "merry
+    # f ing christmas"); what must hold is the decision at the threshold, on nearly every prompt.
+    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.1
+    differ = sidecar["metrics"]["onnx_vs_sklearn_decisions_differ"]
+    assert differ["prompts"] <= 0.005 * differ["of"], differ   # measured: 7 of 9364
     assert sidecar["templated"]["sha256"] == hashlib.sha256(templates.data_path().read_bytes()).hexdigest(), \
         "toonark/data/safety_templates.json changed since the classifier was trained: run `make safety-model`"
 
@@ -156,7 +160,8 @@ def test_classifier_refuses_a_model_that_does_not_match_its_sidecar(tmp_path):
 
 
 def test_classifier_rebuild_is_byte_identical(tmp_path):
-    """`make safety-model` from the same data gives the same bytes (about 10 s: the whole training)."""
+    """`make safety-model` from the same data gives the same bytes (45-60 s on 2 cores: the whole training,
+    4 fold models and the final one)."""
     pytest.importorskip("sklearn", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     pytest.importorskip("skl2onnx", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety.train import build
@@ -167,3 +172,27 @@ def test_classifier_rebuild_is_byte_identical(tmp_path):
     assert (tmp_path / "safety_known_words.txt").read_bytes() == \
         (Path(model).parent / "safety_known_words.txt").read_bytes()
     assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
+    """scripts/safety_add_batch.py's merge: new prompts land in their groups and in one new batch (with its
+    author, not yet used for rules), prompts already in the set are skipped case-insensitively, and an
+    unknown category is refused naming the known ones, with neither file touched."""
+    prompts, batches = tmp_path / "safety_prompts.json", tmp_path / "safety_batches.json"
+    prompts.write_bytes(evalset.data_path().read_bytes())
+    batches.write_bytes((evalset.data_path().parent / "safety_batches.json").read_bytes())
+    existing = evalset.load()[0].base
+    new = {"author": "a test", "unsafe": {"violence": ["a brand new prompt about a brawl", existing.upper()]},
+           "harmless": {"animals": ["a brand new prompt about a quokka", "a brand new prompt about a quokka"]}}
+    result = evalset.add_batch(new, "in a test", prompts, batches)
+    assert (result["added"], result["duplicates"]) == (2, 2)
+    after = {e.base: e.label for e in evalset.load(prompts)}
+    assert after["a brand new prompt about a brawl"] == "violence" and after["a brand new prompt about a quokka"] == "safe"
+    last = evaluate.batches(batches)[-1]
+    assert last["batch"] == result["batch"] and last["author"] == "a test" and last["dev_used_for_rules"] is False
+    assert sorted(last["bases"]) == sorted(evalset.sha12(p) for p in ("a brand new prompt about a brawl",
+                                                                        "a brand new prompt about a quokka"))
+    before = prompts.read_bytes(), batches.read_bytes()
+    with pytest.raises(ValueError, match=r"unsafe.arson: no such category; use one of violence, child-harm"):
+        evalset.add_batch({"unsafe": {"arson": ["a burning barn"]}}, "in a test", prompts, batches)
+    assert (prompts.read_bytes(), batches.read_bytes()) == before

@@ -33,7 +33,7 @@ def _json(name: str) -> dict:
 
 REFUSED = [
     # violence
-    ("a knight who wants to kill the dragon", "violence"),
+    ("a knight who wants to kill", "violence"),   # under 7 words: no classifier veto (test_classifier_veto)
     ("K1LL the monster", "violence"),
     ("k.i.l.l", "violence"),
     ("a murderer in the woods", "violence"),
@@ -203,9 +203,18 @@ HARMLESS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def rules_only(policy):
+    from toonark.prompt_safety import LayeredFilter
+    return LayeredFilter.build(policy._rules, classifier=None)
+
+
 @pytest.mark.parametrize("text", HARMLESS)
-def test_harmless_lookalikes_pass(policy, text):
-    policy.check(text)  # no exception
+def test_harmless_lookalikes_pass_the_rules(rules_only, text):
+    """The rule layers (word, phrase, spelling) and their allow-rules let these through. The classifier is
+    off here: its false refusals are a rate, measured on the labelled set (tests/test_prompt_safety_eval.py);
+    it refuses "a soldier saluting a flag" (it reads "saluting" as hate), one of those."""
+    assert rules_only.verdict(text) is None
 
 
 def test_harmless_count():
@@ -243,6 +252,41 @@ def test_harmless_negative_prompts_pass(policy, negative):
 
 
 # --- layers beyond the word list ----------------------------------------------------------------
+
+class _FixedScore:
+    """A classifier that reads every prompt as P(unsafe) = `unsafe`, with the shipped model's labels and
+    veto: the veto's logic in LayeredFilter.verdict is under test here, not the model's scores."""
+
+    def __init__(self, unsafe: float, threshold: float = 0.7, veto: float = 0.2):
+        from toonark.prompt_safety.classifier import Score
+        self.labels = ["safe", "violence", "weapons", "child-harm"]
+        self._score = Score("violence", unsafe, threshold, (("word", veto),))
+
+    def score(self, text):
+        return self._score
+
+
+@pytest.mark.parametrize("text, unsafe, refused_by", [
+    ("a knight in shining armour who wants to kill the dragon", 0.1, None),        # word hit, read as harmless
+    ("a knight in shining armour who wants to kill the dragon", 0.3, "word"),      # over the veto: refused
+    ("a knight who wants to kill", 0.1, "word"),                                    # under 7 words: no veto
+    ("a big man hitting a small child in the park", 0.1, "phrase"),                # phrase rules get no veto
+    ("a happy otter floating on its back with a pebble", 0.8, "classifier"),       # over the threshold
+])
+def test_classifier_veto(policy, text, unsafe, refused_by):
+    from toonark.prompt_safety import LayeredFilter
+    flt = LayeredFilter.build(policy._rules, classifier=_FixedScore(unsafe))
+    refusal = flt.verdict(text)
+    assert (refusal.layer if refusal else None) == refused_by, refusal
+
+
+def test_classifier_veto_keeps_custom_categories(tmp_path):
+    """A custom rules file's categories are unknown to the classifier: it never excuses their hits."""
+    from toonark.prompt_safety import LayeredFilter
+    rules = {"version": 1, "categories": {"sweets": {"terms": ["candy floss"]}}, "allow": []}
+    p = _load(tmp_path, rules=rules)
+    flt = LayeredFilter.build(p._rules, classifier=_FixedScore(0.0))
+    assert flt.verdict("a very long and happy story about pink candy floss at the fair").category == "sweets"
 
 @pytest.mark.parametrize("text,category,rule", [
     ("a man hitting a small child with a belt", "child-harm", "harm-to-child"),

@@ -162,8 +162,9 @@ def test_metrics_families_labels_and_increments(server):
         return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0.0)
 
     from toonark.prompts import PromptPolicy
-    for reason in PromptPolicy.load().reasons:   # every category is a label value, only "weapons" moved
-        assert moved("toonark_prompt_refusals_total", reason=reason) == (1 if reason == "weapons" else 0), reason
+    for reason, layer in PromptPolicy.load().refusal_labels:   # every pair is a label value, one moved
+        want = 1 if (reason, layer) == ("weapons", "word") else 0
+        assert moved("toonark_prompt_refusals_total", reason=reason, layer=layer) == want, (reason, layer)
     assert moved("toonark_steps_total") == 2 + 3 + 1
     assert moved("toonark_images_total", format="png") == 2
     assert moved("toonark_images_total", format="webp") == 2
@@ -179,6 +180,45 @@ def test_metrics_families_labels_and_increments(server):
     assert moved("toonark_prompt_cache_misses_total") == 2
     print("\n" + "\n".join(f"{name}{dict(labels)} {v:g}" for (name, labels), v in sorted(after.items(), key=str)
                            if name.startswith("toonark_") and not name.endswith("_bucket")))
+
+
+def _classifier_refused_prompt() -> str:
+    """The first dev prompt of the labelled set that only the shipped classifier refuses (so the test
+    follows a retrained model instead of pinning one of its scores)."""
+    from toonark.prompt_safety import evalset, filter_for
+    from toonark.prompts import PromptPolicy
+    flt = filter_for(PromptPolicy.load()._rules)
+    for e in evalset.load():
+        if e.split == "dev" and e.kind == "base":
+            refusal = flt.verdict(e.text)
+            if refusal is not None and refusal.layer == "classifier":
+                return e.text
+    raise AssertionError("the shipped classifier refuses no dev prompt the rules let through")
+
+
+def test_refusal_metric_carries_the_layer_that_refused(server):
+    """One refused request per layer of the kid-safety filter: each is a 400 naming its category and layer,
+    and moves exactly its (reason, layer) series of toonark_prompt_refusals_total; none reaches the text encoder."""
+    from toonark.prompt_safety import filter_for
+    from toonark.prompts import PromptPolicy
+    policy = PromptPolicy.load()
+    classifier_prompt = _classifier_refused_prompt()
+    cases = [(dict(prompt="a gun"), "weapons", "word"),
+             (dict(prompt="a man hitting a small child"), "child-harm", "phrase"),
+             (dict(prompt="一只可爱的猫"), "language", "language"),
+             (dict(prompt=classifier_prompt), filter_for(policy._rules).verdict(classifier_prompt).category, "classifier"),
+             (dict(negative_prompt="clothes"), "sexual", "negative")]
+    encoded = stats(server, "text_encoder")["success"][0]
+    for options, reason, layer in cases:
+        before = scrape(server)
+        with pytest.raises(ServerError, match=rf"prompt refused \({reason}\): .*\(layer: {layer}"):
+            run(server, **options)
+        after = scrape(server)
+        for pair in policy.refusal_labels:
+            name, labels = "toonark_prompt_refusals_total", dict(zip(("reason", "layer"), pair))
+            moved = value(after, name, **labels) - value(before, name, **labels)
+            assert moved == (1 if pair == (reason, layer) else 0), (options, pair)
+    assert stats(server, "text_encoder")["success"][0] == encoded, "a refused request must run no model"
 
 
 # --- 3. NUM_IMAGES and QUALITY ----------------------------------------------------------------------------

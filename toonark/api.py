@@ -123,11 +123,13 @@ NUMPY_TYPES = {"STRING": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32
 
 class RequestError(ValueError):
     """A bad request: sent back to the client as the response's error message, the server stays up.
-    `reason` is the safety category when the prompt was refused (a metrics label), else None."""
+    `reason` is the safety category when the prompt was refused (a metrics label), else None; `layer` the
+    layer of the kid-safety filter that refused it (toonark.prompt_safety.LAYERS: word, phrase, language,
+    classifier, negative), else None."""
 
-    def __init__(self, message: str, reason: str | None = None):
+    def __init__(self, message: str, reason: str | None = None, layer: str | None = None):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.layer = reason, layer
 
 
 def request_defaults(info) -> dict:
@@ -315,7 +317,7 @@ def resolve_request(info, policy, defaults: Mapping | None = None, serves: Serve
     except (ValueError, TypeError) as err:   # refusals (PromptRefused) name the reason
         if isinstance(err, RequestError):
             raise
-        raise RequestError(str(err), getattr(err, "category", None)) from None
+        raise RequestError(str(err), getattr(err, "category", None), getattr(err, "layer", None)) from None
     from toonark.lora import check_lora_request
     try:   # checked before any GPU work: an unknown style or a bad scale is a 400 listing the known names
         lora_name, lora_weight = check_lora_request(str(text_value(lora, "LORA", "") or ""),

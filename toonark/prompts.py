@@ -423,6 +423,12 @@ class PromptPolicy:
         """Refusal categories in rules-file order, then "language": the label values for refusal metrics."""
         return self._rules.categories + ("language",)
 
+    @property
+    def refusal_labels(self) -> tuple[tuple[str, str], ...]:
+        """(reason, layer) pairs of the refusal metric: each category with each layer that can refuse it."""
+        from toonark.prompt_safety import refusal_labels
+        return refusal_labels(self.reasons)
+
     def check(self, text: str) -> None:
         """Raise PromptRefused (a toonark.prompt_safety.SafetyRefused naming the layer) if `text` must
         not be drawn; else return None. The layered filter reuses this policy's word rules."""

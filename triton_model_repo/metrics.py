@@ -2,10 +2,12 @@
 
 Triton serves them on its metrics port next to its own (GET http://<host>:<metrics port>/metrics):
 
-    toonark_prompt_refusals_total{reason="<category>"}   counter  prompts refused by the kid-safety rules
-                                                                  (preprocess; one label value per category
-                                                                  of toonark/data/safety_rules.json, all
-                                                                  present from startup at 0)
+    toonark_prompt_refusals_total{reason="<category>",   counter  prompts refused by the kid-safety filter
+                                  layer="<layer>"}                (preprocess; reason: a category of
+                                                                  toonark/data/safety_rules.json or language;
+                                                                  layer: word, phrase, classifier, negative
+                                                                  or language, the layer that refused; every
+                                                                  pair present from startup at 0)
     toonark_steps_total                                   counter  denoising steps served (denoise: one per
                                                                   UNet call, whatever the batch)
     toonark_images_total{format="png"|"webp"|"raw"}           counter  images returned (postprocess; blanked ones too)
@@ -44,7 +46,7 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 FAMILIES = {
     # name: (kind, description)
-    "toonark_prompt_refusals_total": ("COUNTER", "Prompts refused by the kid-safety rules, by reason (category)"),
+    "toonark_prompt_refusals_total": ("COUNTER", "Prompts refused by the kid-safety filter, by reason (category) and the layer that refused"),
     "toonark_steps_total": ("COUNTER", "Denoising steps served (UNet calls of denoise)"),
     "toonark_images_total": ("COUNTER", "Images returned, by format"),
     "toonark_nsfw_images_total": ("COUNTER", "Images flagged by the safety checker and replaced by a blank image"),

@@ -36,15 +36,21 @@ class Score:
     category: str        # the most likely unsafe category
     unsafe: float        # 1 - P(safe)
     threshold: float
+    vetoes: tuple[tuple[str, float], ...] = ()   # (rule layer, score under which its hit is excused)
 
     @property
     def refused(self) -> bool:
         return self.unsafe >= self.threshold
 
+    def excuses(self, layer: str) -> bool:
+        """True when the classifier reads the prompt as clearly harmless for a hit of that rule layer
+        ("a palette knife spreading buttercream": the word rule fires, the context is a cake)."""
+        return any(layer == name and self.unsafe < veto for name, veto in self.vetoes)
+
 
 class SafetyClassifier:
-    """Scores one normalised prompt. Labels, threshold and the model's sha256 come from the sidecar
-    JSON written beside the .onnx; a model that does not match its sidecar is refused at load."""
+    """Scores one normalised prompt. Labels, threshold, the rule vetoes and the model's sha256 come from
+    the sidecar JSON written beside the .onnx; a model that does not match its sidecar is refused at load."""
 
     def __init__(self, model_path: Path | None = None, sidecar_path: Path | None = None):
         default_model, default_sidecar = default_paths()
@@ -63,6 +69,8 @@ class SafetyClassifier:
         self.labels: list[str] = list(self.info["labels"])
         self.safe_label: str = self.info["safe_label"]
         self.threshold = float(self.info["threshold"])
+        # Sidecars before version 2 have no vetoes: every rule hit stands.
+        self.vetoes = tuple((layer, float(v)) for layer, v in sorted(self.info.get("vetoes", {}).items()))
         self._blob = blob
         self._session = None
 
@@ -89,7 +97,7 @@ class SafetyClassifier:
         for probs in self.probabilities(texts):
             unsafe = {k: v for k, v in probs.items() if k != self.safe_label}
             category = max(unsafe, key=unsafe.get)
-            out.append(Score(category, 1.0 - probs[self.safe_label], self.threshold))
+            out.append(Score(category, 1.0 - probs[self.safe_label], self.threshold, self.vetoes))
         return out
 
     def score(self, text: str) -> Score:

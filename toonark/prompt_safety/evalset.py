@@ -127,3 +127,49 @@ def categories(path: Path | None = None) -> tuple[str, ...]:
     path = path or data_path()
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     return tuple(g for g in data["unsafe"] if not g.startswith("_"))
+
+
+def sha12(text: str) -> str:
+    """The first 12 hex digits of a base prompt's sha256: its name in safety_batches.json."""
+    return _digest(text)[:12]
+
+
+def add_batch(new: dict, written: str, path: Path | None = None, batches_path: Path | None = None) -> dict:
+    """Merge a file of new labelled base prompts ({"author": ..., "unsafe": {category: [...]}, "harmless":
+    {group: [...]}}) into the labelled set as one new writing batch; returns {"batch", "added",
+    "duplicates"}. A prompt already in the set (case-insensitively, or twice in `new`) is skipped; an
+    unknown category or group is refused, naming the known ones. Both files are rewritten whole
+    (temp file, then rename). The batch's commit is left as "pending": the commit that adds it is
+    named afterwards."""
+    path = Path(path or data_path())
+    batches_path = Path(batches_path or path.with_name("safety_batches.json"))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    batches = json.loads(batches_path.read_text(encoding="utf-8"))
+    seen = {b.casefold() for section in ("unsafe", "harmless") for g, v in data[section].items()
+            if not g.startswith("_") for b in v}
+    added, duplicates = [], 0
+    for section in ("unsafe", "harmless"):
+        for group, prompts in (new.get(section) or {}).items():
+            if group not in data[section]:
+                known = ", ".join(g for g in data[section] if not g.startswith("_"))
+                raise ValueError(f"{section}.{group}: no such {'category' if section == 'unsafe' else 'group'}; "
+                                 f"use one of {known}")
+            for prompt in prompts:
+                prompt = " ".join(str(prompt).split())
+                if not prompt or prompt.casefold() in seen:
+                    duplicates += 1
+                    continue
+                seen.add(prompt.casefold())
+                data[section][group].append(prompt)
+                added.append(prompt)
+    number = max(b["batch"] for b in batches["batches"]) + 1
+    # dev_used_for_rules: false until a rule is written from the batch's dev half; while false, that half
+    # is where the classifier's operating point is chosen (train.choose_operating_point).
+    batches["batches"].append({"batch": number, "commit": "pending", "author": str(new.get("author", "unknown")),
+                               "written": written, "dev_used_for_rules": False,
+                               "bases": sorted(sha12(p) for p in added)})
+    for target, content, indent in ((path, data, 2), (batches_path, batches, 1)):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(content, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(target)
+    return {"batch": number, "added": len(added), "duplicates": duplicates}

@@ -8,7 +8,9 @@ Layers (each refusal names its layer and its rule or score):
             and a phrase rule both fire, the phrase rule (more specific) names the refusal;
   language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
   classifier the shipped ONNX n-gram classifier (toonark/data/safety_classifier.onnx), refusing
-            when P(unsafe) reaches the threshold chosen on the dev part of the labelled set.
+            when P(unsafe) reaches the threshold chosen on the dev part of the labelled set; it also
+            excuses a word-rule hit in a prompt of MIN_VETO_WORDS+ words when P(unsafe) is under its veto
+            (the rule word in a harmless context: "a palette knife spreading buttercream on a cake").
 The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
 words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
 bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
@@ -34,7 +36,13 @@ log = logging.getLogger(__name__)
 
 LANGUAGE = "language"
 LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
-MIN_CLASSIFIER_WORDS = 3
+# Prompts under MIN_CLASSIFIER_WORDS normalised words are left to the rules: n-grams have too little
+# context there ("50% {off" scored 0.99 gore, "Sussex and Essex" 0.52 scary). A rule hit is excused by
+# the classifier only from MIN_VETO_WORDS words ("a dead body in the park" scores 0.18: too short to
+# tell a harmless context). Both were compared out of fold on dev (3 / 5 / 7 / 8 words): from 5 and 7
+# words they lose no recall on prompts the rules were not written from and refuse fewer harmless ones.
+MIN_CLASSIFIER_WORDS = 5
+MIN_VETO_WORDS = 7
 _DESCRIBE = {
     "violence": "violence", "child-harm": "harm to a child", "weapons": "weapons", "gore": "gore",
     "sexual": "sexual content", "drugs": "drugs or alcohol", "self-harm": "self-harm", "hate": "hate",
@@ -125,16 +133,23 @@ class LayeredFilter:
                                                f"so other scripts give a random picture and cannot be safety-checked) "
                                                f"(layer: language)", LANGUAGE, script)
 
-    def _classifier(self, text: str) -> SafetyRefused | None:
+    def _score(self, text: str):
+        """The classifier's Score for `text`, or None (no classifier, or too short to read)."""
         if self.classifier is None:
             return None
         normalised = normalize(text)
-        # Under MIN_CLASSIFIER_WORDS words there is too little context for n-grams ("50% {off" scored
-        # 0.99 gore); the word and phrase rules read short prompts on their own.
         if len(normalised.split()) < MIN_CLASSIFIER_WORDS:
             return None
-        score = self.classifier.score(normalised)
-        if not score.refused or score.category not in self.categories:
+        return self.classifier.score(normalised)
+
+    def _excused(self, refusal: SafetyRefused, score, text: str) -> bool:
+        """A rule hit the classifier reads as clearly harmless (under its layer's veto), in a prompt long
+        enough to read and of a category the classifier knows (a custom rules file keeps its own hits)."""
+        return (score is not None and refusal.category in self.classifier.labels and score.excuses(refusal.layer)
+                and len(normalize(text).split()) >= MIN_VETO_WORDS)
+
+    def _classifier(self, score) -> SafetyRefused | None:
+        if score is None or not score.refused or score.category not in self.categories:
             return None
         what = _DESCRIBE.get(score.category, score.category)
         return SafetyRefused(score.category, "classifier", f"prompt refused ({score.category}): this reads as {what}, "
@@ -147,10 +162,19 @@ class LayeredFilter:
         """The refusal for a subject, or None when it may be drawn."""
         variants = self._readings(text)
         folded = _fold(text)
+        score = self._score(text)
         # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
         # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
-        return (self._phrase(variants, folded) or self._word(variants) or self._language(folded)
-                or self._classifier(text))
+        # A word hit in a context the classifier reads as clearly harmless is excused (the veto, chosen
+        # with the threshold out of fold on dev: see train.choose_operating_point).
+        for refusal in (self._phrase(variants, folded), self._word(variants)):
+            if refusal is None:
+                continue
+            if self._excused(refusal, score, text):
+                log.debug("classifier (%.3f) excused %s rule %s", score.unsafe, refusal.layer, refusal.rule)
+                continue
+            return refusal
+        return self._language(folded) or self._classifier(score)
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""
@@ -186,6 +210,14 @@ def _default_classifier():
     """The shipped classifier, loaded once per process and shared by every policy."""
     from toonark.prompt_safety.classifier import SafetyClassifier
     return SafetyClassifier()
+
+
+def refusal_labels(reasons: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Every (reason, layer) pair a refusal can carry: the refusal metric's label values. A script
+    refusal is always (language, language); every other category can come from any other layer."""
+    rule_layers = tuple(layer for layer in LAYERS if layer != LANGUAGE)
+    return tuple((reason, layer) for reason in reasons
+                 for layer in ((LANGUAGE,) if reason == LANGUAGE else rule_layers))
 
 
 _CACHE: dict[int, tuple[_SafetyRules, LayeredFilter]] = {}

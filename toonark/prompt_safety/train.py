@@ -3,7 +3,7 @@ export it to ONNX (scikit-learn + skl2onnx, the `safety-model` extra; the runtim
 
 Byte-reproducible: one BLAS thread, a deterministic solver, coefficients rounded to 6 decimals before
 export (so last-bit differences of floating-point sums cannot change the file), fixed opsets and
-producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold and
+producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold, the word veto and
 the metrics.
 """
 from __future__ import annotations
@@ -21,12 +21,20 @@ from toonark.prompts import normalize
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 OPSETS = {"": 17, "ai.onnx.ml": 3}
-MARGIN = 0.1
-MAX_THRESHOLD = 0.95
-FOLDS = 5
-C = 10.0
+FOLDS = 4
+C = 30.0
+# The operating point (classifier threshold, word-rule veto) is picked from this grid by choose_operating_point.
+# Phrase rules get no veto: they are relations as specific as the idiom allow-rules that may override them,
+# and some read the raw text the classifier never sees (masked swear words, "p*ssy").
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))          # 0.30 .. 0.95
+WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+# The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue's 1 %
+# costs about a third of the recall with this much data (README "Kid-safe prompts"); 7 % was set near the
+# harmless-refused rate the filter measured when the budget replaced a weighted sum (a policy choice: a
+# missed unsafe prompt is the worst failure, a refused harmless one the next worst).
+FALSE_REFUSAL_BUDGET = 0.07
 
 
 def _pipeline():
@@ -34,11 +42,21 @@ def _pipeline():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
     # lowercase=False: the input is already normalised, and skl2onnx would otherwise add a
-    # StringNormalizer that needs an installed en_US locale at run time.
+    # StringNormalizer that needs an installed en_US locale at run time. (char_wb n-grams score the
+    # same out of fold on dev, but skl2onnx cannot convert them.)
     chars = TfidfVectorizer(analyzer="char", ngram_range=(2, 5), sublinear_tf=True, lowercase=False, min_df=1)
     words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=False,
                             token_pattern=r"[a-z0-9]+")
-    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs"))
+    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs", tol=1e-3))
+
+
+def _unsafe_scores(train_x, train_y, texts):
+    """P(unsafe) of `texts` from a model trained on (train_x, train_y): one out-of-fold fold."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        pipe = _pipeline().fit(train_x, train_y)
+        _round(pipe)
+        return 1.0 - pipe.predict_proba(texts)[:, list(pipe.classes_).index(evalset.SAFE)]
 
 
 def _round(pipe) -> None:
@@ -48,19 +66,40 @@ def _round(pipe) -> None:
     clf.intercept_ = np.round(clf.intercept_, 6)
 
 
-def _unsafe_prob(pipe, texts, safe_index):
-    return 1.0 - pipe.predict_proba(texts)[:, safe_index]
+def _refused(score, layer, vetoable, threshold: float, word_veto: float):
+    """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
+    LayeredFilter.verdict): a rule hit stands unless the prompt can be vetoed (MIN_VETO_WORDS words) and
+    the classifier's score is under the word veto (phrase hits are never vetoed); otherwise the classifier
+    refuses at the threshold. score -1: no classifier reading (under MIN_CLASSIFIER_WORDS words)."""
+    excused = vetoable & (layer == "word") & (score < word_veto)
+    return ((layer != "") & ~excused) | (score >= threshold)
 
 
-def _choose_threshold(oof, labels) -> float:
-    """Just above the highest out-of-fold score of any harmless dev prompt, plus MARGIN.
-
-    Out of fold (folds grouped by base prompt) is how the classifier meets prompts it has not seen.
-    The shipped model is trained on all of dev and scores more sharply than the fold models, so a
-    threshold fitted exactly to the fold scores refuses unseen harmless prompts; the margin is for that
-    shift. The classifier is the last layer, a backstop behind the rules, so it is kept precise."""
-    highest = max(p for p, y in zip(oof, labels) if y == evalset.SAFE)
-    return round(min(MAX_THRESHOLD, highest + MARGIN), 2)
+def choose_operating_point(scores, layers, vetoable, unsafe, blind) -> tuple[float, dict[str, float], dict]:
+    """(threshold, vetoes, metrics): the grid point with the highest recall whose harmless-refused rate is
+    within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the higher threshold), from out-of-fold
+    classifier scores and the rules' verdicts on dev. Recall is counted on the unsafe dev prompts the rules
+    were NOT written from (`blind`: batches whose dev half no rule came from, safety_batches.json
+    `dev_used_for_rules` false): on the other dev prompts the rules are fitted (they catch 99 %) and would
+    say the classifier adds nothing. Harmless refused is counted on all harmless dev prompts: the
+    classifier's out-of-fold scores are honest on all of them, and the blind ones carry the rules' own
+    false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost linearly
+    over thresholds 0.5-0.85 (about 2 points of recall per point of refusals), so any fixed weight near
+    that rate makes the chosen point jump with each new batch; a budget moves it only as far as the data
+    does. Arguments are numpy arrays over the dev prompts (see _refused; unsafe, blind: bool)."""
+    best = None
+    for threshold in sorted(THRESHOLDS, reverse=True):
+        for word in WORD_VETOES:
+            refused = _refused(scores, layers, vetoable, threshold, word)
+            recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
+            if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
+                best = (recall, wrong, threshold, {"word": word})
+    if best is None:
+        raise ValueError(f"no threshold and veto keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
+                         f"rules alone refuse more; fix the rules' false refusals first")
+    recall, wrong, threshold, vetoes = best
+    return threshold, vetoes, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
+                               "harmless_refused_all_dev": round(wrong, 4)}
 
 
 def _metrics(scores, labels, threshold) -> dict:
@@ -82,7 +121,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     from skl2onnx.common.data_types import StringTensorType
     from threadpoolctl import threadpool_limits
 
-    from toonark.prompt_safety.layered import LayeredFilter
+    from toonark.prompt_safety import evaluate
+    from toonark.prompt_safety.layered import MIN_CLASSIFIER_WORDS, MIN_VETO_WORDS, LayeredFilter
     from toonark.prompts import PromptPolicy
 
     out_dir = Path(out_dir)
@@ -96,30 +136,39 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     y = [e.label for e in dev]
     groups = [e.base for e in dev]
     # Templated examples (training only, never evaluated): added to every training fold and to the
-    # final fit; the held-out folds and the threshold see hand-written dev prompts alone.
+    # final fit; the held-out folds and the operating point see hand-written dev prompts alone.
     generated = [] if limit is not None else templates.generate()
     gx = [normalize(t) for t, _ in generated]
     gy = [label for _, label in generated]
-    rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
 
     with threadpool_limits(1):
         labels = sorted(set(y))
         safe_index = labels.index(evalset.SAFE)
         oof = np.zeros(len(dev))
         if limit is None:
-            folds = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0)
-            for train_idx, hold_idx in folds.split(x, y, groups):
-                pipe = _pipeline().fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy)
-                _round(pipe)
-                oof[hold_idx] = 1.0 - pipe.predict_proba([x[i] for i in hold_idx])[:, list(pipe.classes_).index(evalset.SAFE)]
-            threshold = _choose_threshold(oof, y)
-            rule_refused = [rules.verdict(e.text) is not None for e in dev]
-            dev_filter = {"missed_unsafe": sum(1 for p, l, r in zip(oof, y, rule_refused)
-                                               if l != evalset.SAFE and not r and p < threshold),
-                          "harmless_refused": sum(1 for p, l, r in zip(oof, y, rule_refused)
-                                                  if l == evalset.SAFE and (r or p >= threshold))}
+            from joblib import Parallel, delayed
+            splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, groups))
+            # The fold models are independent: one process each (up to the cores there are), one BLAS thread in
+            # each, so the scores do not depend on how many run at once.
+            held = Parallel(n_jobs=min(FOLDS, os.cpu_count() or 1))(
+                delayed(_unsafe_scores)([x[i] for i in tr] + gx, [y[i] for i in tr] + gy, [x[i] for i in ho])
+                for tr, ho in splits)
+            for (_, hold_idx), scores in zip(splits, held):
+                oof[hold_idx] = scores
+            rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
+            layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
+            words = np.array([len(t.split()) for t in x])
+            scores = np.where(words >= MIN_CLASSIFIER_WORDS, oof, -1.0)
+            fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
+            blind = np.array([evalset.sha12(e.base) not in fitted for e in dev])
+            unsafe = np.array([e.unsafe for e in dev])
+            vetoable = words >= MIN_VETO_WORDS
+            threshold, vetoes, chosen = choose_operating_point(scores, layers, vetoable, unsafe, blind)
+            refused = _refused(scores, layers, vetoable, threshold, vetoes["word"])
+            dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
+                                                "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
         else:
-            threshold, dev_filter = 0.5, {}
+            threshold, vetoes, dev_filter = 0.5, {}, {}
         pipe = _pipeline().fit(x + gx, y + gy)
         _round(pipe)
 
@@ -140,7 +189,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     all_x = [normalize(e.text) for e in examples]
     onnx_p = session.run(["probabilities"], {INPUT_NAME: np.array(all_x, dtype=object).reshape(-1, 1)})[0]
-    parity = float(np.abs(onnx_p - pipe.predict_proba(all_x)).max())
+    sklearn_p = pipe.predict_proba(all_x)
+    parity = float(np.abs(onnx_p - sklearn_p).max())
+    # What parity must guarantee is the decision: the share of prompts the two would refuse differently.
+    flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - sklearn_p[:, safe_index] >= threshold)))
 
     test_scores = 1.0 - onnx_p[[i for i, e in enumerate(examples) if e.split == "test"], safe_index]
     sidecar = {
@@ -151,27 +203,33 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "labels": labels,
         "safe_label": evalset.SAFE,
         "threshold": threshold,
+        "vetoes": vetoes,
         "trained_on": {"file": f"toonark/data/{data_path.name}", "sha256": evalset.data_sha256(data_path),
                        "split": "dev", "examples": len(dev), "limit": limit},
         "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
         "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g; trained on dev + templated" % C,
-        "threshold_rule": f"highest out-of-fold score of a harmless dev prompt + {MARGIN:g} (at most "
-                          f"{MAX_THRESHOLD:g}); {FOLDS} folds grouped by base prompt",
+        "operating_point_rule": (f"threshold and word veto (a word-rule hit in a prompt of {MIN_VETO_WORDS}+ words is "
+                                 f"excused when P(unsafe) < the veto) "
+                                 f"maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused "
+                                 f"on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on the dev "
+                                 f"prompts of batches whose dev half no rule was written from, harmless refused on "
+                                 f"all dev"),
         "metrics": {
             "dev_out_of_fold_classifier_alone": _metrics(oof, y, threshold) if limit is None else None,
             "dev_out_of_fold_whole_filter": dev_filter or None,
             "test_classifier_alone": _metrics(list(test_scores), [e.label for e in test], threshold),
             "onnx_vs_sklearn_max_abs_diff": round(parity, 6),
+            "onnx_vs_sklearn_decisions_differ": {"prompts": flips, "of": len(examples)},
         },
         "built_with": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
                        "onnx_opsets": OPSETS},
     }
     _atomic_write(out_dir / MODEL_NAME, blob)
     _atomic_write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
-    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f", out_dir / MODEL_NAME, len(blob),
-             sidecar["onnx_sha256"][:12], threshold)
+    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f, vetoes %s", out_dir / MODEL_NAME, len(blob),
+             sidecar["onnx_sha256"][:12], threshold, vetoes)
     return sidecar
 
 

@@ -22,8 +22,8 @@ class TritonPythonModel:
         self.lora = any(o["name"] == api.LORA_NAME.name for o in config["output"])   # a LoRA repository
         self.preparer = runtime.RequestPreparer(runtime.pipeline_dir(args), runtime.build_info(args), params)
         self.metrics = Metrics("preprocess")
-        for reason in self.preparer.policy.reasons:   # every label value present from startup, at 0
-            self.metrics.metric("toonark_prompt_refusals_total", reason=reason)
+        for reason, layer in self.preparer.policy.refusal_labels:   # every label pair present from startup, at 0
+            self.metrics.metric("toonark_prompt_refusals_total", reason=reason, layer=layer)
         self.encoder_model = params.get("text_encoder_model")   # native layouts: the BLS callee on a cache miss
         self.outputs = {o["name"] for o in config["output"]}
         if self.encoder_model:
@@ -46,7 +46,7 @@ class TritonPythonModel:
             resolved, input_ids = self.preparer.prepare(**values)
         except api.RequestError as err:   # a bad request: HTTP 400 / gRPC INVALID_ARGUMENT
             if err.reason:
-                self.metrics.count("toonark_prompt_refusals_total", reason=err.reason)
+                self.metrics.count("toonark_prompt_refusals_total", reason=err.reason, layer=err.layer)
             raise
         ids = input_ids.astype(self.ids_dtype, copy=False)
         tensors = {**resolved.tensors(), **(resolved.lora_tensors() if self.lora else {})}

@@ -1,0 +1,40 @@
+"""Merge files of new labelled base prompts into toonark/data/safety_prompts.json, each as a new writing
+batch of toonark/data/safety_batches.json (prompts already in the set, case-insensitively, are skipped).
+File schema: {"author": "...", "unsafe": {category: [prompt, ...]}, "harmless": {group: [prompt, ...]}}.
+Run `make safety-model` afterwards: the classifier trains on the new dev half."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from toonark.scripts import _cli as cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.parser(__doc__)
+    parser.add_argument("files", nargs="+", type=Path, help="JSON files of new base prompts")
+    parser.add_argument("--written", default="committed before the filter ran on them",
+                        help="how the batch was written (recorded in safety_batches.json)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from toonark.prompt_safety import evalset
+    for path in args.files:
+        try:
+            new = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        result = evalset.add_batch(new, args.written)
+        print(f"{path}: batch {result['batch']}, {result['added']} base prompts added, "
+              f"{result['duplicates']} already in the set")
+
+
+def main(argv=None) -> int:
+    return cli.main(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
