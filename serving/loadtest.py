@@ -54,6 +54,9 @@ class LoadConfig:
     # 0: every request sends `prompt` (after the first, the prompt cache answers); k: every k-th request of a
     # client sends a subject of its own (a cache miss: the text encoder runs, so killing it is felt).
     unique_every: int = 0
+    # After failing over, a client goes back to its own server after this many seconds (0: it stays where it
+    # was answered). The soak's standby sets it, so that every kill of the first server is felt.
+    fail_back_s: float = 0.0
 
     def __post_init__(self):
         self.protocols = tuple(self.protocols)
@@ -121,15 +124,20 @@ def error_key(message: str) -> str:
 def _client(index: int, config: LoadConfig, deadline: float, shared: _Shared, t0: float,
             stop: threading.Event | None = None) -> None:
     protocol = config.protocols[index % len(config.protocols)]
-    urls = config.client_urls(index)
+    home = urls = config.client_urls(index)
+    failed_over_at = None
     # One connection per server for this load-test client, reused by all its requests.
     with Connections(protocol, config.request_timeout_s) as connections:
         for n in range(config.requests_per_client):
-            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+            now = time.monotonic()
+            if now >= deadline or (stop is not None and stop.is_set()):
                 return
+            if failed_over_at is not None and config.fail_back_s > 0 and now - failed_over_at >= config.fail_back_s:
+                urls, failed_over_at = home, None   # back to its own server
             served_by = _request(index, n, config, shared, protocol, urls, connections, t0)
             if served_by in urls[1:]:   # failed over: keep sending to the server that answered
                 urls = urls[urls.index(served_by):] + urls[:urls.index(served_by)]
+                failed_over_at = time.monotonic()
 
 
 # A unique subject spells its number in syllables: digits would be refused by the kid-safety rules when they

@@ -133,7 +133,10 @@ def run_soak(server, config: SoakConfig, progress=None, standby=None) -> dict:
                               requests_per_client=config.requests_per_client, max_seconds=config.seconds,
                               protocols=config.protocols, steps=config.steps, width=config.width,
                               height=config.height, seed_base=config.seed * 10 ** 7,
-                              unique_every=config.unique_every)).start()
+                              unique_every=config.unique_every,
+                              # with a standby, clients return to the first server 3 s after failing over, so
+                              # every kill is felt (a client that stayed on the standby would not see it)
+                              fail_back_s=3.0 if standby is not None else 0.0)).start()
     t0 = load.t0
     kills: list[_Kill] = []
     samples: list[dict] = []
