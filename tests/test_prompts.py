@@ -33,7 +33,7 @@ def _json(name: str) -> dict:
 
 REFUSED = [
     # violence
-    ("a knight who wants to kill", "violence"),   # under 7 words: no classifier veto (test_classifier_veto)
+    ("a knight who wants to kill", "violence"),
     ("K1LL the monster", "violence"),
     ("k.i.l.l", "violence"),
     ("a murderer in the woods", "violence"),
@@ -257,25 +257,29 @@ class _FixedScore:
     """A classifier that reads every prompt as P(unsafe) = `unsafe`, with the shipped model's labels and
     veto: the veto's logic in LayeredFilter.verdict is under test here, not the model's scores."""
 
-    def __init__(self, unsafe: float, threshold: float = 0.7, veto: float = 0.2):
+    def __init__(self, unsafe: float, threshold: float = 0.7, veto: float = 0.2, phrase_veto: float = 0.0):
         from toonark.prompt_safety.classifier import Score
         self.labels = ["safe", "violence", "weapons", "child-harm"]
-        self._score = Score("violence", unsafe, threshold, (("word", veto),))
+        self.min_words, self.veto_min_words = 5, 7      # the sidecar's operating point
+        self._score = Score("violence", unsafe, threshold, (("phrase", phrase_veto), ("word", veto)))
 
     def score(self, text):
         return self._score
 
 
-@pytest.mark.parametrize("text, unsafe, refused_by", [
-    ("a knight in shining armour who wants to kill the dragon", 0.1, None),        # word hit, read as harmless
-    ("a knight in shining armour who wants to kill the dragon", 0.3, "word"),      # over the veto: refused
-    ("a knight who wants to kill", 0.1, "word"),                                    # under 7 words: no veto
-    ("a big man hitting a small child in the park", 0.1, "phrase"),                # phrase rules get no veto
-    ("a happy otter floating on its back with a pebble", 0.8, "classifier"),       # over the threshold
+@pytest.mark.parametrize("text, unsafe, phrase_veto, refused_by", [
+    ("a knight in shining armour who wants to kill the dragon", 0.1, 0.0, None),        # word hit, read as harmless
+    ("a knight in shining armour who wants to kill the dragon", 0.3, 0.0, "word"),      # over the veto: refused
+    ("a knight who wants to kill", 0.1, 0.0, "word"),                                    # under 7 words: no veto
+    ("a big man hitting a small child in the park", 0.1, 0.0, "phrase"),                # no phrase veto
+    ("a big man hitting a small child in the park", 0.1, 0.3, None),                    # under the phrase veto
+    ("a big man hitting a small child in the park", 0.5, 0.3, "phrase"),                # over it
+    ("a happy otter floating on its back with a pebble", 0.8, 0.0, "classifier"),       # over the threshold
+    ("a happy otter floats", 0.8, 0.0, None),                                            # under min_words: unread
 ])
-def test_classifier_veto(policy, text, unsafe, refused_by):
+def test_classifier_veto(policy, text, unsafe, phrase_veto, refused_by):
     from toonark.prompt_safety import LayeredFilter
-    flt = LayeredFilter.build(policy._rules, classifier=_FixedScore(unsafe))
+    flt = LayeredFilter.build(policy._rules, classifier=_FixedScore(unsafe, phrase_veto=phrase_veto))
     refusal = flt.verdict(text)
     assert (refusal.layer if refusal else None) == refused_by, refusal
 
@@ -335,12 +339,12 @@ def test_look_alike_letters_are_checked_not_refused_as_language(policy):
 
 
 def test_check_loads_no_torch():
-    # The Triton preprocess model checks prompts: the classifier runs on onnxruntime, never torch (a prompt
-    # of 3+ words: shorter ones are left to the rules, see layered.MIN_CLASSIFIER_WORDS).
+    # The Triton preprocess model checks prompts: the classifier (a fine-tuned encoder) runs on onnxruntime
+    # and tokenizers, never torch or transformers.
     code = ("import sys; from toonark.prompts import PromptPolicy; p = PromptPolicy.load(); p.check('a cat on a mat'); "
-            "print('torch' in sys.modules, 'sklearn' in sys.modules, 'onnxruntime' in sys.modules)")
+            "print('torch' in sys.modules, 'sklearn' in sys.modules, 'transformers' in sys.modules, 'onnxruntime' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False", "True"]
+    assert out.split() == ["False", "False", "False", "True"]
 
 
 # --- normalisation --------------------------------------------------------------------------

@@ -150,6 +150,9 @@ class RequestPreparer:
         from toonark.prompts import PromptPolicy
         self.info = info
         self.policy = policy or PromptPolicy.load()
+        # Loads the safety classifier now (ONNX session, tokenizer): a missing or stale build fails the model's
+        # load with the command that rebuilds it, and the first request does not pay the load.
+        self.policy.check("a happy otter in a sunny meadow")
         self.family = family_for_folder(pipeline)
         self.tokenizer = self.family.load_tokenizer(pipeline)
         # The preprocess config's default_<input> parameters (serving.repository writes api.config_defaults).

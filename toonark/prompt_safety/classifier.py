@@ -1,9 +1,12 @@
-"""The shipped text classifier: character and word n-gram TF-IDF + logistic regression, trained by
-`make safety-model` (toonark.prompt_safety.train) and run here with onnxruntime only.
+"""The shipped text classifier: all-MiniLM-L6-v2 fine-tuned on the project's labelled prompts (LoRA adapter
++ head, toonark.prompt_safety.encoder), run here with onnxruntime and the `tokenizers` library only.
 
-The model reads the normalised text (toonark.prompts.normalize), so obfuscations the normaliser
-undoes never reach it; its character n-grams are what carries it past misspellings and paraphrases
-the rules do not list. onnxruntime (and numpy with it) are imported on first use, so importing the
+Files (toonark/data): safety_classifier.json (tracked sidecar: labels, threshold, vetoes, the adapter's and
+the reference build's sha256, metrics), safety_adapter.safetensors (tracked: the project's trained numbers),
+and, built from those two by `make setup` (scripts/safety_model.py --build-onnx; ignored by git),
+safety_classifier.onnx (int8 graph: token ids -> label probabilities) and safety_tokenizer.json (the base's
+WordPiece tokenizer). The model reads the normalised text (toonark.prompts.normalize), so obfuscations the
+normaliser undoes never reach it. onnxruntime and tokenizers are imported on first use, so importing the
 prompt policy stays light.
 """
 from __future__ import annotations
@@ -19,16 +22,39 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "safety_classifier.onnx"
 SIDECAR_NAME = "safety_classifier.json"
-INPUT_NAME = "text"
+ADAPTER_NAME = "safety_adapter.safetensors"
+TOKENIZER_NAME = "safety_tokenizer.json"
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "probabilities"
+MAX_TOKENS = 64
+_REBUILD = "build it with `make setup` (or `.venv/bin/python scripts/safety_model.py --build-onnx`)"
+
+
+def run_graph(session, tokenizer, texts: list[str], batch: int = 64):
+    """Label probabilities (numpy, one row per text) from the built graph: WordPiece ids padded per batch."""
+    import numpy as np
+    rows = []
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer.encode_batch(texts[start:start + batch])
+        ids = np.zeros((len(encoded), max(len(e.ids) for e in encoded)), np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        rows.append(session.run([OUTPUT], {INPUTS[0]: ids, INPUTS[1]: mask})[0])
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 class ClassifierFileError(ValueError):
-    """The .onnx file and its sidecar do not belong together (or one is missing)."""
+    """The built model, its tokenizer and the sidecar do not belong together (or one is missing)."""
+
+
+def data_dir() -> Path:
+    return Path(str(resources.files("toonark") / "data"))
 
 
 def default_paths() -> tuple[Path, Path]:
-    data = resources.files("toonark") / "data"
-    return Path(str(data / MODEL_NAME)), Path(str(data / SIDECAR_NAME))
+    return data_dir() / MODEL_NAME, data_dir() / SIDECAR_NAME
 
 
 @dataclass(frozen=True)
@@ -49,47 +75,61 @@ class Score:
 
 
 class SafetyClassifier:
-    """Scores one normalised prompt. Labels, threshold, the rule vetoes and the model's sha256 come from
-    the sidecar JSON written beside the .onnx; a model that does not match its sidecar is refused at load."""
+    """Scores normalised prompts. Labels, threshold and the rule vetoes come from the sidecar JSON; a built
+    graph whose adapter sha256 (in its metadata) is not the sidecar's, or a tokenizer file that is not the
+    one the sidecar names, is refused at load: a stale build never scores a prompt."""
 
     def __init__(self, model_path: Path | None = None, sidecar_path: Path | None = None):
         default_model, default_sidecar = default_paths()
         self.model_path = Path(model_path or default_model)
         self.sidecar_path = Path(sidecar_path or default_sidecar)
+        self.tokenizer_path = self.model_path.with_name(TOKENIZER_NAME)
         try:
             self.info = json.loads(self.sidecar_path.read_text(encoding="utf-8"))
             blob = self.model_path.read_bytes()
+            tokenizer = self.tokenizer_path.read_bytes()
         except FileNotFoundError as exc:
-            raise ClassifierFileError(f"{exc.filename}: missing; rebuild the classifier with `make safety-model`") from None
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != self.info.get("onnx_sha256"):
-            raise ClassifierFileError(f"{self.model_path}: sha256 {digest[:12]}... does not match its sidecar "
-                                      f"{self.sidecar_path.name} ({str(self.info.get('onnx_sha256'))[:12]}...); "
-                                      f"rebuild both with `make safety-model`")
+            raise ClassifierFileError(f"{exc.filename}: missing; {_REBUILD}") from None
+        if self.info.get("version") != 3:
+            raise ClassifierFileError(f"{self.sidecar_path}: sidecar version {self.info.get('version')!r}, expected 3 "
+                                      f"(the encoder classifier); retrain with `make safety-model`")
+        digest = hashlib.sha256(tokenizer).hexdigest()
+        if digest != self.info["tokenizer_sha256"]:
+            raise ClassifierFileError(f"{self.tokenizer_path}: sha256 {digest[:12]}... is not the sidecar's "
+                                      f"({self.info['tokenizer_sha256'][:12]}...); {_REBUILD}")
         self.labels: list[str] = list(self.info["labels"])
         self.safe_label: str = self.info["safe_label"]
         self.threshold = float(self.info["threshold"])
-        # Sidecars before version 2 have no vetoes: every rule hit stands.
         self.vetoes = tuple((layer, float(v)) for layer, v in sorted(self.info.get("vetoes", {}).items()))
-        self._blob = blob
-        self._session = None
+        self.min_words = int(self.info["min_words"])     # shorter prompts are left to the rules
+        self.veto_min_words = int(self.info["veto_min_words"])   # shorter prompts: every rule hit stands
+        self._blob, self._tokenizer_text = blob, tokenizer.decode("utf-8")
+        self._session = self._tokenizer = None
+        self._load()
 
-    def _run(self, texts: list[str]):
-        import numpy as np
-        if self._session is None:
-            import onnxruntime as ort
-            options = ort.SessionOptions()
-            # One prompt is microseconds of work: threads would only add wake-up latency, and the
-            # Triton preprocess shares the host with the other models.
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(self._blob, options, providers=["CPUExecutionProvider"])
-        feed = {INPUT_NAME: np.array(texts, dtype=object).reshape(-1, 1)}
-        return self._session.run(["probabilities"], feed)[0]
+    def _load(self) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+        options = ort.SessionOptions()
+        # One prompt is ~2 ms of work on one thread; more threads only add wake-up latency, and the
+        # Triton preprocess shares the host with the other models.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(self._blob, options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        adapter = self.info["adapter"]["sha256"]
+        if meta.get("adapter_sha256") != adapter:
+            raise ClassifierFileError(f"{self.model_path}: built from adapter {str(meta.get('adapter_sha256'))[:12]}..., "
+                                      f"the sidecar names {adapter[:12]}... (stale build); {_REBUILD}")
+        if meta.get("labels", "").split(",") != self.labels:
+            raise ClassifierFileError(f"{self.model_path}: labels {meta.get('labels')!r} are not the sidecar's; {_REBUILD}")
+        tokenizer = Tokenizer.from_str(self._tokenizer_text)
+        tokenizer.enable_truncation(MAX_TOKENS)
+        self._session, self._tokenizer = session, tokenizer
 
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
         """Per text: label -> probability (normalised texts in, as the model was trained)."""
-        rows = self._run(list(texts))
+        rows = run_graph(self._session, self._tokenizer, list(texts))
         return [{label: float(p) for label, p in zip(self.labels, row)} for row in rows]
 
     def scores(self, texts: list[str]) -> list[Score]:

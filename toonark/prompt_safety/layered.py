@@ -4,13 +4,15 @@ Layers (each refusal names its layer and its rule or score):
   word      safety_rules.json terms on the normalised text (toonark.prompts), excused by its allow
             list or by an idiom allow-rule that names the term;
   phrase    relation and phrase rules of safety_phrases.json (harm verb + child, self-harm action +
-            body part, compounds), excused only by an idiom allow-rule naming that rule; when a word
-            and a phrase rule both fire, the phrase rule (more specific) names the refusal;
+            body part, compounds), excused by an idiom allow-rule naming that rule or by the classifier's
+            phrase veto; when a word and a phrase rule both fire, the phrase rule (more specific) names
+            the refusal;
   language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
-  classifier the shipped ONNX n-gram classifier (toonark/data/safety_classifier.onnx), refusing
-            when P(unsafe) reaches the threshold chosen on the dev part of the labelled set; it also
-            excuses a word-rule hit in a prompt of MIN_VETO_WORDS+ words when P(unsafe) is under its veto
-            (the rule word in a harmless context: "a palette knife spreading buttercream on a cake").
+  classifier the shipped fine-tuned sentence encoder (toonark/data/safety_classifier.onnx, built by
+            `make setup` from the tracked adapter; classifier.py), refusing when P(unsafe) reaches the
+            threshold chosen on the dev part of the labelled set; it also excuses a word- or phrase-rule
+            hit when P(unsafe) is under that layer's veto (the rule word in a harmless context: "a
+            palette knife spreading buttercream on a cake").
 The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
 words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
 bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
@@ -36,13 +38,10 @@ log = logging.getLogger(__name__)
 
 LANGUAGE = "language"
 LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
-# Prompts under MIN_CLASSIFIER_WORDS normalised words are left to the rules: n-grams have too little
-# context there ("50% {off" scored 0.99 gore, "Sussex and Essex" 0.52 scary). A rule hit is excused by
-# the classifier only from MIN_VETO_WORDS words ("a dead body in the park" scores 0.18: too short to
-# tell a harmless context). Both were compared out of fold on dev (3 / 5 / 7 / 8 words): from 5 and 7
-# words they lose no recall on prompts the rules were not written from and refuse fewer harmless ones.
-MIN_CLASSIFIER_WORDS = 5
-MIN_VETO_WORDS = 7
+# The classifier reads prompts of at least `min_words` normalised words and excuses a rule hit (its `vetoes`)
+# only in prompts of at least `veto_min_words`: both from its sidecar, chosen out of fold on dev with the
+# threshold (train.choose_operating_point). The n-gram classifier before it needed 5 and 7 ("50% {off" scored
+# 0.99 gore, "a dead body in the park" 0.18).
 _DESCRIBE = {
     "violence": "violence", "child-harm": "harm to a child", "weapons": "weapons", "gore": "gore",
     "sexual": "sexual content", "drugs": "drugs or alcohol", "self-harm": "self-harm", "hate": "hate",
@@ -138,7 +137,7 @@ class LayeredFilter:
         if self.classifier is None:
             return None
         normalised = normalize(text)
-        if len(normalised.split()) < MIN_CLASSIFIER_WORDS:
+        if len(normalised.split()) < self.classifier.min_words:
             return None
         return self.classifier.score(normalised)
 
@@ -146,7 +145,7 @@ class LayeredFilter:
         """A rule hit the classifier reads as clearly harmless (under its layer's veto), in a prompt long
         enough to read and of a category the classifier knows (a custom rules file keeps its own hits)."""
         return (score is not None and refusal.category in self.classifier.labels and score.excuses(refusal.layer)
-                and len(normalize(text).split()) >= MIN_VETO_WORDS)
+                and len(normalize(text).split()) >= self.classifier.veto_min_words)
 
     def _classifier(self, score) -> SafetyRefused | None:
         if score is None or not score.refused or score.category not in self.categories:
@@ -165,8 +164,8 @@ class LayeredFilter:
         score = self._score(text)
         # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
         # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
-        # A word hit in a context the classifier reads as clearly harmless is excused (the veto, chosen
-        # with the threshold out of fold on dev: see train.choose_operating_point).
+        # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
+        # chosen with the threshold out of fold on dev: see train.choose_operating_point).
         for refusal in (self._phrase(variants, folded), self._word(variants)):
             if refusal is None:
                 continue

@@ -1,105 +1,95 @@
-"""Build-time only: train the prompt classifier from the dev part of toonark/data/safety_prompts.json and
-export it to ONNX (scikit-learn + skl2onnx, the `safety-model` extra; the runtime needs onnxruntime only).
+"""Build-time only: train the prompt classifier (a LoRA-tuned sentence encoder, toonark.prompt_safety.encoder)
+from the dev part of toonark/data/safety_prompts.json, choose its operating point out of fold, and build the
+ONNX graph the runtime reads.
 
-Byte-reproducible: one BLAS thread, a deterministic solver, coefficients rounded to 6 decimals before
-export (so last-bit differences of floating-point sums cannot change the file), fixed opsets and
-producer fields. The sidecar JSON records the data's sha256, the model's sha256, the threshold, the word veto and
-the metrics.
+`make safety-model` (train + build, ~20 min on two CPU cores) writes the tracked files: the adapter
+(safety_adapter.safetensors) and the sidecar (safety_classifier.json: data and adapter sha256, threshold,
+vetoes, metrics, and the sha256 of the graph built from them). `make setup` runs only `build_onnx`
+(~15 s): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
+versions on the same CPU kind give the bytes the sidecar records (tests/test_prompt_safety_eval.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
-from toonark.prompt_safety import evalset, templates
-from toonark.prompt_safety.classifier import INPUT_NAME, MODEL_NAME, SIDECAR_NAME
+from toonark.files import atomic_file
+from toonark.prompt_safety import encoder, evalset, templates
+from toonark.prompt_safety.classifier import ADAPTER_NAME, MODEL_NAME, SIDECAR_NAME, TOKENIZER_NAME
 from toonark.prompts import normalize
 
 log = logging.getLogger(__name__)
 
-SIDECAR_VERSION = 2
-OPSETS = {"": 17, "ai.onnx.ml": 3}
+SIDECAR_VERSION = 3
 FOLDS = 4
-C = 30.0
-# The operating point (classifier threshold, word-rule veto) is picked from this grid by choose_operating_point.
-# Phrase rules get no veto: they are relations as specific as the idiom allow-rules that may override them,
-# and some read the raw text the classifier never sees (masked swear words, "p*ssy").
-THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))          # 0.30 .. 0.95
-WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-# The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue's 1 %
-# costs about a third of the recall with this much data (README "Kid-safe prompts"); 7 % was set near the
-# harmless-refused rate the filter measured when the budget replaced a weighted sum (a policy choice: a
-# missed unsafe prompt is the worst failure, a refused harmless one the next worst).
-FALSE_REFUSAL_BUDGET = 0.07
+# The operating point (classifier threshold, rule vetoes, the fewest words the classifier reads) is picked from
+# this grid by choose_operating_point. Vetoes stay product rules, not only numbers: a rule hit is excused only
+# in a prompt of VETO_MIN_WORDS+ words (shorter ones cannot set a harmless context: with vetoes from 5 words the
+# dev-optimal point let "a bomb in a box" and "a murderer in the woods" through, the encoder reading them at
+# 0.002 and 0.57), and only when the classifier is clearly sure (word veto <= 0.3, phrase veto <= 0.05: a
+# relation hit is excused only at near-certainty, "a tiger attacking a piece of cake"). The classifier reads
+# prompts of 3+ words: under that the encoder reads leftovers of punctuation as harm ("{0}" -> "0" 0.98
+# self-harm, "50% {off" 0.995 weapons); 0.4 % of the unsafe dev prompts are that short, and the rules read them.
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14)) + (0.97, 0.99)      # 0.30 .. 0.95, 0.97, 0.99
+WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3)
+PHRASE_VETOES = (0.0, 0.01, 0.05)
+MIN_WORDS = (3, 5)
+VETO_MIN_WORDS = (7,)
+# The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue asks for
+# 1 %; the rules alone refuse 8.6 % of harmless dev prompts before any veto (batches 1-12). With the vetoes
+# bounded as above the filter kept 89 % of its recall on dev prompts the rules were not written from at 5 %,
+# 91 % at 6 %, 92 % at 7 % (the n-gram filter: 87 % at 7 %). 5 % is under the n-gram classifier's 7 % budget
+# and still raises recall over it: a missed unsafe prompt is the worst failure, a refused harmless one the
+# next worst (a policy choice, re-read as the data grows).
+FALSE_REFUSAL_BUDGET = 0.05
 
 
-def _pipeline():
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline, make_union
-    # lowercase=False: the input is already normalised, and skl2onnx would otherwise add a
-    # StringNormalizer that needs an installed en_US locale at run time. (char_wb n-grams score the
-    # same out of fold on dev, but skl2onnx cannot convert them.)
-    chars = TfidfVectorizer(analyzer="char", ngram_range=(2, 5), sublinear_tf=True, lowercase=False, min_df=1)
-    words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=False,
-                            token_pattern=r"[a-z0-9]+")
-    return make_pipeline(make_union(chars, words), LogisticRegression(C=C, max_iter=5000, solver="lbfgs", tol=1e-3))
-
-
-def _unsafe_scores(train_x, train_y, texts):
-    """P(unsafe) of `texts` from a model trained on (train_x, train_y): one out-of-fold fold."""
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(1):
-        pipe = _pipeline().fit(train_x, train_y)
-        _round(pipe)
-        return 1.0 - pipe.predict_proba(texts)[:, list(pipe.classes_).index(evalset.SAFE)]
-
-
-def _round(pipe) -> None:
-    import numpy as np
-    clf = pipe[-1]
-    clf.coef_ = np.round(clf.coef_, 6)
-    clf.intercept_ = np.round(clf.intercept_, 6)
-
-
-def _refused(score, layer, vetoable, threshold: float, word_veto: float):
+def _refused(score, layer, words, threshold: float, vetoes: dict[str, float], veto_min_words: int):
     """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
-    LayeredFilter.verdict): a rule hit stands unless the prompt can be vetoed (MIN_VETO_WORDS words) and
-    the classifier's score is under the word veto (phrase hits are never vetoed); otherwise the classifier
-    refuses at the threshold. score -1: no classifier reading (under MIN_CLASSIFIER_WORDS words)."""
-    excused = vetoable & (layer == "word") & (score < word_veto)
+    LayeredFilter.verdict): a rule hit stands unless the prompt has veto_min_words words and the classifier's
+    score is under that rule layer's veto; otherwise the classifier refuses at the threshold. score -1: no
+    classifier reading (fewer words than the classifier reads)."""
+    import numpy as np
+    vetoed = np.zeros(len(score), bool)
+    for name, veto in vetoes.items():
+        vetoed |= (layer == name) & (score < veto)
+    excused = vetoed & (words >= veto_min_words) & (score >= 0)
     return ((layer != "") & ~excused) | (score >= threshold)
 
 
-def choose_operating_point(scores, layers, vetoable, unsafe, blind) -> tuple[float, dict[str, float], dict]:
-    """(threshold, vetoes, metrics): the grid point with the highest recall whose harmless-refused rate is
-    within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the higher threshold), from out-of-fold
-    classifier scores and the rules' verdicts on dev. Recall is counted on the unsafe dev prompts the rules
-    were NOT written from (`blind`: batches whose dev half no rule came from, safety_batches.json
-    `dev_used_for_rules` false): on the other dev prompts the rules are fitted (they catch 99 %) and would
-    say the classifier adds nothing. Harmless refused is counted on all harmless dev prompts: the
-    classifier's out-of-fold scores are honest on all of them, and the blind ones carry the rules' own
-    false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost linearly
-    over thresholds 0.5-0.85 (about 2 points of recall per point of refusals), so any fixed weight near
-    that rate makes the chosen point jump with each new batch; a budget moves it only as far as the data
-    does. Arguments are numpy arrays over the dev prompts (see _refused; unsafe, blind: bool)."""
+def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
+    """(point, metrics): point = {threshold, vetoes, min_words, veto_min_words}, the grid point with the highest
+    recall whose harmless-refused rate is within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the
+    grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
+    dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
+    half no rule came from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules
+    are fitted (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
+    harmless dev prompts: the classifier's out-of-fold scores are honest on all of them, and the blind ones carry
+    the rules' own false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost
+    linearly over the useful thresholds, so any fixed weight near that rate makes the chosen point jump with each
+    new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word counts; bool masks)."""
+    import numpy as np
     best = None
-    for threshold in sorted(THRESHOLDS, reverse=True):
-        for word in WORD_VETOES:
-            refused = _refused(scores, layers, vetoable, threshold, word)
-            recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
-            if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
-                best = (recall, wrong, threshold, {"word": word})
+    for min_words in MIN_WORDS:
+        scores = np.where(words >= min_words, oof, -1.0)
+        for threshold in sorted(THRESHOLDS, reverse=True):
+            for word in WORD_VETOES:
+                for phrase in PHRASE_VETOES:
+                    for veto_min_words in sorted(VETO_MIN_WORDS, reverse=True):
+                        vetoes = {"word": word, "phrase": phrase}
+                        refused = _refused(scores, layers, words, threshold, vetoes, veto_min_words)
+                        recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
+                        if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
+                            best = (recall, wrong, {"threshold": threshold, "vetoes": vetoes, "min_words": min_words,
+                                                    "veto_min_words": veto_min_words})
     if best is None:
-        raise ValueError(f"no threshold and veto keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
+        raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
-    recall, wrong, threshold, vetoes = best
-    return threshold, vetoes, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
-                               "harmless_refused_all_dev": round(wrong, 4)}
+    recall, wrong, point = best
+    return point, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
+                   "harmless_refused_all_dev": round(wrong, 4)}
 
 
 def _metrics(scores, labels, threshold) -> dict:
@@ -110,19 +100,47 @@ def _metrics(scores, labels, threshold) -> dict:
             "harmless_refused": round(sum(p >= threshold for p in safe) / len(safe), 4)}
 
 
-def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None) -> dict:
-    """Train on dev, export, write `<out_dir>/safety_classifier.onnx` + `.json` atomically; returns the
-    sidecar. `limit` trains on the first N dev examples only (tests of determinism on a subset)."""
+def _write(path: Path, data: bytes) -> None:
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+def _out_of_fold(dev, x, y, gx, gy, labels, epochs, cache: Path | None):
+    """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models, ~4 min each).
+    `cache` (an .npz) keeps them keyed by the data, the templates and the training settings, so changing only
+    the operating-point rule re-runs the final fit alone."""
     import numpy as np
-    import sklearn
-    import skl2onnx
     from sklearn.model_selection import StratifiedGroupKFold
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import StringTensorType
-    from threadpoolctl import threadpool_limits
+    key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, encoder.LEARNING_RATE,
+                                     encoder.BASE_SHA256]).encode("utf-8")).hexdigest()
+    if cache is not None and Path(cache).exists():
+        stored = np.load(cache)
+        if str(stored["key"]) == key:
+            log.info("out-of-fold scores from %s", cache)
+            return stored["oof"]
+    oof = np.zeros(len(dev))
+    safe_index = labels.index(evalset.SAFE)
+    splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, [e.base for e in dev]))
+    for fold, (train_idx, held_idx) in enumerate(splits):
+        model = encoder.fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy, labels, epochs,
+                            progress=f"fold {fold + 1}/{FOLDS} ")
+        oof[held_idx] = 1.0 - model.probabilities([x[i] for i in held_idx])[:, safe_index]
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(Path(cache)) as fh:
+            np.savez(fh, key=np.array(key), oof=oof)
+    return oof
+
+
+def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None, epochs: int = encoder.EPOCHS,
+          oof_cache: Path | None = None) -> dict:
+    """Train on dev (+ templated), choose the operating point out of fold, write the adapter and the sidecar,
+    then build the ONNX graph (build_onnx) and record its sha256 and its test metrics; returns the sidecar.
+    `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset)."""
+    import numpy as np
 
     from toonark.prompt_safety import evaluate
-    from toonark.prompt_safety.layered import MIN_CLASSIFIER_WORDS, MIN_VETO_WORDS, LayeredFilter
+    from toonark.prompt_safety.layered import LayeredFilter
     from toonark.prompts import PromptPolicy
 
     out_dir = Path(out_dir)
@@ -131,106 +149,175 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     data_path = Path(data_path or evalset.data_path())
     examples = evalset.load(data_path)
     dev = [e for e in examples if e.split == "dev"][:limit]
-    test = [e for e in examples if e.split == "test"]
     x = [normalize(e.text) for e in dev]
     y = [e.label for e in dev]
-    groups = [e.base for e in dev]
     # Templated examples (training only, never evaluated): added to every training fold and to the
     # final fit; the held-out folds and the operating point see hand-written dev prompts alone.
     generated = [] if limit is not None else templates.generate()
     gx = [normalize(t) for t, _ in generated]
     gy = [label for _, label in generated]
+    labels = sorted({e.label for e in examples})     # every label, also for a subset run
 
-    with threadpool_limits(1):
-        labels = sorted(set(y))
-        safe_index = labels.index(evalset.SAFE)
-        oof = np.zeros(len(dev))
-        if limit is None:
-            from joblib import Parallel, delayed
-            splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, groups))
-            # The fold models are independent: one process each (up to the cores there are), one BLAS thread in
-            # each, so the scores do not depend on how many run at once.
-            held = Parallel(n_jobs=min(FOLDS, os.cpu_count() or 1))(
-                delayed(_unsafe_scores)([x[i] for i in tr] + gx, [y[i] for i in tr] + gy, [x[i] for i in ho])
-                for tr, ho in splits)
-            for (_, hold_idx), scores in zip(splits, held):
-                oof[hold_idx] = scores
-            rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
-            layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
-            words = np.array([len(t.split()) for t in x])
-            scores = np.where(words >= MIN_CLASSIFIER_WORDS, oof, -1.0)
-            fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-            blind = np.array([evalset.sha12(e.base) not in fitted for e in dev])
-            unsafe = np.array([e.unsafe for e in dev])
-            vetoable = words >= MIN_VETO_WORDS
-            threshold, vetoes, chosen = choose_operating_point(scores, layers, vetoable, unsafe, blind)
-            refused = _refused(scores, layers, vetoable, threshold, vetoes["word"])
-            dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
-                                                "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
-        else:
-            threshold, vetoes, dev_filter = 0.5, {}, {}
-        pipe = _pipeline().fit(x + gx, y + gy)
-        _round(pipe)
+    if limit is None:
+        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, oof_cache)
+        rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
+        layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
+        words = np.array([len(t.split()) for t in x])
+        fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
+        blind = np.array([evalset.sha12(e.base) not in fitted for e in dev])
+        unsafe = np.array([e.unsafe for e in dev])
+        point, chosen = choose_operating_point(oof, words, layers, unsafe, blind)
+        refused = _refused(np.where(words >= point["min_words"], oof, -1.0), layers, words, point["threshold"],
+                           point["vetoes"], point["veto_min_words"])
+        dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
+                                            "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
+        dev_alone = _metrics(oof, y, point["threshold"])
+    else:
+        point, dev_filter, dev_alone = {"threshold": 0.5, "vetoes": {}, "min_words": 5, "veto_min_words": 7}, None, None
+    threshold = point["threshold"]
 
-    assert list(pipe.classes_) == labels
-    model = to_onnx(pipe, initial_types=[(INPUT_NAME, StringTensorType([None, 1]))],
-                    options={id(pipe[-1]): {"zipmap": False}}, target_opset=OPSETS)
-    model.producer_name, model.producer_version, model.doc_string = "toonark.prompt_safety.train", "1", ""
-    # skl2onnx collects the opset domains in a set: their order follows Python's string hashing, which
-    # changes per process. Sorted, the bytes do not.
-    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
-    del model.opset_import[:]
-    for domain, version in opsets:
-        model.opset_import.add(domain=domain, version=version)
-    blob = model.SerializeToString()
-
-    # Parity of the exported graph with scikit-learn, on every example (dev and test).
-    import onnxruntime as ort
-    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    all_x = [normalize(e.text) for e in examples]
-    onnx_p = session.run(["probabilities"], {INPUT_NAME: np.array(all_x, dtype=object).reshape(-1, 1)})[0]
-    sklearn_p = pipe.predict_proba(all_x)
-    parity = float(np.abs(onnx_p - sklearn_p).max())
-    # What parity must guarantee is the decision: the share of prompts the two would refuse differently.
-    flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - sklearn_p[:, safe_index] >= threshold)))
-
-    test_scores = 1.0 - onnx_p[[i for i, e in enumerate(examples) if e.split == "test"], safe_index]
+    training = {"epochs": epochs, "batch": encoder.BATCH, "learning_rate": encoder.LEARNING_RATE,
+                "weight_decay": encoder.WEIGHT_DECAY, "seed": encoder.SEED, "threads": encoder.TRAIN_THREADS,
+                "schedule": "one-cycle, 10 % warm-up"}
+    adapter_blob = _reusable_adapter(out_dir, data_path, training) if limit is None else None
+    if adapter_blob is None:
+        adapter_blob = encoder.save_adapter(encoder.fit(x + gx, y + gy, labels, epochs, progress="final ").adapter(),
+                                            out_dir / ADAPTER_NAME)
+    else:
+        log.info("final fit: %s was trained from this data with these settings; kept", out_dir / ADAPTER_NAME)
     sidecar = {
         "version": SIDECAR_VERSION,
         "model": MODEL_NAME,
-        "onnx_sha256": hashlib.sha256(blob).hexdigest(),
-        "input": INPUT_NAME + " (normalised prompt, toonark.prompts.normalize)",
+        "base": {"model": encoder.BASE_MODEL, "package": encoder.BASE_PACKAGE, "safetensors_sha256": encoder.BASE_SHA256,
+                 "pooling": "mean over tokens", "max_tokens": encoder.MAX_TOKENS},
+        "adapter": {"file": ADAPTER_NAME, "sha256": hashlib.sha256(adapter_blob).hexdigest(),
+                    "lora": _lora_settings(),
+                    "training": training},
+        "tokenizer_sha256": hashlib.sha256(encoder.tokenizer_json()).hexdigest(),
+        "input": "input_ids, attention_mask (WordPiece ids of the normalised prompt, toonark.prompts.normalize)",
         "labels": labels,
         "safe_label": evalset.SAFE,
-        "threshold": threshold,
-        "vetoes": vetoes,
+        **point,
         "trained_on": {"file": f"toonark/data/{data_path.name}", "sha256": evalset.data_sha256(data_path),
                        "split": "dev", "examples": len(dev), "limit": limit},
         "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
-        "features": "tf-idf char 2-5 grams + word 1-2 grams (sublinear tf) -> logistic regression C=%g; trained on dev + templated" % C,
-        "operating_point_rule": (f"threshold and word veto (a word-rule hit in a prompt of {MIN_VETO_WORDS}+ words is "
-                                 f"excused when P(unsafe) < the veto) "
-                                 f"maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused "
-                                 f"on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on the dev "
-                                 f"prompts of batches whose dev half no rule was written from, harmless refused on "
-                                 f"all dev"),
-        "metrics": {
-            "dev_out_of_fold_classifier_alone": _metrics(oof, y, threshold) if limit is None else None,
-            "dev_out_of_fold_whole_filter": dev_filter or None,
-            "test_classifier_alone": _metrics(list(test_scores), [e.label for e in test], threshold),
-            "onnx_vs_sklearn_max_abs_diff": round(parity, 6),
-            "onnx_vs_sklearn_decisions_differ": {"prompts": flips, "of": len(examples)},
-        },
-        "built_with": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
-                       "onnx_opsets": OPSETS},
+        "features": (f"{encoder.BASE_MODEL} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
+                     f"layer, trained on dev + templated; ONNX int8 (onnxruntime dynamic quantisation)"),
+        "operating_point_rule": (f"threshold, vetoes (a rule hit of that layer in a prompt of veto_min_words+ words "
+                                 f"is excused when P(unsafe) < the veto) and the fewest words the classifier reads "
+                                 f"(min_words) maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless "
+                                 f"refused on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
+                                 f"the dev prompts of batches whose dev half no rule was written from, harmless refused "
+                                 f"on all dev"),
+        "metrics": {"dev_out_of_fold_classifier_alone": dev_alone, "dev_out_of_fold_whole_filter": dev_filter},
+        "built_with": _versions(),
     }
-    _atomic_write(out_dir / MODEL_NAME, blob)
-    _atomic_write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
-    log.info("wrote %s (%d bytes, sha256 %s), threshold %.2f, vetoes %s", out_dir / MODEL_NAME, len(blob),
-             sidecar["onnx_sha256"][:12], threshold, vetoes)
+    # The graph first, then its numbers into the sidecar; the sidecar is written last (atomically), so an
+    # interrupted run leaves the previous sidecar, which names the previous adapter: a stale build is refused.
+    blob = _export(adapter_blob, sidecar)
+    import onnxruntime as ort
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    scored = examples if limit is None else dev     # a subset run (tests) compares on its own prompts
+    all_x = [normalize(e.text) for e in scored]
+    onnx_p = _onnx_probabilities(session, all_x)
+    # The reference is the fp32 model the graph was exported from (the saved fp16 adapter merged into the base).
+    torch_p = encoder.Trained(encoder.merged(adapter_blob, len(labels)), labels).probabilities(all_x)
+    safe_index = labels.index(evalset.SAFE)
+    flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
+    test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
+    sidecar["onnx_sha256"] = hashlib.sha256(blob).hexdigest()
+    sidecar["metrics"].update({
+        "test_classifier_alone": _metrics(list(1.0 - onnx_p[test_rows, safe_index]), [scored[i].label for i in test_rows],
+                                          threshold) if test_rows else None,
+        "onnx_int8_vs_torch_fp32_max_abs_diff": round(float(np.abs(onnx_p - torch_p).max()), 6),
+        "onnx_int8_vs_torch_fp32_decisions_differ": {"prompts": flips, "of": len(scored)},
+    })
+    _write(out_dir / MODEL_NAME, blob)
+    _write(out_dir / TOKENIZER_NAME, encoder.tokenizer_json())
+    _write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
+    log.info("wrote %s (%d bytes, sha256 %s), operating point %s", out_dir / MODEL_NAME, len(blob),
+             sidecar["onnx_sha256"][:12], point)
     return sidecar
+
+
+def _reusable_adapter(out_dir: Path, data_path: Path, training: dict) -> bytes | None:
+    """The adapter already in `out_dir` when its sidecar says it was trained from this data, these templates,
+    this base and these LoRA and training settings (training is deterministic, so a refit would write the same
+    bytes): an operating-point change then costs the fold scores' cache read and the export, not a final fit."""
+    try:
+        old = json.loads((out_dir / SIDECAR_NAME).read_text(encoding="utf-8"))
+        blob = (out_dir / ADAPTER_NAME).read_bytes()
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    adapter = old.get("adapter", {})
+    same = (old.get("version") == SIDECAR_VERSION
+            and old.get("trained_on", {}).get("sha256") == evalset.data_sha256(data_path)
+            and old.get("templated", {}).get("sha256") == hashlib.sha256(templates.data_path().read_bytes()).hexdigest()
+            and old.get("base", {}).get("safetensors_sha256") == encoder.BASE_SHA256
+            and adapter.get("training") == training
+            and adapter.get("lora") == _lora_settings()
+            and adapter.get("sha256") == hashlib.sha256(blob).hexdigest())
+    return blob if same else None
+
+
+def _lora_settings() -> dict:
+    return {"rank": encoder.LORA_RANK, "alpha": encoder.LORA_ALPHA, "dropout": encoder.LORA_DROPOUT,
+            "targets": list(encoder.LORA_TARGETS)}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import peft
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnx_opset": encoder.ONNX_OPSET}
+
+
+def _export(adapter_blob: bytes, sidecar: dict) -> bytes:
+    return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest())
+
+
+def _onnx_probabilities(session, texts):
+    from tokenizers import Tokenizer
+
+    from toonark.prompt_safety.classifier import run_graph
+    tokenizer = Tokenizer.from_str(encoder.tokenizer_json().decode("utf-8"))
+    tokenizer.enable_truncation(encoder.MAX_TOKENS)
+    return run_graph(session, tokenizer, texts)
+
+
+def build_onnx(data_dir: Path) -> dict:
+    """`make setup`: the graph and tokenizer from the tracked adapter + sidecar in `data_dir` (skipped when the
+    built graph already carries this adapter's sha256). Returns {"onnx_sha256", "matches_sidecar", "built"}:
+    the bytes equal the sidecar's when the versions of built_with are installed."""
+    data_dir = Path(data_dir)
+    sidecar = json.loads((data_dir / SIDECAR_NAME).read_text(encoding="utf-8"))
+    if sidecar.get("version") != SIDECAR_VERSION:
+        raise ValueError(f"{data_dir / SIDECAR_NAME}: version {sidecar.get('version')!r}, expected {SIDECAR_VERSION}; "
+                         f"retrain with `make safety-model`")
+    adapter_blob = (data_dir / ADAPTER_NAME).read_bytes()
+    digest = hashlib.sha256(adapter_blob).hexdigest()
+    if digest != sidecar["adapter"]["sha256"]:
+        raise ValueError(f"{data_dir / ADAPTER_NAME}: sha256 {digest[:12]}... is not the sidecar's "
+                         f"({sidecar['adapter']['sha256'][:12]}...); retrain both with `make safety-model`")
+    model_path = data_dir / MODEL_NAME
+    if model_path.exists() and (data_dir / TOKENIZER_NAME).exists():
+        current = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        if current == sidecar["onnx_sha256"]:
+            return {"onnx_sha256": current, "matches_sidecar": True, "built": False}
+    blob = _export(adapter_blob, sidecar)
+    _write(data_dir / TOKENIZER_NAME, encoder.tokenizer_json())
+    _write(model_path, blob)
+    built = hashlib.sha256(blob).hexdigest()
+    if built != sidecar["onnx_sha256"]:
+        log.warning("%s: sha256 %s... differs from the reference build %s... (other versions than the sidecar's "
+                    "built_with %s); the graph carries the same adapter", model_path, built[:12],
+                    sidecar["onnx_sha256"][:12], sidecar["built_with"])
+    return {"onnx_sha256": built, "matches_sidecar": built == sidecar["onnx_sha256"], "built": True}
 
 
 # wordfreq's Zipf scale: 3.0 is about once per million words ("bandage", "sextant"); rarer entries
@@ -274,17 +361,5 @@ def write_known_words(out_dir: Path) -> Path:
               f"# and wordfreq's English words of Zipf >= {WORDFREQ_MIN_ZIPF:g}, written by `make safety-model`.\n"
               "# toonark.prompt_safety.spelling never 'corrects' these.\n")
     path = Path(out_dir) / KNOWN_WORDS_NAME
-    _atomic_write(path, (header + "\n".join(words) + "\n").encode("utf-8"))
+    _write(path, (header + "\n".join(words) + "\n").encode("utf-8"))
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; package data is read by the serving user too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
