@@ -284,6 +284,14 @@ def test_classifier_veto(policy, text, unsafe, phrase_veto, refused_by):
     assert (refusal.layer if refusal else None) == refused_by, refusal
 
 
+@pytest.mark.parametrize("text", ["a happy otter named zibblo", "a cat with a collar tag number 7f3a2c",
+                                  "a dragon called morvax in a meadow", "a robot toy model qx44 on a shelf"])
+def test_made_up_words_are_not_read_as_harm(policy, text):
+    """The encoder classifier once read unknown tokens as harm ("a happy otter number 3fa8c1" 0.99 weapons); the
+    templates' made-up words fixed it. None of these words is in safety_templates.json."""
+    policy.check(text)
+
+
 def test_classifier_veto_keeps_custom_categories(tmp_path):
     """A custom rules file's categories are unknown to the classifier: it never excuses their hits."""
     from toonark.prompt_safety import LayeredFilter
