@@ -45,7 +45,7 @@ help:
 	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT= [IDLE_UNLOAD_S=N]"
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
-	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json (~20 min)"
+	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json (~30 min)"
 	@echo "make safety-eval                prompt-safety precision/recall per category on the test part"
 	@echo "make perf OUT=dir [URL=host:port] perf_analyzer concurrency sweep 1..4 of the ensemble (OUT/perf.json)"
 
@@ -130,7 +130,7 @@ trtexec: setup
 bench: setup
 	$(PY) scripts/bench.py
 
-# Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra); ~20 min on 2 cores. The
+# Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra); ~30 min on 2 cores. The
 # runtime needs onnxruntime and tokenizers alone.
 safety-model: setup
 	$(PY) scripts/safety_model.py

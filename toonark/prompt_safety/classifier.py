@@ -26,21 +26,29 @@ ADAPTER_NAME = "safety_adapter.safetensors"
 TOKENIZER_NAME = "safety_tokenizer.json"
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "probabilities"
-MAX_TOKENS = 64
+MAX_TOKENS = 64      # prompts are clipped to 77 CLIP tokens; 64 WordPiece tokens cover them
 _REBUILD = "build it with `make setup` (or `.venv/bin/python scripts/safety_model.py --build-onnx`)"
 
 
+def encode(tokenizer, texts: list[str]):
+    """(input_ids, attention_mask), int64 numpy, padded to the longest text: what the graph (and, as torch
+    tensors, the model it was exported from) reads."""
+    import numpy as np
+    encoded = tokenizer.encode_batch(list(texts))
+    ids = np.zeros((len(encoded), max(len(e.ids) for e in encoded)), np.int64)
+    mask = np.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, :len(e.ids)] = e.ids
+        mask[row, :len(e.ids)] = 1
+    return ids, mask
+
+
 def run_graph(session, tokenizer, texts: list[str], batch: int = 64):
-    """Label probabilities (numpy, one row per text) from the built graph: WordPiece ids padded per batch."""
+    """Label probabilities (numpy, one row per text) from the built graph, `batch` texts a call."""
     import numpy as np
     rows = []
     for start in range(0, len(texts), batch):
-        encoded = tokenizer.encode_batch(texts[start:start + batch])
-        ids = np.zeros((len(encoded), max(len(e.ids) for e in encoded)), np.int64)
-        mask = np.zeros_like(ids)
-        for row, e in enumerate(encoded):
-            ids[row, :len(e.ids)] = e.ids
-            mask[row, :len(e.ids)] = 1
+        ids, mask = encode(tokenizer, texts[start:start + batch])
         rows.append(session.run([OUTPUT], {INPUTS[0]: ids, INPUTS[1]: mask})[0])
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from toonark.files import atomic_file, sha256_file
+from toonark.prompt_safety.classifier import INPUTS, MAX_TOKENS, OUTPUT, encode
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # sha256 of the package's model/model.safetensors: the hub file of sentence-transformers/all-MiniLM-L6-v2.
 BASE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 HIDDEN = 384
-MAX_TOKENS = 64                 # prompts are clipped to 77 CLIP tokens; 64 WordPiece tokens cover them
 LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.1
@@ -48,8 +48,6 @@ WEIGHT_DECAY = 0.01
 SEED = 0
 TRAIN_THREADS = 2
 ONNX_OPSET = 17
-INPUTS = ("input_ids", "attention_mask")
-OUTPUT = "probabilities"
 
 
 def base_dir() -> Path:
@@ -84,14 +82,8 @@ def _tokenizer():
 
 def _batch(tok, texts: Sequence[str]):
     import torch
-    enc = tok.encode_batch(list(texts))
-    width = max(len(e.ids) for e in enc)
-    ids = torch.zeros((len(enc), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(enc):
-        ids[row, :len(e.ids)] = torch.tensor(e.ids)
-        mask[row, :len(e.ids)] = 1
-    return ids, mask
+    ids, mask = encode(tok, list(texts))
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def _module(n_labels: int):

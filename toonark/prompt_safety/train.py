@@ -2,7 +2,7 @@
 from the dev part of toonark/data/safety_prompts.json, choose its operating point out of fold, and build the
 ONNX graph the runtime reads.
 
-`make safety-model` (train + build, ~20 min on two CPU cores) writes the tracked files: the adapter
+`make safety-model` (train + build, ~30 min on two CPU cores) writes the tracked files: the adapter
 (safety_adapter.safetensors) and the sidecar (safety_classifier.json: data and adapter sha256, threshold,
 vetoes, metrics, and the sha256 of the graph built from them). `make setup` runs only `build_onnx`
 (~15 s): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
