@@ -5,6 +5,7 @@ minute and a half on 2 cores, most of it the builds, which need the build-time e
 from __future__ import annotations
 
 import hashlib
+import random
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -218,3 +219,29 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     with pytest.raises(ValueError, match=r"unsafe.arson: no such category; use one of violence, child-harm"):
         evalset.add_batch({"unsafe": {"arson": ["a burning barn"]}}, "in a test", prompts, batches)
     assert (prompts.read_bytes(), batches.read_bytes()) == before
+
+
+def test_encoder_benchmark_staging_round_trips_and_names_a_missing_or_damaged_part(tmp_path):
+    """benchmarks/safety_encoders.py carries data, models and wheels to the GPU in parts of bounded size:
+    join() must give back every file byte for byte, and refuse a missing part or changed bytes by name."""
+    from toonark.benchmarks import safety_encoders as staging
+    source = tmp_path / "whole"
+    (source / "models" / "m").mkdir(parents=True)
+    rng = random.Random(0)
+    files = {"data.json": b'{"x": 1}', "models/m/model.safetensors": rng.randbytes(2500), "models/m/a.txt": b"",
+             "z.bin": rng.randbytes(999)}
+    for name, blob in files.items():
+        (source / name).write_bytes(blob)
+    parts = staging.cut(source, tmp_path / "stage", part_bytes=1000)
+    assert parts == 4      # 3507 bytes in parts of 1000
+    assert all((tmp_path / "stage" / f"p{i}" / "stream").stat().st_size <= 1000 for i in range(parts))
+    staging.join(tmp_path / "stage", tmp_path / "back")
+    assert {n: (tmp_path / "back" / n).read_bytes() for n in files} == files
+    stream = tmp_path / "stage" / "p2" / "stream"
+    blob = stream.read_bytes()
+    stream.write_bytes(blob[:10] + bytes([blob[10] ^ 1]) + blob[11:])
+    with pytest.raises(SystemExit, match="models/m/model.safetensors: sha256 differs"):
+        staging.join(tmp_path / "stage", tmp_path / "again")
+    stream.unlink()
+    with pytest.raises(SystemExit, match="p2 is missing"):
+        staging.join(tmp_path / "stage", tmp_path / "again")

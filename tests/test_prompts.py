@@ -200,6 +200,8 @@ HARMLESS = [
     "a blue-footed booby dancing",      # spelling correction leaves near-misses of short words alone
     "a gunnera plant",
     "a soldier saluting a flag",        # "saluting" is known through its stem "salute"
+    "a cherry pie with red filling oozing out",   # "oozing" is a word (Zipf 2.9), not "boozing" missing a b
+    "a big whiskery catfish",           # whisker + y, not a misspelt "whiskey"
 ]
 
 

@@ -49,16 +49,23 @@ class Speller:
 
     def is_known(self, token: str) -> bool:
         """A known word, or one with a known stem: the CLIP vocabulary lists "salute" but not
-        "saluting", which one dropped letter away from a blocked word would otherwise be "corrected"."""
+        "saluting", which one dropped letter away from a blocked word would otherwise be "corrected";
+        likewise "oozing" (ooze, not "boozing") and "whiskery" (whisker + y, not "whiskey")."""
         if token in self.known:
             return True
-        for end in ("ing", "ed", "es", "s", "er", "ers", "ly", "est"):
-            if token.endswith(end) and len(token) - len(end) >= 4:
-                stem = token[: -len(end)]
-                if stem in self.known or stem + "e" in self.known or (stem[-1:] == stem[-2:-1] and stem[:-1] in self.known):
+        for end in ("ing", "ed", "es", "s", "er", "ers", "ly", "est", "y"):
+            stem = token[: -len(end)]
+            if not token.endswith(end) or len(stem) < 3:
+                continue
+            # A 3-letter stem only with its silent e: "oozing" is "ooze" + ing, not "boozing" missing a letter.
+            if len(stem) == 3:
+                if stem + "e" in self.known:
                     return True
-                if stem.endswith("i") and stem[:-1] + "y" in self.known:
-                    return True
+                continue
+            if stem in self.known or stem + "e" in self.known or (stem[-1:] == stem[-2:-1] and stem[:-1] in self.known):
+                return True
+            if stem.endswith("i") and stem[:-1] + "y" in self.known:
+                return True
         return False
 
     def correct(self, token: str) -> str | None:

@@ -320,9 +320,12 @@ def build_onnx(data_dir: Path) -> dict:
     return {"onnx_sha256": built, "matches_sidecar": built == sidecar["onnx_sha256"], "built": True}
 
 
-# wordfreq's Zipf scale: 3.0 is about once per million words ("bandage", "sextant"); rarer entries
-# are mostly names and misspellings, which must stay correctable.
-WORDFREQ_MIN_ZIPF = 3.0
+# wordfreq's Zipf scale: 3.0 is about once per million words ("bandage", "sextant"), 2.5 a third of that
+# ("oozing" 2.89, "saluting" 2.74). Much rarer entries are mostly names and misspellings, which must stay
+# correctable. 2.5 (was 3.0): on dev the rules alone refused 7.98 % of harmless prompts instead of 8.16 %
+# ("cherry pie oozing" was "boozing" missing a letter) and caught one unsafe prompt fewer of 10,500 (2.0:
+# 7.90 %, three fewer).
+WORDFREQ_MIN_ZIPF = 2.5
 
 
 def known_words() -> list[str]:
