@@ -132,6 +132,17 @@ class RequestError(ValueError):
         self.reason, self.layer = reason, layer
 
 
+def offline_batch_and_guidance(batch, guidance) -> float:
+    """The offline pipelines' shared argument checks: `batch` a positive integer (bools refused), `guidance`
+    as a float, NaN when it is not a number (each family words its own range message)."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch {batch!r} must be a positive integer")
+    try:
+        return float(guidance)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def request_defaults(info) -> dict:
     """Defaults of the optional inputs for one build (BuildInfo): keyword -> typed value."""
     return {"seed": DEFAULT_SEED, "guidance": DEFAULT_GUIDANCE, "width": info.limits.opt_image,

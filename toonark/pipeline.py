@@ -177,12 +177,7 @@ class Text2ImagePipeline:
         start = time.perf_counter()
         default_size = self.limits.opt_image if self.limits else 512
         width, height = width or default_size, height or default_size
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch {batch!r} must be a positive integer")
-        try:
-            scale = float(guidance)
-        except (TypeError, ValueError):
-            scale = math.nan
+        scale = api.offline_batch_and_guidance(batch, guidance)
         if not math.isfinite(scale):
             raise ValueError(f"guidance {guidance!r} must be a finite number ({api.DEFAULT_GUIDANCE} is SD-1.5's "
                              f"usual value)")

@@ -88,12 +88,7 @@ class QwenImageText2ImagePipeline(Text2ImagePipeline):
         start = time.perf_counter()
         default_size = self.limits.opt_image if self.limits else 1024
         width, height = width or default_size, height or default_size
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch {batch!r} must be a positive integer")
-        try:
-            scale = float(guidance)
-        except (TypeError, ValueError):
-            scale = math.nan
+        scale = api.offline_batch_and_guidance(batch, guidance)
         low, high = api.GUIDANCE_RANGE
         if not math.isfinite(scale) or not low <= scale <= high:
             raise ValueError(f"guidance {guidance!r} is out of range; use {low:g}..{high:g} (Qwen-Image: 4.0 is typical)")
