@@ -280,19 +280,9 @@ def report(folders: list[Path], json_path: Path | None) -> None:
     its test scores (fp32 on the GPU; the product runs int8 on the CPU, 0.5 % of decisions differ)."""
     import numpy as np
 
-    from toonark.prompt_safety import evalset, evaluate, train
-    from toonark.prompt_safety.layered import LayeredFilter
-    from toonark.prompts import PromptPolicy, normalize
+    from toonark.prompt_safety import evalset, train
     examples = evalset.load()
-    rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
-    fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-    parts = {}
-    for split in ("dev", "test"):
-        chosen = [e for e in examples if e.split == split]
-        parts[split] = {"layers": np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in chosen]),
-                        "words": np.array([len(normalize(e.text).split()) for e in chosen]),
-                        "unsafe": np.array([e.unsafe for e in chosen]),
-                        "blind": np.array([evalset.sha12(e.base) not in fitted for e in chosen])}
+    parts = {split: train.rule_readings([e for e in examples if e.split == split]) for split in ("dev", "test")}
     safe = sorted({e.label for e in examples}).index(evalset.SAFE)
     runs = []
     for folder in folders:
@@ -316,11 +306,7 @@ def report(folders: list[Path], json_path: Path | None) -> None:
                     continue
                 finally:
                     train.FALSE_REFUSAL_BUDGET = train_budget
-
-                def refused(p, s):
-                    return train._refused(np.where(p["words"] >= point["min_words"], s, -1.0), p["layers"], p["words"],
-                                          point["threshold"], point["vetoes"], point["veto_min_words"])
-                on_dev, on_test = refused(dev, oof), refused(test, held)
+                on_dev, on_test = train.decisions(point, oof, dev), train.decisions(point, held, test)
                 row["whole_filter"][f"{budget:.0%}"] = {
                     "point": point,
                     "dev_out_of_fold": [round(float(on_dev[dev["unsafe"]].mean()), 4), round(float(on_dev[~dev["unsafe"]].mean()), 4)],

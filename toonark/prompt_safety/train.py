@@ -92,6 +92,31 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
                    "harmless_refused_all_dev": round(wrong, 4)}
 
 
+def rule_readings(examples: list[evalset.Example]) -> dict:
+    """Per example, numpy arrays: `layers` (the layer that refuses it with the classifier off, "" for none),
+    `words` (normalised word count), `unsafe`, and `blind` (its batch's dev half never fed the rules): what
+    choose_operating_point and decisions() read."""
+    import numpy as np
+
+    from toonark.prompt_safety import evaluate
+    from toonark.prompt_safety.layered import LayeredFilter
+    from toonark.prompts import PromptPolicy
+    rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
+    fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
+    return {"layers": np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in examples]),
+            "words": np.array([len(normalize(e.text).split()) for e in examples]),
+            "unsafe": np.array([e.unsafe for e in examples]),
+            "blind": np.array([evalset.sha12(e.base) not in fitted for e in examples])}
+
+
+def decisions(point: dict, scores, readings: dict):
+    """The whole filter's refusals (bool array) at an operating point, from classifier scores and rule_readings."""
+    import numpy as np
+    words = readings["words"]
+    return _refused(np.where(words >= point["min_words"], scores, -1.0), readings["layers"], words, point["threshold"],
+                    point["vetoes"], point["veto_min_words"])
+
+
 def _metrics(scores, labels, threshold) -> dict:
     unsafe = [p for p, y in zip(scores, labels) if y != evalset.SAFE]
     safe = [p for p, y in zip(scores, labels) if y == evalset.SAFE]
@@ -139,10 +164,6 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset)."""
     import numpy as np
 
-    from toonark.prompt_safety import evaluate
-    from toonark.prompt_safety.layered import LayeredFilter
-    from toonark.prompts import PromptPolicy
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_known_words(out_dir)   # the spelling layer reads it, and the rule layers run below
@@ -160,15 +181,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
 
     if limit is None:
         oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, oof_cache)
-        rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
-        layers = np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in dev])
-        words = np.array([len(t.split()) for t in x])
-        fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-        blind = np.array([evalset.sha12(e.base) not in fitted for e in dev])
-        unsafe = np.array([e.unsafe for e in dev])
-        point, chosen = choose_operating_point(oof, words, layers, unsafe, blind)
-        refused = _refused(np.where(words >= point["min_words"], oof, -1.0), layers, words, point["threshold"],
-                           point["vetoes"], point["veto_min_words"])
+        readings = rule_readings(dev)
+        unsafe = readings["unsafe"]
+        point, chosen = choose_operating_point(oof, readings["words"], readings["layers"], unsafe, readings["blind"])
+        refused = decisions(point, oof, readings)
         dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
                                             "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
         dev_alone = _metrics(oof, y, point["threshold"])
