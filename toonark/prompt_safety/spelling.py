@@ -50,17 +50,13 @@ class Speller:
     def is_known(self, token: str) -> bool:
         """A known word, or one with a known stem: the CLIP vocabulary lists "salute" but not
         "saluting", which one dropped letter away from a blocked word would otherwise be "corrected";
-        likewise "oozing" (ooze, not "boozing") and "whiskery" (whisker + y, not "whiskey")."""
+        likewise "whiskery" (whisker + y, not "whiskey"). Stems of 3 letters are not read: "hiting" would
+        pass as "hite" + ing and never meet "hitting"."""
         if token in self.known:
             return True
         for end in ("ing", "ed", "es", "s", "er", "ers", "ly", "est", "y"):
             stem = token[: -len(end)]
-            if not token.endswith(end) or len(stem) < 3:
-                continue
-            # A 3-letter stem only with its silent e: "oozing" is "ooze" + ing, not "boozing" missing a letter.
-            if len(stem) == 3:
-                if stem + "e" in self.known:
-                    return True
+            if not token.endswith(end) or len(stem) < 4:
                 continue
             if stem in self.known or stem + "e" in self.known or (stem[-1:] == stem[-2:-1] and stem[:-1] in self.known):
                 return True
