@@ -285,10 +285,13 @@ def test_any_killed_model_process_loses_no_request_under_load(recovery_repo, tmp
         assert sorted(k["model"] for k in report["kills"]) == sorted(killed), report["kills"]
         assert all(k["recovery_s"] is not None for k in report["kills"])
         # the clients whose server is the killed one went back to it after failing over (fail_back_s): it kept
-        # serving its share, so the later kills were felt too
+        # serving a share, so the later kills were felt too. Half the clients start on it and spend each kill's
+        # recovery plus 3 s on the standby, so with fail-back it serves ~20-26 % of a 40 s run (measured
+        # 2026-12-02; the bound was 25 % and failed 3 runs in 4); without fail-back only what came before the
+        # first kill, ~5 % (an estimate from the kill schedule). 12 % tells the two apart.
         first = sum(row["ok"] for url, row in standby["by_server"].items()
                     if url not in (standby["http_url"], standby["grpc_url"]))
-        assert first > 0.25 * report["requests"], standby["by_server"]
+        assert first > 0.12 * report["requests"], standby["by_server"]
     else:   # the upstream abort: the log names it, and the standby served the rest
         assert UPSTREAM_ABORT in log.read_text(), f"tritonserver exited without the known abort: {log.read_text()[-2000:]}"
         assert sum(standby["by_server"].get(url, {}).get("ok", 0) for url in (standby["http_url"], standby["grpc_url"]))
