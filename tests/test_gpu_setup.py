@@ -96,3 +96,33 @@ def test_join_names_missing_parts_and_rejects_a_damaged_one(tmp_path):
     with pytest.raises(ValueError, match="does not match its sha256"):
         stage_wheels.join(parts, tmp_path / "out2", partial=False)
     assert [p.name for p in (tmp_path / "out2").iterdir()] == ["a-1-py3-none-any.whl"]   # no half-written file
+
+
+def test_gpu_kit_carries_the_built_classifier_and_refuses_a_stale_one(tmp_path, monkeypatch):
+    """The offline box cannot build the prompt classifier's graph (no base model, no peft) and the graph is too
+    large for one call, so the gpu kit's parts carry the one `make setup` built here, checked by the sidecar's
+    sha256; `join --site` unpacks the wheels only."""
+    import hashlib
+    import json
+    import zipfile
+
+    from toonark.prompt_safety import classifier
+    data = tmp_path / "data"
+    data.mkdir()
+    graph = b"graph bytes"
+    (data / classifier.MODEL_NAME).write_bytes(b"an older build")
+    (data / classifier.TOKENIZER_NAME).write_text("{}")
+    (data / classifier.SIDECAR_NAME).write_text(json.dumps({"onnx_sha256": hashlib.sha256(graph).hexdigest()}))
+    monkeypatch.setattr(classifier, "data_dir", lambda: data)
+    with pytest.raises(RuntimeError, match=r"safety_classifier.onnx: not the sidecar build; run `make setup` here"):
+        stage_wheels.built_classifier()
+    (data / classifier.MODEL_NAME).write_bytes(graph)
+    files = stage_wheels.built_classifier()
+    assert sorted(files) == ["toonark-data/safety_classifier.onnx", "toonark-data/safety_tokenizer.json"]
+    wheel = tmp_path / "w-1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("w/__init__.py", "")
+    stage_wheels.write_parts({wheel.name: wheel, **files}, tmp_path / "stage", part_bytes=1 << 20)
+    stage_wheels.join(sorted((tmp_path / "stage").iterdir()), tmp_path / "out", partial=False, site=tmp_path / "site")
+    assert (tmp_path / "out" / "toonark-data" / classifier.MODEL_NAME).read_bytes() == graph
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == [".joined", "w"]

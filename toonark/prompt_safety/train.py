@@ -2,10 +2,10 @@
 from the dev part of toonark/data/safety_prompts.json, choose its operating point out of fold, and build the
 ONNX graph the runtime reads.
 
-`make safety-model` (train + build, ~30 min on two CPU cores) writes the tracked files: the adapter
-(safety_adapter.safetensors) and the sidecar (safety_classifier.json: data and adapter sha256, threshold,
-vetoes, metrics, and the sha256 of the graph built from them). `make setup` runs only `build_onnx`
-(~15 s): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
+`make safety-model` (train + build; MPNet's fits need a GPU: ~16 min on an H200, the rest ~14 min on two CPU
+cores) writes the tracked files: the adapter (safety_adapter.safetensors) and the sidecar
+(safety_classifier.json: data and adapter sha256, threshold, vetoes, metrics, and the sha256 of the graph built
+from them). `make setup` runs only `build_onnx` (~1 min): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
 versions on the same CPU kind give the bytes the sidecar records (tests/test_prompt_safety_eval.py).
 """
 from __future__ import annotations
