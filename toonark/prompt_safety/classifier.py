@@ -117,8 +117,8 @@ class SafetyClassifier:
         self._blob, self._tokenizer_text = blob, tokenizer.decode("utf-8")
         self._session = self._tokenizer = None
         self._load()
-        # Children ask for the same pictures again and again ("a cute puppy"), and a request's prompt is read
-        # once per image; a repeat costs a dict lookup instead of ~11 ms of CPU (Scores are immutable).
+        # Children ask for the same pictures again and again ("a cute puppy"): a repeat costs a dict lookup
+        # instead of ~11 ms of CPU (Scores are immutable, so one object serves every caller).
         self._remembered = functools.lru_cache(maxsize=SCORE_CACHE_PROMPTS)(self._score_alone)
 
     def _load(self) -> None:
