@@ -92,13 +92,13 @@ def built_classifier() -> dict[str, Path]:
     """The prompt classifier's built graph and tokenizer (`make setup` here), staged under CLASSIFIER_FOLDER: the
     offline box cannot build them (no base model, no peft), and the graph is too large to carry in one call
     (MPNet int8: 110 MB). `make setup GPU=1 WHEELS=` copies them into toonark/data."""
-    import hashlib
     import json
+    from toonark.files import sha256_file
     from toonark.prompt_safety.classifier import MODEL_NAME, SIDECAR_NAME, TOKENIZER_NAME, data_dir
     folder = data_dir()
     want = json.loads((folder / SIDECAR_NAME).read_text(encoding="utf-8"))["onnx_sha256"]
     graph = folder / MODEL_NAME
-    have = hashlib.sha256(graph.read_bytes()).hexdigest() if graph.exists() else None
+    have = sha256_file(graph) if graph.exists() else None
     if have != want:
         raise RuntimeError(f"{graph}: {'missing' if have is None else 'not the sidecar build'}; run `make setup` "
                            f"here first (it builds the graph the offline machine gets)")

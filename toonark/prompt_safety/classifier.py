@@ -23,10 +23,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "safety_classifier.onnx"
-SCORE_CACHE_PROMPTS = 4096      # scores kept per process (a few hundred bytes each)
 SIDECAR_NAME = "safety_classifier.json"
 ADAPTER_NAME = "safety_adapter.safetensors"
 TOKENIZER_NAME = "safety_tokenizer.json"
+SCORE_CACHE_PROMPTS = 4096      # scores kept per process (a few hundred bytes each)
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "probabilities"
 MAX_TOKENS = 64      # prompts are clipped to 77 CLIP tokens; 64 WordPiece tokens cover them
