@@ -5,7 +5,6 @@ Run `make safety-model` afterwards: the classifier trains on the new dev half.""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,11 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     from toonark.prompt_safety import evalset
     for path in args.files:
-        try:
-            new = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-        result = evalset.add_batch(new, args.written)
+        result = evalset.add_batch(evalset.read_batch(path), args.written)
         print(f"{path}: batch {result['batch']}, {result['added']} base prompts added, "
               f"{result['duplicates']} already in the set")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from toonark.scripts import _cli as cli
 
@@ -17,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the totals as JSON")
     parser.add_argument("--by-batch", action="store_true",
                         help="also print recall / harmless refused per writing batch (toonark/data/safety_batches.json)")
+    parser.add_argument("--batch-file", type=Path, metavar="FILE",
+                        help="a writing batch not merged yet (scripts/safety_add_batch.py's schema): its first, blind "
+                             "run, both halves with perturbations; --split is ignored")
     parser.add_argument("--timing", action="store_true",
                         help="also time every prompt of the set: whole filter and classifier alone (ms)")
     return parser.parse_args(argv)
@@ -26,11 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from toonark.prompt_safety import evalset, evaluate
     from toonark.prompt_safety.layered import filter_for
     from toonark.prompts import PromptPolicy
-    report = evaluate.evaluate(filter_for(PromptPolicy.load()._rules), evalset.load(), args.split)
+    if args.batch_file:
+        examples, split = evalset.batch_examples(evalset.read_batch(args.batch_file)), "all"
+    else:
+        examples, split = evalset.load(), args.split
+    report = evaluate.evaluate(filter_for(PromptPolicy.load()._rules), examples, split)
     if args.json:
-        print(json.dumps({"split": args.split, "unsafe": report.unsafe, "recall": round(report.recall, 4),
-                          "harmless": report.harmless, "harmless_refused": round(report.false_refusal_rate, 4),
-                          "by_layer": evaluate.by_layer(report), "meets_targets": report.meets_targets}))
+        print(json.dumps(evaluate.totals(report)))
     else:
         print(evaluate.table(report))
         if args.details:
@@ -39,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print(evaluate.batch_table(filter_for(PromptPolicy.load()._rules), evalset.load(), args.split))
     if args.timing:
         print(timing(evalset.load()))
-    return 0 if report.meets_targets or args.split != "test" else 2
+    return 0 if report.meets_targets or split != "test" else 2
 
 
 def main(argv=None) -> int:

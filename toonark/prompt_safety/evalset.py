@@ -114,13 +114,59 @@ def load(path: Path | None = None) -> list[Example]:
                 if base in seen:
                     raise ValueError(f"{path}: {section}.{group}: {base!r} is already listed under {seen[base]}")
                 seen[base] = f"{section}.{group}"
-                out.append(Example(base, label, group, base, "base", split_of(base)))
-                first = int(_digest(base)[8:16], 16) % len(KINDS)
-                for kind in (KINDS[first], KINDS[(first + 1) % len(KINDS)]):
-                    variant = perturb(base, kind)
-                    if variant != base:
-                        out.append(Example(variant, label, group, base, kind, split_of(base)))
+                out += _examples_of(base, label, group)
     return out
+
+
+def _examples_of(base: str, label: str, group: str) -> list[Example]:
+    """A base prompt and its two perturbations."""
+    out = [Example(base, label, group, base, "base", split_of(base))]
+    first = int(_digest(base)[8:16], 16) % len(KINDS)
+    for kind in (KINDS[first], KINDS[(first + 1) % len(KINDS)]):
+        variant = perturb(base, kind)
+        if variant != base:
+            out.append(Example(variant, label, group, base, kind, split_of(base)))
+    return out
+
+
+def read_batch(path: Path) -> dict:
+    """A writing batch file (add_batch's schema), refused with the line and column when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def batch_examples(new: dict, path: Path | None = None) -> list[Example]:
+    """The examples a writing batch would add (add_batch's schema and duplicate rule), without merging it:
+    a blind batch's first run (`scripts/safety_eval.py --batch-file`) reads these, both splits."""
+    prompts, _ = _new_prompts(new, path)
+    return [ex for section, group, prompt in prompts for ex in
+            _examples_of(prompt, group if section == "unsafe" else SAFE, group)]
+
+
+def _new_prompts(new: dict, path: Path | None = None) -> tuple[list[tuple[str, str, str]], int]:
+    """((section, group, prompt) of each prompt of `new` not in the set yet (case-insensitively, nor earlier
+    in `new`), whitespace folded; the number skipped). An unknown category or group is refused, naming the
+    known ones."""
+    data = json.loads(Path(path or data_path()).read_text(encoding="utf-8"))
+    seen = {b.casefold() for section in ("unsafe", "harmless") for g, v in data[section].items()
+            if not g.startswith("_") for b in v}
+    out, duplicates = [], 0
+    for section in ("unsafe", "harmless"):
+        for group, prompts in (new.get(section) or {}).items():
+            if group not in data[section]:
+                known = ", ".join(g for g in data[section] if not g.startswith("_"))
+                raise ValueError(f"{section}.{group}: no such {'category' if section == 'unsafe' else 'group'}; "
+                                 f"use one of {known}")
+            for prompt in prompts:
+                prompt = " ".join(str(prompt).split())
+                if not prompt or prompt.casefold() in seen:
+                    duplicates += 1
+                    continue
+                seen.add(prompt.casefold())
+                out.append((section, group, prompt))
+    return out, duplicates
 
 
 def categories(path: Path | None = None) -> tuple[str, ...]:
@@ -143,25 +189,12 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
+    prompts, duplicates = _new_prompts(new, path)
     data = json.loads(path.read_text(encoding="utf-8"))
     batches = json.loads(batches_path.read_text(encoding="utf-8"))
-    seen = {b.casefold() for section in ("unsafe", "harmless") for g, v in data[section].items()
-            if not g.startswith("_") for b in v}
-    added, duplicates = [], 0
-    for section in ("unsafe", "harmless"):
-        for group, prompts in (new.get(section) or {}).items():
-            if group not in data[section]:
-                known = ", ".join(g for g in data[section] if not g.startswith("_"))
-                raise ValueError(f"{section}.{group}: no such {'category' if section == 'unsafe' else 'group'}; "
-                                 f"use one of {known}")
-            for prompt in prompts:
-                prompt = " ".join(str(prompt).split())
-                if not prompt or prompt.casefold() in seen:
-                    duplicates += 1
-                    continue
-                seen.add(prompt.casefold())
-                data[section][group].append(prompt)
-                added.append(prompt)
+    for section, group, prompt in prompts:
+        data[section][group].append(prompt)
+    added = [p for _, _, p in prompts]
     number = max(b["batch"] for b in batches["batches"]) + 1
     # dev_used_for_rules: false until a rule is written from the batch's dev half; while false, that half
     # is where the classifier's operating point is chosen (train.choose_operating_point).

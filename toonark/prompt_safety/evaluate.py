@@ -145,3 +145,13 @@ def by_layer(report: Report) -> dict[str, int]:
             if key.startswith("layer:"):
                 total[key[6:]] += value
     return dict(total)
+
+
+def totals(report: Report) -> dict:
+    """The report as plain numbers (`scripts/safety_eval.py --json`; a blind batch's first run is kept so in
+    benchmarks/results): totals, refusals per layer, recall per category, refused share per harmless group."""
+    return {"split": report.split, "unsafe": report.unsafe, "recall": round(report.recall, 4),
+            "harmless": report.harmless, "harmless_refused": round(report.false_refusal_rate, 4),
+            "by_layer": by_layer(report), "meets_targets": report.meets_targets,
+            "per_category": {c: round(row["caught"] / row["n"], 4) for c, row in report.by_category.items()},
+            "per_group": {g: round(row["refused"] / row["n"], 4) for g, row in report.by_group.items()}}
