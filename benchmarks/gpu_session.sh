@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One H200 session, phase by phase (each phase is one device call on the same warm machine; benchmarks/NOTES.md):
-#   bash benchmarks/gpu_session.sh carry N     # after carrying .stage/gpu/pN (scripts/stage_wheels.py stage)
+#   bash benchmarks/gpu_session.sh carry N [KIT]   # after carrying .stage/KIT/pN (scripts/stage_wheels.py stage; KIT gpu)
+#   bash benchmarks/gpu_session.sh safety-fits     # issue 16: join the safety-model kit, start the classifier's five
+#                                                  # fits at once (+ the final fit again, to compare bytes), wait
+#   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
 #   bash benchmarks/gpu_session.sh setup       # join the parts, `make setup GPU=1 WHEELS=/tmp/wheels`, gpu_check
 #   bash benchmarks/gpu_session.sh prepare     # SD-1.5-shaped ort-cuda fp16 build in /tmp/tkbuild + pipeline timings
 #   bash benchmarks/gpu_session.sh served [TREE]   # issue 12: benchmarks/gpu_served.py (TREE: a checkout to run it from)
@@ -15,9 +18,39 @@ phase=$1; shift
 OUT=${OUT:-/tmp/out}; BUILD=${BUILD:-/tmp/tkbuild}; RES=/tmp/res/$phase
 mkdir -p "$OUT" "$RES"
 pack() { tar czf "$OUT/$phase.tgz" -C "$RES" . 2>/dev/null; ls -la "$RES" | tail -n +2; }
+# The fits run in their own process sessions (setsid), so they outlive a call while the machine stays warm.
+FIT=/tmp/fit; FIT_AGAIN=/tmp/fit-again
+fits_running() { pgrep -f -- "--fit-part" > /dev/null; }
+wait_fits() {
+  local until=$(( $(date +%s) + ${FITS_WAIT:-540} ))
+  while fits_running && [ "$(date +%s)" -lt "$until" ]; do sleep 10; done
+  for log in $FIT/part-*.log $FIT_AGAIN/part-*.log; do echo "== $log"; grep -v Warn "$log" | tail -3; done
+  ! fits_running
+}
+collect_fits() {
+  # Nothing left to fit: this run merges the fold files into the cache and writes the fit record.
+  python3 scripts/safety_model.py --base mpnet --fits-only --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
+  sha256sum $FIT/safety_adapter.safetensors $FIT_AGAIN/safety_adapter.safetensors
+  cp $FIT_AGAIN/part-final.log $FIT/part-final-again.log; cp -r $FIT "$OUT/"
+}
 case "$phase" in
   carry)
-    mkdir -p /tmp/parts && cp -r ".stage/gpu/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
+    mkdir -p /tmp/parts && cp -r ".stage/${2:-gpu}/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
+  safety-fits)
+    python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels --site /tmp/site > /dev/null || exit 3
+    export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
+    python3 -c "from toonark.prompt_safety import encoder; encoder.MPNet().folder()" || exit 3   # joined once
+    mkdir -p $FIT $FIT_AGAIN
+    for part in 1 2 3 4 final again; do
+      out=$FIT; [ $part = again ] && { out=$FIT_AGAIN; part=final; }
+      setsid sh -c "start=\$(date +%s); python3 scripts/safety_model.py --base mpnet --fits-only --fit-part $part \
+        --out $out --oof-cache $out/safety_oof.npz; echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" \
+        > $out/part-$part.log 2>&1 < /dev/null &
+    done
+    wait_fits && collect_fits ;;
+  safety-wait)
+    export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
+    wait_fits && collect_fits ;;
   setup)
     python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels || exit 3
     make setup GPU=1 WHEELS=/tmp/wheels > "$RES/setup.log" 2>&1; rc=$?

@@ -33,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fits-only", action="store_true",
                         help="the GPU part alone: fold models and final fit; writes the adapter and safety_fit.json "
                              "into --out (the fold scores into --oof-cache) for --adapter-from on another machine")
+    parser.add_argument("--fit-part", default=None, metavar="{1,2,3,4,final}",
+                        help="with --fits-only: only this fold model (its scores beside --oof-cache) or the final fit, "
+                             "so the five fits can run as five processes on one GPU at once; a --fits-only run without "
+                             "it afterwards collects them and writes safety_fit.json")
     parser.add_argument("--adapter-from", type=Path, default=None,
                         help="a --fits-only run's folder: take its adapter (and the fold scores in --oof-cache) "
                              "instead of fitting; refused unless it was fitted from this data with these settings")
@@ -65,7 +69,10 @@ def run(args: argparse.Namespace) -> None:
     if args.fits_only and args.out is None:
         raise SystemExit("--fits-only writes a scratch adapter: give it its own --out folder (not toonark/data)")
     sidecar = train.build(out, args.data, oof_cache=args.oof_cache, base=base, fits_only=args.fits_only,
-                          adapter_from=args.adapter_from)
+                          adapter_from=args.adapter_from, fit_part=args.fit_part)
+    if args.fit_part is not None and args.fit_part != "final":
+        print(f"fold {args.fit_part}: scores in {sidecar['fold_scores']}")
+        return
     if args.fits_only:
         print(f"{out / train.FIT_RECORD_NAME}: adapter sha256 {sidecar['adapter']['sha256']}, trained on "
               f"{sidecar['adapter']['training']['device']}; fold scores in {args.oof_cache}")

@@ -215,8 +215,11 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     existing = evalset.load()[0].base
     new = {"author": "a test", "unsafe": {"violence": ["a brand new prompt about a brawl", existing.upper()]},
            "harmless": {"animals": ["a brand new prompt about a quokka", "a brand new prompt about a quokka"]}}
+    blind = evalset.batch_examples(new, prompts)      # a blind first run reads what the merge will add
     result = evalset.add_batch(new, "in a test", prompts, batches)
     assert (result["added"], result["duplicates"]) == (2, 2)
+    assert blind == [e for e in evalset.load(prompts) if e.base in {"a brand new prompt about a brawl",
+                                                                     "a brand new prompt about a quokka"}]
     after = {e.base: e.label for e in evalset.load(prompts)}
     assert after["a brand new prompt about a brawl"] == "violence" and after["a brand new prompt about a quokka"] == "safe"
     last = evaluate.batches(batches)[-1]
@@ -284,6 +287,30 @@ def test_fits_on_a_gpu_machine_finish_here_and_a_mismatched_fit_is_refused(tmp_p
                                                 "--fits-only"):
         build(tmp_path / "no", limit=96, epochs=1, adapter_from=tmp_path / "here")
     assert not (tmp_path / "no" / "safety_classifier.onnx").exists()
+
+
+def test_fold_fits_run_as_separate_parts_and_merge_into_the_same_scores(tmp_path):
+    """`--fit-part K` fits one fold model into its own file (so the five fits can run as five processes on one
+    GPU); the run after them merges those files and has the same out-of-fold scores, bit for bit, as one
+    process fitting the folds in turn, fitting nothing itself (16 dev prompts, one epoch, this CPU)."""
+    pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    import numpy as np
+    from toonark.prompt_safety import encoder, train
+    from toonark.prompts import normalize
+    examples = evalset.load()
+    dev = [e for e in examples if e.split == "dev" and e.kind == "base"]
+    few = [e for e in dev if e.unsafe][:8] + [e for e in dev if not e.unsafe][:8]
+    args = (few, [normalize(e.text) for e in few], [e.label for e in few], [], [],
+            sorted({e.label for e in examples}), 1, encoder.SHIPPED)
+    in_turn = train._out_of_fold(*args, tmp_path / "turn.npz")
+    for fold in range(train.FOLDS):
+        train._out_of_fold(*args, tmp_path / "parts.npz", folds={fold})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.fold1.npz", "parts.fold2.npz", "parts.fold3.npz",
+                                                          "parts.fold4.npz", "turn.npz"]
+    merged = train._out_of_fold(*args, tmp_path / "parts.npz", fit_missing=False)
+    assert np.array_equal(merged, in_turn) and np.array_equal(np.load(tmp_path / "parts.npz")["oof"], in_turn)
+    with pytest.raises(ValueError, match=r"fit part '5': use one of 1, 2, 3, 4, final, with fits_only"):
+        train.build(tmp_path / "no", fits_only=True, oof_cache=tmp_path / "c.npz", fit_part="5")
 
 
 def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):

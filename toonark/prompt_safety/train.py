@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SIDECAR_VERSION = 3
 FIT_RECORD_NAME = "safety_fit.json"     # beside an adapter written by build(fits_only=True)
 FOLDS = 4
+# The five fits of a build, each runnable alone (build(fit_part=...), scripts/safety_model.py --fit-part).
+FIT_PARTS = tuple(str(k) for k in range(1, FOLDS + 1)) + ("final",)
 # The operating point (classifier threshold, rule vetoes, the fewest words the classifier reads) is picked from
 # this grid by choose_operating_point. Vetoes stay product rules, not only numbers: a rule hit is excused only
 # in a prompt of VETO_MIN_WORDS+ words (shorter ones cannot set a harmless context: with vetoes from 5 words the
@@ -131,12 +133,19 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def fold_cache(cache: Path, fold: int) -> Path:
+    """Where a fit part (`fit_part`, one fold fitted beside the others) keeps its fold's scores: beside `cache`."""
+    return cache.with_name(f"{cache.stem}.fold{fold + 1}{cache.suffix}")
+
+
 def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, cache: Path | None,
-                 fit_missing: bool = True):
+                 fit_missing: bool = True, folds: set[int] | None = None):
     """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models). `cache` (an
     .npz) keeps them keyed by the data, the templates and the training settings, written after every fold:
     changing only the operating-point rule re-runs the final fit alone, and an interrupted run (a GPU call
-    with a time limit) resumes at the next fold."""
+    with a time limit) resumes at the next fold. `folds`: fit only these (0-based), each into its own file
+    (fold_cache), so processes fitting different folds at once never write one file; a later run without
+    `folds` merges those files into `cache`."""
     import numpy as np
     from sklearn.model_selection import StratifiedGroupKFold
     key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
@@ -149,8 +158,14 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
             log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
     safe_index = labels.index(evalset.SAFE)
     splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, [e.base for e in dev]))
+    merged = False
+    for fold, (_, held_idx) in enumerate(splits):
+        part = fold_cache(Path(cache), fold) if cache is not None else None
+        if not done[fold] and part is not None and part.exists() and str(np.load(part)["key"]) == key:
+            oof[held_idx], done[fold], merged = np.load(part)["oof"][held_idx], True, True
+            log.info("out-of-fold scores of fold %d from %s", fold + 1, part)
     for fold, (train_idx, held_idx) in enumerate(splits):
-        if done[fold]:
+        if done[fold] or (folds is not None and fold not in folds):
             continue
         if not fit_missing:
             raise ValueError(f"{cache}: no out-of-fold scores of fold {fold + 1}/{FOLDS} for this data and these "
@@ -160,23 +175,32 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
         oof[held_idx] = 1.0 - model.probabilities([x[i] for i in held_idx])[:, safe_index]
         done[fold] = True
         if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(Path(cache)) as fh:
+            target = fold_cache(Path(cache), fold) if folds is not None else Path(cache)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(target) as fh:
                 np.savez(fh, key=np.array(key), oof=oof, done=done)
+        merged = False
+    if merged and folds is None:
+        with atomic_file(Path(cache)) as fh:
+            np.savez(fh, key=np.array(key), oof=oof, done=done)
     return oof
 
 
 def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None, epochs: int = encoder.EPOCHS,
           oof_cache: Path | None = None, base: encoder.EncoderBase = encoder.SHIPPED, fits_only: bool = False,
-          adapter_from: Path | None = None) -> dict:
+          adapter_from: Path | None = None, fit_part: str | None = None) -> dict:
     """Train on dev (+ templated), choose the operating point out of fold, write the adapter and the sidecar,
     then build the ONNX graph (build_onnx) and record its sha256 and its test metrics; returns the sidecar.
     `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset).
     The GPU part alone: `fits_only` stops after the fold models and the final fit, writing the adapter and
     its fit record (FIT_RECORD_NAME) into out_dir; `adapter_from` (such a folder, from another machine)
-    takes that adapter instead of fitting, refused unless its record matches this data and these settings."""
+    takes that adapter instead of fitting, refused unless its record matches this data and these settings.
+    `fit_part` (with fits_only): one of FIT_PARTS alone, so the five fits can run at once as five processes on
+    one GPU; a `fits_only` run after them finds their fold scores and adapter and only writes the record."""
     import numpy as np
 
+    if fit_part is not None and (not fits_only or fit_part not in FIT_PARTS or oof_cache is None):
+        raise ValueError(f"fit part {fit_part!r}: use one of {', '.join(FIT_PARTS)}, with fits_only and an oof cache")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = Path(data_path or evalset.data_path())
@@ -202,7 +226,10 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache, fit_missing=False) \
             if limit is None else None
     else:
-        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache) if limit is None else None
+        folds = None if fit_part is None else (set() if fit_part == "final" else {int(fit_part) - 1})
+        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache, folds=folds) if limit is None else None
+        if fit_part not in (None, "final"):
+            return {"fit_part": fit_part, "fold_scores": str(fold_cache(Path(oof_cache), int(fit_part) - 1))}
         reused = _reusable_adapter(out_dir, record) if limit is None else None
         if reused is None:
             fitted = encoder.fit(x + gx, y + gy, labels, base, epochs, progress="final ")
@@ -312,15 +339,18 @@ def _differences(old: dict, record: dict, blob: bytes) -> list[str]:
 
 
 def _reusable_adapter(out_dir: Path, record: dict) -> tuple[bytes, dict] | None:
-    """(adapter bytes, its training settings) already in `out_dir` when its sidecar says it is this fit, on
-    whichever device it ran (an MPNet adapter fitted on a GPU stays usable on a CPU machine): an
-    operating-point change then costs the fold scores' cache read and the export, not a final fit."""
-    try:
-        old = json.loads((out_dir / SIDECAR_NAME).read_text(encoding="utf-8"))
-        blob = (out_dir / ADAPTER_NAME).read_bytes()
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return None if _differences(old, record, blob) else (blob, old["adapter"]["training"])
+    """(adapter bytes, its training settings) already in `out_dir` when its sidecar (or, in a fits-only
+    folder, its fit record) says it is this fit, on whichever device it ran (an MPNet adapter fitted on a GPU
+    stays usable on a CPU machine): an operating-point change then costs the fold scores' cache read and the
+    export, not a final fit."""
+    for name in (SIDECAR_NAME, FIT_RECORD_NAME):
+        try:
+            old = json.loads((out_dir / name).read_text(encoding="utf-8"))
+            blob = (out_dir / ADAPTER_NAME).read_bytes()
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        return None if _differences(old, record, blob) else (blob, old["adapter"]["training"])
+    return None
 
 
 def _adopted_adapter(folder: Path, record: dict) -> tuple[bytes, dict]:
