@@ -31,7 +31,10 @@ collect_fits() {
   # Nothing left to fit: this run merges the fold files into the cache and writes the fit record.
   python3 scripts/safety_model.py --base mpnet --fits-only --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
   sha256sum $FIT/safety_adapter.safetensors $FIT_AGAIN/safety_adapter.safetensors
-  cp $FIT_AGAIN/part-final.log $FIT/part-final-again.log; cp -r $FIT "$OUT/"
+  # Four files come back (a call returns a few files only): the fold files are merged into safety_oof.npz.
+  cp $FIT_AGAIN/part-final.log $FIT/part-final-again.log; mkdir -p "$OUT/fit"
+  tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
+  cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
 }
 case "$phase" in
   carry)

