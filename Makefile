@@ -99,7 +99,7 @@ demo: setup
 	$(PY) scripts/demo.py --model $(MODEL) --out $(OUT) --image out/demo.png
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 tiny: setup
 	$(PY) scripts/tiny.py --out $(MODEL) --kind $(KIND) $(if $(LORAS),--loras $(LORAS))

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         examples, split = evalset.batch_examples(evalset.read_batch(args.batch_file)), "all"
     else:
         examples, split = evalset.load(), args.split
-    report = evaluate.evaluate(filter_for(PromptPolicy.load()._rules), examples, split)
+    report = evaluate.evaluate_shipped(examples, split)      # two processes: ~2x on the 2-core machine
     if args.json:
         print(json.dumps(evaluate.totals(report)))
     else:

@@ -81,7 +81,7 @@ def test_perturbations_are_deterministic_and_change_the_text():
 def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
     """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
     not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
-    report = evaluate.evaluate(layered, examples, "test")
+    report = evaluate.evaluate_shipped(examples, "test")     # two processes (test_every_refusal_... checks they agree)
     assert report.unsafe >= 200 and report.harmless >= 200
     message = (f"recall {report.recall:.3f} (floor {evaluate.RECALL_FLOOR}, target {evaluate.MIN_RECALL}), "
                f"harmless refused {report.false_refusal_rate:.3f} (ceiling {evaluate.FALSE_REFUSALS_CEILING}, "
@@ -91,15 +91,23 @@ def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
 
 
 def test_every_refusal_names_a_known_category_and_layer(examples, layered):
+    """...and evaluate_shipped's worker processes (the floor test's) read every prompt as this process does."""
     reasons = set(PromptPolicy.load().reasons)
     layers = set()
-    for e in examples[::28]:     # ~1,000 prompts (the classifier is ~11 ms each)
+    sample = examples[::56]      # ~725 prompts (the classifier is ~11-15 ms each)
+    readings = []
+    for e in sample:
         refusal = layered.verdict(e.text)
         if refusal is not None:
             assert refusal.category in reasons and refusal.layer in ("word", "phrase", "language", "classifier")
             assert str(refusal).startswith(f"prompt refused ({refusal.category}): ")
             layers.add(refusal.layer)
+        readings.append(None if refusal is None else (refusal.category, refusal.layer, refusal.rule))
     assert {"word", "phrase", "classifier"} <= layers, layers
+    both = evaluate.evaluate_shipped(sample, "all")
+    assert both.misses == [(e.label, e.text) for e, r in zip(sample, readings) if e.unsafe and r is None]
+    assert both.wrongly_refused == [(e.text, r[1], r[2]) for e, r in zip(sample, readings) if not e.unsafe and r]
+    assert both.caught == sum(1 for e, r in zip(sample, readings) if e.unsafe and r)
 
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
@@ -163,7 +171,7 @@ def test_classifier_scores_prompts(examples):
     trained on, the most likely label is the right one for nearly all (a shuffled label order or a
     broken tokenizer gives about one in eleven)."""
     clf = SafetyClassifier()
-    dev = [e for e in examples if e.split == "dev" and e.kind == "base"][::4]    # ~1,200
+    dev = [e for e in examples if e.split == "dev" and e.kind == "base"][::8]    # ~850
     probs = clf.probabilities([normalize(e.text) for e in dev])
     right = sum(max(p, key=p.get) == e.label for p, e in zip(probs, dev))
     assert right / len(dev) > 0.9, f"{right} of {len(dev)}"

@@ -47,12 +47,53 @@ class Report:
         return self.recall >= MIN_RECALL and self.false_refusal_rate <= MAX_FALSE_REFUSALS
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What a report keeps of a refusal (plain values: it crosses process boundaries)."""
+    category: str
+    layer: str
+    rule: str
+
+
+def _reading(refusal) -> Reading | None:
+    return None if refusal is None else Reading(refusal.category, refusal.layer, refusal.rule)
+
+
+def _shipped_readings(texts: list[str]) -> list[Reading | None]:
+    """The shipped filter's readings of `texts`, in a worker process of evaluate_shipped."""
+    from toonark.prompt_safety.layered import filter_for
+    from toonark.prompts import PromptPolicy
+    flt = filter_for(PromptPolicy.load()._rules)
+    return [_reading(flt.verdict(t)) for t in texts]
+
+
+def evaluate_shipped(examples: list[evalset.Example], split: str, workers: int = 2) -> Report:
+    """evaluate() of the shipped filter (the policy's rules and the classifier, one thread each, as served) over
+    `workers` processes: the same verdicts, prompt by prompt, in about 1/workers of the time (the classifier is
+    ~11-15 ms a prompt; the test part is 20 k prompts). Contiguous chunks keep a base prompt beside its
+    perturbations, whose normalised text often repeats the base's remembered score."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    chosen = _chosen(examples, split)
+    size = -(-len(chosen) // workers)
+    chunks = [[e.text for e in chosen[i:i + size]] for i in range(0, len(chosen), size)]
+    with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        readings = [r for part in pool.map(_shipped_readings, chunks) for r in part]
+    return _report(chosen, readings, split)
+
+
+def _chosen(examples: list[evalset.Example], split: str) -> list[evalset.Example]:
+    return [ex for ex in examples if ex.split == split or split == "all"]
+
+
 def evaluate(flt, examples: list[evalset.Example], split: str) -> Report:
+    chosen = _chosen(examples, split)
+    return _report(chosen, [_reading(flt.verdict(ex.text)) for ex in chosen], split)
+
+
+def _report(chosen: list[evalset.Example], readings: list[Reading | None], split: str) -> Report:
     report = Report(split)
-    for ex in examples:
-        if ex.split != split and split != "all":
-            continue
-        refusal = flt.verdict(ex.text)
+    for ex, refusal in zip(chosen, readings, strict=True):
         if refusal is not None:
             report.refused_as[refusal.category] += 1
             report.refused_as_unsafe[refusal.category] += ex.unsafe
