@@ -91,5 +91,8 @@ def test_unique_subjects_pass_the_kid_safety_rules():
         policy.compose(f"{prompt} number 1488")
     names = [pet_name(n) for n in range(5000)]
     assert len(set(names)) == len(names) and pet_name(1488) == "kopevuvu"
-    for name in names:
-        policy.compose(f"{prompt} named {name}")
+    policy.compose(f"{prompt} named {names[0]}")
+    # compose checks the subject with the shipped filter; the 5,000 go through it in two processes (~11-15 ms each)
+    from toonark.prompt_safety.evaluate import shipped_readings
+    refused = [(n, r) for n, r in zip(names, shipped_readings([f"{prompt} named {n}" for n in names])) if r]
+    assert not refused, refused[:5]

@@ -1,7 +1,8 @@
 """Prompt safety measured on the project's labelled set (toonark/data/safety_prompts.json): the set's
 shape and its leak-free dev/test split, the issue-16 targets on the test part, and the shipped classifier
-(adapter matches its data and sidecar, the graph rebuilds byte for byte, training is deterministic). About a
-minute and a half on 2 cores, most of it the builds, which need the build-time extra (make setup installs it)."""
+(adapter matches its data and sidecar, the graph rebuilds byte for byte, training is deterministic). About four
+minutes on 2 cores: the test part (two processes) and the builds, which need the build-time extra (make setup
+installs it)."""
 from __future__ import annotations
 
 import hashlib

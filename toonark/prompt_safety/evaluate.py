@@ -72,14 +72,19 @@ def evaluate_shipped(examples: list[evalset.Example], split: str, workers: int =
     `workers` processes: the same verdicts, prompt by prompt, in about 1/workers of the time (the classifier is
     ~11-15 ms a prompt; the test part is 20 k prompts). Contiguous chunks keep a base prompt beside its
     perturbations, whose normalised text often repeats the base's remembered score."""
+    chosen = _chosen(examples, split)
+    return _report(chosen, shipped_readings([e.text for e in chosen], workers), split)
+
+
+def shipped_readings(texts: list[str], workers: int = 2) -> list[Reading | None]:
+    """The shipped filter's reading of each text (None: it passes), read by `workers` processes in contiguous
+    chunks (one thread each, as served)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    chosen = _chosen(examples, split)
-    size = -(-len(chosen) // workers)
-    chunks = [[e.text for e in chosen[i:i + size]] for i in range(0, len(chosen), size)]
-    with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
-        readings = [r for part in pool.map(_shipped_readings, chunks) for r in part]
-    return _report(chosen, readings, split)
+    size = max(1, -(-len(texts) // workers))
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    with ProcessPoolExecutor(max(1, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [r for part in pool.map(_shipped_readings, chunks) for r in part]
 
 
 def _chosen(examples: list[evalset.Example], split: str) -> list[evalset.Example]:
