@@ -140,16 +140,15 @@ def read_batch(path: Path) -> dict:
 def batch_examples(new: dict, path: Path | None = None) -> list[Example]:
     """The examples a writing batch would add (add_batch's schema and duplicate rule), without merging it:
     a blind batch's first run (`scripts/safety_eval.py --batch-file`) reads these, both splits."""
-    prompts, _ = _new_prompts(new, path)
+    prompts, _ = _new_prompts(new, json.loads(Path(path or data_path()).read_text(encoding="utf-8")))
     return [ex for section, group, prompt in prompts for ex in
             _examples_of(prompt, group if section == "unsafe" else SAFE, group)]
 
 
-def _new_prompts(new: dict, path: Path | None = None) -> tuple[list[tuple[str, str, str]], int]:
+def _new_prompts(new: dict, data: dict) -> tuple[list[tuple[str, str, str]], int]:
     """((section, group, prompt) of each prompt of `new` not in the set yet (case-insensitively, nor earlier
-    in `new`), whitespace folded; the number skipped). An unknown category or group is refused, naming the
-    known ones."""
-    data = json.loads(Path(path or data_path()).read_text(encoding="utf-8"))
+    in `new`), whitespace folded; the number skipped), against the labelled set `data`. An unknown category or
+    group is refused, naming the known ones."""
     seen = {b.casefold() for section in ("unsafe", "harmless") for g, v in data[section].items()
             if not g.startswith("_") for b in v}
     out, duplicates = [], 0
@@ -189,8 +188,8 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
-    prompts, duplicates = _new_prompts(new, path)
     data = json.loads(path.read_text(encoding="utf-8"))
+    prompts, duplicates = _new_prompts(new, data)
     batches = json.loads(batches_path.read_text(encoding="utf-8"))
     for section, group, prompt in prompts:
         data[section][group].append(prompt)
