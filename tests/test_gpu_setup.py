@@ -126,3 +126,15 @@ def test_gpu_kit_carries_the_built_classifier_and_refuses_a_stale_one(tmp_path, 
     stage_wheels.join(sorted((tmp_path / "stage").iterdir()), tmp_path / "out", partial=False, site=tmp_path / "site")
     assert (tmp_path / "out" / "toonark-data" / classifier.MODEL_NAME).read_bytes() == graph
     assert sorted(p.name for p in (tmp_path / "site").iterdir()) == [".joined", "w"]
+    # `make setup GPU=1 WHEELS=` places it, and refuses a kit staged from another round (another sidecar).
+    (data / classifier.MODEL_NAME).write_bytes(b"an older build")
+    (tmp_path / "out" / "toonark-data" / classifier.MODEL_NAME).write_bytes(b"a graph from another round")
+    with pytest.raises(RuntimeError, match=r"out/toonark-data/safety_classifier.onnx: not the sidecar build; "
+                                           r"stage the kit again from this commit"):
+        stage_wheels.place(tmp_path / "out")
+    assert (data / classifier.MODEL_NAME).read_bytes() == b"an older build"
+    (tmp_path / "out" / "toonark-data" / classifier.MODEL_NAME).write_bytes(graph)
+    assert stage_wheels.main(["place", "--wheels", str(tmp_path / "out")]) == 0
+    assert (data / classifier.MODEL_NAME).read_bytes() == graph
+    assert sorted(p.name for p in data.iterdir()) == sorted([classifier.MODEL_NAME, classifier.TOKENIZER_NAME,
+                                                             classifier.SIDECAR_NAME])

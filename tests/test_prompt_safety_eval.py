@@ -143,8 +143,8 @@ def test_classifier_matches_its_data_and_sidecar():
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
     assert 0 < sidecar["threshold"] < 1 and sidecar["min_words"] >= 1
     # The int8 graph against the fp32 torch model it was exported from: what must hold is the decision at the
-    # threshold, on nearly every prompt (measured when trained: in the sidecar). Per-channel int8 as shipped: 1.04 %
-    # at threshold 0.40 (round 8; 0.96 % at 0.55 in round 7: a lower threshold has more prompts near it); per-tensor
+    # threshold, on nearly every prompt (measured when trained: in the sidecar). Per-channel int8 as shipped: 0.86 %
+    # at threshold 0.30 (round 9; round 8 1.04 % at 0.40, round 7 0.96 % at 0.55); per-tensor
     # int8 changed 1.9 %, and a broken export changes far more.
     differ = sidecar["metrics"]["onnx_int8_vs_torch_fp32_decisions_differ"]
     assert differ["of"] == len(evalset.load()) and differ["prompts"] <= 0.015 * differ["of"], differ
