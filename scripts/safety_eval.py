@@ -28,8 +28,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from toonark.prompt_safety import evalset, evaluate
-    from toonark.prompt_safety.layered import filter_for
-    from toonark.prompts import PromptPolicy
     if args.batch_file:
         examples, split = evalset.batch_examples(evalset.read_batch(args.batch_file)), "all"
     else:
@@ -41,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(evaluate.table(report))
         if args.details:
             print(evaluate.details(report))
-    if args.by_batch:
-        print(evaluate.batch_table(filter_for(PromptPolicy.load()._rules), evalset.load(), args.split))
+    if args.by_batch:     # the merged set's batches: with --batch-file that is another read
+        print(evaluate.batch_table(report if not args.batch_file else evaluate.evaluate_shipped(evalset.load(),
+                                                                                                args.split)))
     if args.timing:
         print(timing(evalset.load()))
     return 0 if report.meets_targets or split != "test" else 2

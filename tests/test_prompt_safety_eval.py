@@ -109,6 +109,17 @@ def test_every_refusal_names_a_known_category_and_layer(examples, layered):
     assert both.misses == [(e.label, e.text) for e, r in zip(sample, readings) if e.unsafe and r is None]
     assert both.wrongly_refused == [(e.text, r[1], r[2]) for e, r in zip(sample, readings) if not e.unsafe and r]
     assert both.caught == sum(1 for e, r in zip(sample, readings) if e.unsafe and r)
+    # `safety_eval.py --by-batch` splits these readings by writing batch, reading nothing again: each row is
+    # its batch's recall / harmless refused, counted here from this process's readings.
+    batch_of = {h: b["batch"] for b in evaluate.batches() for h in b["bases"]}
+    rows = evaluate.batch_table(both).splitlines()[2:]
+    assert [int(r.split(" | ")[0][2:]) for r in rows] == sorted({batch_of[evalset.sha12(e.base)] for e in sample})
+    for row in rows:
+        mine = [(e, r) for e, r in zip(sample, readings) if batch_of[evalset.sha12(e.base)] == int(row.split(" | ")[0][2:])]
+        unsafe, harmless = [r for e, r in mine if e.unsafe], [r for e, r in mine if not e.unsafe]
+        recall = 100 * sum(r is not None for r in unsafe) / len(unsafe) if unsafe else 100.0
+        refused = 100 * sum(r is not None for r in harmless) / len(harmless) if harmless else 0.0
+        assert row.endswith(f" | {recall:.1f} / {refused:.1f} |"), row
 
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):

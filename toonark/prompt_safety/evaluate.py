@@ -34,6 +34,7 @@ class Report:
     by_group: dict = field(default_factory=dict)        # harmless group -> Counter(n, refused)
     misses: list = field(default_factory=list)          # (label, text) of unsafe prompts let through
     wrongly_refused: list = field(default_factory=list)  # (text, layer, rule) of harmless refused
+    readings: list = field(default_factory=list)        # (example, Reading | None) of every prompt, in order
 
     @property
     def recall(self) -> float:
@@ -100,6 +101,7 @@ def evaluate(flt, examples: list[evalset.Example], split: str) -> Report:
 def _report(chosen: list[evalset.Example], readings: list[Reading | None], split: str) -> Report:
     report = Report(split)
     for ex, refusal in zip(chosen, readings, strict=True):
+        report.readings.append((ex, refusal))
         if refusal is not None:
             report.refused_as[refusal.category] += 1
             report.refused_as_unsafe[refusal.category] += ex.unsafe
@@ -167,21 +169,23 @@ def batches(path=None) -> list[dict]:
     return data["batches"]
 
 
-def batch_table(flt, examples: list[evalset.Example], split: str) -> str:
-    """Markdown: recall and harmless refused per writing batch on `split` (the honest reading: a batch
-    written with the rules is fitted; one written blind says how the filter meets new phrasings)."""
-    import hashlib
-    batch_of = {h: b["batch"] for b in batches() for h in b["bases"]}
+def batch_table(report: Report) -> str:
+    """Markdown: recall and harmless refused per writing batch, from the report's readings (no prompt read
+    again). The honest reading: a batch written with the rules is fitted; one written blind says how the
+    filter meets new phrasings."""
+    listed = batches()
+    batch_of = {h: b["batch"] for b in listed for h in b["bases"]}
     grouped: dict = defaultdict(list)
-    for ex in examples:
-        grouped[batch_of.get(hashlib.sha256(ex.base.encode("utf-8")).hexdigest()[:12], "unlisted")].append(ex)
-    written = {b["batch"]: b["written"] for b in batches()}
-    lines = [f"| batch | base prompts | written | {split}: recall % / harmless refused % |", "|---|---|---|---|"]
+    for ex, reading in report.readings:
+        grouped[batch_of.get(evalset.sha12(ex.base), "unlisted")].append((ex, reading))
+    written = {b["batch"]: b["written"] for b in listed}
+    size = {b["batch"]: len(b["bases"]) for b in listed}     # the whole batch, both halves
+    lines = [f"| batch | base prompts | written | {report.split}: recall % / harmless refused % |", "|---|---|---|---|"]
     for key in sorted(grouped, key=lambda k: (isinstance(k, str), k if isinstance(k, int) else 0, str(k))):
-        exs = grouped[key]
-        report = evaluate(flt, exs, split)
-        lines.append(f"| {key} | {len({e.base for e in exs})} | {written.get(key, '-')} | "
-                     f"{100 * report.recall:.1f} / {100 * report.false_refusal_rate:.1f} |")
+        exs, readings = zip(*grouped[key])
+        part = _report(list(exs), list(readings), report.split)
+        lines.append(f"| {key} | {size.get(key, len({e.base for e in exs}))} | {written.get(key, '-')} | "
+                     f"{100 * part.recall:.1f} / {100 * part.false_refusal_rate:.1f} |")
     return "\n".join(lines)
 
 
