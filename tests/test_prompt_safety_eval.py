@@ -113,9 +113,10 @@ def test_every_refusal_names_a_known_category_and_layer(examples, layered):
     # its batch's recall / harmless refused, counted here from this process's readings.
     batch_of = {h: b["batch"] for b in evaluate.batches() for h in b["bases"]}
     rows = evaluate.batch_table(both).splitlines()[2:]
-    assert [int(r.split(" | ")[0][2:]) for r in rows] == sorted({batch_of[evalset.sha12(e.base)] for e in sample})
-    for row in rows:
-        mine = [(e, r) for e, r in zip(sample, readings) if batch_of[evalset.sha12(e.base)] == int(row.split(" | ")[0][2:])]
+    keys = [int(r.split(" | ")[0][2:]) for r in rows]
+    assert keys == sorted({batch_of[evalset.sha12(e.base)] for e in sample})
+    for key, row in zip(keys, rows):
+        mine = [(e, r) for e, r in zip(sample, readings) if batch_of[evalset.sha12(e.base)] == key]
         unsafe, harmless = [r for e, r in mine if e.unsafe], [r for e, r in mine if not e.unsafe]
         recall = 100 * sum(r is not None for r in unsafe) / len(unsafe) if unsafe else 100.0
         refused = 100 * sum(r is not None for r in harmless) / len(harmless) if harmless else 0.0

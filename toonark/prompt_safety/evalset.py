@@ -98,10 +98,15 @@ def split_of(base: str) -> str:
     return "test" if int(_digest(base)[:8], 16) % 2 else "dev"
 
 
+def _read_set(path: Path | None) -> dict:
+    """The labelled set's JSON as stored (the shipped file when `path` is None)."""
+    return json.loads(Path(path or data_path()).read_text(encoding="utf-8"))
+
+
 def load(path: Path | None = None) -> list[Example]:
     """Every example (bases and perturbations), both splits, in file order."""
     path = path or data_path()
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = _read_set(path)
     if data.get("version") != 1:
         raise ValueError(f"{path}: version: expected 1, got {data.get('version')!r}")
     out: list[Example] = []
@@ -140,7 +145,7 @@ def read_batch(path: Path) -> dict:
 def batch_examples(new: dict, path: Path | None = None) -> list[Example]:
     """The examples a writing batch would add (add_batch's schema and duplicate rule), without merging it:
     a blind batch's first run (`scripts/safety_eval.py --batch-file`) reads these, both splits."""
-    prompts, _ = _new_prompts(new, json.loads(Path(path or data_path()).read_text(encoding="utf-8")))
+    prompts, _ = _new_prompts(new, _read_set(path))
     return [ex for section, group, prompt in prompts for ex in
             _examples_of(prompt, group if section == "unsafe" else SAFE, group)]
 
@@ -169,9 +174,7 @@ def _new_prompts(new: dict, data: dict) -> tuple[list[tuple[str, str, str]], int
 
 
 def categories(path: Path | None = None) -> tuple[str, ...]:
-    path = path or data_path()
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return tuple(g for g in data["unsafe"] if not g.startswith("_"))
+    return tuple(g for g in _read_set(path)["unsafe"] if not g.startswith("_"))
 
 
 def sha12(text: str) -> str:
@@ -188,7 +191,7 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read_set(path)
     prompts, duplicates = _new_prompts(new, data)
     batches = json.loads(batches_path.read_text(encoding="utf-8"))
     for section, group, prompt in prompts:

@@ -72,7 +72,7 @@ def _shipped_readings(texts: list[str]) -> list[Reading | None]:
 def evaluate_shipped(examples: list[evalset.Example], split: str, workers: int = 2) -> Report:
     """evaluate() of the shipped filter (the policy's rules and the classifier, one thread each, as served) over
     `workers` processes: the same verdicts, prompt by prompt, in about 1/workers of the time (the classifier is
-    ~11-15 ms a prompt; the test part is 20 k prompts). Contiguous chunks keep a base prompt beside its
+    ~11-15 ms a prompt; the test part is 26.6 k prompts). Contiguous chunks keep a base prompt beside its
     perturbations, whose normalised text often repeats the base's remembered score."""
     chosen = _chosen(examples, split)
     return _report(chosen, shipped_readings([e.text for e in chosen], workers), split)
