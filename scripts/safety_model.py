@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> None:
               f"{sidecar['adapter']['training']['device']}; fold scores in {args.oof_cache}")
         return
     m = sidecar["metrics"]
-    print(f"threshold {sidecar['threshold']:.2f}, min words {sidecar['min_words']}, vetoes {sidecar['vetoes']}; "
+    print(f"threshold {sidecar['threshold']:.2f}, min words {sidecar['min_words']}, vetoes {sidecar['vetoes']} "
+          f"(prompts under {sidecar['veto_min_words']} words: {sidecar['short_vetoes']}); "
           f"dev (out of fold) {m['dev_out_of_fold_classifier_alone']}; whole filter {m['dev_out_of_fold_whole_filter']}; "
           f"test {m['test_classifier_alone']}; int8 vs fp32 decisions {m['onnx_int8_vs_torch_fp32_decisions_differ']}")
     print(f"sha256 {sidecar['onnx_sha256']}")

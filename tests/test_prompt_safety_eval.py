@@ -123,6 +123,33 @@ def test_every_refusal_names_a_known_category_and_layer(examples, layered):
         assert row.endswith(f" | {recall:.1f} / {refused:.1f} |"), row
 
 
+def test_operating_point_is_chosen_on_what_the_served_filter_decides(examples, layered):
+    """train.choose_operating_point picks the threshold and vetoes on a numpy mirror of LayeredFilter.verdict
+    (train.decisions); on real dev prompts, with the shipped classifier's scores and the sidecar's point, the
+    mirror decides each prompt as the served filter does, in both veto bands (short and long prompts)."""
+    import numpy as np
+
+    from toonark.prompt_safety import train
+    clf = layered.classifier
+    point = json.loads(default_paths()[1].read_text())
+    # Dev base prompts of 3-12 words: every rule hit in 3-6 words (where the short veto acts) and every 6th
+    # other one; ~700 prompts, ~10 s.
+    pool = [e for e in examples if e.split == "dev" and e.kind == "base" and 3 <= len(normalize(e.text).split()) <= 12]
+    rules = train.rule_readings(pool)
+    short = rules["words"] < clf.point.veto_min_words
+    chosen = np.flatnonzero(((rules["layers"] == "word") & short) | (np.arange(len(pool)) % 6 == 0))
+    sample = [pool[i] for i in chosen]
+    readings = {key: value[chosen] for key, value in rules.items()}
+    scores = np.array([clf.score(normalize(e.text)).unsafe for e in sample])
+    mirrored = train.decisions(point, scores, readings)
+    served = np.array([layered.verdict(e.text) is not None for e in sample])
+    differ = [(e.text, bool(m)) for e, m, v in zip(sample, mirrored, served) if m != v]
+    assert not differ, differ
+    # The sample holds excuses of both bands, so the comparison covers them.
+    excused = (readings["layers"] != "") & ~served
+    assert excused[readings["words"] < point["veto_min_words"]].any() and excused[readings["words"] >= point["veto_min_words"]].any()
+
+
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
     """The honest reading is per batch (README): a new prompt must be recorded as part of a new batch."""
     listed = [h for b in evaluate.batches() for h in b["bases"]]

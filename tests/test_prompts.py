@@ -259,11 +259,13 @@ class _FixedScore:
     """A classifier that reads every prompt as P(unsafe) = `unsafe`, with the shipped model's labels and
     veto: the veto's logic in LayeredFilter.verdict is under test here, not the model's scores."""
 
-    def __init__(self, unsafe: float, threshold: float = 0.7, veto: float = 0.2, phrase_veto: float = 0.0):
-        from toonark.prompt_safety.classifier import Score
+    def __init__(self, unsafe: float, threshold: float = 0.7, veto: float = 0.2, phrase_veto: float = 0.0,
+                 short_veto: float = 0.0):
+        from toonark.prompt_safety.classifier import OperatingPoint, Score
         self.labels = ["safe", "violence", "weapons", "child-harm"]
-        self.min_words, self.veto_min_words = 5, 7      # the sidecar's operating point
-        self._score = Score("violence", unsafe, threshold, (("phrase", phrase_veto), ("word", veto)))
+        self.point = OperatingPoint(threshold, min_words=5, veto_min_words=7,
+                                    vetoes={"phrase": phrase_veto, "word": veto}, short_vetoes={"word": short_veto})
+        self._score = Score("violence", unsafe, threshold)
 
     def score(self, text):
         return self._score
@@ -282,6 +284,21 @@ class _FixedScore:
 def test_classifier_veto(policy, text, unsafe, phrase_veto, refused_by):
     from toonark.prompt_safety import LayeredFilter
     flt = LayeredFilter.build(policy._rules, classifier=_FixedScore(unsafe, phrase_veto=phrase_veto))
+    refusal = flt.verdict(text)
+    assert (refusal.layer if refusal else None) == refused_by, refusal
+
+
+@pytest.mark.parametrize("text, unsafe, refused_by", [
+    ("a knight who wants to kill", 0.001, None),            # 6 words, under the short veto: excused
+    ("a knight who wants to kill", 0.003, "word"),          # over it (and under the long-prompt veto): refused
+    ("a knight will kill", 0.0, "word"),                     # under min_words: unread, so nothing excuses it
+    ("a man hitting a small child", 0.0, "phrase"),          # the short veto is the word layer's only
+])
+def test_short_prompt_veto(policy, text, unsafe, refused_by):
+    """A prompt under veto_min_words words cannot set a harmless context, so its rule hit is excused only at
+    the near-certain short veto ("rifle colorado", the town)."""
+    from toonark.prompt_safety import LayeredFilter
+    flt = LayeredFilter.build(policy._rules, classifier=_FixedScore(unsafe, short_veto=0.002))
     refusal = flt.verdict(text)
     assert (refusal.layer if refusal else None) == refused_by, refusal
 

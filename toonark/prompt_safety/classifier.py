@@ -73,16 +73,37 @@ class Score:
     category: str        # the most likely unsafe category
     unsafe: float        # 1 - P(safe)
     threshold: float
-    vetoes: tuple[tuple[str, float], ...] = ()   # (rule layer, score under which its hit is excused)
 
     @property
     def refused(self) -> bool:
         return self.unsafe >= self.threshold
 
-    def excuses(self, layer: str) -> bool:
-        """True when the classifier reads the prompt as clearly harmless for a hit of that rule layer
-        ("a palette knife spreading buttercream": the word rule fires, the context is a cake)."""
-        return any(layer == name and self.unsafe < veto for name, veto in self.vetoes)
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How the layered filter reads a Score, from the sidecar (chosen out of fold on dev by
+    train.choose_operating_point): the threshold, the fewest words the classifier reads, and the vetoes
+    (rule layer -> P(unsafe) under which that layer's hit is excused: the rule word in a harmless context,
+    "a palette knife spreading buttercream"). A prompt under veto_min_words words cannot set a context, so
+    it gets the near-certainty `short_vetoes` ("rifle colorado", the town, reads 0.001)."""
+    threshold: float
+    min_words: int                  # shorter prompts are left to the rules
+    veto_min_words: int
+    vetoes: dict[str, float]
+    short_vetoes: dict[str, float]
+
+    @classmethod
+    def from_sidecar(cls, info: dict) -> "OperatingPoint":
+        return cls(float(info["threshold"]), int(info["min_words"]), int(info["veto_min_words"]),
+                   {k: float(v) for k, v in info.get("vetoes", {}).items()},
+                   {k: float(v) for k, v in info.get("short_vetoes", {}).items()})
+
+    def veto(self, layer: str, words: int) -> float:
+        """P(unsafe) under which a `layer` rule hit in a prompt of `words` normalised words is excused; 0:
+        never (also when the classifier does not read prompts that short)."""
+        if words < self.min_words:
+            return 0.0
+        return (self.vetoes if words >= self.veto_min_words else self.short_vetoes).get(layer, 0.0)
 
 
 class SafetyClassifier:
@@ -110,10 +131,7 @@ class SafetyClassifier:
                                       f"({self.info['tokenizer_sha256'][:12]}...); {_REBUILD}")
         self.labels: list[str] = list(self.info["labels"])
         self.safe_label: str = self.info["safe_label"]
-        self.threshold = float(self.info["threshold"])
-        self.vetoes = tuple((layer, float(v)) for layer, v in sorted(self.info.get("vetoes", {}).items()))
-        self.min_words = int(self.info["min_words"])     # shorter prompts are left to the rules
-        self.veto_min_words = int(self.info["veto_min_words"])   # shorter prompts: every rule hit stands
+        self.point = OperatingPoint.from_sidecar(self.info)
         self._blob, self._tokenizer_text = blob, tokenizer.decode("utf-8")
         self._session = self._tokenizer = None
         self._load()
@@ -152,7 +170,7 @@ class SafetyClassifier:
         for probs in self.probabilities(texts):
             unsafe = {k: v for k, v in probs.items() if k != self.safe_label}
             category = max(unsafe, key=unsafe.get)
-            out.append(Score(category, 1.0 - probs[self.safe_label], self.threshold, self.vetoes))
+            out.append(Score(category, 1.0 - probs[self.safe_label], self.point.threshold))
         return out
 
     def score(self, text: str) -> Score:

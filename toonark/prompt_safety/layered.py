@@ -12,7 +12,8 @@ Layers (each refusal names its layer and its rule or score):
             `make setup` from the tracked adapter; classifier.py), refusing when P(unsafe) reaches the
             threshold chosen on the dev part of the labelled set; it also excuses a word- or phrase-rule
             hit when P(unsafe) is under that layer's veto (the rule word in a harmless context: "a
-            palette knife spreading buttercream on a cake").
+            palette knife spreading buttercream on a cake"; in a prompt too short to set a context only
+            at near-certainty: "rifle, colorado", the town).
 The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
 words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
 bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 
 LANGUAGE = "language"
 LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
-# The classifier reads prompts of at least `min_words` normalised words and excuses a rule hit (its `vetoes`)
-# only in prompts of at least `veto_min_words`: both from its sidecar, chosen out of fold on dev with the
-# threshold (train.choose_operating_point). The n-gram classifier before it needed 5 and 7 ("50% {off" scored
-# 0.99 gore, "a dead body in the park" 0.18).
+# The classifier reads prompts of at least `min_words` normalised words and excuses a rule hit under its
+# `vetoes` in prompts of at least `veto_min_words`, under its near-certain `short_vetoes` in shorter ones: all
+# from its sidecar (classifier.OperatingPoint), chosen out of fold on dev with the threshold
+# (train.choose_operating_point). The n-gram classifier before it needed 5 and 7 ("50% {off" scored 0.99 gore,
+# "a dead body in the park" 0.18).
 _DESCRIBE = {
     "violence": "violence", "child-harm": "harm to a child", "weapons": "weapons", "gore": "gore",
     "sexual": "sexual content", "drugs": "drugs or alcohol", "self-harm": "self-harm", "hate": "hate",
@@ -141,19 +143,21 @@ class LayeredFilter:
         if self.classifier is None:
             return None
         normalised = normalize(text)
-        if len(normalised.split()) < self.classifier.min_words:
+        if len(normalised.split()) < self.classifier.point.min_words:
             return None
         return self.classifier.score(normalised)
 
     def _excused(self, refusal: SafetyRefused, score: Callable[[], Score | None], text: str) -> bool:
-        """A rule hit the classifier reads as clearly harmless (under its layer's veto), in a prompt long
-        enough to read and of a category the classifier knows (a custom rules file keeps its own hits).
-        `score` is called only when the rest allows an excuse: most rule hits are short prompts."""
-        if (self.classifier is None or refusal.category not in self.classifier.labels
-                or len(normalize(text).split()) < self.classifier.veto_min_words):
+        """A rule hit the classifier reads as clearly harmless (under its layer's veto: the short veto in a
+        prompt under veto_min_words words), in a prompt long enough to read and of a category the classifier
+        knows (a custom rules file keeps its own hits)."""
+        if self.classifier is None or refusal.category not in self.classifier.labels:
+            return False
+        veto = self.classifier.point.veto(refusal.layer, len(normalize(text).split()))
+        if veto <= 0.0:     # nothing a score could excuse: the ~11 ms read is skipped
             return False
         read = score()
-        return read is not None and read.excuses(refusal.layer)
+        return read is not None and read.unsafe < veto
 
     def _classifier(self, score) -> SafetyRefused | None:
         if score is None or not score.refused or score.category not in self.categories:

@@ -38,6 +38,14 @@ FIT_PARTS = tuple(str(k) for k in range(1, FOLDS + 1)) + ("final",)
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14)) + (0.97, 0.99)      # 0.30 .. 0.95, 0.97, 0.99
 WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3)
 PHRASE_VETOES = (0.0, 0.01, 0.05)
+# In prompts of min_words to VETO_MIN_WORDS-1 words a rule hit is excused only at near-certainty (a short prompt
+# sets no context; the words around the rule word are mostly a name: "rifle, colorado", "blood mountain
+# georgia", "a cherry bomb lollipop", read 0.001-0.002). Round 9's out-of-fold scores on dev, word hits in
+# 3-6-word prompts: under 0.002 excuses 71 of 127 harmless and none of 387 unsafe, under 0.003 also 3 unsafe;
+# "a bloody unicorn", refused by name in tests/test_prompts.py, reads 0.0036. Phrase hits: under 0.002 excuses
+# 12 harmless and 7 unsafe, so the grid keeps the phrase layer's short veto off unless the data moves.
+SHORT_WORD_VETOES = (0.0, 0.001, 0.002)
+SHORT_PHRASE_VETOES = (0.0, 0.001)
 MIN_WORDS = (3, 5)
 VETO_MIN_WORDS = (7,)
 # The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue asks for
@@ -49,21 +57,23 @@ VETO_MIN_WORDS = (7,)
 FALSE_REFUSAL_BUDGET = 0.05
 
 
-def _refused(score, layer, words, threshold: float, vetoes: dict[str, float], veto_min_words: int):
+def _refused(score, layer, words, point: dict):
     """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
-    LayeredFilter.verdict): a rule hit stands unless the prompt has veto_min_words words and the classifier's
-    score is under that rule layer's veto; otherwise the classifier refuses at the threshold. score -1: no
-    classifier reading (fewer words than the classifier reads)."""
+    LayeredFilter.verdict with classifier.OperatingPoint): a rule hit stands unless the classifier's score is
+    under that rule layer's veto (its short veto in a prompt under veto_min_words words); otherwise the
+    classifier refuses at the threshold. score -1: no classifier reading (fewer words than it reads)."""
     import numpy as np
-    vetoed = np.zeros(len(score), bool)
-    for name, veto in vetoes.items():
-        vetoed |= (layer == name) & (score < veto)
-    excused = vetoed & (words >= veto_min_words) & (score >= 0)
-    return ((layer != "") & ~excused) | (score >= threshold)
+    long = words >= point["veto_min_words"]
+    excused = np.zeros(len(score), bool)
+    for table, band in ((point["vetoes"], long), (point["short_vetoes"], ~long)):
+        for name, veto in table.items():
+            excused |= band & (layer == name) & (score < veto)
+    excused &= score >= 0
+    return ((layer != "") & ~excused) | (score >= point["threshold"])
 
 
 def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
-    """(point, metrics): point = {threshold, vetoes, min_words, veto_min_words}, the grid point with the highest
+    """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, the grid point with the highest
     recall whose harmless-refused rate is within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the
     grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
     dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
@@ -73,20 +83,20 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
     the rules' own false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost
     linearly over the useful thresholds, so any fixed weight near that rate makes the chosen point jump with each
     new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word counts; bool masks)."""
+    import itertools
+
     import numpy as np
     best = None
-    for min_words in MIN_WORDS:
-        scores = np.where(words >= min_words, oof, -1.0)
-        for threshold in sorted(THRESHOLDS, reverse=True):
-            for word in WORD_VETOES:
-                for phrase in PHRASE_VETOES:
-                    for veto_min_words in sorted(VETO_MIN_WORDS, reverse=True):
-                        vetoes = {"word": word, "phrase": phrase}
-                        refused = _refused(scores, layers, words, threshold, vetoes, veto_min_words)
-                        recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
-                        if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
-                            best = (recall, wrong, {"threshold": threshold, "vetoes": vetoes, "min_words": min_words,
-                                                    "veto_min_words": veto_min_words})
+    for min_words, threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
+            MIN_WORDS, sorted(THRESHOLDS, reverse=True), WORD_VETOES, PHRASE_VETOES, SHORT_WORD_VETOES,
+            SHORT_PHRASE_VETOES, sorted(VETO_MIN_WORDS, reverse=True)):
+        point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
+                 "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
+                 "veto_min_words": veto_min_words}
+        refused = decisions(point, oof, {"layers": layers, "words": words})
+        recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
+        if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
+            best = (recall, wrong, point)
     if best is None:
         raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
@@ -116,8 +126,7 @@ def decisions(point: dict, scores, readings: dict):
     """The whole filter's refusals (bool array) at an operating point, from classifier scores and rule_readings."""
     import numpy as np
     words = readings["words"]
-    return _refused(np.where(words >= point["min_words"], scores, -1.0), readings["layers"], words, point["threshold"],
-                    point["vetoes"], point["veto_min_words"])
+    return _refused(np.where(words >= point["min_words"], scores, -1.0), readings["layers"], words, point)
 
 
 def _metrics(scores, labels, threshold) -> dict:
@@ -253,7 +262,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                                             "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
         dev_alone = _metrics(oof, y, point["threshold"])
     else:
-        point, dev_filter, dev_alone = {"threshold": 0.5, "vetoes": {}, "min_words": 5, "veto_min_words": 7}, None, None
+        point, dev_filter, dev_alone = {"threshold": 0.5, "vetoes": {}, "short_vetoes": {}, "min_words": 5,
+                                              "veto_min_words": 7}, None, None
     threshold = point["threshold"]
     sidecar = {
         "version": SIDECAR_VERSION,
@@ -275,7 +285,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "features": (f"{base.model} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
                      f"layer, trained on dev + templated; ONNX int8 (onnxruntime dynamic quantisation)"),
         "operating_point_rule": (f"threshold, vetoes (a rule hit of that layer in a prompt of veto_min_words+ words "
-                                 f"is excused when P(unsafe) < the veto) and the fewest words the classifier reads "
+                                 f"is excused when P(unsafe) < the veto), short_vetoes (the same in a shorter prompt "
+                                 f"the classifier reads) and the fewest words the classifier reads "
                                  f"(min_words) maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless "
                                  f"refused on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
                                  f"the dev prompts of batches whose dev half no rule was written from, harmless refused "
