@@ -28,16 +28,12 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 from toonark.prompts import PromptRefused, _fold, _SafetyRules, _variants, normalize
 from toonark.prompt_safety import language
 from toonark.prompt_safety.phrases import PhraseRules
 from toonark.prompt_safety.phrases import load as load_phrases
 from toonark.prompt_safety.spelling import Speller, load_known_words, rule_words
-
-if TYPE_CHECKING:
-    from toonark.prompt_safety.classifier import Score
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +85,14 @@ class LayeredFilter:
 
     # -- layers --------------------------------------------------------------------------------
 
-    def _word(self, variants: set[str]) -> SafetyRefused | None:
-        """The earliest, then longest, blocked term. The variants are alternative readings of the same
-        text (1 as i or l or a digit, leet undone or not, an article split off a spelled-out run); a
-        term counts only when no reading excuses it, so "a $qu1r7 gun" (squirt gun once leet is
-        undone) passes while "ar15" (a rifle only when read literally) is still refused."""
+    def _word(self, variants: set[str]) -> tuple[SafetyRefused, frozenset[str]] | None:
+        """The earliest, then longest, blocked term, and the readings it was found in. The variants are
+        alternative readings of the same text (1 as i or l or a digit, leet undone or not, an article split
+        off a spelled-out run); a term counts only when no reading excuses it, so "a $qu1r7 gun" (squirt
+        gun once leet is undone) passes while "ar15" (a rifle only when read literally) is still refused."""
         excused_somewhere: set[str] = set()
         hits: dict[str, tuple] = {}
+        found_in: dict[str, set[str]] = {}
         for variant in variants:
             allowed = [m.span() for p in self.words.allow for m in p.finditer(variant)]
             for rule in self.words.rules:
@@ -108,6 +105,7 @@ class LayeredFilter:
                 if not open_:
                     excused_somewhere.add(rule.term)
                     continue
+                found_in.setdefault(rule.term, set()).add(variant)
                 start, end = open_[0]
                 key = (start, start - end)
                 if rule.term not in hits or key < hits[rule.term][0]:
@@ -117,17 +115,17 @@ class LayeredFilter:
             return None
         _, category, term = min(live)
         return SafetyRefused(category, term, f'prompt refused ({category}): "{term}" is not allowed in kids\' '
-                                             f'pictures (layer: word rule)', "word", term)
+                                             f'pictures (layer: word rule)', "word", term), frozenset(found_in[term])
 
-    def _phrase(self, variants: set[str], raw: str) -> SafetyRefused | None:
+    def _phrase(self, variants: set[str], raw: str) -> tuple[SafetyRefused, frozenset[str]] | None:
         hit = self.phrases.find(variants, raw, only=self.categories)
         if hit is None:
             return None
-        rule, matched = hit
+        rule, matched, found_in = hit
         what = _DESCRIBE.get(rule.category, rule.category)
         return SafetyRefused(rule.category, rule.id, f'prompt refused ({rule.category}): "{matched}" describes '
                                                      f'{what}, which is not allowed in kids\' pictures '
-                                                     f'(layer: phrase rule {rule.id})', "phrase", rule.id)
+                                                     f'(layer: phrase rule {rule.id})', "phrase", rule.id), found_in
 
     def _language(self, folded: str) -> SafetyRefused | None:
         script = language.foreign_script(folded)
@@ -138,25 +136,24 @@ class LayeredFilter:
                                                f"so other scripts give a random picture and cannot be safety-checked) "
                                                f"(layer: language)", LANGUAGE, script)
 
-    def _score(self, text: str):
-        """The classifier's Score for `text`, or None (no classifier, or too short to read)."""
-        if self.classifier is None:
+    def _score(self, reading: str):
+        """The classifier's Score for a normalised reading, or None (no classifier, or too short to read)."""
+        if self.classifier is None or len(reading.split()) < self.classifier.point.min_words:
             return None
-        normalised = normalize(text)
-        if len(normalised.split()) < self.classifier.point.min_words:
-            return None
-        return self.classifier.score(normalised)
+        return self.classifier.score(reading)
 
-    def _excused(self, refusal: SafetyRefused, score: Callable[[], Score | None], text: str) -> bool:
+    def _excused(self, refusal: SafetyRefused, reading: str) -> bool:
         """A rule hit the classifier reads as clearly harmless (under its layer's veto: the short veto in a
         prompt under veto_min_words words), in a prompt long enough to read and of a category the classifier
-        knows (a custom rules file keeps its own hits)."""
+        knows (a custom rules file keeps its own hits). `reading` is the text the rule matched in, so the
+        classifier judges the word in its context: a spelled-out "a puppy with a g u n" is normalised to "a
+        puppy with agun", which reads as harmless (0.001), while the rule matched "a puppy with a gun" (0.98)."""
         if self.classifier is None or refusal.category not in self.classifier.labels:
             return False
-        veto = self.classifier.point.veto(refusal.layer, len(normalize(text).split()))
+        veto = self.classifier.point.veto(refusal.layer, len(reading.split()))
         if veto <= 0.0:     # nothing a score could excuse: the ~11 ms read is skipped
             return False
-        read = score()
+        read = self._score(reading)
         return read is not None and read.unsafe < veto
 
     def _classifier(self, score) -> SafetyRefused | None:
@@ -173,21 +170,23 @@ class LayeredFilter:
         """The refusal for a subject, or None when it may be drawn."""
         variants = self._readings(text)
         folded = _fold(text)
-        # The classifier (~10 ms on one CPU thread) runs at most once, and only when its score can change the
-        # verdict: a rule hit it might excuse, or no rule hit at all.
-        score = functools.cache(lambda: self._score(text))
+        primary = normalize(text)       # what the classifier was trained on; one of the variants
         # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
         # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
-        # chosen with the threshold out of fold on dev: see train.choose_operating_point).
-        for refusal in (self._phrase(variants, folded), self._word(variants)):
-            if refusal is None:
+        # chosen with the threshold out of fold on dev: see train.choose_operating_point). The classifier
+        # (~10 ms on one CPU thread) runs only when its score can change the verdict, reads the text the rule
+        # matched in (the primary reading when the rule matched there) and remembers what it read.
+        for found in (self._phrase(variants, folded), self._word(variants)):
+            if found is None:
                 continue
-            if self._excused(refusal, score, text):
-                log.debug("classifier (%.3f) excused %s rule %s", score().unsafe, refusal.layer, refusal.rule)
+            refusal, found_in = found
+            reading = primary if primary in found_in or not found_in else min(found_in)
+            if self._excused(refusal, reading):
+                log.debug("classifier excused %s rule %s in %r", refusal.layer, refusal.rule, reading)
                 continue
             return refusal
-        return self._language(folded) or self._classifier(score())
+        return self._language(folded) or self._classifier(self._score(primary))
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""
@@ -207,7 +206,7 @@ class LayeredFilter:
         folded = _fold(text)
         hit = self.phrases.find(_variants(text), folded, rules=self.phrases.negative, only=self.categories)
         if hit is not None:
-            rule, matched = hit
+            rule, matched, _ = hit
             return SafetyRefused(rule.category, rule.id, f'prompt refused ({rule.category}): the negative prompt names '
                                  f'"{matched}"; {rule.why} (layer: negative rule {rule.id})', "negative", rule.id)
         return self._language(folded)

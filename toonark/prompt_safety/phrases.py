@@ -75,24 +75,26 @@ class PhraseRules:
         return None
 
     def find(self, variants: set[str], raw: str, rules: tuple[PhraseRule, ...] | None = None,
-             only: frozenset[str] | None = None) -> tuple[PhraseRule, str] | None:
-        """(rule, matched text) of the first rule (file order) that matches and is not excused. The
-        variants are readings of one text (see toonark.prompts._variants, plus spelling corrections);
-        as in the word layer, a rule is excused when some reading matches it only inside an allow-rule
-        ("a boy getitng a flu shot" read as "getting" is the allowed idiom)."""
+             only: frozenset[str] | None = None) -> tuple[PhraseRule, str, frozenset[str]] | None:
+        """(rule, matched text, the readings it matched in) of the first rule (file order) that matches and is
+        not excused. The variants are readings of one text (see toonark.prompts._variants, plus spelling
+        corrections); as in the word layer, a rule is excused when some reading matches it only inside an
+        allow-rule ("a boy getitng a flu shot" read as "getting" is the allowed idiom). A raw rule reads `raw`
+        and names no reading."""
         for rule in self.rules if rules is None else rules:
             if only is not None and rule.category not in only:
                 continue
-            hit, excused = None, False
+            hit, excused, found_in = None, False, set()
             for text in ([raw] if rule.raw else sorted(variants)):
                 matches = list(rule.pattern.finditer(text))
                 open_ = [m for m in matches if self.excused(rule.id, m.span(), text) is None]
                 if matches and not open_:
                     excused = True
-                elif open_ and hit is None:
-                    hit = open_[0].group(0)
+                elif open_:
+                    hit = hit or open_[0].group(0)
+                    found_in.add(text)
             if hit is not None and not excused:
-                return rule, hit
+                return rule, hit, frozenset() if rule.raw else frozenset(found_in)
         return None
 
 
