@@ -132,12 +132,13 @@ def test_operating_point_is_chosen_on_what_the_served_filter_decides(examples, l
     from toonark.prompt_safety import train
     clf = layered.classifier
     point = json.loads(default_paths()[1].read_text())
-    # Dev base prompts of 3-12 words: every rule hit in 3-6 words (where the short veto acts) and every 6th
-    # other one; ~700 prompts, ~10 s.
+    # A third of the dev base prompts of 3-12 words: each word-rule hit in 3-6 words (where the short veto acts)
+    # and every 8th other prompt; ~500 prompts, ~10 s.
     pool = [e for e in examples if e.split == "dev" and e.kind == "base" and 3 <= len(normalize(e.text).split()) <= 12]
+    pool = pool[::3]
     rules = train.rule_readings(pool)
     short = rules["words"] < clf.point.veto_min_words
-    chosen = np.flatnonzero(((rules["layers"] == "word") & short) | (np.arange(len(pool)) % 6 == 0))
+    chosen = np.flatnonzero(((rules["layers"] == "word") & short) | (np.arange(len(pool)) % 8 == 0))
     sample = [pool[i] for i in chosen]
     readings = {key: value[chosen] for key, value in rules.items()}
     scores = np.array([clf.score(normalize(e.text)).unsafe for e in sample])
