@@ -61,7 +61,9 @@ def _refused(score, layer, words, point: dict):
     """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
     LayeredFilter.verdict with classifier.OperatingPoint): a rule hit stands unless the classifier's score is
     under that rule layer's veto (its short veto in a prompt under veto_min_words words); otherwise the
-    classifier refuses at the threshold. score -1: no classifier reading (fewer words than it reads)."""
+    classifier refuses at the threshold. score -1: no classifier reading (fewer words than it reads). The served
+    filter scores the reading the rule matched in; `score` is the primary reading's, the same text unless a rule
+    matched in another reading alone (a corrected misspelling, a split-off article: 1.8 % of dev prompts)."""
     import numpy as np
     long = words >= point["veto_min_words"]
     excused = np.zeros(len(score), bool)
