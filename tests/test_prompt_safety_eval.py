@@ -214,7 +214,8 @@ def test_classifier_scores_prompts(examples):
     broken tokenizer gives about one in eleven)."""
     clf = SafetyClassifier()
     dev = [e for e in examples if e.split == "dev" and e.kind == "base"][::8]    # ~850
-    probs = clf.probabilities([normalize(e.text) for e in dev])
+    # One prompt a call, as served: a batch pads every prompt to the longest (43 s in a fresh clone; 21 s so).
+    probs = [clf.probabilities([normalize(e.text)])[0] for e in dev]
     right = sum(max(p, key=p.get) == e.label for p, e in zip(probs, dev))
     assert right / len(dev) > 0.9, f"{right} of {len(dev)}"
     otter = clf.score(normalize("a happy otter with a kite"))
