@@ -75,10 +75,10 @@ def _refused(score, layer, words, point: dict):
 
 
 def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
-    """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, the grid point with the highest
-    recall whose harmless-refused rate is within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused, then the
-    grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
-    dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
+    """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, the grid point with
+    the highest recall whose harmless-refused rate is within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused,
+    then the grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules'
+    verdicts on dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
     half no rule came from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules
     are fitted (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
     harmless dev prompts: the classifier's out-of-fold scores are honest on all of them, and the blind ones carry
@@ -89,16 +89,18 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
 
     import numpy as np
     best = None
-    for min_words, threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
-            MIN_WORDS, sorted(THRESHOLDS, reverse=True), WORD_VETOES, PHRASE_VETOES, SHORT_WORD_VETOES,
-            SHORT_PHRASE_VETOES, sorted(VETO_MIN_WORDS, reverse=True)):
-        point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
-                 "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
-                 "veto_min_words": veto_min_words}
-        refused = decisions(point, oof, {"layers": layers, "words": words})
-        recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
-        if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
-            best = (recall, wrong, point)
+    for min_words in MIN_WORDS:
+        scores = np.where(words >= min_words, oof, -1.0)      # what decisions() reads, once per min_words
+        for threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
+                sorted(THRESHOLDS, reverse=True), WORD_VETOES, PHRASE_VETOES, SHORT_WORD_VETOES, SHORT_PHRASE_VETOES,
+                sorted(VETO_MIN_WORDS, reverse=True)):
+            point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
+                     "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
+                     "veto_min_words": veto_min_words}
+            refused = _refused(scores, layers, words, point)
+            recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
+            if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
+                best = (recall, wrong, point)
     if best is None:
         raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
@@ -264,8 +266,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                                             "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
         dev_alone = _metrics(oof, y, point["threshold"])
     else:
-        point, dev_filter, dev_alone = {"threshold": 0.5, "vetoes": {}, "short_vetoes": {}, "min_words": 5,
-                                              "veto_min_words": 7}, None, None
+        point = {"threshold": 0.5, "vetoes": {}, "short_vetoes": {}, "min_words": 5, "veto_min_words": 7}
+        dev_filter, dev_alone = None, None
     threshold = point["threshold"]
     sidecar = {
         "version": SIDECAR_VERSION,
