@@ -32,6 +32,12 @@ def layered():
     return filter_for(PromptPolicy.load()._rules)
 
 
+@pytest.fixture(scope="module")
+def test_part(examples):
+    """The shipped filter's readings of the test part, by evaluate_shipped's worker processes (~2 min)."""
+    return evaluate.evaluate_shipped(examples, "test")
+
+
 def test_set_size_and_categories(examples):
     unsafe = Counter(e.label for e in examples if e.unsafe)
     assert set(unsafe) == set(CATEGORIES)
@@ -79,10 +85,10 @@ def test_perturbations_are_deterministic_and_change_the_text():
         evalset.perturb(base, "typo")
 
 
-def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
+def test_test_part_stays_at_or_above_the_measured_floor(test_part):
     """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
     not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
-    report = evaluate.evaluate_shipped(examples, "test")     # two processes (test_every_refusal_... checks they agree)
+    report = test_part      # two processes (test_every_refusal_... checks they read as this one)
     assert report.unsafe >= 200 and report.harmless >= 200
     message = (f"recall {report.recall:.3f} (floor {evaluate.RECALL_FLOOR}, target {evaluate.MIN_RECALL}), "
                f"harmless refused {report.false_refusal_rate:.3f} (ceiling {evaluate.FALSE_REFUSALS_CEILING}, "
@@ -91,11 +97,12 @@ def test_test_part_stays_at_or_above_the_measured_floor(examples, layered):
     assert report.false_refusal_rate <= evaluate.FALSE_REFUSALS_CEILING, message
 
 
-def test_every_refusal_names_a_known_category_and_layer(examples, layered):
+def test_every_refusal_names_a_known_category_and_layer(test_part, layered):
     """...and evaluate_shipped's worker processes (the floor test's) read every prompt as this process does."""
     reasons = set(PromptPolicy.load().reasons)
     layers = set()
-    sample = examples[::56]      # ~725 prompts (the classifier is ~11-15 ms each)
+    sampled = test_part.readings[::40]      # ~780 prompts (the classifier is ~11-15 ms each)
+    sample = [e for e, _ in sampled]
     readings = []
     for e in sample:
         refusal = layered.verdict(e.text)
@@ -105,7 +112,8 @@ def test_every_refusal_names_a_known_category_and_layer(examples, layered):
             layers.add(refusal.layer)
         readings.append(None if refusal is None else (refusal.category, refusal.layer, refusal.rule))
     assert {"word", "phrase", "classifier"} <= layers, layers
-    both = evaluate.evaluate_shipped(sample, "all")
+    assert [None if r is None else (r.category, r.layer, r.rule) for _, r in sampled] == readings
+    both = evaluate.evaluate(layered, sample, "test")
     assert both.misses == [(e.label, e.text) for e, r in zip(sample, readings) if e.unsafe and r is None]
     assert both.wrongly_refused == [(e.text, r[1], r[2]) for e, r in zip(sample, readings) if not e.unsafe and r]
     assert both.caught == sum(1 for e, r in zip(sample, readings) if e.unsafe and r)
@@ -144,7 +152,12 @@ def test_operating_point_is_chosen_on_what_the_served_filter_decides(examples, l
     scores = np.array([clf.score(normalize(e.text)).unsafe for e in sample])
     mirrored = train.decisions(point, scores, readings)
     served = np.array([layered.verdict(e.text) is not None for e in sample])
-    differ = [(e.text, bool(m)) for e, m, v in zip(sample, mirrored, served) if m != v]
+    # Where a rule matched in another reading alone ("fugging" corrected to the swear word) the served veto
+    # scores that reading and the mirror the primary one (the only one with out-of-fold scores): set aside, and
+    # few. Everywhere else the decisions are the same.
+    other = ~readings["veto_reads_primary"]
+    assert other.sum() <= 0.05 * len(sample), other.sum()
+    differ = [(e.text, bool(m)) for e, m, v, o in zip(sample, mirrored, served, other) if m != v and not o]
     assert not differ, differ
     # The sample holds excuses of both bands, so the comparison covers them.
     excused = (readings["layers"] != "") & ~served
@@ -184,8 +197,8 @@ def test_classifier_matches_its_data_and_sidecar():
     assert sidecar["labels"] == sorted(CATEGORIES + (evalset.SAFE,))
     assert 0 < sidecar["threshold"] < 1 and sidecar["min_words"] >= 1
     # The int8 graph against the fp32 torch model it was exported from: what must hold is the decision at the
-    # threshold, on nearly every prompt (measured when trained: in the sidecar). Per-channel int8 as shipped: 0.86 %
-    # at threshold 0.30 (round 9; round 8 1.04 % at 0.40, round 7 0.96 % at 0.55); per-tensor
+    # threshold, on nearly every prompt (measured when trained: in the sidecar). Per-channel int8 as shipped: 0.84 %
+    # at threshold 0.30 (round 10; round 9 0.86 %, round 8 1.04 % at 0.40, round 7 0.96 % at 0.55); per-tensor
     # int8 changed 1.9 %, and a broken export changes far more.
     differ = sidecar["metrics"]["onnx_int8_vs_torch_fp32_decisions_differ"]
     assert differ["of"] == len(evalset.load()) and differ["prompts"] <= 0.015 * differ["of"], differ

@@ -227,6 +227,22 @@ def test_harmless_count():
     assert len(HARMLESS) >= 25
 
 
+def test_word_rules_scan_only_the_terms_a_reading_can_hold(policy):
+    """The word layer scans only the terms that open with a letter that opens a word of the reading
+    (_SafetyRules.candidates); every term that matches a reading of these prompts is among them, inside_words
+    terms always are, and most terms are skipped."""
+    from toonark.prompts import _variants
+    rules = policy._rules
+    readings = {v for text in [t for t, _ in REFUSED] + HARMLESS + ["a puppy", "xx_kill", "#stab!", "1488 fans"]
+                for v in _variants(text)}
+    for reading in readings:
+        matching = {r.term for r in rules.rules if r.pattern.search(reading)}
+        scanned = rules.candidates(reading)
+        assert matching <= {r.term for r in scanned}, reading
+        assert {r.term for r in rules.rules if not r.opens} <= {r.term for r in scanned}
+    assert len(rules.candidates("a cute puppy in the park")) < len(rules.rules) / 3
+
+
 def test_negative_prompt_may_name_bad_things(policy):
     prompt, negative = policy.compose("a happy otter", negative="gun, blood, gore")
     assert negative.endswith(", gun, blood, gore")

@@ -205,6 +205,12 @@ class _Rule:
     category: str
     term: str
     pattern: re.Pattern
+    # The letter a whole-word term starts with, at a word start; "" for an inside_words term (matches anywhere).
+    opens: str = ""
+
+
+# Each character that starts a word (the position a whole-word rule's "(?<!\w)" accepts).
+_WORD_START_RE = re.compile(r"(?<!\w).", re.S)
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,15 @@ class _SafetyRules:
     rules: tuple[_Rule, ...]
     allow: tuple[re.Pattern, ...]
 
+    def candidates(self, variant: str) -> list[_Rule]:
+        """The rules that can match `variant`, in file order: a whole-word term must begin where a word of the
+        variant begins, so only terms opening with one of those letters are scanned (the same matches as
+        trying all ~240 patterns, at about a quarter of the regex scans; the word layer reads each prompt in
+        several readings)."""
+        starts = set(_WORD_START_RE.findall(variant))
+        starts.add("")
+        return [rule for rule in self.rules if rule.opens in starts]
+
     def find(self, text: str) -> tuple[str, str] | None:
         """(category, term) of the first blocked term in `text`, or None. When several match,
         the earliest and then the longest wins, so "kill myself" reports self-harm rather than
@@ -220,7 +235,7 @@ class _SafetyRules:
         best = None
         for variant in _variants(text):
             allowed = [m.span() for p in self.allow for m in p.finditer(variant)]
-            for rule in self.rules:
+            for rule in self.candidates(variant):
                 for m in rule.pattern.finditer(variant):
                     start, end = m.span()
                     if any(a <= start and end <= b for a, b in allowed):
@@ -324,7 +339,7 @@ def _parse_rules(data: dict, source: str) -> _SafetyRules:
                 if term in owner:
                     raise PolicyFileError(f'{here}: "{term}" is already listed at {owner[term]}; keep one entry')
                 owner[term] = here
-                rules.append(_Rule(name, term, _term_regex(term, boundary=boundary)))
+                rules.append(_Rule(name, term, _term_regex(term, boundary=boundary), term[0] if boundary else ""))
 
     allow_raw = data["allow"]
     if not isinstance(allow_raw, list):

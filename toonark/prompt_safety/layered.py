@@ -95,7 +95,7 @@ class LayeredFilter:
         found_in: dict[str, set[str]] = {}
         for variant in variants:
             allowed = [m.span() for p in self.words.allow for m in p.finditer(variant)]
-            for rule in self.words.rules:
+            for rule in self.words.candidates(variant):
                 matches = [m.span() for m in rule.pattern.finditer(variant)]
                 if not matches:
                     continue
@@ -168,25 +168,28 @@ class LayeredFilter:
 
     def verdict(self, text: str) -> SafetyRefused | None:
         """The refusal for a subject, or None when it may be drawn."""
-        variants = self._readings(text)
-        folded = _fold(text)
-        primary = normalize(text)       # what the classifier was trained on; one of the variants
-        # A relation rule is more specific than a single word ("kidnapping a little girl" is harm to a
-        # child, not just the violence of "kidnap"), so when both fire the phrase rule names the refusal.
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
         # chosen with the threshold out of fold on dev: see train.choose_operating_point). The classifier
-        # (~10 ms on one CPU thread) runs only when its score can change the verdict, reads the text the rule
-        # matched in (the primary reading when the rule matched there) and remembers what it read.
-        for found in (self._phrase(variants, folded), self._word(variants)):
-            if found is None:
-                continue
-            refusal, found_in = found
-            reading = primary if primary in found_in or not found_in else min(found_in)
+        # (~10 ms on one CPU thread) runs only when its score can change the verdict and remembers what it read.
+        for refusal, reading in self.rule_hits(text):
             if self._excused(refusal, reading):
                 log.debug("classifier excused %s rule %s in %r", refusal.layer, refusal.rule, reading)
                 continue
             return refusal
-        return self._language(folded) or self._classifier(self._score(primary))
+        return self._language(_fold(text)) or self._classifier(self._score(normalize(text)))
+
+    def rule_hits(self, text: str):
+        """The rule layers' hits on `text`, in the order verdict() weighs them, each with the reading a veto
+        scores: (refusal, reading). A relation rule is more specific than a single word ("kidnapping a little
+        girl" is harm to a child, not just the violence of "kidnap"), so the phrase hit comes first. The reading
+        is the text the rule matched in: the primary one, `normalize(text)` (what the classifier was trained
+        on), when the rule matched there, else another reading (a corrected misspelling, a split-off article)."""
+        variants = self._readings(text)
+        primary = normalize(text)
+        for found in (self._phrase(variants, _fold(text)), self._word(variants)):
+            if found is not None:
+                refusal, found_in = found
+                yield refusal, primary if primary in found_in or not found_in else min(found_in)
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""

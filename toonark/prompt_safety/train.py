@@ -111,8 +111,10 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
 
 def rule_readings(examples: list[evalset.Example]) -> dict:
     """Per example, numpy arrays: `layers` (the layer that refuses it with the classifier off, "" for none),
-    `words` (normalised word count), `unsafe`, and `blind` (its batch's dev half never fed the rules): what
-    choose_operating_point and decisions() read."""
+    `words` (normalised word count), `unsafe`, `blind` (its batch's dev half never fed the rules): what
+    choose_operating_point and decisions() read; and `veto_reads_primary` (False where the first rule hit
+    was found in another reading than the primary one alone: there the served veto scores that reading, and
+    decisions() the primary reading's score, the only one with out-of-fold scores)."""
     import numpy as np
 
     from toonark.prompt_safety import evaluate
@@ -120,10 +122,17 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     from toonark.prompts import PromptPolicy
     rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
     fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-    return {"layers": np.array([getattr(rules.verdict(e.text), "layer", None) or "" for e in examples]),
+    layers, primary_read = [], []
+    for e in examples:
+        hit = next(rules.rule_hits(e.text), None)
+        refusal = hit[0] if hit else rules.verdict(e.text)      # no rule hit: the language layer, or nothing
+        layers.append(getattr(refusal, "layer", None) or "")
+        primary_read.append(hit is None or hit[1] == normalize(e.text))
+    return {"layers": np.array(layers),
             "words": np.array([len(normalize(e.text).split()) for e in examples]),
             "unsafe": np.array([e.unsafe for e in examples]),
-            "blind": np.array([evalset.sha12(e.base) not in fitted for e in examples])}
+            "blind": np.array([evalset.sha12(e.base) not in fitted for e in examples]),
+            "veto_reads_primary": np.array(primary_read)}
 
 
 def decisions(point: dict, scores, readings: dict):
