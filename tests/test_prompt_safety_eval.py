@@ -33,7 +33,7 @@ def layered():
 
 
 @pytest.fixture(scope="module")
-def test_part(examples):
+def shipped_on_test_part(examples):
     """The shipped filter's readings of the test part, by evaluate_shipped's worker processes (~2 min)."""
     return evaluate.evaluate_shipped(examples, "test")
 
@@ -85,10 +85,10 @@ def test_perturbations_are_deterministic_and_change_the_text():
         evalset.perturb(base, "typo")
 
 
-def test_test_part_stays_at_or_above_the_measured_floor(test_part):
+def test_test_part_stays_at_or_above_the_measured_floor(shipped_on_test_part):
     """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
     not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
-    report = test_part      # two processes (test_every_refusal_... checks they read as this one)
+    report = shipped_on_test_part      # two processes (test_every_refusal_... checks they read as this one)
     assert report.unsafe >= 200 and report.harmless >= 200
     message = (f"recall {report.recall:.3f} (floor {evaluate.RECALL_FLOOR}, target {evaluate.MIN_RECALL}), "
                f"harmless refused {report.false_refusal_rate:.3f} (ceiling {evaluate.FALSE_REFUSALS_CEILING}, "
@@ -97,11 +97,11 @@ def test_test_part_stays_at_or_above_the_measured_floor(test_part):
     assert report.false_refusal_rate <= evaluate.FALSE_REFUSALS_CEILING, message
 
 
-def test_every_refusal_names_a_known_category_and_layer(test_part, layered):
+def test_every_refusal_names_a_known_category_and_layer(shipped_on_test_part, layered):
     """...and evaluate_shipped's worker processes (the floor test's) read every prompt as this process does."""
     reasons = set(PromptPolicy.load().reasons)
     layers = set()
-    sampled = test_part.readings[::40]      # ~780 prompts (the classifier is ~11-15 ms each)
+    sampled = shipped_on_test_part.readings[::40]      # ~780 prompts (the classifier is ~11-15 ms each)
     sample = [e for e, _ in sampled]
     readings = []
     for e in sample:
