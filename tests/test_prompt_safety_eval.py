@@ -113,7 +113,7 @@ def test_every_refusal_names_a_known_category_and_layer(shipped_on_test_part, la
         readings.append(None if refusal is None else (refusal.category, refusal.layer, refusal.rule))
     assert {"word", "phrase", "classifier"} <= layers, layers
     assert [None if r is None else (r.category, r.layer, r.rule) for _, r in sampled] == readings
-    both = evaluate.evaluate(layered, sample, "test")
+    both = evaluate._report(sample, [r for _, r in sampled], "test")       # the worker readings, equal to these
     assert both.misses == [(e.label, e.text) for e, r in zip(sample, readings) if e.unsafe and r is None]
     assert both.wrongly_refused == [(e.text, r[1], r[2]) for e, r in zip(sample, readings) if not e.unsafe and r]
     assert both.caught == sum(1 for e, r in zip(sample, readings) if e.unsafe and r)
@@ -164,6 +164,37 @@ def test_operating_point_is_chosen_on_what_the_served_filter_decides(examples, l
     long = readings["words"] >= point["veto_min_words"]
     assert excused[~long].any() and excused[long].any()
 
+
+
+def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure(monkeypatch):
+    """With a recall tolerance of one standard error (0.31 points at 1,000 unsafe prompts), a point with 0.1
+    point more recall but 2.5 points more harmless refused is not chosen, and one with 1.9 points more recall
+    (six errors) for 0.5 point more harmless refused is; with none (the shipped sidecar's rule), the highest
+    recall within the budget is."""
+    import numpy as np
+
+    from toonark.prompt_safety import train
+    # Unsafe: 970 read 0.9, 19 read 0.4 (refused at thresholds <= 0.40), 1 reads 0.32 (only at 0.30), 10 read 0.1.
+    # Harmless: 10 read 0.95, 5 read 0.42, 25 read 0.32. No rule hits, 10 words each: the threshold alone decides.
+    unsafe_scores = [0.9] * 970 + [0.4] * 19 + [0.32] + [0.1] * 10
+    harmless_scores = [0.95] * 10 + [0.42] * 5 + [0.32] * 25 + [0.05] * 960
+    oof = np.array(unsafe_scores + harmless_scores)
+    unsafe = np.arange(len(oof)) < len(unsafe_scores)
+    args = (oof, np.full(len(oof), 10), np.full(len(oof), ""), unsafe, np.ones(len(oof), bool))
+    # 0.30: 99.0 % / 4.0 %; 0.40: 98.9 % / 1.5 % (0.35 decides the same: the grid's order takes the higher);
+    # 0.45: 97.0 % / 1.0 %, six errors under the best.
+    monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 0.0)       # highest recall alone: the whole budget spent
+    point, metrics = train.choose_operating_point(*args)
+    assert point["threshold"] == 0.3 and metrics["harmless_refused_all_dev"] == 0.04
+    monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 1.0)
+    point, metrics = train.choose_operating_point(*args)
+    assert point["threshold"] == 0.4
+    assert metrics["best_recall_within_budget"] == 0.99 and metrics["recall_standard_error"] == 0.0031
+    assert (metrics["recall_on_prompts_the_rules_were_not_written_from"], metrics["harmless_refused_all_dev"]) == \
+        (0.989, 0.015)
+    # 7 errors, 2.2 points: 97.0 % / 1.0 % (thresholds 0.45-0.90 decide alike; the grid's order takes the highest)
+    monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 7.0)
+    assert train.choose_operating_point(*args)[0]["threshold"] == 0.9
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
     """The honest reading is per batch (README): a new prompt must be recorded as part of a new batch."""

@@ -199,7 +199,9 @@ def _batch(tok, texts: Sequence[str], device: str = "cpu"):
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def _module(base: EncoderBase, n_labels: int):
+def _module(base: EncoderBase, n_labels: int, folder: Path | None = None):
+    """The classifier's torch module on `base` (its weights from `folder`, default base.folder(): the
+    encoder benchmark passes the fp16 copy it staged on the GPU machine)."""
     import torch
     from torch import nn
     from transformers import AutoModel
@@ -213,7 +215,7 @@ def _module(base: EncoderBase, n_labels: int):
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()   # the unused pooler weights are expected
             try:
-                self.bert = AutoModel.from_pretrained(str(base.folder()), add_pooling_layer=False,
+                self.bert = AutoModel.from_pretrained(str(folder or base.folder()), add_pooling_layer=False,
                                                       attn_implementation="eager", torch_dtype=torch.float32)
             finally:
                 hf_logging.set_verbosity(verbosity)

@@ -176,7 +176,11 @@ class LayeredFilter:
                 log.debug("classifier excused %s rule %s in %r", refusal.layer, refusal.rule, reading)
                 continue
             return refusal
-        return self._language(_fold(text)) or self._classifier(self._score(normalize(text)))
+        return self.language_verdict(text) or self._classifier(self._score(normalize(text)))
+
+    def language_verdict(self, text: str) -> SafetyRefused | None:
+        """The language layer alone: the refusal for a prompt written in a script the text encoder does not read."""
+        return self._language(_fold(text))
 
     def rule_hits(self, text: str):
         """The rule layers' hits on `text`, in the order verdict() weighs them, each with the reading a veto

@@ -55,6 +55,15 @@ VETO_MIN_WORDS = (7,)
 # and still raises recall over it: a missed unsafe prompt is the worst failure, a refused harmless one the
 # next worst (a policy choice, re-read as the data grows).
 FALSE_REFUSAL_BUDGET = 0.05
+# Within the budget, the point refusing the fewest harmless prompts among those whose recall is within this
+# many standard errors of the best (binomial, on the blind unsafe dev prompts: ~0.08 points at 18,576 prompts
+# and 98.8 %): the "one-standard-error rule" of CART / glmnet's lambda.1se, at 1.0. 0 is the highest recall
+# alone, which spends the whole budget once recall is flat (round 11's dev grid: best 98.82 % / 4.90 %, phrase
+# veto 0; within one error 98.75 % / 2.96 %, phrase veto 0.01). Measured at 1.0 on round 11 (same test prompts,
+# batches 1-38): the rule did what dev said (98.54 / 5.25 at 0 -> 98.44 / 3.44), but round 11's final model
+# missed more than round 10's whatever the point (98.89 / 4.65), under the recall floor: round 10 stays shipped,
+# and its sidecar was chosen at 0, which this stays at until a round is adopted with 1.0 (README, round 11).
+RECALL_TOLERANCE_SE = 0.0
 
 
 def _refused(score, layer, words, point: dict):
@@ -75,20 +84,22 @@ def _refused(score, layer, words, point: dict):
 
 
 def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
-    """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, the grid point with
-    the highest recall whose harmless-refused rate is within FALSE_REFUSAL_BUDGET (ties: fewer harmless refused,
-    then the grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules'
-    verdicts on dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
+    """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, among the grid
+    points whose harmless-refused rate is within FALSE_REFUSAL_BUDGET, the one refusing the fewest harmless prompts
+    whose recall is within RECALL_TOLERANCE_SE standard errors of the best recall (ties: higher recall, then the
+    grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
+    dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
     half no rule came from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules
     are fitted (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
     harmless dev prompts: the classifier's out-of-fold scores are honest on all of them, and the blind ones carry
-    the rules' own false refusals. A budget rather than a weighted sum: recall and harmless refused trade almost
-    linearly over the useful thresholds, so any fixed weight near that rate makes the chosen point jump with each
-    new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word counts; bool masks)."""
+    the rules' own false refusals. A budget and a tolerance rather than a weighted sum: recall and harmless
+    refused trade almost linearly over the useful thresholds, so any fixed weight near that rate makes the chosen
+    point jump with each new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word
+    counts; bool masks)."""
     import itertools
 
     import numpy as np
-    best = None
+    within = []      # (recall, harmless refused, point) in the grid's order
     for min_words in MIN_WORDS:
         scores = np.where(words >= min_words, oof, -1.0)      # what decisions() reads, once per min_words
         for threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
@@ -99,14 +110,18 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
                      "veto_min_words": veto_min_words}
             refused = _refused(scores, layers, words, point)
             recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
-            if wrong <= FALSE_REFUSAL_BUDGET and (best is None or (recall, -wrong) > (best[0], -best[1])):
-                best = (recall, wrong, point)
-    if best is None:
+            if wrong <= FALSE_REFUSAL_BUDGET:
+                within.append((recall, wrong, point))
+    if not within:
         raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
-    recall, wrong, point = best
+    best = max(recall for recall, _, _ in within)
+    error = float(np.sqrt(best * (1.0 - best) / max(int((unsafe & blind).sum()), 1)))
+    floor = best - RECALL_TOLERANCE_SE * error - 1e-12
+    recall, wrong, point = min((c for c in within if c[0] >= floor), key=lambda c: (c[1], -c[0]))
     return point, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
-                   "harmless_refused_all_dev": round(wrong, 4)}
+                   "harmless_refused_all_dev": round(wrong, 4),
+                   "best_recall_within_budget": round(best, 4), "recall_standard_error": round(error, 4)}
 
 
 def rule_readings(examples: list[evalset.Example]) -> dict:
@@ -125,7 +140,7 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     layers, primary_read = [], []
     for e in examples:
         hit = next(rules.rule_hits(e.text), None)
-        refusal = hit[0] if hit else rules.verdict(e.text)      # no rule hit: the language layer, or nothing
+        refusal = hit[0] if hit else rules.language_verdict(e.text)
         layers.append(getattr(refusal, "layer", None) or "")
         primary_read.append(hit is None or hit[1] == normalize(e.text))
     return {"layers": np.array(layers),
@@ -300,8 +315,9 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "operating_point_rule": (f"threshold, vetoes (a rule hit of that layer in a prompt of veto_min_words+ words "
                                  f"is excused when P(unsafe) < the veto), short_vetoes (the same in a shorter prompt "
                                  f"the classifier reads) and the fewest words the classifier reads "
-                                 f"(min_words) maximise the whole filter's recall with at most {FALSE_REFUSAL_BUDGET:.0%} harmless "
-                                 f"refused on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
+                                 f"(min_words): among the points with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused, "
+                                 f"the fewest harmless refused within {RECALL_TOLERANCE_SE:g} standard errors of the best "
+                                 f"recall (0: the highest recall), on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
                                  f"the dev prompts of batches whose dev half no rule was written from, harmless refused "
                                  f"on all dev"),
         "metrics": {"dev_out_of_fold_classifier_alone": dev_alone, "dev_out_of_fold_whole_filter": dev_filter},
