@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh safety-fits     # issue 16: join the safety-model kit, start the classifier's five
 #                                                  # fits at once (+ the final fit again, to compare bytes), wait
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
+#   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #   bash benchmarks/gpu_session.sh setup       # join the parts, `make setup GPU=1 WHEELS=/tmp/wheels`, gpu_check
 #   bash benchmarks/gpu_session.sh prepare     # SD-1.5-shaped ort-cuda fp16 build in /tmp/tkbuild + pipeline timings
 #   bash benchmarks/gpu_session.sh served [TREE]   # issue 12: benchmarks/gpu_served.py (TREE: a checkout to run it from)
@@ -36,13 +37,16 @@ collect_fits() {
   tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
   cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
 }
+join_safety_kit() {
+  python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels --site /tmp/site > /dev/null || return 3
+  export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
+  python3 -c "from toonark.prompt_safety import encoder; encoder.MPNet().folder()" || return 3   # joined once
+}
 case "$phase" in
   carry)
     mkdir -p /tmp/parts && cp -r ".stage/${2:-gpu}/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
   safety-fits)
-    python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels --site /tmp/site > /dev/null || exit 3
-    export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
-    python3 -c "from toonark.prompt_safety import encoder; encoder.MPNet().folder()" || exit 3   # joined once
+    join_safety_kit || exit 3
     mkdir -p $FIT $FIT_AGAIN
     for part in 1 2 3 4 final again; do
       out=$FIT; [ $part = again ] && { out=$FIT_AGAIN; part=final; }
@@ -51,6 +55,19 @@ case "$phase" in
         > $out/part-$part.log 2>&1 < /dev/null &
     done
     wait_fits && collect_fits ;;
+  safety-seeds)
+    # benchmarks/safety_seeds.py: fold 1 fitted with seeds 0-3 at once (~5 min), its held-out scores back.
+    join_safety_kit || exit 3
+    for seed in 0 1 2 3; do
+      mkdir -p /tmp/seeds/s$seed
+      setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/s$seed; \
+        echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/s$seed/fit.log 2>&1 < /dev/null &
+    done
+    until=$(( $(date +%s) + ${FITS_WAIT:-540} ))
+    while pgrep -f "safety_seeds.py fit" > /dev/null && [ "$(date +%s)" -lt "$until" ]; do sleep 10; done
+    for log in /tmp/seeds/s*/fit.log; do echo "== $log"; grep -v Warn "$log" | tail -2; done
+    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.fold1.npz 2>/dev/null)
+    ! pgrep -f "safety_seeds.py fit" > /dev/null ;;
   safety-wait)
     export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
     wait_fits && collect_fits ;;

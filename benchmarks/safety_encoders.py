@@ -50,7 +50,6 @@ def prepare(mpnet: Path) -> None:
 
     import torch
     from safetensors.torch import load_file, save_file
-    from sklearn.model_selection import StratifiedGroupKFold
 
     from toonark.prompt_safety import encoder, evalset, templates, train
     from toonark.prompts import normalize
@@ -62,8 +61,7 @@ def prepare(mpnet: Path) -> None:
     test = [e for e in examples if e.split == "test"]
     x, y = [normalize(e.text) for e in dev], [e.label for e in dev]
     folds = [0] * len(dev)
-    splitter = StratifiedGroupKFold(n_splits=train.FOLDS, shuffle=True, random_state=0)
-    for k, (_, held) in enumerate(splitter.split(x, y, [e.base for e in dev])):
+    for k, (_, held) in enumerate(train.fold_splits(dev)):
         for i in held:
             folds[i] = k
     generated = templates.generate()

@@ -165,7 +165,6 @@ def test_operating_point_is_chosen_on_what_the_served_filter_decides(examples, l
     assert excused[~long].any() and excused[long].any()
 
 
-
 def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure(monkeypatch):
     """With a recall tolerance of one standard error (0.31 points at 1,000 unsafe prompts), a point with 0.1
     point more recall but 2.5 points more harmless refused is not chosen, and one with 1.9 points more recall
@@ -195,6 +194,7 @@ def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure
     # 7 errors, 2.2 points: 97.0 % / 1.0 % (thresholds 0.45-0.90 decide alike; the grid's order takes the highest)
     monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 7.0)
     assert train.choose_operating_point(*args)[0]["threshold"] == 0.9
+
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
     """The honest reading is per batch (README): a new prompt must be recorded as part of a new batch."""

@@ -170,6 +170,14 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def fold_splits(dev: list[evalset.Example]) -> list[tuple]:
+    """The FOLDS (train indices, held-out indices) of the dev examples: stratified by label, grouped by base
+    prompt (a prompt's perturbations are held out with it), the same on every machine."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    splitter = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0)
+    return list(splitter.split([e.text for e in dev], [e.label for e in dev], [e.base for e in dev]))
+
+
 def fold_cache(cache: Path, fold: int) -> Path:
     """Where a fit part (`fit_part`, one fold fitted beside the others) keeps its fold's scores: beside `cache`."""
     return cache.with_name(f"{cache.stem}.fold{fold + 1}{cache.suffix}")
@@ -184,7 +192,6 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
     (fold_cache), so processes fitting different folds at once never write one file; a later run without
     `folds` merges those files into `cache`."""
     import numpy as np
-    from sklearn.model_selection import StratifiedGroupKFold
     key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
                                      base.head_learning_rate, base.sha256]).encode("utf-8")).hexdigest()
     oof, done = np.zeros(len(dev)), np.zeros(FOLDS, bool)
@@ -194,7 +201,7 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
             oof, done = stored["oof"], stored["done"]
             log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
     safe_index = labels.index(evalset.SAFE)
-    splits = list(StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=0).split(x, y, [e.base for e in dev]))
+    splits = fold_splits(dev)
     merged = False
     for fold, (_, held_idx) in enumerate(splits):
         part = fold_cache(Path(cache), fold) if cache is not None else None
