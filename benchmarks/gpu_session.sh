@@ -21,13 +21,16 @@ mkdir -p "$OUT" "$RES"
 pack() { tar czf "$OUT/$phase.tgz" -C "$RES" . 2>/dev/null; ls -la "$RES" | tail -n +2; }
 # The fits run in their own process sessions (setsid), so they outlive a call while the machine stays warm.
 FIT=/tmp/fit; FIT_AGAIN=/tmp/fit-again
-fits_running() { pgrep -f -- "--fit-part" > /dev/null; }
-wait_fits() {
+# wait_for PATTERN LOG...: until no process's command line holds PATTERN (at most FITS_WAIT s), then the logs'
+# last lines; fails while one still runs (a later call waits again).
+wait_for() {
+  local pattern=$1; shift
   local until=$(( $(date +%s) + ${FITS_WAIT:-540} ))
-  while fits_running && [ "$(date +%s)" -lt "$until" ]; do sleep 10; done
-  for log in $FIT/part-*.log $FIT_AGAIN/part-*.log; do echo "== $log"; grep -v Warn "$log" | tail -3; done
-  ! fits_running
+  while pgrep -f -- "$pattern" > /dev/null && [ "$(date +%s)" -lt "$until" ]; do sleep 10; done
+  for log in "$@"; do echo "== $log"; grep -v Warn "$log" | tail -3; done
+  ! pgrep -f -- "$pattern" > /dev/null
 }
+wait_fits() { wait_for "--fit-part" $FIT/part-*.log $FIT_AGAIN/part-*.log; }
 collect_fits() {
   # Nothing left to fit: this run merges the fold files into the cache and writes the fit record.
   python3 scripts/safety_model.py --base mpnet --fits-only --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
@@ -37,9 +40,10 @@ collect_fits() {
   tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
   cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
 }
+safety_env() { export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.; }
 join_safety_kit() {
   python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels --site /tmp/site > /dev/null || return 3
-  export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
+  safety_env
   python3 -c "from toonark.prompt_safety import encoder; encoder.MPNet().folder()" || return 3   # joined once
 }
 case "$phase" in
@@ -63,13 +67,11 @@ case "$phase" in
       setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/s$seed; \
         echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/s$seed/fit.log 2>&1 < /dev/null &
     done
-    until=$(( $(date +%s) + ${FITS_WAIT:-540} ))
-    while pgrep -f "safety_seeds.py fit" > /dev/null && [ "$(date +%s)" -lt "$until" ]; do sleep 10; done
-    for log in /tmp/seeds/s*/fit.log; do echo "== $log"; grep -v Warn "$log" | tail -2; done
+    wait_for "safety_seeds.py fit" /tmp/seeds/s*/fit.log; finished=$?
     tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.fold1.npz 2>/dev/null)
-    ! pgrep -f "safety_seeds.py fit" > /dev/null ;;
+    exit $finished ;;
   safety-wait)
-    export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.
+    safety_env
     wait_fits && collect_fits ;;
   setup)
     python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels || exit 3

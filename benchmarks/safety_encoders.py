@@ -51,7 +51,7 @@ def prepare(mpnet: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from toonark.prompt_safety import encoder, evalset, templates, train
+    from toonark.prompt_safety import evalset, templates, train
     from toonark.prompts import normalize
     shutil.rmtree(STAGE, ignore_errors=True)
     whole = STAGE / "whole"
@@ -294,7 +294,7 @@ def latency(mpnet: Path, prompts: int = 300) -> dict:
     from tokenizers import Tokenizer
     from transformers import AutoModel
 
-    from toonark.prompt_safety import encoder, evalset
+    from toonark.prompt_safety import evalset
     from toonark.prompts import normalize
     texts = [normalize(e.text) for e in evalset.load() if e.split == "test"][:prompts]
     result = {}
