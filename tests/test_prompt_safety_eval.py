@@ -289,9 +289,9 @@ def test_classifier_refuses_a_stale_or_missing_build(tmp_path):
 def test_classifier_training_is_deterministic(tmp_path):
     """`make safety-model` gives the same bytes from the same data: two trainings of the shipped base on the same
     subset (96 dev prompts, one epoch, this CPU) write the same adapter; the graph built from an adapter is
-    test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter's. The full run needs a GPU (~16 min of fits
-    on an H200), where the shipped adapter's final fit was rerun in a fresh process with the same bytes
-    (benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-fit.json)."""
+    test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter's. The full run needs a GPU (~6 min of fits at
+    once on an H200), where fits rerun in fresh processes gave the same bytes in every round, across sessions too
+    (round 11's final fit, 3b73cbdc..., three times; benchmarks/results/2026-12-03-nvidia-h200-safety-soup.json)."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety.train import build, write_known_words
     first, second = (build(tmp_path / name, limit=96, epochs=1, fits_only=True) for name in ("a", "b"))
@@ -362,52 +362,83 @@ def test_fits_on_a_gpu_machine_finish_here_and_a_mismatched_fit_is_refused(tmp_p
     """The fits (fold models + final adapter) may run on another machine (`--fits-only`, e.g. the GPU that
     MPNet needs) and the build finish here (`--adapter-from`): the adopted adapter is the fitted one, byte for
     byte, the sidecar records where it was trained, and an adapter fitted from other settings or another
-    subset is refused by name before any export."""
+    subset is refused by name before any export (one fit each here: seeds=(0,))."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety.train import FIT_RECORD_NAME, build
-    record = build(tmp_path / "gpu", limit=96, epochs=1, fits_only=True)
+    record = build(tmp_path / "gpu", limit=96, epochs=1, fits_only=True, seeds=(0,))
     fitted = (tmp_path / "gpu" / ADAPTER_NAME).read_bytes()
     assert record["adapter"]["sha256"] == hashlib.sha256(fitted).hexdigest()
     assert json.loads((tmp_path / "gpu" / FIT_RECORD_NAME).read_text()) == record
     assert not (tmp_path / "gpu" / "safety_classifier.onnx").exists()     # the fits only: nothing exported
-    sidecar = build(tmp_path / "here", limit=96, epochs=1, adapter_from=tmp_path / "gpu")
+    sidecar = build(tmp_path / "here", limit=96, epochs=1, adapter_from=tmp_path / "gpu", seeds=(0,))
     assert (tmp_path / "here" / ADAPTER_NAME).read_bytes() == fitted
     assert sidecar["adapter"]["sha256"] == record["adapter"]["sha256"]
     assert sidecar["adapter"]["training"] == record["adapter"]["training"]
     assert (tmp_path / "here" / "safety_classifier.onnx").exists()
     with pytest.raises(ValueError, match=r"gpu: its adapter was fitted with another training settings than this "
                                          r"build's; refit it"):
-        build(tmp_path / "no", limit=96, epochs=2, adapter_from=tmp_path / "gpu")
+        build(tmp_path / "no", limit=96, epochs=2, adapter_from=tmp_path / "gpu", seeds=(0,))
+    with pytest.raises(ValueError, match=r"another training settings"):    # one fit is not the soup of two
+        build(tmp_path / "no", limit=96, epochs=1, adapter_from=tmp_path / "gpu", seeds=(0, 1))
     with pytest.raises(ValueError, match=r"another subset \(limit\) than"):
-        build(tmp_path / "no", limit=64, epochs=1, adapter_from=tmp_path / "gpu")
+        build(tmp_path / "no", limit=64, epochs=1, adapter_from=tmp_path / "gpu", seeds=(0,))
     with pytest.raises(FileNotFoundError, match="safety_fit.json: missing; write it with `scripts/safety_model.py "
                                                 "--fits-only"):
-        build(tmp_path / "no", limit=96, epochs=1, adapter_from=tmp_path / "here")
+        build(tmp_path / "no", limit=96, epochs=1, adapter_from=tmp_path / "here", seeds=(0,))
     assert not (tmp_path / "no" / "safety_classifier.onnx").exists()
 
 
-def test_fold_fits_run_as_separate_parts_and_merge_into_the_same_scores(tmp_path):
-    """`--fit-part K` fits one fold model into its own file (so the five fits can run as five processes on one
-    GPU); the run after them merges those files and has the same out-of-fold scores, bit for bit, as one
-    process fitting the folds in turn, fitting nothing itself (16 dev prompts, one epoch, this CPU)."""
+def test_fold_fits_run_as_separate_parts_and_merge_into_the_same_soups(tmp_path, monkeypatch):
+    """`--fit-part K --seed S` fits one fold model with one seed into its own file (so the ten fits can run as
+    processes on one GPU at once); the run after them soups each fold's fits and has the same out-of-fold scores,
+    bit for bit, as one process fitting in turn, fitting nothing itself (16 dev prompts, one epoch, two folds
+    instead of four to halve the fits, this CPU). The soup merged into the base is the average of its fits merged
+    (every weight and the head); the fits share their initialisation and differ in their batch order."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     import numpy as np
+    import torch
     from toonark.prompt_safety import encoder, train
     from toonark.prompts import normalize
     examples = evalset.load()
     dev = [e for e in examples if e.split == "dev" and e.kind == "base"]
     few = [e for e in dev if e.unsafe][:8] + [e for e in dev if not e.unsafe][:8]
-    args = (few, [normalize(e.text) for e in few], [e.label for e in few], [], [],
-            sorted({e.label for e in examples}), 1, encoder.SHIPPED)
-    in_turn = train._out_of_fold(*args, tmp_path / "turn.npz")
+    labels = sorted({e.label for e in examples})
+    args = (few, [normalize(e.text) for e in few], [e.label for e in few], [], [], labels, 1, encoder.SHIPPED)
+    seeds = (0, 1)
+    monkeypatch.setattr(train, "FOLDS", 2)
+    in_turn = train._out_of_fold(*args, tmp_path / "turn.npz", seeds=seeds)
     for fold in range(train.FOLDS):
-        train._out_of_fold(*args, tmp_path / "parts.npz", folds={fold})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts.fold1.npz", "parts.fold2.npz", "parts.fold3.npz",
-                                                          "parts.fold4.npz", "turn.npz"]
-    merged = train._out_of_fold(*args, tmp_path / "parts.npz", fit_missing=False)
+        for seed in seeds:
+            train._out_of_fold(*args, tmp_path / "parts.npz", folds={fold}, seeds=seeds, seed=seed)
+    assert sorted(p.name for p in tmp_path.glob("parts*")) == [f"parts.{k}.seed{s}.npz" for k in (1, 2) for s in seeds]
+    merged = train._out_of_fold(*args, tmp_path / "parts.npz", fit_missing=False, seeds=seeds)
     assert np.array_equal(merged, in_turn) and np.array_equal(np.load(tmp_path / "parts.npz")["oof"], in_turn)
+    fits = [encoder.load_adapter(np.load(tmp_path / f"parts.1.seed{s}.npz")["adapter"].tobytes()) for s in seeds]
+    assert fits[0].keys() == fits[1].keys() and any(not torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+    # One initialisation: after training the fits' LoRA A matrices are still near each other (drawn apart they
+    # would be unrelated, and their soup would halve each update instead of averaging one).
+    lora_a = [k for k in fits[0] if ".lora_A." in k]
+    assert max(float((fits[0][k].float() - fits[1][k].float()).abs().max()) for k in lora_a) < \
+        0.1 * max(float(fits[0][k].float().abs().max()) for k in lora_a)
+    # One step on 12 prompts leaves B (zero at initialisation) at zero in fp16: random B matrices stand in for
+    # trained ones, so that the soup's update is an average that a wrong scale would miss.
+    draw = torch.Generator().manual_seed(0)
+    fits = [{k: (0.01 * torch.randn(v.shape, generator=draw)).half() if ".lora_B." in k else v for k, v in f.items()}
+            for f in fits]
+    soup = encoder.soup(fits)
+    assert encoder.adapter_rank(soup) == 2 * encoder.LORA_RANK
+    whole = encoder.merged(encoder.adapter_bytes(soup), len(labels)).state_dict()
+    alone = [encoder.merged(encoder.adapter_bytes(f), len(labels)).state_dict() for f in fits]
+    layers = [k for k in whole if "head" not in k]
+    worst = max(float((whole[k] - (alone[0][k] + alone[1][k]) / 2).abs().max()) for k in layers)
+    changed = max(float((alone[0][k] - alone[1][k]).abs().max()) for k in layers)
+    assert worst < 1e-4 * changed, (worst, changed)
+    for k in [k for k in whole if "head" in k]:      # the heads' mean, rounded to fp16 as the adapter keeps it
+        assert torch.equal(whole[k], ((alone[0][k] + alone[1][k]) / 2).half().float()), k
     with pytest.raises(ValueError, match=r"fit part '5': use one of 1, 2, 3, 4, final, with fits_only"):
         train.build(tmp_path / "no", fits_only=True, oof_cache=tmp_path / "c.npz", fit_part="5")
+    with pytest.raises(ValueError, match=r"seed 2: one fit alone is one of the seeds \[0, 1\] of a fit part"):
+        train.build(tmp_path / "no", fits_only=True, oof_cache=tmp_path / "c.npz", fit_part="1", seed=2, seeds=seeds)
 
 
 def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):

@@ -25,7 +25,7 @@ base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused;
 87.7 % at 3.4 % — it reads "a boy pushing his little sister down the stairs" as harm without any listed word
 (README "Kid-safe prompts"). Frozen embeddings with a logistic head were no better than n-grams (78 % / 6 %).
 
-Reproducible: one seed for LoRA's initialisation, dropout and the batch order; a fixed thread count
+Reproducible: one seed per fit for LoRA's initialisation, dropout and the batch order; a fixed thread count
 (TRAIN_THREADS); on CUDA deterministic kernels and a fixed workspace; adapter values rounded to fp16 before they are
 saved; the export reads only the saved adapter. Same torch/transformers/peft/onnxruntime versions on the same
 device kind give the same bytes (a CPU and a GPU fit are not expected to agree bit for bit, so the sidecar
@@ -54,7 +54,16 @@ LORA_DROPOUT = 0.1
 EPOCHS = 3
 BATCH = 32
 WEIGHT_DECAY = 0.01
-SEED = 0
+# The fits each model is the uniform soup of (soup()); they share SEEDS[0]'s initialisation, the seed sets dropout
+# and the batch order. One fit as shipped (round 10; a soup of one is that fit, byte for byte). Two, measured on
+# round 11's data (`--seeds 0,1`): a refit moves recall ~0.2 and harmless refused ~0.5 points by the seed alone;
+# two fits' scores averaged gain 0.1-0.25 points of recall at equal harmless refused, at two encoder passes a
+# prompt; their soup keeps one pass and about two thirds of that gain (out of fold on dev, whole filter: 98.79 % at
+# 3 % harmless refused vs 98.75 / 98.66 for its fits alone, 98.82 for their scores averaged), and on the test
+# part beat round 11's single fit on both counts but not round 10's recall: not adopted (README, round 12). Fits
+# that each draw their own initialisation do not soup: their LoRA updates lie in unrelated subspaces and averaging
+# halves each. benchmarks/results/2026-12-03-nvidia-h200-safety-soup.json.
+SEEDS = (0,)
 TRAIN_THREADS = 2
 ONNX_OPSET = 17
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -231,9 +240,9 @@ def _module(base: EncoderBase, n_labels: int, folder: Path | None = None):
     return SafetyEncoder()
 
 
-def _lora_config(base: EncoderBase):
+def _lora_config(base: EncoderBase, rank: int = LORA_RANK):
     from peft import LoraConfig
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
+    return LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
                       modules_to_save=["head"])
 
 
@@ -284,19 +293,23 @@ class Trained:
 
 
 def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], base: EncoderBase = SHIPPED,
-        epochs: int = EPOCHS, progress: str = "", device: str | None = None) -> Trained:
+        epochs: int = EPOCHS, progress: str = "", device: str | None = None, seed: int = SEEDS[0],
+        init_seed: int | None = None) -> Trained:
     """Fine-tune on (texts, labels): LoRA on the encoder + the head, AdamW with a one-cycle schedule (the
-    base's learning rates), on `device` (default training_device())."""
+    base's learning rates), on `device` (default training_device()). `seed` sets dropout and the batch order,
+    and LoRA's and the head's initialisation unless `init_seed` does (the fits of a soup share theirs: soup())."""
     import torch
     from peft import get_peft_model
     from torch import nn
 
     device = device or training_device()
     _deterministic(device)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed if init_seed is None else init_seed)
     index = {name: i for i, name in enumerate(label_names)}
     targets = torch.tensor([index[label] for label in labels], device=device)
     model = get_peft_model(_module(base, len(label_names)), _lora_config(base)).to(device)
+    if init_seed is not None and init_seed != seed:
+        torch.manual_seed(seed)         # dropout's draws (the fit with seed == init_seed is the plain fit)
     tok = _tokenizer(base)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     rates = [base.learning_rate, base.head_learning_rate]
@@ -305,7 +318,7 @@ def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], bas
                                   weight_decay=WEIGHT_DECAY)
     steps = epochs * -(-len(texts) // BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=rates, total_steps=max(steps, 1), pct_start=0.1)
-    order_rng = torch.Generator().manual_seed(SEED)
+    order_rng = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(texts), generator=order_rng).tolist()
@@ -323,23 +336,58 @@ def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], bas
     return Trained(model, list(label_names), base, device)
 
 
-def save_adapter(adapter: dict, path: Path, base: EncoderBase = SHIPPED) -> bytes:
+def soup(adapters: Sequence[dict]) -> dict:
+    """The uniform soup of several fits of one recipe on one base (Wortsman et al. 2022, "Model soups"): every
+    layer's LoRA update averaged exactly, by stacking the fits' A matrices and setting their B matrices side by
+    side (rank LORA_RANK x n with LORA_ALPHA kept, so peft's scale alpha / rank carries the 1/n), and the heads
+    averaged. Merged into the base it is one encoder of the base's size: the fits' spread averaged at the cost of
+    one forward pass, where averaging their scores costs n."""
+    import torch
+    if len(adapters) == 1:
+        return dict(adapters[0])
+    out = {}
+    for key in adapters[0]:
+        parts = [adapter[key] for adapter in adapters]
+        if ".lora_A." in key:
+            out[key] = torch.cat(parts, 0)          # (rank, in) each
+        elif ".lora_B." in key:
+            out[key] = torch.cat(parts, 1)          # (out, rank) each
+        else:                                       # the head (peft's modules_to_save)
+            out[key] = torch.stack([p.float() for p in parts]).mean(0).to(parts[0].dtype).contiguous()
+    return out
+
+
+def adapter_rank(adapter: dict) -> int:
+    """The LoRA rank of an adapter: LORA_RANK for one fit, LORA_RANK x n for a soup of n."""
+    return next(v.shape[0] for k, v in adapter.items() if ".lora_A." in k)
+
+
+def adapter_bytes(adapter: dict, base: EncoderBase = SHIPPED) -> bytes:
     from safetensors.torch import save
     # One metadata key: safetensors writes its metadata map in hash order, so several keys change the bytes per run.
-    about = json.dumps({"base": base.model, "base_sha256": base.sha256, "lora_rank": LORA_RANK}, sort_keys=True)
-    blob = save(adapter, metadata={"toonark": about})
+    about = json.dumps({"base": base.model, "base_sha256": base.sha256, "lora_rank": adapter_rank(adapter)},
+                       sort_keys=True)
+    return save(adapter, metadata={"toonark": about})
+
+
+def save_adapter(adapter: dict, path: Path, base: EncoderBase = SHIPPED) -> bytes:
+    blob = adapter_bytes(adapter, base)
     with atomic_file(Path(path)) as fh:
         fh.write(blob)
     return blob
+
+
+def load_adapter(blob: bytes) -> dict:
+    from safetensors.torch import load
+    return load(blob)
 
 
 def merged(adapter_blob: bytes, n_labels: int, base: EncoderBase = SHIPPED):
     """The base with the adapter merged in (plain torch module, eval mode, CPU)."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load
-    model = get_peft_model(_module(base, n_labels), _lora_config(base))
-    state = {k: v.to(torch.float32) for k, v in load(adapter_blob).items()}
+    state = {k: v.to(torch.float32) for k, v in load_adapter(adapter_blob).items()}
+    model = get_peft_model(_module(base, n_labels), _lora_config(base, adapter_rank(state)))
     missing = set_peft_model_state_dict(model, state)
     if getattr(missing, "unexpected_keys", None):
         raise ValueError(f"adapter has tensors the model lacks: {missing.unexpected_keys[:3]}")

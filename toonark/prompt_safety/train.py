@@ -2,8 +2,8 @@
 from the dev part of toonark/data/safety_prompts.json, choose its operating point out of fold, and build the
 ONNX graph the runtime reads.
 
-`make safety-model` (train + build; MPNet's fits need a GPU: ~20 min on an H200 in turn, 5 min at once
-(fit_part), the rest ~23 min on two CPU cores) writes the tracked files: the adapter (safety_adapter.safetensors) and the sidecar
+`make safety-model` (train + build; MPNet's five fits need a GPU: ~20 min on an H200 in turn, 6 min at once
+(fit_part; ten with two seeds, 10 min), the rest ~45 min on two CPU cores) writes the tracked files: the adapter (safety_adapter.safetensors) and the sidecar
 (safety_classifier.json: data and adapter sha256, threshold, vetoes, metrics, and the sha256 of the graph built
 from them). `make setup` runs only `build_onnx` (~1 min): adapter + pinned base -> safety_classifier.onnx + safety_tokenizer.json (ignored by git); the same
 versions on the same CPU kind give the bytes the sidecar records (tests/test_prompt_safety_eval.py).
@@ -60,9 +60,9 @@ FALSE_REFUSAL_BUDGET = 0.05
 # and 98.8 %): the "one-standard-error rule" of CART / glmnet's lambda.1se, at 1.0. 0 is the highest recall
 # alone, which spends the whole budget once recall is flat (round 11's dev grid: best 98.82 % / 4.90 %, phrase
 # veto 0; within one error 98.75 % / 2.96 %, phrase veto 0.01). Measured at 1.0 on round 11 (same test prompts,
-# batches 1-38): the rule did what dev said (98.54 / 5.25 at 0 -> 98.44 / 3.44), but round 11's final model
-# missed more than round 10's whatever the point (98.89 / 4.65), under the recall floor: round 10 stays shipped,
-# and its sidecar was chosen at 0, which this stays at until a round is adopted with 1.0 (README, round 11).
+# batches 1-38): the rule did what dev said (98.54 / 5.25 at 0 -> 98.44 / 3.44), and so on round 12 (the soup of
+# two fits: 98.57 / 2.92 on batches 1-44), but neither reached round 10's recall (98.89 / 4.65), chosen at 0,
+# which this stays at so that it rebuilds the shipped sidecar (README, rounds 11-12).
 RECALL_TOLERANCE_SE = 0.0
 
 
@@ -96,22 +96,8 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
     refused trade almost linearly over the useful thresholds, so any fixed weight near that rate makes the chosen
     point jump with each new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word
     counts; bool masks)."""
-    import itertools
-
     import numpy as np
-    within = []      # (recall, harmless refused, point) in the grid's order
-    for min_words in MIN_WORDS:
-        scores = np.where(words >= min_words, oof, -1.0)      # what decisions() reads, once per min_words
-        for threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
-                sorted(THRESHOLDS, reverse=True), WORD_VETOES, PHRASE_VETOES, SHORT_WORD_VETOES, SHORT_PHRASE_VETOES,
-                sorted(VETO_MIN_WORDS, reverse=True)):
-            point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
-                     "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
-                     "veto_min_words": veto_min_words}
-            refused = _refused(scores, layers, words, point)
-            recall, wrong = float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean())
-            if wrong <= FALSE_REFUSAL_BUDGET:
-                within.append((recall, wrong, point))
+    within = [c for c in operating_grid(oof, words, layers, unsafe, blind) if c[1] <= FALSE_REFUSAL_BUDGET]
     if not within:
         raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
@@ -122,6 +108,26 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
     return point, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
                    "harmless_refused_all_dev": round(wrong, 4),
                    "best_recall_within_budget": round(best, 4), "recall_standard_error": round(error, 4)}
+
+
+def operating_grid(oof, words, layers, unsafe, blind) -> list[tuple[float, float, dict]]:
+    """(recall on the blind unsafe dev prompts, harmless refused on all dev, point) of every grid point, in the
+    grid's order (higher threshold first, then lower vetoes)."""
+    import itertools
+
+    import numpy as np
+    grid = []
+    for min_words in MIN_WORDS:
+        scores = np.where(words >= min_words, oof, -1.0)      # what decisions() reads, once per min_words
+        for threshold, word, phrase, short_word, short_phrase, veto_min_words in itertools.product(
+                sorted(THRESHOLDS, reverse=True), WORD_VETOES, PHRASE_VETOES, SHORT_WORD_VETOES, SHORT_PHRASE_VETOES,
+                sorted(VETO_MIN_WORDS, reverse=True)):
+            point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
+                     "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
+                     "veto_min_words": veto_min_words}
+            refused = _refused(scores, layers, words, point)
+            grid.append((float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean()), point))
+    return grid
 
 
 def rule_readings(examples: list[evalset.Example]) -> dict:
@@ -178,72 +184,113 @@ def fold_splits(dev: list[evalset.Example]) -> list[tuple]:
     return list(splitter.split([e.text for e in dev], [e.label for e in dev], [e.base for e in dev]))
 
 
-def fold_cache(cache: Path, fold: int) -> Path:
-    """Where a fit part (`fit_part`, one fold fitted beside the others) keeps its fold's scores: beside `cache`."""
-    return cache.with_name(f"{cache.stem}.fold{fold + 1}{cache.suffix}")
+def part_file(cache: Path, part: str, seed: int) -> Path:
+    """Where one fit of a fit part (a fold "1".."4" or "final") with one seed keeps its adapter (a fold model
+    also its own held-out scores), beside `cache`: processes fitting different parts or seeds at once never
+    write one file, and a later run finds what they fitted."""
+    return cache.with_name(f"{cache.stem}.{part}.seed{seed}{cache.suffix}")
+
+
+def _fits_key(x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, seeds) -> str:
+    """What the fits depend on: the data, the templates, the training settings and the seeds."""
+    return hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
+                                      base.head_learning_rate, base.sha256, list(seeds), "init of seeds[0]"]
+                                     ).encode("utf-8")).hexdigest()
+
+
+def _one_fit(part: str, seed: int, texts, targets, labels, epochs, base: encoder.EncoderBase, key: str,
+             cache: Path | None, fit_missing: bool, held: list[str] | None = None,
+             init_seed: int | None = None) -> tuple[bytes, object]:
+    """(adapter bytes, P(unsafe) of `held` from this fit alone or None) of one fit of `part`, from its part file
+    when that holds this fit (same key), else fitted (and kept there)."""
+    import numpy as np
+    target = part_file(Path(cache), part, seed) if cache is not None else None
+    if target is not None and target.exists():
+        stored = np.load(target)
+        if str(stored["key"]) == key:
+            log.info("fit %s, seed %d: from %s", part, seed, target)
+            return stored["adapter"].tobytes(), (stored["held"] if held is not None else None)
+    if not fit_missing:
+        raise ValueError(f"{target}: no fit of part {part} with seed {seed} for this data and these settings; carry "
+                         f"the files the --fits-only run wrote beside {cache}")
+    model = encoder.fit(texts, targets, labels, base, epochs, progress=f"{part} seed {seed} ", seed=seed,
+                        init_seed=init_seed)
+    blob = encoder.adapter_bytes(model.adapter(), base)
+    scores = 1.0 - model.probabilities(held)[:, labels.index(evalset.SAFE)] if held is not None else None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target) as fh:
+            np.savez(fh, key=np.array(key), adapter=np.frombuffer(blob, np.uint8),
+                     **({"held": scores} if scores is not None else {}))
+    return blob, scores
+
+
+def _soup_scores(blobs: list[bytes], texts, labels, base: encoder.EncoderBase):
+    """P(unsafe) of `texts` from the soup of these fits, merged into the base (on the training device)."""
+    device = encoder.training_device()
+    soup = encoder.adapter_bytes(encoder.soup([encoder.load_adapter(b) for b in blobs]), base)
+    model = encoder.merged(soup, len(labels), base).to(device)
+    return 1.0 - encoder.Trained(model, labels, base, device).probabilities(texts)[:, labels.index(evalset.SAFE)]
 
 
 def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, cache: Path | None,
-                 fit_missing: bool = True, folds: set[int] | None = None):
-    """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models). `cache` (an
-    .npz) keeps them keyed by the data, the templates and the training settings, written after every fold:
-    changing only the operating-point rule re-runs the final fit alone, and an interrupted run (a GPU call
-    with a time limit) resumes at the next fold. `folds`: fit only these (0-based), each into its own file
-    (fold_cache), so processes fitting different folds at once never write one file; a later run without
-    `folds` merges those files into `cache`."""
+                 fit_missing: bool = True, folds: set[int] | None = None, seeds=encoder.SEEDS,
+                 seed: int | None = None):
+    """P(unsafe) of each dev prompt from the fold model that did not train on it (FOLDS models, each the soup
+    of one fit per seed, as the shipped adapter is). `cache` (an .npz) keeps them keyed by the data, the
+    templates, the training settings and the seeds, written after every fold, with each seed's own scores
+    (`oof_seeds`, to compare a soup with its fits): changing only the operating-point rule re-runs no fit.
+    `folds` (0-based) and `seed`: fit only these (a part run: several processes at once on one GPU), each fit
+    into its part file (part_file) and no soup scored; a later run without them soups those fits and scores."""
     import numpy as np
-    key = hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
-                                     base.head_learning_rate, base.sha256]).encode("utf-8")).hexdigest()
+    key = _fits_key(x, y, gx, gy, labels, epochs, base, seeds)
     oof, done = np.zeros(len(dev)), np.zeros(FOLDS, bool)
+    oof_seeds = np.zeros((len(seeds), len(dev)))
     if cache is not None and Path(cache).exists():
         stored = np.load(cache)
         if str(stored["key"]) == key:
-            oof, done = stored["oof"], stored["done"]
+            oof, done, oof_seeds = stored["oof"], stored["done"], stored["oof_seeds"]
             log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
-    safe_index = labels.index(evalset.SAFE)
-    splits = fold_splits(dev)
-    merged = False
-    for fold, (_, held_idx) in enumerate(splits):
-        part = fold_cache(Path(cache), fold) if cache is not None else None
-        if not done[fold] and part is not None and part.exists() and str(np.load(part)["key"]) == key:
-            oof[held_idx], done[fold], merged = np.load(part)["oof"][held_idx], True, True
-            log.info("out-of-fold scores of fold %d from %s", fold + 1, part)
-    for fold, (train_idx, held_idx) in enumerate(splits):
+    for fold, (train_idx, held_idx) in enumerate(fold_splits(dev)):
         if done[fold] or (folds is not None and fold not in folds):
             continue
-        if not fit_missing:
-            raise ValueError(f"{cache}: no out-of-fold scores of fold {fold + 1}/{FOLDS} for this data and these "
-                             f"settings; carry the cache the --fits-only run wrote with its adapter")
-        model = encoder.fit([x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy, labels, base, epochs,
-                            progress=f"fold {fold + 1}/{FOLDS} ")
-        oof[held_idx] = 1.0 - model.probabilities([x[i] for i in held_idx])[:, safe_index]
+        texts, targets = [x[i] for i in train_idx] + gx, [y[i] for i in train_idx] + gy
+        held = [x[i] for i in held_idx]
+        fits = [_one_fit(str(fold + 1), s, texts, targets, labels, epochs, base, key, cache, fit_missing, held,
+                         init_seed=seeds[0]) for s in (seeds if seed is None else (seed,))]
+        if folds is not None:
+            continue
+        oof[held_idx] = _soup_scores([blob for blob, _ in fits], held, labels, base)
+        for row, (_, scores) in enumerate(fits):
+            oof_seeds[row, held_idx] = scores
         done[fold] = True
         if cache is not None:
-            target = fold_cache(Path(cache), fold) if folds is not None else Path(cache)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(target) as fh:
-                np.savez(fh, key=np.array(key), oof=oof, done=done)
-    if merged and folds is None:     # the parts' scores, now in the one cache the CPU side reads
-        with atomic_file(Path(cache)) as fh:
-            np.savez(fh, key=np.array(key), oof=oof, done=done)
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(Path(cache)) as fh:
+                np.savez(fh, key=np.array(key), oof=oof, done=done, oof_seeds=oof_seeds, seeds=np.array(seeds))
     return oof
 
 
 def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None, epochs: int = encoder.EPOCHS,
           oof_cache: Path | None = None, base: encoder.EncoderBase = encoder.SHIPPED, fits_only: bool = False,
-          adapter_from: Path | None = None, fit_part: str | None = None) -> dict:
+          adapter_from: Path | None = None, fit_part: str | None = None, seeds=encoder.SEEDS,
+          seed: int | None = None) -> dict:
     """Train on dev (+ templated), choose the operating point out of fold, write the adapter and the sidecar,
     then build the ONNX graph (build_onnx) and record its sha256 and its test metrics; returns the sidecar.
     `limit` trains on the first N dev examples only, without folds (tests of determinism on a subset).
     The GPU part alone: `fits_only` stops after the fold models and the final fit, writing the adapter and
     its fit record (FIT_RECORD_NAME) into out_dir; `adapter_from` (such a folder, from another machine)
     takes that adapter instead of fitting, refused unless its record matches this data and these settings.
-    `fit_part` (with fits_only): one of FIT_PARTS alone, so the five fits can run at once as five processes on
-    one GPU; a `fits_only` run after them finds their fold scores and adapter and only writes the record."""
+    Every model is the soup (encoder.soup) of one fit per seed in `seeds`. `fit_part` (with fits_only): one of
+    FIT_PARTS alone, and `seed` one of its fits alone, so the fits can run at once as processes on one GPU (their
+    adapters beside `oof_cache`, part_file); a `fits_only` run after them soups them, scores the held-out
+    quarters with the fold soups and writes the final soup and its record."""
     import numpy as np
 
     if fit_part is not None and (not fits_only or fit_part not in FIT_PARTS or oof_cache is None):
         raise ValueError(f"fit part {fit_part!r}: use one of {', '.join(FIT_PARTS)}, with fits_only and an oof cache")
+    if seed is not None and (fit_part is None or seed not in seeds):
+        raise ValueError(f"seed {seed}: one fit alone is one of the seeds {list(seeds)} of a fit part (--fit-part)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = Path(data_path or evalset.data_path())
@@ -260,7 +307,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
 
     training = {"epochs": epochs, "batch": encoder.BATCH, "learning_rate": base.learning_rate,
                 "head_learning_rate": base.head_learning_rate, "weight_decay": encoder.WEIGHT_DECAY,
-                "seed": encoder.SEED, "threads": encoder.TRAIN_THREADS, "schedule": "one-cycle, 10 % warm-up",
+                "seeds": list(seeds), "threads": encoder.TRAIN_THREADS, "schedule": "one-cycle, 10 % warm-up",
                 "device": encoder.training_device()}
     record = _fit_record(data_path, training, base, limit)
     if adapter_from is not None:
@@ -270,13 +317,21 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
             if limit is None else None
     else:
         folds = None if fit_part is None else (set() if fit_part == "final" else {int(fit_part) - 1})
-        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache, folds=folds) if limit is None else None
+        oof = _out_of_fold(dev, x, y, gx, gy, labels, epochs, base, oof_cache, folds=folds, seeds=seeds,
+                           seed=seed) if limit is None else None
+        part_fits = {"fit_part": fit_part, "fits": [str(part_file(Path(oof_cache), fit_part, s))
+                                                    for s in (seeds if seed is None else (seed,))]} if fit_part else None
         if fit_part not in (None, "final"):
-            return {"fit_part": fit_part, "fold_scores": str(fold_cache(Path(oof_cache), int(fit_part) - 1))}
-        reused = _reusable_adapter(out_dir, record) if limit is None else None
+            return part_fits
+        reused = _reusable_adapter(out_dir, record) if limit is None and fit_part is None else None
         if reused is None:
-            fitted = encoder.fit(x + gx, y + gy, labels, base, epochs, progress="final ")
-            adapter_blob = encoder.save_adapter(fitted.adapter(), out_dir / ADAPTER_NAME, base)
+            key, cache = _fits_key(x, y, gx, gy, labels, epochs, base, seeds), oof_cache if limit is None else None
+            blobs = [_one_fit("final", s, x + gx, y + gy, labels, epochs, base, key, cache, True,
+                              init_seed=seeds[0])[0] for s in (seeds if seed is None else (seed,))]
+            if fit_part == "final":
+                return part_fits
+            adapter_blob = encoder.save_adapter(encoder.soup([encoder.load_adapter(b) for b in blobs]),
+                                                out_dir / ADAPTER_NAME, base)
         else:
             adapter_blob, training = reused
             record["adapter"]["training"] = training
@@ -318,7 +373,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
         "features": (f"{base.model} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
-                     f"layer, trained on dev + templated; ONNX int8 (onnxruntime dynamic quantisation)"),
+                     f"layer, trained on dev + templated; the uniform soup of the fits with seeds {list(seeds)} "
+                     f"(LoRA updates and heads averaged); ONNX int8 (onnxruntime dynamic quantisation)"),
         "operating_point_rule": (f"threshold, vetoes (a rule hit of that layer in a prompt of veto_min_words+ words "
                                  f"is excused when P(unsafe) < the veto), short_vetoes (the same in a shorter prompt "
                                  f"the classifier reads) and the fewest words the classifier reads "
