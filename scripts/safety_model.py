@@ -35,9 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the GPU part alone: fold models and final fit; writes the adapter and safety_fit.json "
                              "into --out (the fold scores into --oof-cache) for --adapter-from on another machine")
     parser.add_argument("--fit-part", default=None, metavar="{1,2,3,4,final}",
-                        help="with --fits-only: only this fold model (its scores beside --oof-cache) or the final fit, "
-                             "so the five fits can run as five processes on one GPU at once; a --fits-only run without "
-                             "it afterwards collects them and writes safety_fit.json")
+                        help="with --fits-only: only this fold model's fits or the final model's (their adapters, and a "
+                             "fold's held-out scores, beside --oof-cache), so the fits can run as processes on one GPU at "
+                             "once; a --fits-only run without it afterwards soups them and writes safety_fit.json")
     parser.add_argument("--seed", type=int, default=None,
                         help="with --fit-part: only this seed's fit of the part (each model is the soup of one fit "
                              "per seed, encoder.SEEDS), so every fit can run as its own process")

@@ -25,7 +25,7 @@ base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused;
 87.7 % at 3.4 % — it reads "a boy pushing his little sister down the stairs" as harm without any listed word
 (README "Kid-safe prompts"). Frozen embeddings with a logistic head were no better than n-grams (78 % / 6 %).
 
-Reproducible: one seed per fit for LoRA's initialisation, dropout and the batch order; a fixed thread count
+Reproducible: seeds for LoRA's and the head's initialisation (SEEDS[0]'s), dropout and the batch order (each fit's); a fixed thread count
 (TRAIN_THREADS); on CUDA deterministic kernels and a fixed workspace; adapter values rounded to fp16 before they are
 saved; the export reads only the saved adapter. Same torch/transformers/peft/onnxruntime versions on the same
 device kind give the same bytes (a CPU and a GPU fit are not expected to agree bit for bit, so the sidecar
