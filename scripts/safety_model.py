@@ -25,8 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder of the adapter, sidecar and graph (default: the package's toonark/data)")
     parser.add_argument("--data", type=Path, default=None, help="labelled prompts (default: the packaged file)")
     parser.add_argument("--oof-cache", type=Path, default=Path("build/safety_oof.npz"),
-                        help="keeps the fold models' out-of-fold scores (keyed by data and settings): a change to the "
-                             "operating-point rule alone then re-runs only the final fit")
+                        help="keeps the out-of-fold scores and, beside it, every fit's adapter (keyed by data, settings "
+                             "and seeds): a change to the operating-point rule alone then re-runs no fit")
     parser.add_argument("--base", default=None, help="the encoder to train on: minilm | mpnet (default: the one the "
                         "tracked sidecar names)")
     parser.add_argument("--base-packages", action="store_true",
