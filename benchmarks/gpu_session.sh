@@ -34,14 +34,16 @@ wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
 collect_fits() {
   # Nothing left to fit: this run soups each part's fits, scores the held-out quarters with the fold soups (on the
   # GPU, seconds) and writes the final soup and its record.
-  python3 scripts/safety_model.py --base mpnet --fits-only --seeds "${SAFETY_SEEDS:-$(python3 -c \
-    "from toonark.prompt_safety import encoder; print(*encoder.SEEDS, sep=',')")}" --out $FIT --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
+  python3 scripts/safety_model.py --base mpnet --fits-only --seeds "$(safety_seeds)" --out $FIT \
+    --oof-cache $FIT/safety_oof.npz 2>&1 | tail -3
   # Four files come back (a call returns a few files only): the fits' own scores are in safety_oof.npz (oof_seeds).
   mkdir -p "$OUT/fit"
   tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
   cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
 }
 safety_env() { export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.; }
+# The fits each model is the soup of: SAFETY_SEEDS (e.g. "0,1"), else encoder.SEEDS.
+safety_seeds() { echo "${SAFETY_SEEDS:-$(python3 -c "from toonark.prompt_safety import encoder; print(*encoder.SEEDS, sep=',')")}"; }
 join_safety_kit() {
   python3 scripts/stage_wheels.py join --parts /tmp/parts/p* --out /tmp/wheels --site /tmp/site > /dev/null || return 3
   safety_env
@@ -53,8 +55,7 @@ case "$phase" in
   safety-fits)
     join_safety_kit || exit 3
     mkdir -p $FIT
-    # SAFETY_SEEDS (e.g. "0,1"): the fits each model is the soup of (default encoder.SEEDS)
-    seeds=${SAFETY_SEEDS:-$(python3 -c "from toonark.prompt_safety import encoder; print(*encoder.SEEDS, sep=',')")}
+    seeds=$(safety_seeds)
     for part in final 1 2 3 4; do
       for seed in ${seeds//,/ }; do
         setsid sh -c "start=\$(date +%s); python3 scripts/safety_model.py --base mpnet --fits-only --fit-part $part \

@@ -43,7 +43,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from toonark.files import atomic_dir, atomic_file, sha256_file
+from toonark.files import atomic_dir, sha256_file
 from toonark.prompt_safety.classifier import INPUTS, MAX_TOKENS, OUTPUT, encode
 
 log = logging.getLogger(__name__)
@@ -368,13 +368,6 @@ def adapter_bytes(adapter: dict, base: EncoderBase = SHIPPED) -> bytes:
     about = json.dumps({"base": base.model, "base_sha256": base.sha256, "lora_rank": adapter_rank(adapter)},
                        sort_keys=True)
     return save(adapter, metadata={"toonark": about})
-
-
-def save_adapter(adapter: dict, path: Path, base: EncoderBase = SHIPPED) -> bytes:
-    blob = adapter_bytes(adapter, base)
-    with atomic_file(Path(path)) as fh:
-        fh.write(blob)
-    return blob
 
 
 def load_adapter(blob: bytes) -> dict:

@@ -225,11 +225,18 @@ def _one_fit(part: str, seed: int, texts, targets, labels, epochs, base: encoder
     return blob, scores
 
 
-def _soup_scores(blobs: list[bytes], texts, labels, base: encoder.EncoderBase):
-    """P(unsafe) of `texts` from the soup of these fits, merged into the base (on the training device)."""
+def _soup_bytes(blobs: list[bytes], base: encoder.EncoderBase) -> bytes:
+    """The adapter of the soup of these fits (one fit: its own bytes)."""
+    return encoder.adapter_bytes(encoder.soup([encoder.load_adapter(b) for b in blobs]), base)
+
+
+def _soup_scores(fits: list[tuple[bytes, object]], texts, labels, base: encoder.EncoderBase):
+    """P(unsafe) of `texts` from the soup of these (adapter, own scores) fits: one fit's own scores (its soup is
+    that fit), else the soup merged into the base, scored on the training device."""
+    if len(fits) == 1:
+        return fits[0][1]
     device = encoder.training_device()
-    soup = encoder.adapter_bytes(encoder.soup([encoder.load_adapter(b) for b in blobs]), base)
-    model = encoder.merged(soup, len(labels), base).to(device)
+    model = encoder.merged(_soup_bytes([blob for blob, _ in fits], base), len(labels), base).to(device)
     return 1.0 - encoder.Trained(model, labels, base, device).probabilities(texts)[:, labels.index(evalset.SAFE)]
 
 
@@ -260,7 +267,7 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
                          init_seed=seeds[0]) for s in (seeds if seed is None else (seed,))]
         if folds is not None:
             continue
-        oof[held_idx] = _soup_scores([blob for blob, _ in fits], held, labels, base)
+        oof[held_idx] = _soup_scores(fits, held, labels, base)
         for row, (_, scores) in enumerate(fits):
             oof_seeds[row, held_idx] = scores
         done[fold] = True
@@ -330,8 +337,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                               init_seed=seeds[0])[0] for s in (seeds if seed is None else (seed,))]
             if fit_part == "final":
                 return part_fits
-            adapter_blob = encoder.save_adapter(encoder.soup([encoder.load_adapter(b) for b in blobs]),
-                                                out_dir / ADAPTER_NAME, base)
+            adapter_blob = _soup_bytes(blobs, base)
+            _write(out_dir / ADAPTER_NAME, adapter_blob)
         else:
             adapter_blob, training = reused
             record["adapter"]["training"] = training
