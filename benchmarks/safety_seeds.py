@@ -1,7 +1,7 @@
 """How far one fit of the prompt classifier moves with its seed alone, measured on dev (no test prompt read).
 
 Round 11's final model missed 0.4 points more on the test part than round 10's at every operating point, though
-out of fold on dev the two were level (README, round 11). This asks whether a refit with nothing changed but
+out of fold on dev the two were level (docs/prompt-safety.md, round 11). This asks whether a refit with nothing changed but
 the seed moves that much: fold 1 of train.py's folds is fitted with several seeds (the product's recipe and data,
 the seed the only change; one fit each, no soup), each scoring its held-out quarter of dev; the spread of recall and harmless refused
 at the shipped operating point, classifier alone and whole filter, is what a refit moves by chance.

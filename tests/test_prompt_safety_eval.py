@@ -197,7 +197,7 @@ def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure
 
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):
-    """The honest reading is per batch (README): a new prompt must be recorded as part of a new batch."""
+    """The honest reading is per batch (docs/prompt-safety.md): a new prompt must be recorded as part of a new batch."""
     listed = [h for b in evaluate.batches() for h in b["bases"]]
     assert len(listed) == len(set(listed)), "a base prompt is listed in two batches"
     bases = {hashlib.sha256(e.base.encode("utf-8")).hexdigest()[:12] for e in examples}

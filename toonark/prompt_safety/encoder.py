@@ -23,7 +23,7 @@ base a sidecar may name.
 Why an encoder and not the n-gram classifier it replaced: on the same held-out quarter of dev (grouped by
 base prompt), n-grams caught 74.8 % of unsafe prompts at 3.7 % harmless refused; the fine-tuned MiniLM
 87.7 % at 3.4 % — it reads "a boy pushing his little sister down the stairs" as harm without any listed word
-(README "Kid-safe prompts"). Frozen embeddings with a logistic head were no better than n-grams (78 % / 6 %).
+(docs/prompt-safety.md, round 5). Frozen embeddings with a logistic head were no better than n-grams (78 % / 6 %).
 
 Reproducible: seeds for LoRA's and the head's initialisation (SEEDS[0]'s), dropout and the batch order (each fit's); a fixed thread count
 (TRAIN_THREADS); on CUDA deterministic kernels and a fixed workspace; adapter values rounded to fp16 before they are
@@ -60,7 +60,7 @@ WEIGHT_DECAY = 0.01
 # two fits' scores averaged gain 0.1-0.25 points of recall at equal harmless refused, at two encoder passes a
 # prompt; their soup keeps one pass and about two thirds of that gain (out of fold on dev, whole filter: 98.79 % at
 # 3 % harmless refused vs 98.75 / 98.66 for its fits alone, 98.82 for their scores averaged), and on the test
-# part beat round 11's single fit on both counts but not round 10's recall: not adopted (README, round 12). Fits
+# part beat round 11's single fit on both counts but not round 10's recall: not adopted (docs/prompt-safety.md, round 12). Fits
 # that each draw their own initialisation do not soup: their LoRA updates lie in unrelated subspaces and averaging
 # halves each. benchmarks/results/2026-12-03-nvidia-h200-safety-soup.json.
 SEEDS = (0,)

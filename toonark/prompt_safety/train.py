@@ -62,7 +62,7 @@ FALSE_REFUSAL_BUDGET = 0.05
 # veto 0; within one error 98.75 % / 2.96 %, phrase veto 0.01). Measured at 1.0 on round 11 (same test prompts,
 # batches 1-38): the rule did what dev said (98.54 / 5.25 at 0 -> 98.44 / 3.44), and so on round 12 (the soup of
 # two fits: 98.57 / 2.92 on batches 1-44), but neither reached round 10's recall (98.89 / 4.65), chosen at 0,
-# which this stays at so that it rebuilds the shipped sidecar (README, rounds 11-12).
+# which this stays at so that it rebuilds the shipped sidecar (docs/prompt-safety.md, rounds 11-12).
 RECALL_TOLERANCE_SE = 0.0
 
 
