@@ -5,6 +5,9 @@
 #                                                  # at once (five parts x encoder.SEEDS or SAFETY_SEEDS), wait
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
+#   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
+#                                                  # (safety_learning_curve.py; CURVE_DATA / CURVE_BATCHES: the labelled
+#                                                  # set and its batches to fit on; CURVE_RUNS="fraction:seed:order ...")
 #   bash benchmarks/gpu_session.sh setup       # join the parts, `make setup GPU=1 WHEELS=/tmp/wheels`, gpu_check
 #   bash benchmarks/gpu_session.sh prepare     # SD-1.5-shaped ort-cuda fp16 build in /tmp/tkbuild + pipeline timings
 #   bash benchmarks/gpu_session.sh served [TREE]   # issue 12: benchmarks/gpu_served.py (TREE: a checkout to run it from)
@@ -74,6 +77,22 @@ case "$phase" in
     done
     wait_for "safety_seeds.py fit" /tmp/seeds/s*/fit.log; finished=$?
     tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.1.seed*.npz 2>/dev/null)
+    exit $finished ;;
+  safety-curve)
+    # benchmarks/safety_learning_curve.py: its RUNS (fraction, seed, order) at once; a later call with FITS_WAIT waits again.
+    join_safety_kit || exit 3
+    mkdir -p /tmp/curve
+    if ! pgrep -f "safety_learning_curve.py fit" > /dev/null && ! ls /tmp/curve/*.npz > /dev/null 2>&1; then
+      runs=${CURVE_RUNS:-$(python3 -c "from benchmarks.safety_learning_curve import RUNS; print(*(f'{f}:{s}:{o}' for f, s, o in RUNS))")}
+      for run in $runs; do
+        IFS=: read -r fraction seed order <<< "$run"
+        setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_learning_curve.py fit --fraction $fraction --seed $seed \
+          --order $order --out /tmp/curve ${CURVE_DATA:+--data $CURVE_DATA} ${CURVE_BATCHES:+--batches $CURVE_BATCHES}; \
+          echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/curve/$order-f$fraction-s$seed.log 2>&1 < /dev/null &
+      done
+    fi
+    wait_for "safety_learning_curve.py fit" /tmp/curve/*.log; finished=$?
+    tar czf "$OUT/curve.tgz" -C /tmp/curve $(cd /tmp/curve && ls *.log *.npz 2>/dev/null)
     exit $finished ;;
   safety-wait)
     safety_env
