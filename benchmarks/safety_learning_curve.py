@@ -38,9 +38,11 @@ def _fit_file(folder: Path, fraction: float, seed: int, order: str) -> Path:
     return folder / f"curve.{'' if order == 'random' else order + '.'}f{fraction:.4f}.seed{seed}.npz"
 
 
-def _dev(data: Path | None):
+def _dev(data: Path | None) -> tuple[list, list[str]]:
+    """(the dev examples, every label of the set, as train.build takes them)."""
     from toonark.prompt_safety import evalset
-    return [e for e in evalset.load(data) if e.split == "dev"]
+    examples = evalset.load(data)
+    return [e for e in examples if e.split == "dev"], sorted({e.label for e in examples})
 
 
 def training_bases(dev, train_idx, fraction: float, order: str = "random", batches: Path | None = None) -> set[str]:
@@ -65,14 +67,13 @@ def fit(fraction: float, seed: int, order: str, out: Path, data: Path | None, ba
 
     from toonark.prompt_safety import encoder, evalset, templates, train
     from toonark.prompts import normalize
-    dev = _dev(data)
+    dev, labels = _dev(data)
     train_idx, held_idx = train.fold_splits(dev)[FOLD]
     keep = training_bases(dev, train_idx, fraction, order, batches)
     chosen = [i for i in train_idx if dev[i].base in keep]
     generated = templates.generate()
     texts = [normalize(dev[i].text) for i in chosen] + [normalize(t) for t, _ in generated]
     targets = [dev[i].label for i in chosen] + [label for _, label in generated]
-    labels = sorted({e.label for e in evalset.load(data)})
     model = encoder.fit(texts, targets, labels, encoder.SHIPPED, progress=f"{order} f{fraction:g} seed {seed} ", seed=seed,
                         init_seed=0)
     held = 1.0 - model.probabilities([normalize(dev[i].text) for i in held_idx])[:, labels.index(evalset.SAFE)]
@@ -124,7 +125,7 @@ def report(folder: Path, full: Path | None, json_path: Path | None, data: Path |
     import numpy as np
 
     from toonark.prompt_safety import evalset, train
-    dev = _dev(data)
+    dev, _ = _dev(data)
     train_idx, held_idx = train.fold_splits(dev)[FOLD]
     readings = train.rule_readings([dev[i] for i in held_idx])
     sha = evalset.data_sha256(data)
