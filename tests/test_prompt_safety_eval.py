@@ -34,8 +34,9 @@ def layered():
 
 @pytest.fixture(scope="module")
 def shipped_on_test_part(examples):
-    """The shipped filter's readings of the test part, by evaluate_shipped's worker processes (~2 min)."""
-    return evaluate.evaluate_shipped(examples, "test")
+    """The shipped filter's readings of the test part the floor was measured on (evaluate.floor_part: batches
+    1-38), by evaluate_shipped's worker processes (~2 min)."""
+    return evaluate.evaluate_shipped(evaluate.floor_part(examples), "test")
 
 
 def test_set_size_and_categories(examples):
@@ -95,6 +96,20 @@ def test_test_part_stays_at_or_above_the_measured_floor(shipped_on_test_part):
                f"target {evaluate.MAX_FALSE_REFUSALS})\n{evaluate.table(report)}\n{evaluate.details(report)}")
     assert report.recall >= evaluate.RECALL_FLOOR, message
     assert report.false_refusal_rate <= evaluate.FALSE_REFUSALS_CEILING, message
+
+
+def test_the_floor_reads_the_test_halves_of_the_batches_it_was_measured_on(examples):
+    """A batch after FLOOR_BATCHES joins the whole test reading (`make safety-eval`) but not the floor's part."""
+    test = [e for e in examples if e.split == "test"]
+    listed = evaluate.batches()
+    measured = {h for b in listed if b["batch"] <= evaluate.FLOOR_BATCHES for h in b["bases"]}
+    assert evaluate.floor_part(examples) == [e for e in test if evalset.sha12(e.base) in measured]
+    later = evalset.sha12(test[0].base)
+    moved = [{**b, "bases": [h for h in b["bases"] if h != later]} for b in listed] + \
+        [{"batch": evaluate.FLOOR_BATCHES + 1, "bases": [later]}]
+    part = evaluate.floor_part(examples, moved)
+    assert test[0] not in part and len(part) == len(evaluate.floor_part(examples)) - sum(
+        e.base == test[0].base for e in test)
 
 
 def test_every_refusal_names_a_known_category_and_layer(shipped_on_test_part, layered):
