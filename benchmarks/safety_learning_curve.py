@@ -52,7 +52,7 @@ def training_bases(dev, train_idx, fraction: float, order: str = "random", batch
     from toonark.prompt_safety import evaluate, evalset
     if order not in ORDERS:
         raise ValueError(f"order {order!r}: use one of {', '.join(ORDERS)}")
-    batch_of = {h: b["batch"] for b in evaluate.batches(batches) for h in b["bases"]} if order == "batches" else {}
+    batch_of = evaluate.batch_numbers(evaluate.batches(batches)) if order == "batches" else {}
 
     def key(base: str):
         digest = hashlib.sha256(base.encode("utf-8")).hexdigest()

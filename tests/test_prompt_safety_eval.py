@@ -134,7 +134,7 @@ def test_every_refusal_names_a_known_category_and_layer(shipped_on_test_part, la
     assert both.caught == sum(1 for e, r in zip(sample, readings) if e.unsafe and r)
     # `safety_eval.py --by-batch` splits these readings by writing batch, reading nothing again: each row is
     # its batch's recall / harmless refused, counted here from this process's readings.
-    batch_of = {h: b["batch"] for b in evaluate.batches() for h in b["bases"]}
+    batch_of = evaluate.batch_numbers()
     rows = evaluate.batch_table(both).splitlines()[2:]
     keys = [int(r.split(" | ")[0][2:]) for r in rows]
     assert keys == sorted({batch_of[evalset.sha12(e.base)] for e in sample})
@@ -496,7 +496,7 @@ def test_learning_curve_takes_nested_whole_bases_from_the_training_quarters(exam
         assert len(bases) == math.ceil(fraction * len(training)) and bases <= training and not bases & held
         assert smaller < bases
         smaller = bases
-    batch_of = {h: b["batch"] for b in evaluate.batches() for h in b["bases"]}
+    batch_of = evaluate.batch_numbers()
     early = curve.training_bases(dev, train_idx, 1 / 4, "batches")
     assert max(batch_of[evalset.sha12(b)] for b in early) <= min(batch_of[evalset.sha12(b)] for b in training - early)
     with pytest.raises(ValueError, match="order 'newest': use one of random, batches"):

@@ -97,9 +97,9 @@ def shipped_readings(texts: list[str], workers: int = 2) -> list[Reading | None]
 
 def floor_part(examples: list[evalset.Example], batch_list: list[dict] | None = None) -> list[evalset.Example]:
     """The test-part examples of the batches the floor and the ceiling were measured on (1..FLOOR_BATCHES)."""
-    measured = {h for b in (batches() if batch_list is None else batch_list) if b["batch"] <= FLOOR_BATCHES
-                for h in b["bases"]}
-    return [e for e in examples if e.split == "test" and evalset.sha12(e.base) in measured]
+    batch_of = batch_numbers(batch_list)
+    return [e for e in examples if e.split == "test" and batch_of.get(evalset.sha12(e.base), 0) in
+            range(1, FLOOR_BATCHES + 1)]
 
 
 def _chosen(examples: list[evalset.Example], split: str) -> list[evalset.Example]:
@@ -182,12 +182,17 @@ def batches(path=None) -> list[dict]:
     return data["batches"]
 
 
+def batch_numbers(batch_list: list[dict] | None = None) -> dict[str, int]:
+    """{sha12 of a base prompt: the number of the writing batch it came in} (of `batch_list`, default batches())."""
+    return {h: b["batch"] for b in (batches() if batch_list is None else batch_list) for h in b["bases"]}
+
+
 def batch_table(report: Report) -> str:
     """Markdown: recall and harmless refused per writing batch, from the report's readings (no prompt read
     again). The honest reading: a batch written with the rules is fitted; one written blind says how the
     filter meets new phrasings."""
     listed = batches()
-    batch_of = {h: b["batch"] for b in listed for h in b["bases"]}
+    batch_of = batch_numbers(listed)
     grouped: dict = defaultdict(list)
     for ex, reading in report.readings:
         grouped[batch_of.get(evalset.sha12(ex.base), "unlisted")].append((ex, reading))
