@@ -83,18 +83,13 @@ def fit(fraction: float, seed: int, order: str, out: Path, data: Path | None, ba
 
 
 def _read(scores, readings) -> dict:
-    import numpy as np
+    from benchmarks.safety_seeds import recall_curves
+    alone, best, grid = recall_curves(scores, readings, HARMLESS_REFUSED, BUDGETS)
 
-    from toonark.prompt_safety import train
-    unsafe, blind = readings["unsafe"], readings["blind"]
-    harmless = np.sort(scores[~unsafe])[::-1]
-    alone = {f"{100 * r:g}": round(100 * float((scores[unsafe] <= harmless[int(r * len(harmless))]).mean()), 2)
-             for r in HARMLESS_REFUSED}
-    grid = train.operating_grid(scores, readings["words"], readings["layers"], unsafe, blind)
-    whole = {f"{100 * b:g}": min((round(100 * (1 - r), 2) for r, w, _ in grid if w <= b), default=None)
-             for b in BUDGETS}
-    return {"classifier_alone_misses_pct_at_harmless_refused_pct": alone,
-            "whole_filter_fewest_blind_misses_pct_within_pct": whole,
+    def misses(recalls: dict) -> dict:
+        return {k: None if r is None else round(100 - r, 2) for k, r in recalls.items()}
+    return {"classifier_alone_misses_pct_at_harmless_refused_pct": misses(alone),
+            "whole_filter_fewest_blind_misses_pct_within_pct": misses(best),
             "whole_filter_fewest_harmless_refused_pct": round(100 * min(w for _, w, _ in grid), 2)}
 
 

@@ -109,6 +109,22 @@ def _fit_seconds(logs: Path) -> dict:
             if (found := re.findall(r"^rc 0 after (\d+) s$", text, re.M))}
 
 
+def recall_curves(scores, readings: dict, rates, budgets) -> tuple[dict, dict, list]:
+    """Of out-of-fold scores and train.rule_readings: the classifier alone's recall % at each harmless-refused rate,
+    the whole filter's best blind recall % within each budget (None: no grid point refuses that few harmless
+    prompts), and the grid (train.operating_grid) they come from."""
+    import numpy as np
+
+    from toonark.prompt_safety import train
+    unsafe = readings["unsafe"]
+    harmless = np.sort(scores[~unsafe])[::-1]
+    alone = {f"{100 * rate:g}": round(100 * float((scores[unsafe] > harmless[int(rate * len(harmless))]).mean()), 2)
+             for rate in rates}
+    grid = train.operating_grid(scores, readings["words"], readings["layers"], unsafe, readings["blind"])
+    best = {f"{100 * b:g}": max((round(100 * r, 2) for r, w, _ in grid if w <= b), default=None) for b in budgets}
+    return alone, best, grid
+
+
 def soups(runs: dict[str, Path], json_path: Path | None) -> dict:
     """Per run (a fits folder with safety_oof.npz of a soup): for each fit alone, the fits' scores averaged and the
     soup, the classifier alone's recall at HARMLESS_REFUSED, the whole filter's best blind recall within each of
@@ -127,12 +143,7 @@ def soups(runs: dict[str, Path], json_path: Path | None) -> dict:
         scores |= {"scores averaged": stored["oof_seeds"].mean(0), "soup": stored["oof"]}
         rows = {}
         for label, oof in scores.items():
-            harmless = np.sort(oof[~unsafe])[::-1]
-            alone = {f"{100 * rate:g}": round(100 * float((oof[unsafe] > harmless[int(rate * len(harmless))]).mean()), 2)
-                     for rate in HARMLESS_REFUSED}
-            grid = train.operating_grid(oof, readings["words"], readings["layers"], unsafe, blind)
-            frontier = {f"{100 * b:g}": max((round(100 * r, 2) for r, w, _ in grid if w <= b), default=None)
-                        for b in BUDGETS}       # None: no grid point refuses that few harmless prompts
+            alone, frontier, _ = recall_curves(oof, readings, HARMLESS_REFUSED, BUDGETS)
             chosen = {}
             for tolerance in (0.0, 1.0):
                 train.RECALL_TOLERANCE_SE, kept = tolerance, train.RECALL_TOLERANCE_SE
