@@ -17,6 +17,7 @@ from toonark.prompt_safety import evalset, evaluate, templates
 from toonark.prompt_safety.classifier import (ADAPTER_NAME, TOKENIZER_NAME, ClassifierFileError, SafetyClassifier,
                                               default_paths)
 from toonark.prompt_safety.layered import filter_for
+from toonark.prompt_safety.train import INT8_DECISIONS_DIFFER_MAX, check_int8_parity
 from toonark.prompts import PromptPolicy, normalize
 
 CATEGORIES = ("violence", "child-harm", "self-harm", "weapons", "gore", "sexual", "drugs", "hate", "profanity", "scary")
@@ -247,9 +248,19 @@ def test_classifier_matches_its_data_and_sidecar():
     # at threshold 0.30 (round 10; round 9 0.86 %, round 8 1.04 % at 0.40, round 7 0.96 % at 0.55); per-tensor
     # int8 changed 1.9 %, and a broken export changes far more.
     differ = sidecar["metrics"]["onnx_int8_vs_torch_fp32_decisions_differ"]
-    assert differ["of"] == len(evalset.load()) and differ["prompts"] <= 0.015 * differ["of"], differ
+    assert differ["of"] == len(evalset.load()) and differ["prompts"] <= INT8_DECISIONS_DIFFER_MAX * differ["of"], differ
     assert sidecar["templated"]["sha256"] == hashlib.sha256(templates.data_path().read_bytes()).hexdigest(), \
         "toonark/data/safety_templates.json changed since the classifier was trained: run `make safety-model`"
+
+
+def test_a_build_whose_int8_graph_decides_otherwise_than_fp32_is_refused():
+    """Round 10's graph (548 of 65,231 decisions differ) is kept; round 13's first graph, which quantize_dynamic
+    turned into "safe" for every prompt (77,682 of 142,061), is refused by name before anything is written."""
+    check_int8_parity(548, 65231)
+    with pytest.raises(ValueError, match=r"the int8 graph's decisions differ from the fp32 model's on 77682 of 142061 "
+                                         r"prompts \(54\.7%; at most 1\.5%\): the quantisation broke the graph, so "
+                                         r"neither it nor the sidecar was written"):
+        check_int8_parity(77682, 142061)
 
 
 def test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter(tmp_path):

@@ -23,6 +23,12 @@ from toonark.prompts import normalize
 log = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 3
+# The share of prompts on which the int8 graph may decide otherwise than the fp32 model it was exported from
+# (check_int8_parity; tests/test_prompt_safety_eval.py holds the shipped sidecar to it).
+INT8_DECISIONS_DIFFER_MAX = 0.015
+# 7-bit int8 weights for a new build (encoder.export_onnx says why); probed on round 13's adapter: the decisions
+# of five probe prompts as fp32, where full-range weights read all five as safe.
+QUANT_REDUCE_RANGE = True
 FIT_RECORD_NAME = "safety_fit.json"     # beside an adapter written by build(fits_only=True)
 FOLDS = 4
 # The five fits of a build, each runnable alone (build(fit_part=...), scripts/safety_model.py --fit-part).
@@ -379,6 +385,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
         "templated": {"file": f"toonark/data/{templates.DATA_NAME}",
                       "sha256": hashlib.sha256(templates.data_path().read_bytes()).hexdigest(),
                       "examples": len(generated), "use": "training only, never evaluated"},
+        "quantization": {"weights": "int8 per output channel", "reduce_range": QUANT_REDUCE_RANGE},
         "features": (f"{base.model} (mean pooled) + linear head; LoRA rank {encoder.LORA_RANK} on every linear "
                      f"layer, trained on dev + templated; the uniform soup of the fits with seeds {list(seeds)} "
                      f"(LoRA updates and heads averaged); ONNX int8 (onnxruntime dynamic quantisation)"),
@@ -405,6 +412,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     torch_p = encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base).probabilities(all_x)
     safe_index = labels.index(evalset.SAFE)
     flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
+    check_int8_parity(flips, len(scored))     # before anything is written: the previous sidecar stays
     test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
     sidecar["onnx_sha256"] = hashlib.sha256(blob).hexdigest()
     sidecar["metrics"].update({
@@ -419,6 +427,18 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     log.info("wrote %s (%d bytes, sha256 %s), operating point %s", out_dir / MODEL_NAME, len(blob),
              sidecar["onnx_sha256"][:12], point)
     return sidecar
+
+
+def check_int8_parity(differ: int, prompts: int) -> None:
+    """Refuse an int8 graph whose decisions at the threshold differ from the fp32 model's on more than
+    INT8_DECISIONS_DIFFER_MAX of the prompts: per-channel dynamic int8 changed 0.84-1.04 % in rounds 7-10, while
+    round 13's adapter came out of quantize_dynamic reading every prompt as safe (54.7 % differ; its fp32 graph
+    matched torch) and nothing stopped that sidecar from being written."""
+    if differ > INT8_DECISIONS_DIFFER_MAX * prompts:
+        raise ValueError(f"the int8 graph's decisions differ from the fp32 model's on {differ} of {prompts} prompts "
+                         f"({differ / prompts:.1%}; at most {INT8_DECISIONS_DIFFER_MAX:.1%}): the quantisation broke the "
+                         f"graph, so neither it nor the sidecar was written; look for the tensor whose range "
+                         f"quantize_dynamic cannot hold (encoder.export_onnx) before adopting this adapter")
 
 
 def _fit_record(data_path: Path, training: dict, base: encoder.EncoderBase, limit: int | None) -> dict:
@@ -494,7 +514,9 @@ def _versions() -> dict:
 
 
 def _export(adapter_blob: bytes, sidecar: dict, base: encoder.EncoderBase) -> bytes:
-    return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest(), base)
+    # A sidecar without `quantization` (round 10's) was built with full-range weights: its graph stays those bytes.
+    return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest(), base,
+                               reduce_range=sidecar.get("quantization", {}).get("reduce_range", False))
 
 
 def _onnx_probabilities(session, texts, base: encoder.EncoderBase):
