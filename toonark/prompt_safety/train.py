@@ -26,8 +26,8 @@ SIDECAR_VERSION = 3
 # The share of prompts on which the int8 graph may decide otherwise than the fp32 model it was exported from
 # (check_int8_parity; tests/test_prompt_safety_eval.py holds the shipped sidecar to it).
 INT8_DECISIONS_DIFFER_MAX = 0.015
-# 7-bit int8 weights for a new build (encoder.export_onnx says why); probed on round 13's adapter: the decisions
-# of five probe prompts as fp32, where full-range weights read all five as safe.
+# 7-bit int8 weights for a new build (encoder.export_onnx says why): on round 13's adapter five probe prompts
+# kept their fp32 decisions with them and all five were read as safe with full-range weights.
 QUANT_REDUCE_RANGE = True
 FIT_RECORD_NAME = "safety_fit.json"     # beside an adapter written by build(fits_only=True)
 FOLDS = 4
@@ -437,8 +437,8 @@ def check_int8_parity(differ: int, prompts: int) -> None:
     if differ > INT8_DECISIONS_DIFFER_MAX * prompts:
         raise ValueError(f"the int8 graph's decisions differ from the fp32 model's on {differ} of {prompts} prompts "
                          f"({differ / prompts:.1%}; at most {INT8_DECISIONS_DIFFER_MAX:.1%}): the quantisation broke the "
-                         f"graph, so neither it nor the sidecar was written; look for the tensor whose range "
-                         f"quantize_dynamic cannot hold (encoder.export_onnx) before adopting this adapter")
+                         f"graph, so neither it nor the sidecar was written; check the sidecar's quantization settings "
+                         f"(encoder.export_onnx, reduce_range) against this host's CPU before adopting this adapter")
 
 
 def _fit_record(data_path: Path, training: dict, base: encoder.EncoderBase, limit: int | None) -> dict:
