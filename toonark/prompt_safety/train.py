@@ -514,7 +514,7 @@ def _versions() -> dict:
 
 
 def _export(adapter_blob: bytes, sidecar: dict, base: encoder.EncoderBase) -> bytes:
-    # A sidecar without `quantization` (round 10's) was built with full-range weights: its graph stays those bytes.
+    # A sidecar without `quantization` (before 2026-12-04) was built with full-range weights: it rebuilds those bytes.
     return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest(), base,
                                reduce_range=sidecar.get("quantization", {}).get("reduce_range", False))
 
