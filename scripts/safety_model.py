@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> None:
         state = "built" if built["built"] else "up to date"
         same = "equals" if built["matches_sidecar"] else "differs from"
         print(f"{out / 'safety_classifier.onnx'}: {state}, sha256 {built['onnx_sha256'][:12]}... {same} the sidecar's")
+        # Loading scores the sidecar's probe prompts on this host: a graph this CPU misreads fails setup, not a demo.
+        from toonark.prompt_safety.classifier import SafetyClassifier
+        probes = len(SafetyClassifier(out / "safety_classifier.onnx", out / SIDECAR_NAME).info.get("probes", []))
+        print(f"{out / 'safety_classifier.onnx'}: its {probes} probe prompts score as the fp32 model's on this host")
         return
     if args.fits_only and args.out is None:
         raise SystemExit("--fits-only writes a scratch adapter: give it its own --out folder (not toonark/data)")

@@ -312,6 +312,41 @@ def test_classifier_refuses_a_stale_or_missing_build(tmp_path):
         SafetyClassifier(tmp_path / "none.onnx", tmp_path / "m.json")
 
 
+def test_classifier_refuses_a_graph_that_misreads_its_probes_on_this_host(tmp_path):
+    """Every load scores the sidecar's probe prompts on the host that serves and refuses a graph more than
+    PROBE_TOLERANCE off the fp32 model's scores: round 10's full-range graph passed the build host's parity gate
+    (VNNI) and scored make demo's prompt 0.31 on an AVX2-only host (fp32: 0.0004). Here the sidecar's expectation
+    is moved instead of the host, so the refusal is checked on any CPU."""
+    model, sidecar = default_paths()
+    for path in (model, model.parent / TOKENIZER_NAME):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    info = json.loads(sidecar.read_text())
+    assert info["probes"][0]["text"] == "a happy otter flying a kite" and len(info["probes"]) >= 20
+    moved = {**info, "probes": [{**info["probes"][0], "unsafe": 0.31}] + info["probes"][1:]}
+    (tmp_path / "m.json").write_text(json.dumps(moved))
+    with pytest.raises(ClassifierFileError, match=r"safety_classifier.onnx: on this host the int8 graph scores the probe "
+                                                  r"prompt 'a happy otter flying a kite' P\(unsafe\) 0\.000\d where the "
+                                                  r"fp32 model scores 0\.3100 \(at most 0\.1 apart\): this CPU's "
+                                                  r"onnxruntime int8 kernels misread the graph\. Rebuild it with 7-bit "
+                                                  r"weights: set quantization\.reduce_range to true in m\.json, then "
+                                                  r"run `make setup`"):
+        SafetyClassifier(tmp_path / model.name, tmp_path / "m.json")
+
+
+def test_sidecar_probes_are_the_fp32_models_scores():
+    """The probes a load checks against are what train.probes gives for the tracked adapter (the fp32 model, this
+    CPU; 4 decimals, so another CPU's last digit may differ)."""
+    pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety import encoder
+    from toonark.prompt_safety.train import probes
+    model, sidecar = default_paths()
+    info = json.loads(sidecar.read_text())
+    got = probes((model.parent / ADAPTER_NAME).read_bytes(), info["labels"], encoder.base_named(info["base"]["model"]),
+                 evalset.load())
+    assert [p["text"] for p in got] == [p["text"] for p in info["probes"]]
+    assert max(abs(a["unsafe"] - b["unsafe"]) for a, b in zip(got, info["probes"])) <= 0.002
+
+
 def test_classifier_training_is_deterministic(tmp_path):
     """`make safety-model` gives the same bytes from the same data: two trainings of the shipped base on the same
     subset (96 dev prompts, one epoch, this CPU) write the same adapter; the graph built from an adapter is

@@ -30,6 +30,10 @@ SCORE_CACHE_PROMPTS = 4096      # scores kept per process (a few hundred bytes e
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "probabilities"
 MAX_TOKENS = 64      # prompts are clipped to 77 CLIP tokens; 64 WordPiece tokens cover them
+# How far the int8 graph's P(unsafe) of a probe prompt may be from the fp32 model's on the serving host. Round 10's
+# 29 probes on an AVX2-only host: the 7-bit graph at most 0.031 off ("a naked mole rat in a tunnel"), the full-range
+# graph 0.31 off on make demo's prompt and 0.58-0.95 on every unsafe one.
+PROBE_TOLERANCE = 0.1
 _REBUILD = "build it with `make setup` (or `.venv/bin/python scripts/safety_model.py --build-onnx`)"
 
 
@@ -158,7 +162,24 @@ class SafetyClassifier:
             raise ClassifierFileError(f"{self.model_path}: labels {meta.get('labels')!r} are not the sidecar's; {_REBUILD}")
         tokenizer = Tokenizer.from_str(self._tokenizer_text)
         tokenizer.enable_truncation(MAX_TOKENS)
+        self._check_probes(session, tokenizer)
         self._session, self._tokenizer = session, tokenizer
+
+    def _check_probes(self, session, tokenizer) -> None:
+        """Score the sidecar's probe prompts (train.probes: the fp32 model's P(unsafe)) on this host, one at a time
+        as served, and refuse the graph when one is more than PROBE_TOLERANCE off: onnxruntime's int8 kernels
+        differ by CPU (full-range u8s8 saturates on x86 without VNNI), so a graph right on the build host can
+        misread every prompt on the serving one. ~25 prompts, ~0.3 s a load."""
+        safe = self.labels.index(self.safe_label)
+        for probe in self.info.get("probes", []):
+            unsafe = 1.0 - float(run_graph(session, tokenizer, [probe["text"]])[0][safe])
+            if abs(unsafe - probe["unsafe"]) > PROBE_TOLERANCE:
+                raise ClassifierFileError(
+                    f"{self.model_path}: on this host the int8 graph scores the probe prompt {probe['text']!r} "
+                    f"P(unsafe) {unsafe:.4f} where the fp32 model scores {probe['unsafe']:.4f} (at most "
+                    f"{PROBE_TOLERANCE} apart): this CPU's onnxruntime int8 kernels misread the graph. Rebuild it with "
+                    f"7-bit weights: set quantization.reduce_range to true in {self.sidecar_path.name}, then run "
+                    f"`make setup`")
 
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
         """Per text: label -> probability (normalised texts in, as the model was trained)."""

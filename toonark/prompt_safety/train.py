@@ -415,6 +415,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     check_int8_parity(flips, len(scored))     # before anything is written: the previous sidecar stays
     test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
     sidecar["onnx_sha256"] = hashlib.sha256(blob).hexdigest()
+    sidecar["probes"] = probes(adapter_blob, labels, base, examples)
     sidecar["metrics"].update({
         "test_classifier_alone": _metrics(list(1.0 - onnx_p[test_rows, safe_index]), [scored[i].label for i in test_rows],
                                           threshold) if test_rows else None,
@@ -427,6 +428,41 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     log.info("wrote %s (%d bytes, sha256 %s), operating point %s", out_dir / MODEL_NAME, len(blob),
              sidecar["onnx_sha256"][:12], point)
     return sidecar
+
+
+# Probe prompts with the fp32 model's P(unsafe), kept in the sidecar: every load of the int8 graph scores them on
+# the host that serves (classifier.SafetyClassifier) and refuses a graph that reads them otherwise there. The
+# parity gate above runs on the build host only, and onnxruntime's int8 kernels differ by CPU: round 10's
+# full-range graph passed it on a VNNI host and refused `make demo`'s own prompt on an AVX2-only one.
+PROBES_PER_LABEL = 2      # clear-cut dev prompts of each unsafe category
+SAFE_PROBES = 8           # and of harmless ones (the saturated graph refused half of the harmless look-alikes)
+PROBE_CANDIDATES = 4      # distinct dev prompts looked at per probe wanted
+PROBE_CLEAR = 0.05        # clear-cut: the fp32 model's P(unsafe) under this (harmless) or over 1 - this (unsafe)
+PROBE_EXTRA = ("a happy otter flying a kite",)    # make demo's prompt: the one the saturated graph refused
+
+
+def probes(adapter_blob: bytes, labels: list[str], base: encoder.EncoderBase,
+           examples: list[evalset.Example]) -> list[dict]:
+    """The sidecar's `probes`: [{"text", "unsafe"}] with P(unsafe) from the fp32 model the graph is exported from,
+    for PROBE_EXTRA and, in data order, the first hand-written (not perturbed) dev prompts of every label that the fp32
+    model reads clear-cut (a misspelt or uncertain prompt may move more under int8 on a sound graph)."""
+    wanted = {label: SAFE_PROBES if label == evalset.SAFE else PROBES_PER_LABEL for label in labels}
+    candidates: dict[str, list[str]] = {label: [] for label in labels}
+    for e in examples:
+        text = normalize(e.text)
+        pool = candidates.get(e.label)
+        if e.split == "dev" and e.kind == "base" and pool is not None \
+                and len(pool) < wanted[e.label] * PROBE_CANDIDATES and text not in pool:
+            pool.append(text)
+    texts = [normalize(t) for t in PROBE_EXTRA] + [t for label in labels for t in candidates[label]]
+    fp32 = encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base).probabilities(texts)
+    unsafe = {text: round(float(1.0 - row[labels.index(evalset.SAFE)]), 4) for text, row in zip(texts, fp32)}
+    chosen = [normalize(t) for t in PROBE_EXTRA]
+    for label in labels:
+        clear = [t for t in candidates[label]
+                 if (unsafe[t] < PROBE_CLEAR if label == evalset.SAFE else unsafe[t] > 1.0 - PROBE_CLEAR)]
+        chosen += [t for t in clear if t not in chosen][:wanted[label]]
+    return [{"text": text, "unsafe": unsafe[text]} for text in chosen]
 
 
 def check_int8_parity(differ: int, prompts: int) -> None:
