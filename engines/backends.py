@@ -146,7 +146,20 @@ class OrtCpuBackend(OrtBackend):
         return [["CPUExecutionProvider", {}]]
 
     def device_name(self, device_id: int = 0) -> str:
-        return "cpu"
+        """The CPU family an engine is laid out for (cpu_family)."""
+        return cpu_family()
+
+    def check_engine(self, metadata: dict, engine_dir: Path, fix: str) -> None:
+        """The engine was saved at ORT level "all", whose layouts (NCHWc blocks) are sized for the CPU that built
+        it: a tiny UNet built on an AVX2 host died with SIGFPE on an AVX-512 one (ORT 1.30; ORT 1.32: "NCHWc Conv
+        input and filter shapes do not match a supported blocked layout"). Saving at "extended" and laying out at
+        load would be portable but breaks LoRA switching (the layout pass copies the conv weights the LoRA engine
+        swaps in place), so another family is refused with the rebuild. A fused build is laid out at load."""
+        built, here = metadata.get("device"), self.device_name()
+        if built != here and not metadata.get("fusion"):
+            raise EngineError(f"{Path(engine_dir) / self.engine_file} was laid out by ONNX Runtime for CPU {built!r}; "
+                              f"this machine is {here!r}, where that layout fails (an AVX2 build dies with SIGFPE on "
+                              f"AVX-512). {fix}")
 
 
 class OrtCudaBackend(OrtBackend):
@@ -260,6 +273,19 @@ class TensorRTBackend(Backend):
         if UNKNOWN_GPU not in (gpu, recorded) and gpu != recorded:
             raise EngineError(f"{repo} holds plans built for GPU {recorded!r}; this machine's GPU 0 is {gpu!r} "
                               f"(plans are tuned per GPU model). {fix}")
+
+
+def cpu_family() -> str:
+    """"cpu <arch>", with "+avx512f" on x86 CPUs that have it: what sizes ONNX Runtime's NCHWc blocks (16 floats
+    with AVX-512F, 8 without), the CPU-specific part of a graph it saves at level "all"."""
+    import platform
+    family = f"cpu {platform.machine() or 'unknown'}"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return family + ("+avx512f" if "avx512f" in flags else "")
 
 
 class EngineError(RuntimeError):

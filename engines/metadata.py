@@ -51,7 +51,8 @@ def library_info(backend: str) -> dict:
 
 
 def device_name(backend: str, device_id: int = 0) -> str:
-    """"cpu" for ort-cpu, else the CUDA device's name (what a TensorRT plan is tied to)."""
+    """The CPU family for ort-cpu (backends.cpu_family: its saved layouts are per family), else the CUDA device's
+    name (what a TensorRT plan is tied to)."""
     return backend_for(backend).device_name(device_id)
 
 

@@ -3,6 +3,7 @@ TensorRT build plans and the trtexec / polygraphy command lines."""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from toonark.engines import build_engines, load_engine
+from toonark.engines.backends import cpu_family
 from toonark.engines.commands import build_dir_commands, polygraphy_compare, trtexec_benchmark, trtexec_build
 from toonark.engines.metadata import EngineError
 from toonark.engines.tensorrt import trt_build_plan
@@ -93,7 +95,7 @@ def test_engine_json_records_source_settings_and_versions(tiny_engines):
     assert meta["profile"]["timestep"] == {"min": [1], "opt": [1], "max": [1]}
     assert meta["limits"] == TEST_LIMITS.to_json()
     assert meta["library"] == {"name": "onnxruntime", "version": ort.__version__}
-    assert meta["device"] == "cpu"
+    assert meta["device"] == cpu_family() and meta["device"].startswith(f"cpu {platform.machine()}")
     assert meta["io"]["inputs"]["timestep"] == {"dtype": "float32", "shape": [1]}
     assert meta["settings"]["providers"] == [["CPUExecutionProvider", {}]]
     assert meta["settings"]["load_optimization_level"] == "disable_all"
@@ -183,6 +185,25 @@ def test_load_refuses_stale_engine_and_rebuild_fixes_it(build_copy):
                               f"{new[:12]}. Rebuild it with `make engine OUT={build_copy} BACKEND=ort-cpu PRECISION=fp32`.")
     assert build_engines(build_copy, "ort-cpu", "fp32", submodels=["vae_decoder"])["vae_decoder"]["status"] == "built"
     load_engine(build_copy, "ort-cpu", "fp32", "vae_decoder")
+
+
+def test_load_refuses_a_cpu_engine_laid_out_for_another_cpu_family_and_rebuild_fixes_it(build_copy):
+    """A CPU engine is saved at ORT level "all", with NCHWc layouts sized for the CPU that built it (the UNet here
+    has them): an AVX2-built tiny UNet died with SIGFPE on an AVX-512 host. An engine.json naming another family
+    (or the bare "cpu" of engines built before 2026-12-04) is refused by name; `make engine` rebuilds it here."""
+    folder = BuildLayout(build_copy).engine_dir("ort-cpu", "fp32") / "unet"
+    assert any(node.domain == "com.microsoft.nchwc" for node in onnx.load(folder / "model.onnx").graph.node)
+    meta = json.loads((folder / "engine.json").read_text())
+    other = "cpu x86_64" if cpu_family().endswith("+avx512f") else "cpu x86_64+avx512f"
+    write_json(folder / "engine.json", {**meta, "device": other})
+    with pytest.raises(EngineError) as err:
+        load_engine(build_copy, "ort-cpu", "fp32", "unet")
+    assert str(err.value) == (f"{folder / 'model.onnx'} was laid out by ONNX Runtime for CPU {other!r}; this machine "
+                              f"is {cpu_family()!r}, where that layout fails (an AVX2 build dies with SIGFPE on "
+                              f"AVX-512). Rebuild it with `make engine OUT={build_copy} BACKEND=ort-cpu PRECISION=fp32`.")
+    assert build_engines(build_copy, "ort-cpu", "fp32", submodels=["unet"])["unet"]["status"] == "built"
+    assert json.loads((folder / "engine.json").read_text())["device"] == cpu_family()
+    load_engine(build_copy, "ort-cpu", "fp32", "unet")
 
 
 def test_load_refuses_missing_metadata_and_missing_engine(build_copy):
