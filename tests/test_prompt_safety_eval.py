@@ -323,14 +323,17 @@ def test_classifier_refuses_a_graph_that_misreads_its_probes_on_this_host(tmp_pa
     info = json.loads(sidecar.read_text())
     assert info["probes"][0]["text"] == "a happy otter flying a kite" and len(info["probes"]) >= 20
     moved = {**info, "probes": [{**info["probes"][0], "unsafe": 0.31}] + info["probes"][1:]}
-    (tmp_path / "m.json").write_text(json.dumps(moved))
-    with pytest.raises(ClassifierFileError, match=r"safety_classifier.onnx: on this host the int8 graph scores the probe "
-                                                  r"prompt 'a happy otter flying a kite' P\(unsafe\) 0\.000\d where the "
-                                                  r"fp32 model scores 0\.3100 \(at most 0\.1 apart\): this CPU's "
-                                                  r"onnxruntime int8 kernels misread the graph\. Rebuild it with 7-bit "
-                                                  r"weights: set quantization\.reduce_range to true in m\.json, then "
-                                                  r"run `make setup`"):
-        SafetyClassifier(tmp_path / model.name, tmp_path / "m.json")
+    misread = (r"safety_classifier.onnx: on this host the int8 graph scores the probe prompt 'a happy otter flying a "
+               r"kite' P\(unsafe\) 0\.000\d where the fp32 model scores 0\.3100 \(at most 0\.1 apart\): this CPU's "
+               r"onnxruntime int8 kernels misread the graph\. ")
+    for reduce_range, fix in ((True, r"Its weights are 7-bit already: use the onnxruntime it was built with \(1\.\d+\.\d+; "
+                                     r"this host has 1\.\d+\.\d+\), or serve on another CPU$"),
+                              (False, r"Rebuild it with 7-bit weights: set quantization\.reduce_range to true in "
+                                      r"m\.json, then run `make setup`$")):
+        moved["quantization"] = {**info["quantization"], "reduce_range": reduce_range}
+        (tmp_path / "m.json").write_text(json.dumps(moved))
+        with pytest.raises(ClassifierFileError, match=misread + fix):
+            SafetyClassifier(tmp_path / model.name, tmp_path / "m.json")
 
 
 def test_sidecar_probes_are_the_fp32_models_scores():

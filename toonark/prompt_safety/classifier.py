@@ -171,15 +171,21 @@ class SafetyClassifier:
         differ by CPU (full-range u8s8 saturates on x86 without VNNI), so a graph right on the build host can
         misread every prompt on the serving one. ~25 prompts, ~0.3 s a load."""
         safe = self.labels.index(self.safe_label)
+        if self.info.get("quantization", {}).get("reduce_range"):
+            import onnxruntime
+            fix = (f"Its weights are 7-bit already: use the onnxruntime it was built with "
+                   f"({self.info.get('built_with', {}).get('onnxruntime')}; this host has {onnxruntime.__version__}), "
+                   f"or serve on another CPU")
+        else:
+            fix = (f"Rebuild it with 7-bit weights: set quantization.reduce_range to true in {self.sidecar_path.name}, "
+                   f"then run `make setup`")
         for probe in self.info.get("probes", []):
             unsafe = 1.0 - float(run_graph(session, tokenizer, [probe["text"]])[0][safe])
             if abs(unsafe - probe["unsafe"]) > PROBE_TOLERANCE:
                 raise ClassifierFileError(
                     f"{self.model_path}: on this host the int8 graph scores the probe prompt {probe['text']!r} "
                     f"P(unsafe) {unsafe:.4f} where the fp32 model scores {probe['unsafe']:.4f} (at most "
-                    f"{PROBE_TOLERANCE} apart): this CPU's onnxruntime int8 kernels misread the graph. Rebuild it with "
-                    f"7-bit weights: set quantization.reduce_range to true in {self.sidecar_path.name}, then run "
-                    f"`make setup`")
+                    f"{PROBE_TOLERANCE} apart): this CPU's onnxruntime int8 kernels misread the graph. {fix}")
 
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
         """Per text: label -> probability (normalised texts in, as the model was trained)."""
