@@ -8,9 +8,8 @@ hashes moved on an AVX2-only host; on an AVX-512/VNNI host all nine old hashes s
 the pictures differ by at most 1 LSB on at most 0.016 % of the values
 (benchmarks/results/2026-12-04-golden-pictures-two-cpu-families.json). Perturbing the initial latents by
 1 + eps * N(0, 1) on one host: eps 1e-6 moves at most 0.02 % of the values, by 1 LSB; eps 1e-4 at most 0.55 %,
-by 1 LSB. What a refactor that
-changes the picture does: GUIDANCE 7.5 -> 7.45 moves 7.2 % of the values, 20 -> 19 steps 53 % (up to 7 LSB), a
-changed seed 99 % (up to 214). So a picture is the golden one when no value is more than MAX_LSB off and at most
+by 1 LSB. What a refactor that changes the picture does: GUIDANCE 7.5 -> 7.45 moves 7.2 % of the values, 20 -> 19
+steps 53 % (up to 7 LSB), a changed seed 99 % (up to 214). So a picture is the golden one when no value is more than MAX_LSB off and at most
 MAX_DIFFERING of them differ at all: wide enough for any host's rounding, an order of magnitude under the
 smallest refactor measured. Re-record (checking the diff moved pictures only, never requests) with
 
