@@ -10,6 +10,7 @@ toonark.layout.BACKENDS, the folder names the core knows). The CLI names stay or
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from toonark.files import sha256_file, sha256_onnx
@@ -275,6 +276,7 @@ class TensorRTBackend(Backend):
                               f"(plans are tuned per GPU model). {fix}")
 
 
+@functools.lru_cache(maxsize=None)     # the CPU does not change under a process; every engine load asks
 def cpu_family() -> str:
     """"cpu <arch>", with "+avx512f" on x86 CPUs that have it: what sizes ONNX Runtime's NCHWc blocks (16 floats
     with AVX-512F, 8 without), the CPU-specific part of a graph it saves at level "all"."""

@@ -40,7 +40,9 @@ from toonark.staging import write_parts  # noqa: E402,F401  (the tests and calle
 OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "gevent", "geventhttpclient",
                "greenlet", "zope.event", "zope.interface", "brotli", "diffusers", "transformers", "huggingface_hub",
                "tokenizers", "optimum", "optimum-onnx", "onnx", "polygraphy", "onnx-graphsurgeon", "open_clip_torch",
-               "fpng", "lazy_loader", "scipy")
+               "fpng", "lazy_loader", "scipy", "langid")
+# On PyPI as source only (pure Python): built into a wheel here, a py3-none-any one that fits any platform.
+SOURCE_ONLY = ("langid",)
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 # Where the gpu kit's parts carry the built prompt classifier (beside the wheels after `join`).
@@ -135,6 +137,9 @@ def place(wheels: Path) -> int:
 def download(specs: list[str], dest: Path, python_version: str) -> None:
     abi = "cp" + python_version.replace(".", "")
     for spec in specs:
+        if spec.split("==")[0] in SOURCE_ONLY:
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec], check=True)
+            continue
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "--python-version", python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3",
                "--abi", "none", "-d", str(dest)]

@@ -341,11 +341,12 @@ def test_sidecar_probes_are_the_fp32_models_scores():
     CPU; 4 decimals, so another CPU's last digit may differ)."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
     from toonark.prompt_safety import encoder
-    from toonark.prompt_safety.train import probes
+    from toonark.prompt_safety.train import probes, reference_model
     model, sidecar = default_paths()
     info = json.loads(sidecar.read_text())
-    got = probes((model.parent / ADAPTER_NAME).read_bytes(), info["labels"], encoder.base_named(info["base"]["model"]),
-                 evalset.load())
+    reference = reference_model((model.parent / ADAPTER_NAME).read_bytes(), info["labels"],
+                                encoder.base_named(info["base"]["model"]))
+    got = probes(reference, evalset.load())
     assert [p["text"] for p in got] == [p["text"] for p in info["probes"]]
     assert max(abs(a["unsafe"] - b["unsafe"]) for a, b in zip(got, info["probes"])) <= 0.002
 

@@ -7,7 +7,8 @@ Layers (each refusal names its layer and its rule or score):
             body part, compounds), excused by an idiom allow-rule naming that rule or by the classifier's
             phrase veto; when a word and a phrase rule both fire, the phrase rule (more specific) names
             the refusal;
-  language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...);
+  language  a prompt in a script the text encoder does not read (Chinese, Cyrillic ...), or in Latin
+            letters but mostly in another language (language.latin_language);
   classifier the shipped fine-tuned sentence encoder (toonark/data/safety_classifier.onnx, built by
             `make setup` from the tracked adapter; classifier.py), refusing when P(unsafe) reaches the
             threshold chosen on the dev part of the labelled set; it also excuses a word- or phrase-rule
@@ -129,12 +130,18 @@ class LayeredFilter:
 
     def _language(self, folded: str) -> SafetyRefused | None:
         script = language.foreign_script(folded)
-        if script is None:
+        if script is not None:
+            return SafetyRefused(LANGUAGE, script, f"prompt refused ({LANGUAGE}): the prompt is written in {script} "
+                                                   f"script; write it in English (the text encoder reads English only, "
+                                                   f"so other scripts give a random picture and cannot be "
+                                                   f"safety-checked) (layer: language)", LANGUAGE, script)
+        spoken = language.latin_language(folded, self.speller.known) if self.speller is not None else None
+        if spoken is None:
             return None
-        return SafetyRefused(LANGUAGE, script, f"prompt refused ({LANGUAGE}): the prompt is written in {script} "
-                                               f"script; write it in English (the text encoder reads English only, "
-                                               f"so other scripts give a random picture and cannot be safety-checked) "
-                                               f"(layer: language)", LANGUAGE, script)
+        return SafetyRefused(LANGUAGE, spoken, f"prompt refused ({LANGUAGE}): the prompt is written mostly in {spoken}; "
+                                               f"write it in English (the text encoder and the safety checks read "
+                                               f"English only, so another language gives a near-random picture and "
+                                               f"cannot be safety-checked) (layer: language)", LANGUAGE, spoken)
 
     def _score(self, reading: str):
         """The classifier's Score for a normalised reading, or None (no classifier, or too short to read)."""
@@ -179,7 +186,8 @@ class LayeredFilter:
         return self.language_verdict(text) or self._classifier(self._score(normalize(text)))
 
     def language_verdict(self, text: str) -> SafetyRefused | None:
-        """The language layer alone: the refusal for a prompt written in a script the text encoder does not read."""
+        """The language layer alone: the refusal for a prompt written in a script the text encoder does not read, or
+        mostly in another language than English."""
         return self._language(_fold(text))
 
     def rule_hits(self, text: str):

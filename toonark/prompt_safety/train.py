@@ -408,14 +408,14 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     scored = examples if limit is None else dev     # a subset run (tests) compares on its own prompts
     all_x = [normalize(e.text) for e in scored]
     onnx_p = _onnx_probabilities(session, all_x, base)
-    # The reference is the fp32 model the graph was exported from (the saved fp16 adapter merged into the base).
-    torch_p = encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base).probabilities(all_x)
+    reference = reference_model(adapter_blob, labels, base)
+    torch_p = reference.probabilities(all_x)
     safe_index = labels.index(evalset.SAFE)
     flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
     check_int8_parity(flips, len(scored))     # before anything is written: the previous sidecar stays
     test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
     sidecar["onnx_sha256"] = hashlib.sha256(blob).hexdigest()
-    sidecar["probes"] = probes(adapter_blob, labels, base, examples)
+    sidecar["probes"] = probes(reference, examples)
     sidecar["metrics"].update({
         "test_classifier_alone": _metrics(list(1.0 - onnx_p[test_rows, safe_index]), [scored[i].label for i in test_rows],
                                           threshold) if test_rows else None,
@@ -441,11 +441,17 @@ PROBE_CLEAR = 0.05        # clear-cut: the fp32 model's P(unsafe) under this (ha
 PROBE_EXTRA = ("a happy otter flying a kite",)    # make demo's prompt: the one the saturated graph refused
 
 
-def probes(adapter_blob: bytes, labels: list[str], base: encoder.EncoderBase,
-           examples: list[evalset.Example]) -> list[dict]:
+def reference_model(adapter_blob: bytes, labels: list[str], base: encoder.EncoderBase) -> encoder.Trained:
+    """The fp32 model an int8 graph is exported from: the saved fp16 adapter merged into the base. The build's
+    parity gate and the probes' scores are read from it."""
+    return encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base)
+
+
+def probes(reference: encoder.Trained, examples: list[evalset.Example]) -> list[dict]:
     """The sidecar's `probes`: [{"text", "unsafe"}] with P(unsafe) from the fp32 model the graph is exported from,
     for PROBE_EXTRA and, in data order, the first hand-written (not perturbed) dev prompts of every label that the fp32
     model reads clear-cut (a misspelt or uncertain prompt may move more under int8 on a sound graph)."""
+    labels = reference.labels
     wanted = {label: SAFE_PROBES if label == evalset.SAFE else PROBES_PER_LABEL for label in labels}
     candidates: dict[str, list[str]] = {label: [] for label in labels}
     for e in examples:
@@ -455,7 +461,7 @@ def probes(adapter_blob: bytes, labels: list[str], base: encoder.EncoderBase,
                 and len(pool) < wanted[e.label] * PROBE_CANDIDATES and text not in pool:
             pool.append(text)
     texts = [normalize(t) for t in PROBE_EXTRA] + [t for label in labels for t in candidates[label]]
-    fp32 = encoder.Trained(encoder.merged(adapter_blob, len(labels), base), labels, base).probabilities(texts)
+    fp32 = reference.probabilities(texts)
     unsafe = {text: round(float(1.0 - row[labels.index(evalset.SAFE)]), 4) for text, row in zip(texts, fp32)}
     chosen = [normalize(t) for t in PROBE_EXTRA]
     for label in labels:
