@@ -58,7 +58,7 @@ PHRASE_VETOES = (0.0, 0.01, 0.05)
 # 12 harmless and 7 unsafe, so the grid keeps the phrase layer's short veto off unless the data moves.
 SHORT_WORD_VETOES = (0.0, 0.001, 0.002)
 SHORT_PHRASE_VETOES = (0.0, 0.001)
-MIN_WORDS = (3, 5)
+MIN_WORDS = (1, 2, 3, 5)
 VETO_MIN_WORDS = (7,)
 # The whole filter may refuse at most this share of the harmless dev prompts (out of fold). The issue asks for
 # 1 %; the rules alone refuse 8.6 % of harmless dev prompts before any veto (batches 1-12). With the vetoes
