@@ -17,7 +17,7 @@ from toonark.prompt_safety import evalset, evaluate, templates
 from toonark.prompt_safety.classifier import (ADAPTER_NAME, TOKENIZER_NAME, ClassifierFileError, SafetyClassifier,
                                               default_paths)
 from toonark.prompt_safety.layered import filter_for
-from toonark.prompt_safety.train import INT8_DECISIONS_DIFFER_MAX, check_int8_parity
+from toonark.prompt_safety.train import INT8_DECISIONS_DIFFER_MAX, PARITY_EVERY, check_int8_parity
 from toonark.prompts import PromptPolicy, normalize
 
 CATEGORIES = ("violence", "child-harm", "self-harm", "weapons", "gore", "sexual", "drugs", "hate", "profanity", "scary")
@@ -246,9 +246,12 @@ def test_classifier_matches_its_data_and_sidecar():
     # The int8 graph against the fp32 torch model it was exported from: what must hold is the decision at the
     # threshold, on nearly every prompt (measured when trained: in the sidecar). Per-channel int8 as shipped: 0.84 %
     # at threshold 0.30 (round 10; round 9 0.86 %, round 8 1.04 % at 0.40, round 7 0.96 % at 0.55); per-tensor
-    # int8 changed 1.9 %, and a broken export changes far more.
+    # int8 changed 1.9 %, and a broken export changes far more. The build compares every 4th prompt of the set
+    # (train.PARITY_EVERY; round 13: 295 of 35,516, 0.83 %).
     differ = sidecar["metrics"]["onnx_int8_vs_torch_fp32_decisions_differ"]
-    assert differ["of"] == len(evalset.load()) and differ["prompts"] <= INT8_DECISIONS_DIFFER_MAX * differ["of"], differ
+    assert differ["sample_of"] == len(evalset.load()) and differ["every"] == PARITY_EVERY, differ
+    assert differ["of"] == len(range(0, differ["sample_of"], PARITY_EVERY)), differ
+    assert differ["prompts"] <= INT8_DECISIONS_DIFFER_MAX * differ["of"], differ
     assert sidecar["templated"]["sha256"] == hashlib.sha256(templates.data_path().read_bytes()).hexdigest(), \
         "toonark/data/safety_templates.json changed since the classifier was trained: run `make safety-model`"
 

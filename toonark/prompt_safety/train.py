@@ -44,9 +44,11 @@ FIT_PARTS = tuple(str(k) for k in range(1, FOLDS + 1)) + ("final",)
 # in a prompt of VETO_MIN_WORDS+ words (shorter ones cannot set a harmless context: with vetoes from 5 words the
 # dev-optimal point let "a bomb in a box" and "a murderer in the woods" through, the encoder reading them at
 # 0.002 and 0.57), and only when the classifier is clearly sure (word veto <= 0.3, phrase veto <= 0.05: a
-# relation hit is excused only at near-certainty, "a tiger attacking a piece of cake"). The classifier reads
-# prompts of 3+ words: under that the encoder reads leftovers of punctuation as harm ("{0}" -> "0" 0.98
-# self-harm, "50% {off" 0.995 weapons); 0.4 % of the unsafe dev prompts are that short, and the rules read them.
+# relation hit is excused only at near-certainty, "a tiger attacking a piece of cake"). The fewest words the
+# classifier reads: 3 until round 12 (then 0.4 % of the unsafe dev prompts were that short, and an encoder never
+# trained on them read leftovers of punctuation as harm: "{0}" -> "0" 0.98 self-harm); batches 45-76 brought ~1,000
+# one- and two-word bases, and round 13 chose 1 (dev: recall 97.3 -> 98.8 % with harmless refusals 5.0 -> 3.3 %;
+# it reads a bare "0" 0.51 and "x" 0.93 hate, no pictures either way).
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(14)) + (0.97, 0.99)      # 0.30 .. 0.95, 0.97, 0.99
 WORD_VETOES = (0.0, 0.05, 0.1, 0.2, 0.3)
 PHRASE_VETOES = (0.0, 0.01, 0.05)
