@@ -1,5 +1,6 @@
 """First (blind) run of writing batches on the filter of the checkout on PYTHONPATH.
-usage: PYTHONPATH=<checkout> python first_run.py OUT.json LABEL DEDUPE_SET N [N ...]"""
+usage: PYTHONPATH=<checkout> python first_run.py OUT.json LABEL DEDUPE_SET N [N ...]
+(the batch files beside this script; DEDUPE_SET: a safety_prompts.json whose prompts are skipped)"""
 import json, sys, time
 from pathlib import Path
 from toonark.prompt_safety import evalset, evaluate
@@ -9,7 +10,7 @@ def main():
     result = json.loads(out.read_text()) if out.exists() else {}
     runs = result.setdefault(label, {"batches": {}})
     for n in numbers:
-        new = evalset.read_batch(Path(f"/work/blind/batch-{n}.json"))
+        new = evalset.read_batch(Path(__file__).parent / f"batch-{n}.json")
         examples = evalset.batch_examples(new, dedupe)
         start = time.perf_counter()
         report = evaluate.evaluate_shipped(examples, "all")
