@@ -14,7 +14,7 @@ Layers (each refusal names its layer and its rule or score):
             threshold chosen on the dev part of the labelled set; it also excuses a word- or phrase-rule
             hit when P(unsafe) is under that layer's veto (the rule word in a harmless context: "a
             palette knife spreading buttercream on a cake"; in a prompt too short to set a context only
-            at near-certainty: "rifle, colorado", the town).
+            at near-certainty: "a cherry bomb lollipop").
 The word and phrase layers read every normaliser reading of the text plus each with misspelt rule
 words corrected (spelling.py). Negative prompts get their own rules (`check_negative`): they name
 bad things on purpose, so only what would undo safety is refused (naming clothing steers towards
