@@ -418,10 +418,11 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     test_rows = [i for i, e in enumerate(scored) if e.split == "test"]
     read = sorted(set(parity) | set(test_rows))       # what the int8 graph reads: each prompt once
     position = {row: k for k, row in enumerate(read)}
-    onnx_read = _onnx_probabilities(session, [normalize(scored[i].text) for i in read], base)
+    read_x = [normalize(scored[i].text) for i in read]
+    onnx_read = _onnx_probabilities(session, read_x, base)
     onnx_p = onnx_read[[position[i] for i in parity]]
     reference = reference_model(adapter_blob, labels, base)
-    torch_p = reference.probabilities([normalize(scored[i].text) for i in parity])
+    torch_p = reference.probabilities([read_x[position[i]] for i in parity])
     safe_index = labels.index(evalset.SAFE)
     flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
     check_int8_parity(flips, len(parity))     # before anything is written: the previous sidecar stays
