@@ -1,6 +1,8 @@
 """Evaluate the layered kid-safety filter on the labelled prompt set: per-category recall and
 precision, harmless look-alikes refused (markdown table; --details lists every miss).
-The targets (recall >= 99 %, <= 1 % harmless refused) are judged on the test part."""
+The targets (recall >= 99 %, <= 1 % harmless refused) are judged on the test part, and so are the floors
+(evaluate.FLOORS: what the shipped filter measured on the test halves of fixed writing batches when it was
+committed). Exit status: 0 targets met; 1 a floor fell (the filter got worse); 2 floors held, targets not met."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +46,18 @@ def run(args: argparse.Namespace) -> int:
                                                                                                 args.split)))
     if args.timing:
         print(timing(evalset.load()))
-    return 0 if report.meets_targets or split != "test" else 2
+    if split != "test":
+        return 0
+    fell = []
+    for floor in evaluate.FLOORS:     # from the readings above: no prompt read again
+        part = floor.of(report)
+        print(floor.line(part))
+        fell += [floor.shortfall(part)] if floor.shortfall(part) else []
+    if fell:
+        print(f"error: the filter reads worse than it did when committed, on {'; '.join(fell)}; "
+              "--details lists what it misses and refuses", file=sys.stderr)
+        return 1
+    return 0 if report.meets_targets else 2
 
 
 def main(argv=None) -> int:

@@ -35,9 +35,9 @@ def layered():
 
 @pytest.fixture(scope="module")
 def shipped_on_test_part(examples):
-    """The shipped filter's readings of the test part the floor was measured on (evaluate.floor_part: batches
-    1-38), by evaluate_shipped's worker processes (~2 min)."""
-    return evaluate.evaluate_shipped(evaluate.floor_part(examples), "test")
+    """The shipped filter's readings of the test part the floor was measured on (evaluate.FLOOR: batches 1-38),
+    by evaluate_shipped's worker processes (~2 min)."""
+    return evaluate.evaluate_shipped(evaluate.FLOOR.part(examples), "test")
 
 
 def test_set_size_and_categories(examples):
@@ -90,27 +90,44 @@ def test_perturbations_are_deterministic_and_change_the_text():
 def test_test_part_stays_at_or_above_the_measured_floor(shipped_on_test_part):
     """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
     not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
-    report = shipped_on_test_part      # two processes (test_every_refusal_... checks they read as this one)
-    assert report.unsafe >= 200 and report.harmless >= 200
-    message = (f"recall {report.recall:.3f} (floor {evaluate.RECALL_FLOOR}, target {evaluate.MIN_RECALL}), "
-               f"harmless refused {report.false_refusal_rate:.3f} (ceiling {evaluate.FALSE_REFUSALS_CEILING}, "
-               f"target {evaluate.MAX_FALSE_REFUSALS})\n{evaluate.table(report)}\n{evaluate.details(report)}")
-    assert report.recall >= evaluate.RECALL_FLOOR, message
-    assert report.false_refusal_rate <= evaluate.FALSE_REFUSALS_CEILING, message
+    report, floor = shipped_on_test_part, evaluate.FLOOR      # two processes (test_every_refusal_... checks they
+    assert report.unsafe >= 200 and report.harmless >= 200      # read as this one)
+    message = (f"{floor.line(report)}; targets: recall {evaluate.MIN_RECALL}, harmless refused "
+               f"{evaluate.MAX_FALSE_REFUSALS}\n{evaluate.table(report)}\n{evaluate.details(report)}")
+    assert report.recall >= floor.recall, message
+    assert report.false_refusal_rate <= floor.false_refusals, message
+    assert floor.shortfall(report) is None
 
 
 def test_the_floor_reads_the_test_halves_of_the_batches_it_was_measured_on(examples):
-    """A batch after FLOOR_BATCHES joins the whole test reading (`make safety-eval`) but not the floor's part."""
+    """A batch after a floor's batches joins the whole test reading (`make safety-eval`) but not that floor's part;
+    the floors read disjoint parts."""
     test = [e for e in examples if e.split == "test"]
     listed = evaluate.batches()
-    measured = {h for b in listed if b["batch"] <= evaluate.FLOOR_BATCHES for h in b["bases"]}
-    assert evaluate.floor_part(examples) == [e for e in test if evalset.sha12(e.base) in measured]
+    floor = evaluate.FLOOR
+    measured = {h for b in listed if b["batch"] in floor.batches for h in b["bases"]}
+    assert floor.part(examples) == [e for e in test if evalset.sha12(e.base) in measured]
     later = evalset.sha12(test[0].base)
     moved = [{**b, "bases": [h for h in b["bases"] if h != later]} for b in listed] + \
-        [{"batch": evaluate.FLOOR_BATCHES + 1, "bases": [later]}]
-    part = evaluate.floor_part(examples, moved)
-    assert test[0] not in part and len(part) == len(evaluate.floor_part(examples)) - sum(
+        [{"batch": floor.batches.stop, "bases": [later]}]
+    part = floor.part(examples, moved)
+    assert test[0] not in part and len(part) == len(floor.part(examples)) - sum(
         e.base == test[0].base for e in test)
+    parts = [set(map(id, f.part(examples))) for f in evaluate.FLOORS]
+    assert all(parts) and sum(map(len, parts)) == len(set().union(*parts))
+
+
+def test_a_fallen_floor_is_named_with_its_numbers(examples):
+    """`make safety-eval` exits 1 naming the floor and the number that fell (scripts/safety_eval.py)."""
+    floor = evaluate.Floor(range(1, 39), recall=0.999, false_refusals=0.0)
+    part = [e for e in floor.part(examples) if e.unsafe][:200] + [e for e in floor.part(examples) if not e.unsafe][:200]
+    refused = evaluate.Reading("violence", "word", "kill")
+    wrong = evaluate._report(part, [None if e.unsafe else refused for e in part], "test")
+    assert floor.shortfall(wrong) == ("batches 1-38: recall 0.00 % under the floor 99.9 %; harmless refused "
+                                      "100.00 % over the ceiling 0.0 %")
+    assert floor.line(wrong).endswith(": FALLS")
+    right = evaluate._report(part, [refused if e.unsafe else None for e in part], "test")
+    assert floor.shortfall(right) is None and floor.line(right).endswith(": holds")
 
 
 def test_every_refusal_names_a_known_category_and_layer(shipped_on_test_part, layered):
