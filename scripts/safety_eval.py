@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     for floor in evaluate.FLOORS:     # from the readings above: no prompt read again
         part = floor.of(report)
         print(floor.line(part))
-        fell += [floor.shortfall(part)] if floor.shortfall(part) else []
+        if (shortfall := floor.shortfall(part)) is not None:
+            fell.append(shortfall)
     if fell:
         print(f"error: the filter reads worse than it did when committed, on {'; '.join(fell)}; "
               "--details lists what it misses and refuses", file=sys.stderr)

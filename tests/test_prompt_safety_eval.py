@@ -90,13 +90,13 @@ def test_perturbations_are_deterministic_and_change_the_text():
 def test_test_part_stays_at_or_above_the_measured_floor(shipped_on_test_part):
     """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
     not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
-    report, floor = shipped_on_test_part, evaluate.FLOOR      # two processes (test_every_refusal_... checks they
-    assert report.unsafe >= 200 and report.harmless >= 200      # read as this one)
+    # Read by two processes (test_every_refusal_... checks they read as this one).
+    report, floor = shipped_on_test_part, evaluate.FLOOR
+    assert report.unsafe >= 200 and report.harmless >= 200
     message = (f"{floor.line(report)}; targets: recall {evaluate.MIN_RECALL}, harmless refused "
                f"{evaluate.MAX_FALSE_REFUSALS}\n{evaluate.table(report)}\n{evaluate.details(report)}")
     assert report.recall >= floor.recall, message
     assert report.false_refusal_rate <= floor.false_refusals, message
-    assert floor.shortfall(report) is None
 
 
 def test_the_floor_reads_the_test_halves_of_the_batches_it_was_measured_on(examples):
@@ -118,7 +118,8 @@ def test_the_floor_reads_the_test_halves_of_the_batches_it_was_measured_on(examp
 
 
 def test_a_fallen_floor_is_named_with_its_numbers(examples):
-    """`make safety-eval` exits 1 naming the floor and the number that fell (scripts/safety_eval.py)."""
+    """A floor that fell is named with the numbers that fell (what `make safety-eval` prints before it exits 1),
+    and one that holds says so."""
     floor = evaluate.Floor(range(1, 39), recall=0.999, false_refusals=0.0)
     part = [e for e in floor.part(examples) if e.unsafe][:200] + [e for e in floor.part(examples) if not e.unsafe][:200]
     refused = evaluate.Reading("violence", "word", "kill")
