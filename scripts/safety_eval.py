@@ -54,10 +54,9 @@ def run(args: argparse.Namespace) -> int:
         print(floor.line(part))
         if (shortfall := floor.shortfall(part)) is not None:
             fell.append(shortfall)
-    if fell:
-        print(f"error: the filter reads worse than it did when committed, on {'; '.join(fell)}; "
-              "--details lists what it misses and refuses", file=sys.stderr)
-        return 1
+    if fell:      # cli.main prints it and exits 1
+        raise evaluate.FloorFell(f"the filter reads worse than it did when committed, on {'; '.join(fell)}; "
+                                 "--details lists what it misses and refuses")
     return 0 if report.meets_targets else 2
 
 

@@ -25,6 +25,10 @@ MAX_FALSE_REFUSALS = 0.01
 # 416 of 16,297): the recall floor holds, the ceiling down to the new reading with the same room.
 
 
+class FloorFell(RuntimeError):
+    """The shipped filter read worse than a floor on that floor's part (`make safety-eval` exits 1 with it)."""
+
+
 @dataclass(frozen=True)
 class Floor:
     """What the shipped filter measured on the test halves of the writing batches `batches` when it was committed,
