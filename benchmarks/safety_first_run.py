@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from toonark.files import atomic_file
 from toonark.prompt_safety import evalset, evaluate
 
 
@@ -22,9 +23,8 @@ def main():
         row = evaluate.totals(report) | {"style": new["style"], "seconds": round(time.perf_counter() - start, 1)}
         runs["batches"][str(n)] = row
         print(n, label, row["recall"], row["harmless_refused"], row["seconds"], flush=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        with atomic_file(out, "w") as fh:
+            fh.write(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

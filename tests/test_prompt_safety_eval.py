@@ -121,7 +121,8 @@ def test_a_fallen_floor_is_named_with_its_numbers(examples):
     """A floor that fell is named with the numbers that fell (what `make safety-eval` prints before it exits 1),
     and one that holds says so."""
     floor = evaluate.Floor(range(1, 39), recall=0.999, false_refusals=0.0)
-    part = [e for e in floor.part(examples) if e.unsafe][:200] + [e for e in floor.part(examples) if not e.unsafe][:200]
+    read = floor.part(examples)
+    part = [e for e in read if e.unsafe][:200] + [e for e in read if not e.unsafe][:200]
     refused = evaluate.Reading("violence", "word", "kill")
     wrong = evaluate._report(part, [None if e.unsafe else refused for e in part], "test")
     assert floor.shortfall(wrong) == ("batches 1-38: recall 0.00 % under the floor 99.9 %; harmless refused "
