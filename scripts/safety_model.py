@@ -26,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="labelled prompts (default: the packaged file)")
     parser.add_argument("--oof-cache", type=Path, default=Path("build/safety_oof.npz"),
                         help="keeps the out-of-fold scores and, beside it, every fit's adapter (keyed by data, settings "
-                             "and seeds): a change to the operating-point rule alone then re-runs no fit")
+                             "and seeds) and the built graph's and fp32 model's readings (keyed by model, versions, "
+                             "host and prompts): a change to the operating-point rule alone then re-runs no fit and "
+                             "reads no prompt again")
     parser.add_argument("--base", default=None, help="the encoder to train on: minilm | mpnet (default: the one the "
                         "tracked sidecar names)")
     parser.add_argument("--base-packages", action="store_true",

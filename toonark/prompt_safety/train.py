@@ -292,6 +292,39 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
     return oof
 
 
+def _host() -> str:
+    """The CPU kind that read a score (onnxruntime's int8 kernels, and torch's, differ between CPU kinds)."""
+    import platform
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{platform.machine()} {names[0] if names else platform.processor()}"
+
+
+def kept_scores(cache: Path | None, reader: str, model_key: list, texts: list[str], score):
+    """score(texts) (a probabilities array), or what an earlier build kept beside `cache` for the same reader,
+    model, versions, host and texts in the same order. The build's two readings of ~110 k prompts (the int8 graph
+    on parity + test, the fp32 model on parity: most of its hour on two cores) depend on the adapter, not on the
+    operating point, so a build that changes only the rule reads nothing again. All or nothing: int8 activations
+    are quantised per batch, so a prompt read in another batch may score a little otherwise."""
+    import numpy as np
+    key = hashlib.sha256(json.dumps([reader, model_key, texts]).encode("utf-8")).hexdigest()
+    target = Path(cache).with_name(f"{Path(cache).stem}.{reader}{Path(cache).suffix}") if cache is not None else None
+    if target is not None and target.exists():
+        stored = np.load(target)
+        if str(stored["key"]) == key:
+            log.info("%s scores of %d prompts from %s", reader, len(texts), target)
+            return stored["scores"]
+    scores = score(texts)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target) as fh:
+            np.savez(fh, key=np.array(key), scores=scores)
+    return scores
+
+
 def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None, epochs: int = encoder.EPOCHS,
           oof_cache: Path | None = None, base: encoder.EncoderBase = encoder.SHIPPED, fits_only: bool = False,
           adapter_from: Path | None = None, fit_part: str | None = None, seeds=encoder.SEEDS,
@@ -419,10 +452,14 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     read = sorted(set(parity) | set(test_rows))       # what the int8 graph reads: each prompt once
     position = {row: k for k, row in enumerate(read)}
     read_x = [normalize(scored[i].text) for i in read]
-    onnx_read = _onnx_probabilities(session, read_x, base)
+    kept = oof_cache if limit is None else None
+    onnx_read = kept_scores(kept, "onnx-int8", [hashlib.sha256(blob).hexdigest(), _versions()["onnxruntime"],
+                                                _host()], read_x, lambda t: _onnx_probabilities(session, t, base))
     onnx_p = onnx_read[[position[i] for i in parity]]
     reference = reference_model(adapter_blob, labels, base)
-    torch_p = reference.probabilities([read_x[position[i]] for i in parity])
+    parity_x = [read_x[position[i]] for i in parity]
+    torch_p = kept_scores(kept, "torch-fp32", [sidecar["adapter"]["sha256"], base.sha256, _versions()["torch"],
+                                               _host()], parity_x, reference.probabilities)
     safe_index = labels.index(evalset.SAFE)
     flips = int(np.sum((1.0 - onnx_p[:, safe_index] >= threshold) != (1.0 - torch_p[:, safe_index] >= threshold)))
     check_int8_parity(flips, len(parity))     # before anything is written: the previous sidecar stays
