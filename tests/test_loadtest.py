@@ -83,16 +83,20 @@ def test_an_explicit_protocol_without_its_url_is_refused(capsys):
 
 def test_unique_subjects_pass_the_kid_safety_rules():
     """The load tester's unique subjects spell their number in syllables: "number 1488" was refused as a hate code
-    in a kill-each run (a lost request that was no server fault); every name of a long run passes and is unique."""
+    in a kill-each run (a lost request that was no server fault); every name a default run (8 x 200 requests) can
+    send passes and is unique."""
     from toonark.prompts import PromptPolicy
     from toonark.serving.loadtest import LoadConfig, pet_name
     policy, prompt = PromptPolicy.load(), LoadConfig.__dataclass_fields__["prompt"].default
     with pytest.raises(Exception, match="hate"):
         policy.compose(f"{prompt} number 1488")
-    names = [pet_name(n) for n in range(5000)]
+    # Every name a default run can send (its seeds: clients x requests_per_client); a soak's seeds go further
+    # (seed_base), so their spelling is what keeps them clear of number codes. 5,000 names read here were 76 s.
+    defaults = LoadConfig.__dataclass_fields__
+    names = [pet_name(n) for n in range(defaults["clients"].default * defaults["requests_per_client"].default)]
     assert len(set(names)) == len(names) and pet_name(1488) == "kopevuvu"
     policy.compose(f"{prompt} named {names[0]}")
-    # compose checks the subject with the shipped filter; the 5,000 go through it in two processes (~11-15 ms each)
+    # compose checks the subject with the shipped filter; the names go through it in two processes (~11-15 ms each)
     from toonark.prompt_safety.evaluate import shipped_readings
     refused = [(n, r) for n, r in zip(names, shipped_readings([f"{prompt} named {n}" for n in names])) if r]
     assert not refused, refused[:5]
