@@ -96,7 +96,7 @@ def test_unique_subjects_pass_the_kid_safety_rules():
     names = [pet_name(n) for n in range(defaults["clients"].default * defaults["requests_per_client"].default)]
     assert len(set(names)) == len(names) and pet_name(1488) == "kopevuvu"
     policy.compose(f"{prompt} named {names[0]}")
-    # compose checks the subject with the shipped filter; the names go through it in two processes (~11-15 ms each)
+    # compose checks the subject with the shipped filter; the names go through it in two processes (11-30 ms each by host)
     from toonark.prompt_safety.evaluate import shipped_readings
     refused = [(n, r) for n, r in zip(names, shipped_readings([f"{prompt} named {n}" for n in names])) if r]
     assert not refused, refused[:5]

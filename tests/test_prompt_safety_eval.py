@@ -306,7 +306,7 @@ def test_classifier_scores_prompts(examples):
     broken tokenizer gives about one in eleven)."""
     clf = SafetyClassifier()
     bases = [e for e in examples if e.split == "dev" and e.kind == "base"]
-    dev = bases[::len(bases) // 800]      # ~800 spread over the batches: every 8th of batches 1-76 was ~2,950, 90 s
+    dev = bases[::max(1, len(bases) // 800)]    # ~800 spread over the batches: every 8th of 1-76 was ~2,950, 90 s
     # One prompt a call, as served: a batch pads every prompt to the longest (43 s in a fresh clone; 21 s so).
     probs = [clf.probabilities([normalize(e.text)])[0] for e in dev]
     right = sum(max(p, key=p.get) == e.label for p, e in zip(probs, dev))
