@@ -306,6 +306,13 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
+    def _metrics_listening(self) -> bool:
+        try:
+            with socket.create_connection((self._client_host, self.metrics_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
     def wait_ready(self, timeout: float = 120.0, cancel: threading.Event | None = None) -> float:
         """Poll /v2/health/ready; return seconds since start. Raises RuntimeError with the server's
         log tail when the process exits first, TimeoutError when it is not ready in time, and
@@ -323,7 +330,9 @@ class TritonServer:
                     self._reader.join(timeout=2)
                 raise RuntimeError(f"tritonserver exited with code {code} before it was ready "
                                    f"(repo {self.repo}); last log lines:\n{self.log_tail()}")
-            if self.is_ready():
+            # Triton answers /v2/health/ready a moment before its metrics port listens: a scrape right after
+            # ready was refused once in a fresh clone's make test (test_serving_features).
+            if self.is_ready() and self._metrics_listening():
                 self.ready_after_s = time.monotonic() - self.started_at
                 return self.ready_after_s
             cancel.wait(0.1)
