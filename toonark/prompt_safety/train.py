@@ -202,7 +202,12 @@ def part_file(cache: Path, part: str, seed: int) -> Path:
     """Where one fit of a fit part (a fold "1".."4" or "final") with one seed keeps its adapter (a fold model
     also its own held-out scores), beside `cache`: processes fitting different parts or seeds at once never
     write one file, and a later run finds what they fitted."""
-    return cache.with_name(f"{cache.stem}.{part}.seed{seed}{cache.suffix}")
+    return _beside(cache, f"{part}.seed{seed}")
+
+
+def _beside(cache: Path, tag: str) -> Path:
+    """The file named `tag` that the build keeps beside the oof cache (build/safety_oof.<tag>.npz)."""
+    return cache.with_name(f"{cache.stem}.{tag}{cache.suffix}")
 
 
 def _fits_key(x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, seeds) -> str:
@@ -311,7 +316,7 @@ def kept_scores(cache: Path | None, reader: str, model_key: list, texts: list[st
     are quantised per batch, so a prompt read in another batch may score a little otherwise."""
     import numpy as np
     key = hashlib.sha256(json.dumps([reader, model_key, texts]).encode("utf-8")).hexdigest()
-    target = Path(cache).with_name(f"{Path(cache).stem}.{reader}{Path(cache).suffix}") if cache is not None else None
+    target = _beside(Path(cache), reader) if cache is not None else None
     if target is not None and target.exists():
         stored = np.load(target)
         if str(stored["key"]) == key:
