@@ -210,6 +210,26 @@ def _beside(cache: Path, tag: str) -> Path:
     return cache.with_name(f"{cache.stem}.{tag}{cache.suffix}")
 
 
+def _kept(path: Path | None, key: str):
+    """The arrays an earlier run kept in `path` (an .npz) under this `key`, or None (no file, or another key):
+    the build's fits, out-of-fold scores and readings are each reused only for the same inputs."""
+    import numpy as np
+    if path is None or not Path(path).exists():
+        return None
+    stored = np.load(path)
+    return stored if str(stored["key"]) == key else None
+
+
+def _keep(path: Path | None, key: str, **arrays) -> None:
+    """Keep `arrays` in `path` under `key` (written whole or not at all: a killed run leaves the old file)."""
+    import numpy as np
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(path)) as fh:
+        np.savez(fh, key=np.array(key), **arrays)
+
+
 def _fits_key(x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, seeds) -> str:
     """What the fits depend on: the data, the templates, the training settings and the seeds."""
     return hashlib.sha256(json.dumps([x, y, gx, gy, labels, epochs, FOLDS, encoder.LORA_RANK, base.learning_rate,
@@ -224,11 +244,9 @@ def _one_fit(part: str, seed: int, texts, targets, labels, epochs, base: encoder
     when that holds this fit (same key), else fitted (and kept there)."""
     import numpy as np
     target = part_file(Path(cache), part, seed) if cache is not None else None
-    if target is not None and target.exists():
-        stored = np.load(target)
-        if str(stored["key"]) == key:
-            log.info("fit %s, seed %d: from %s", part, seed, target)
-            return stored["adapter"].tobytes(), (stored["held"] if held is not None else None)
+    if (stored := _kept(target, key)) is not None:
+        log.info("fit %s, seed %d: from %s", part, seed, target)
+        return stored["adapter"].tobytes(), (stored["held"] if held is not None else None)
     if not fit_missing:
         raise ValueError(f"{target}: no fit of part {part} with seed {seed} for this data and these settings; carry "
                          f"the files the --fits-only run wrote beside {cache}")
@@ -236,11 +254,7 @@ def _one_fit(part: str, seed: int, texts, targets, labels, epochs, base: encoder
                         init_seed=init_seed)
     blob = encoder.adapter_bytes(model.adapter(), base)
     scores = 1.0 - model.probabilities(held)[:, labels.index(evalset.SAFE)] if held is not None else None
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(target) as fh:
-            np.savez(fh, key=np.array(key), adapter=np.frombuffer(blob, np.uint8),
-                     **({"held": scores} if scores is not None else {}))
+    _keep(target, key, adapter=np.frombuffer(blob, np.uint8), **({"held": scores} if scores is not None else {}))
     return blob, scores
 
 
@@ -272,11 +286,9 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
     key = _fits_key(x, y, gx, gy, labels, epochs, base, seeds)
     oof, done = np.zeros(len(dev)), np.zeros(FOLDS, bool)
     oof_seeds = np.zeros((len(seeds), len(dev)))
-    if cache is not None and Path(cache).exists():
-        stored = np.load(cache)
-        if str(stored["key"]) == key:
-            oof, done, oof_seeds = stored["oof"], stored["done"], stored["oof_seeds"]
-            log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
+    if (stored := _kept(cache, key)) is not None:
+        oof, done, oof_seeds = stored["oof"], stored["done"], stored["oof_seeds"]
+        log.info("out-of-fold scores of folds %s from %s", [k + 1 for k in np.flatnonzero(done)], cache)
     for fold, (train_idx, held_idx) in enumerate(fold_splits(dev)):
         if done[fold] or (folds is not None and fold not in folds):
             continue
@@ -290,10 +302,7 @@ def _out_of_fold(dev, x, y, gx, gy, labels, epochs, base: encoder.EncoderBase, c
         for row, (_, scores) in enumerate(fits):
             oof_seeds[row, held_idx] = scores
         done[fold] = True
-        if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(Path(cache)) as fh:
-                np.savez(fh, key=np.array(key), oof=oof, done=done, oof_seeds=oof_seeds, seeds=np.array(seeds))
+        _keep(cache, key, oof=oof, done=done, oof_seeds=oof_seeds, seeds=np.array(seeds))
     return oof
 
 
@@ -314,19 +323,13 @@ def kept_scores(cache: Path | None, reader: str, model_key: list, texts: list[st
     on parity + test, the fp32 model on parity: most of its hour on two cores) depend on the adapter, not on the
     operating point, so a build that changes only the rule reads nothing again. All or nothing: int8 activations
     are quantised per batch, so a prompt read in another batch may score a little otherwise."""
-    import numpy as np
     key = hashlib.sha256(json.dumps([reader, model_key, texts]).encode("utf-8")).hexdigest()
     target = _beside(Path(cache), reader) if cache is not None else None
-    if target is not None and target.exists():
-        stored = np.load(target)
-        if str(stored["key"]) == key:
-            log.info("%s scores of %d prompts from %s", reader, len(texts), target)
-            return stored["scores"]
+    if (stored := _kept(target, key)) is not None:
+        log.info("%s scores of %d prompts from %s", reader, len(texts), target)
+        return stored["scores"]
     scores = score(texts)
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(target) as fh:
-            np.savez(fh, key=np.array(key), scores=scores)
+    _keep(target, key, scores=scores)
     return scores
 
 
