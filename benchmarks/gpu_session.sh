@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_session.sh safety-fits     # issue 16: join the safety-model kit, start the classifier's fits
 #                                                  # at once (five parts x encoder.SEEDS or SAFETY_SEEDS), wait
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
+#                                                  # FIT_PARTS="1 2 3 4" (safety-fits and safety-wait): fit only these
+#                                                  # parts and bring back their part files ($OUT/fit/parts.tgz), for a
+#                                                  # budget that cannot hold all five; `--fits-only` here merges them
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
 #                                                  # (safety_learning_curve.py; CURVE_DATA / CURVE_BATCHES: the labelled
@@ -34,7 +37,15 @@ wait_for() {
   ! pgrep -f -- "$pattern" > /dev/null
 }
 wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
+ALL_PARTS="final 1 2 3 4"
 collect_fits() {
+  if [ "${FIT_PARTS:-$ALL_PARTS}" != "$ALL_PARTS" ]; then
+    # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz) and logs come back; the run that has
+    # every part merges them (train._one_fit finds a part file of the same data and settings and fits nothing).
+    mkdir -p "$OUT/fit"
+    tar czf "$OUT/fit/parts.tgz" -C $FIT $(cd $FIT && ls part-*.log safety_oof.*.seed*.npz)
+    return
+  fi
   # Nothing left to fit: this run soups each part's fits, scores the held-out quarters with the fold soups (on the
   # GPU, seconds) and writes the final soup and its record.
   python3 scripts/safety_model.py --base mpnet --fits-only --seeds "$(safety_seeds)" --out $FIT \
@@ -59,7 +70,7 @@ case "$phase" in
     join_safety_kit || exit 3
     mkdir -p $FIT
     seeds=$(safety_seeds)
-    for part in final 1 2 3 4; do
+    for part in ${FIT_PARTS:-$ALL_PARTS}; do
       for seed in ${seeds//,/ }; do
         setsid sh -c "start=\$(date +%s); python3 scripts/safety_model.py --base mpnet --fits-only --fit-part $part \
           --seeds $seeds --seed $seed --out $FIT --oof-cache $FIT/safety_oof.npz; echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" \
