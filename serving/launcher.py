@@ -469,12 +469,23 @@ class TritonServer:
         def loop():
             while not self._watchdog_stop.wait(interval_s):
                 if self.process is None or self.process.poll() is not None:
+                    self.reap_stubs()
                     return
                 with contextlib.suppress(Exception):
                     self.check_and_recover()
 
         self._watchdog = threading.Thread(target=loop, name="tritonserver-watchdog", daemon=True)
         self._watchdog.start()
+
+    def reap_stubs(self) -> None:
+        """Once tritonserver has exited, kill the stubs it left behind. A stub started after the server began
+        serving (a reload) inherits the server's open client connections, and one left running after the server
+        died keeps them open: a request in flight there waits for its full timeout instead of failing at once
+        and going to another server (a soak run lost a request that way: 120 s on the aborted primary's port)."""
+        if self.process is not None and self.process.poll() is not None:
+            # Only ours: the stubs are in the server's session (same process group id).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL of the process group after `timeout`; remove this server's shm regions."""
@@ -493,9 +504,7 @@ class TritonServer:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait(timeout=10)
-            # Stubs are in the server's session; kill any left behind (only ours: same process group id).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+            self.reap_stubs()
             code = self.process.returncode
             if self._reader:
                 self._reader.join(timeout=5)

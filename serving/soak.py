@@ -150,6 +150,7 @@ def run_soak(server, config: SoakConfig, progress=None, standby=None) -> dict:
         now = time.monotonic() - t0
         if standby is not None and aborted_at is None and server.process.poll() is not None:
             aborted_at = now   # the killed server itself is gone: the standby serves; no more kills
+            server.reap_stubs()   # what it left must not hold the clients' connections open
             queue, next_kill, pending = [], float("inf"), None
             if progress:
                 progress(f"  {now:7.1f} s  tritonserver exited ({server.process.returncode}): the clients fail over "

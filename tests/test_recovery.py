@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,6 +328,40 @@ def test_failover_to_the_other_server_loses_no_request(recovery_repo, tmp_path_f
     assert report["by_server"][a.http_url]["ok"] > 0 and report["by_server"][a.grpc_url]["ok"] > 0
     after = [s for s in run.samples() if s.started > killed_at + 1]
     assert after and all(s.url in (b.http_url, b.grpc_url) for s in after)
+
+
+@pytest.mark.server
+def test_a_dead_server_leaves_no_stub_behind(recovery_repo, tmp_path_factory):
+    """When tritonserver dies, the watchdog kills what it left in its process group. A stub started by a reload
+    inherits the server's open client connections; one that outlives the server keeps them open, and a request in
+    flight there waits its whole timeout instead of failing over at once (a soak run lost one that way). A
+    stopped stub stands in for one that never notices its server died (as one still starting up need not)."""
+    triton, stuck = _server(recovery_repo, tmp_path_factory, "reap"), None
+    try:
+        triton.start()
+        triton.wait_ready(300)
+        triton.start_watchdog()
+        stuck = next(pid for pid, model in triton.stub_processes().items() if model == "denoise")
+        os.kill(stuck, signal.SIGSTOP)
+        triton.process.send_signal(signal.SIGABRT)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{stuck}").exists() and _state(stuck) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{stuck}").exists() or _state(stuck) == "Z", \
+            f"the stub {stuck} outlived its server by 10 s"
+    finally:
+        if stuck is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGKILL)
+        triton.stop()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (Z: exited, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
 
 
 @pytest.mark.server
