@@ -5,7 +5,7 @@
 #                                                  # at once (five parts x encoder.SEEDS or SAFETY_SEEDS), wait
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
 #                                                  # FIT_PARTS="1 2 3 4" (safety-fits and safety-wait): fit only these
-#                                                  # parts and bring back their part files ($OUT/fit/parts.tgz), for a
+#                                                  # parts and bring back their part files ($OUT/fit/), for a
 #                                                  # budget that cannot hold all five; `--fits-only` here merges them
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
@@ -40,10 +40,12 @@ wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
 ALL_PARTS="final 1 2 3 4"
 collect_fits() {
   if [ "${FIT_PARTS:-$ALL_PARTS}" != "$ALL_PARTS" ]; then
-    # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz) and logs come back; the run that has
-    # every part merges them (train._one_fit finds a part file of the same data and settings and fits nothing).
+    # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz, 5.4 MB each) and the logs come back,
+    # one file each (a call returns 8 files of 16 MiB at most: four folds tarred together were 21 MB); the run
+    # that has every part merges them (train._one_fit finds a part file of the same data and settings).
     mkdir -p "$OUT/fit"
-    tar czf "$OUT/fit/parts.tgz" -C $FIT $(cd $FIT && ls part-*.log safety_oof.*.seed*.npz)
+    tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
+    cp $FIT/safety_oof.*.seed*.npz "$OUT/fit/"
     return
   fi
   # Nothing left to fit: this run soups each part's fits, scores the held-out quarters with the fold soups (on the
