@@ -3,6 +3,7 @@ per category and per layer. `scripts/safety_eval.py` prints it; tests/test_promp
 asserts the targets on the test part."""
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -132,21 +133,51 @@ def _shipped_readings(texts: list[str]) -> list[Reading | None]:
 def evaluate_shipped(examples: list[evalset.Example], split: str, workers: int = 2) -> Report:
     """evaluate() of the shipped filter (the policy's rules and the classifier, one thread each, as served) over
     `workers` processes: the same verdicts, prompt by prompt, in about 1/workers of the time (the classifier is
-    ~11-15 ms a prompt; the test part is 26.6 k prompts). Contiguous chunks keep a base prompt beside its
+    ~11-30 ms a prompt by host; the test part is 26.6 k prompts). Contiguous chunks keep a base prompt beside its
     perturbations, whose normalised text often repeats the base's remembered score."""
-    chosen = _chosen(examples, split)
-    return _report(chosen, shipped_readings([e.text for e in chosen], workers), split)
+    return ShippedEvaluation(examples, split, workers).report()
 
 
 def shipped_readings(texts: list[str], workers: int = 2) -> list[Reading | None]:
     """The shipped filter's reading of each text (None: it passes), read by `workers` processes in contiguous
     chunks (one thread each, as served)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    size = max(1, -(-len(texts) // workers))
-    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-    with ProcessPoolExecutor(max(1, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [r for part in pool.map(_shipped_readings, chunks) for r in part]
+    return ShippedReading(texts, workers).result()
+
+
+class ShippedReading:
+    """shipped_readings, started at once by `workers` spawned processes and collected by result(). `nice`: the
+    workers' niceness; at 19 a reading started beside other work takes the CPU time that work leaves idle (make
+    test starts the floor's reading when the suite is collected and the floor test collects it)."""
+
+    def __init__(self, texts: list[str], workers: int = 2, nice: int = 0):
+        import multiprocessing
+        size = max(1, -(-len(texts) // workers))
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+        self._pool = multiprocessing.get_context("spawn").Pool(
+            max(1, len(chunks)), **({"initializer": os.nice, "initargs": (nice,)} if nice else {}))
+        self._parts = self._pool.map_async(_shipped_readings, chunks, chunksize=1)
+
+    def result(self) -> list[Reading | None]:
+        try:
+            return [r for part in self._parts.get() for r in part]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the workers (a reading not collected: its run ended first)."""
+        self._pool.terminate()
+        self._pool.join()
+
+
+class ShippedEvaluation:
+    """evaluate_shipped, started at once (ShippedReading) and collected by report()."""
+
+    def __init__(self, examples: list[evalset.Example], split: str, workers: int = 2, nice: int = 0):
+        self.chosen, self.split = _chosen(examples, split), split
+        self.reading = ShippedReading([e.text for e in self.chosen], workers, nice)
+
+    def report(self) -> Report:
+        return _report(self.chosen, self.reading.result(), self.split)
 
 
 def _chosen(examples: list[evalset.Example], split: str) -> list[evalset.Example]:
