@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh safety-wait     # wait for them (a later call), then collect: $OUT/fit/
 #                                                  # FIT_PARTS="1 2 3 4" (safety-fits and safety-wait): fit only these
 #                                                  # parts and bring back their part files ($OUT/fit/), for a
-#                                                  # budget that cannot hold all five; `--fits-only` here merges them
+#                                                  # budget that cannot hold all five; a later session carries them
+#                                                  # (FIT_FROM=.stage/fit-X, carry=[".stage/fit-X"]) to safety-fits
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
 #                                                  # (safety_learning_curve.py; CURVE_DATA / CURVE_BATCHES: the labelled
@@ -41,8 +42,8 @@ ALL_PARTS="final 1 2 3 4"
 collect_fits() {
   if [ "${FIT_PARTS:-$ALL_PARTS}" != "$ALL_PARTS" ]; then
     # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz, 5.4 MB each) and the logs come back,
-    # one file each (a call returns 8 files of 16 MiB at most: four folds tarred together were 21 MB); the run
-    # that has every part merges them (train._one_fit finds a part file of the same data and settings).
+    # one file each (a call returns 8 files of 16 MiB at most: four folds tarred together were 21 MB); a later
+    # safety-fits with FIT_FROM starts from them (train._one_fit finds a part file of the same data and settings).
     mkdir -p "$OUT/fit"
     tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
     cp $FIT/safety_oof.*.seed*.npz "$OUT/fit/"
@@ -71,6 +72,9 @@ case "$phase" in
   safety-fits)
     join_safety_kit || exit 3
     mkdir -p $FIT
+    # Part files fitted in an earlier session (FIT_PARTS), carried as FIT_FROM (a folder of the checkout, e.g.
+    # .stage/fit-round15): a part whose file holds this data's fit loads it and fits nothing.
+    [ -n "${FIT_FROM:-}" ] && { cp "$FIT_FROM"/safety_oof.*.seed*.npz $FIT/ || exit 3; }
     seeds=$(safety_seeds)
     for part in ${FIT_PARTS:-$ALL_PARTS}; do
       for seed in ${seeds//,/ }; do
