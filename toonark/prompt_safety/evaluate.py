@@ -147,26 +147,33 @@ def shipped_readings(texts: list[str], workers: int = 2) -> list[Reading | None]
 class ShippedReading:
     """shipped_readings, started at once by `workers` spawned processes and collected by result(). `nice`: the
     workers' niceness; at 19 a reading started beside other work takes the CPU time that work leaves idle (make
-    test starts the floor's reading when the suite is collected and the floor test collects it)."""
+    test starts the floor's reading when the suite is collected and the floor test collects it). A worker that
+    dies fails the reading (concurrent.futures' BrokenProcessPool), where multiprocessing.Pool would wait forever."""
 
     def __init__(self, texts: list[str], workers: int = 2, nice: int = 0):
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
         size = max(1, -(-len(texts) // workers))
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-        self._pool = multiprocessing.get_context("spawn").Pool(
-            max(1, len(chunks)), **({"initializer": os.nice, "initargs": (nice,)} if nice else {}))
-        self._parts = self._pool.map_async(_shipped_readings, chunks, chunksize=1)
+        self._pool = ProcessPoolExecutor(max(1, len(chunks)), mp_context=multiprocessing.get_context("spawn"),
+                                         **({"initializer": os.nice, "initargs": (nice,)} if nice else {}))
+        self._parts = [self._pool.submit(_shipped_readings, chunk) for chunk in chunks]
 
     def result(self) -> list[Reading | None]:
         try:
-            return [r for part in self._parts.get() for r in part]
+            return [r for part in self._parts for r in part.result()]
         finally:
             self.close()
 
     def close(self) -> None:
         """Stop the workers (a reading not collected: its run ended first)."""
-        self._pool.terminate()
-        self._pool.join()
+        stop = getattr(self._pool, "terminate_workers", None)     # Python 3.14+
+        if stop is not None:
+            stop()
+        else:
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShippedEvaluation:

@@ -1,0 +1,27 @@
+import json, re, sys, time
+import numpy as np
+sys.path.insert(0, "/tmp/wnlib")
+import wordninja
+from toonark.prompt_safety import evalset
+from toonark.prompt_safety.layered import filter_for
+from toonark.prompt_safety.spelling import load_known_words
+from toonark.prompts import PromptPolicy
+known = load_known_words()
+flt = filter_for(PromptPolicy.load()._rules)
+TOKEN = re.compile(r"[A-Za-z]{%d,}" % int(sys.argv[2]) if len(sys.argv) > 2 else r"[A-Za-z]{8,}")
+def segment(text):
+    return TOKEN.sub(lambda m: m.group(0) if m.group(0).lower() in known else " ".join(wordninja.split(m.group(0))), text)
+new = evalset.read_batch(__import__("pathlib").Path(sys.argv[1]))
+ex = evalset.batch_examples(new, __import__("pathlib").Path("/work/r15/toonark/data/safety_prompts.json"))
+ex = [e for e in ex if e.kind == "base"]
+rows = []
+for e in ex:
+    s = segment(e.text)
+    a = flt.verdict(e.text) is not None
+    b = flt.verdict(s) is not None if s != e.text else a
+    rows.append((e.unsafe, a, b, s != e.text))
+r = np.array(rows)
+u = r[:, 0]
+for name, col in (("original", r[:, 1]), ("segmented", r[:, 2]), ("either", r[:, 1] | r[:, 2])):
+    print(f"{name:10s} recall {col[u].mean():.4f} harmless refused {col[~u].mean():.4f}")
+print("segmented changed", r[:, 3].mean())
