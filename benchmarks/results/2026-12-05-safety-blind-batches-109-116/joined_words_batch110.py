@@ -1,6 +1,7 @@
+"""Batch 110 bases read by the shipped filter as written, with letter runs split (wordninja), and either.
+usage: PYTHONPATH=<checkout>:<wordninja> python joined_words_batch110.py BATCH.json MIN_LETTERS DEDUPE_SET (8; a safety_prompts.json)"""
 import json, re, sys, time
 import numpy as np
-sys.path.insert(0, "/tmp/wnlib")
 import wordninja
 from toonark.prompt_safety import evalset
 from toonark.prompt_safety.layered import filter_for
@@ -8,11 +9,11 @@ from toonark.prompt_safety.spelling import load_known_words
 from toonark.prompts import PromptPolicy
 known = load_known_words()
 flt = filter_for(PromptPolicy.load()._rules)
-TOKEN = re.compile(r"[A-Za-z]{%d,}" % int(sys.argv[2]) if len(sys.argv) > 2 else r"[A-Za-z]{8,}")
+TOKEN = re.compile(r"[A-Za-z]{%d,}" % int(sys.argv[2]))
 def segment(text):
     return TOKEN.sub(lambda m: m.group(0) if m.group(0).lower() in known else " ".join(wordninja.split(m.group(0))), text)
 new = evalset.read_batch(__import__("pathlib").Path(sys.argv[1]))
-ex = evalset.batch_examples(new, __import__("pathlib").Path("/work/r15/toonark/data/safety_prompts.json"))
+ex = evalset.batch_examples(new, __import__("pathlib").Path(sys.argv[3]))
 ex = [e for e in ex if e.kind == "base"]
 rows = []
 for e in ex:
