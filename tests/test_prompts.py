@@ -43,6 +43,10 @@ REFUSED = [
     ("the bridge blew up", "violence"),
     ("a terrorist with a flag", "violence"),
     ("killer whale killing a seal", "violence"),  # the allow phrase excuses only its own words
+    ("a shooting guard shooting a man", "violence"),         # the idiom excuses "shooting guard" alone
+    ("a killer workout then he kills his coach", "violence"),
+    ("a foam sword stabbing a child", "child-harm"),
+    ("a bullet in his head", "weapons"),                     # "bullet journal" is allowed, a bullet is not
     ("a k i l l e r clown", "violence"),           # article glued to the spelled-out word
     # weapons
     ("a cowboy with a gun", "weapons"),
@@ -206,6 +210,16 @@ HARMLESS = [
     "a soldier saluting a flag",        # "saluting" is known through its stem "salute"
     "a cherry pie with red filling oozing out",   # "oozing" is a word (Zipf 2.9), not "boozing" missing a b
     "a big whiskery catfish",           # whisker + y, not a misspelt "whiskey"
+    # allow-rules from the dev part's rule-only refusals (2026-12-05, docs/prompt-safety.md)
+    "a bullet journal open on a desk",
+    "sweating bullets before the big test",
+    "a glitter bomb birthday card",
+    "a killer workout at the gym",
+    "a basketball shooting guard",
+    "creepy crawly cupcakes",
+    "a ninja with foam nunchucks",
+    "my feet are killing me after the parade",
+    "a murder hornet on a flower",
 ]
 
 
