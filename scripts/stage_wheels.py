@@ -40,9 +40,9 @@ from toonark.staging import write_parts  # noqa: E402,F401  (the tests and calle
 OFFLINE_SET = ("numpy", "nvidia-pytriton", "tritonclient", "python-rapidjson", "gevent", "geventhttpclient",
                "greenlet", "zope.event", "zope.interface", "brotli", "diffusers", "transformers", "huggingface_hub",
                "tokenizers", "optimum", "optimum-onnx", "onnx", "polygraphy", "onnx-graphsurgeon", "open_clip_torch",
-               "fpng", "lazy_loader", "scipy", "langid")
+               "fpng", "lazy_loader", "scipy", "langid", "wordninja")
 # On PyPI as source only (pure Python): built into a wheel here, a py3-none-any one that fits any platform.
-SOURCE_ONLY = ("langid",)
+SOURCE_ONLY = ("langid", "wordninja")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 # Where the gpu kit's parts carry the built prompt classifier (beside the wheels after `join`).

@@ -237,6 +237,22 @@ def test_harmless_lookalikes_pass_the_rules(rules_only, text):
     assert rules_only.verdict(text) is None
 
 
+@pytest.mark.parametrize("text, refused", [
+    ("bigknifeinhishand", ("weapons", "word", "knife")),      # read again as "big knife in his hand"
+    ("puppywithagun", ("weapons", "word", "gun")),
+    ("bullettrainjapan", None),                               # "bullet train japan": an allowed phrase
+    ("hotgluegunforcrafts", None),
+    ("accidentmaryland", None),
+])
+def test_a_prompt_typed_as_one_run_of_letters_is_also_read_split(policy, text, refused):
+    """Typed without spaces, a prompt is one word to every layer (blind batch 110: 41 % of its unsafe prompts
+    passed); LayeredFilter.joined_words splits it with wordninja and the filter refuses when either reading is
+    refused. The whole filter, classifier included (make setup builds it)."""
+    from toonark.prompt_safety.layered import filter_for
+    verdict = filter_for(policy._rules).verdict(text)
+    assert (None if verdict is None else (verdict.category, verdict.layer, verdict.rule)) == refused
+
+
 def test_harmless_count():
     assert len(HARMLESS) >= 25
 

@@ -39,6 +39,8 @@ from toonark.prompt_safety.spelling import Speller, load_known_words, rule_words
 log = logging.getLogger(__name__)
 
 LANGUAGE = "language"
+# The shortest prompt typed as one run of letters that is also read split into words (LayeredFilter.joined_words).
+JOINED_MIN_LETTERS = 10
 LAYERS = ("word", "phrase", LANGUAGE, "classifier", "negative")
 # The classifier reads prompts of at least `min_words` normalised words and excuses a rule hit under its
 # `vetoes` in prompts of at least `veto_min_words`, under its near-certain `short_vetoes` in shorter ones: all
@@ -174,7 +176,30 @@ class LayeredFilter:
     # -- public --------------------------------------------------------------------------------
 
     def verdict(self, text: str) -> SafetyRefused | None:
-        """The refusal for a subject, or None when it may be drawn."""
+        """The refusal for a subject, or None when it may be drawn. A prompt typed as one run of letters is read
+        twice, as typed and split into words (joined_words), and refused when either reading is."""
+        refusal = self._verdict(text)
+        if refusal is None and (split := self.joined_words(text)) is not None:
+            refusal = self._verdict(split)
+        return refusal
+
+    def joined_words(self, text: str) -> str | None:
+        """A prompt that normalises to one run of JOINED_MIN_LETTERS+ letters that is not a known word, split into
+        words by wordninja (a unigram model of English Wikipedia): "bigknifeinhishand" -> "big knife in his
+        hand"; else None. Every layer reads such a prompt as one word, so 41 % of blind batch 110's unsafe prompts
+        passed; the split reading catches them. Only whole-prompt runs and only as a second reading: splitting
+        inside longer prompts, or reading the split text instead, refused more harmless dev prompts and caught
+        fewer unsafe ones (docs/prompt-safety.md, "Batches 109-116")."""
+        if self.speller is None:
+            return None
+        joined = normalize(text)
+        if (len(joined) < JOINED_MIN_LETTERS or not (joined.isalpha() and joined.isascii())
+                or joined in self.speller.known):
+            return None
+        import wordninja
+        return " ".join(wordninja.split(joined))
+
+    def _verdict(self, text: str) -> SafetyRefused | None:
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
         # chosen with the threshold out of fold on dev: see train.choose_operating_point). The classifier
         # (~10 ms on one CPU thread) runs only when its score can change the verdict and remembers what it read.
