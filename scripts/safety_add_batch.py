@@ -15,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.parser(__doc__)
     parser.add_argument("files", nargs="+", type=Path, help="JSON files of new base prompts")
     parser.add_argument("--written", default="committed before the filter ran on them",
-                        help="how the batch was written (recorded in safety_batches.json)")
+                        help="how the batch was written (recorded in safety_batches.json); {style} stands for "
+                             "each file's style, so one call merges many blind batches (in the order given)")
     return parser.parse_args(argv)
 
 

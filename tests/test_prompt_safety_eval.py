@@ -400,10 +400,11 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     prompts.write_bytes(evalset.data_path().read_bytes())
     batches.write_bytes((evalset.data_path().parent / "safety_batches.json").read_bytes())
     existing = evalset.load()[0].base
-    new = {"author": "a test", "unsafe": {"violence": ["a brand new prompt about a brawl", existing.upper()]},
+    new = {"author": "a test", "style": "test prose",
+           "unsafe": {"violence": ["a brand new prompt about a brawl", existing.upper()]},
            "harmless": {"animals": ["a brand new prompt about a quokka", "a brand new prompt about a quokka"]}}
     blind = evalset.batch_examples(new, prompts)      # a blind first run reads what the merge will add
-    result = evalset.add_batch(new, "in a test", prompts, batches)
+    result = evalset.add_batch(new, "in a test ({style})", prompts, batches)
     assert (result["added"], result["duplicates"]) == (2, 2)
     assert blind == [e for e in evalset.load(prompts) if e.base in {"a brand new prompt about a brawl",
                                                                      "a brand new prompt about a quokka"}]
@@ -411,6 +412,7 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     assert after["a brand new prompt about a brawl"] == "violence" and after["a brand new prompt about a quokka"] == "safe"
     last = evaluate.batches(batches)[-1]
     assert last["batch"] == result["batch"] and last["author"] == "a test" and last["dev_used_for_rules"] is False
+    assert last["written"] == "in a test (test prose)"
     assert sorted(last["bases"]) == sorted(evalset.sha12(p) for p in ("a brand new prompt about a brawl",
                                                                         "a brand new prompt about a quokka"))
     before = prompts.read_bytes(), batches.read_bytes()

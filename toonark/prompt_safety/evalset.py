@@ -186,8 +186,8 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     """Merge a file of new labelled base prompts ({"author": ..., "unsafe": {category: [...]}, "harmless":
     {group: [...]}}) into the labelled set as one new writing batch; returns {"batch", "added",
     "duplicates"}. A prompt already in the set (case-insensitively, or twice in `new`) is skipped; an
-    unknown category or group is refused, naming the known ones. Both files are rewritten whole
-    (temp file, then rename). The batch's commit is left as "pending": the commit that adds it is
+    unknown category or group is refused, naming the known ones. "{style}" in `written` stands for the file's
+    style. Both files are rewritten whole (temp file, then rename). The batch's commit is left as "pending": the commit that adds it is
     named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
@@ -201,7 +201,8 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     # dev_used_for_rules: false until a rule is written from the batch's dev half; while false, that half
     # is where the classifier's operating point is chosen (train.choose_operating_point).
     batches["batches"].append({"batch": number, "commit": "pending", "author": str(new.get("author", "unknown")),
-                               "written": written, "dev_used_for_rules": False,
+                               "written": written.replace("{style}", str(new.get("style", "style not stated"))),
+                               "dev_used_for_rules": False,
                                "bases": sorted(sha12(p) for p in added)})
     for target, content, indent in ((path, data, 2), (batches_path, batches, 1)):
         tmp = target.with_name(f".{target.name}.tmp")
