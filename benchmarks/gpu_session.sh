@@ -9,6 +9,7 @@
 #                                                  # budget that cannot hold all five; a later session carries them
 #                                                  # (FIT_FROM=.stage/fit-X, carry=[".stage/fit-X"]) to safety-fits
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
+#                                                  # SEED_RECIPES="32:1 128:2": seed 0 at each batch:lr-scale instead
 #   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
 #                                                  # (safety_learning_curve.py; CURVE_DATA / CURVE_BATCHES: the labelled
 #                                                  # set and its batches to fit on; CURVE_RUNS="fraction:seed:order ...")
@@ -86,14 +87,20 @@ case "$phase" in
     wait_fits && collect_fits ;;
   safety-seeds)
     # benchmarks/safety_seeds.py: fold 1 fitted with seeds 0-3 at once (370 s on an H200), its held-out scores back.
+    # SEED_RECIPES="32:1 128:2" (batch:learning-rate scale): fold 1 with seed 0 at each recipe instead, in b<batch>/.
     join_safety_kit || exit 3
-    for seed in 0 1 2 3; do
-      mkdir -p /tmp/seeds/s$seed
-      setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/s$seed; \
-        echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/s$seed/fit.log 2>&1 < /dev/null &
-    done
-    wait_for "safety_seeds.py fit" /tmp/seeds/s*/fit.log; finished=$?
-    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls s*/fit.log s*/safety_oof.1.seed*.npz 2>/dev/null)
+    if [ -n "${SEED_RECIPES:-}" ]; then
+      runs=$(for r in $SEED_RECIPES; do echo "b${r%%:*}:0:--batch ${r%%:*} --lr-scale ${r#*:}"; done)
+    else
+      runs=$(for seed in 0 1 2 3; do echo "s$seed:$seed:"; done)
+    fi
+    while IFS=: read -r name seed recipe; do
+      mkdir -p /tmp/seeds/$name
+      setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/$name $recipe; \
+        echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/$name/fit.log 2>&1 < /dev/null &
+    done <<< "$runs"
+    wait_for "safety_seeds.py fit" /tmp/seeds/*/fit.log; finished=$?
+    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls */fit.log */recipe.json */safety_oof.1.seed*.npz 2>/dev/null)
     exit $finished ;;
   safety-curve)
     # benchmarks/safety_learning_curve.py: its RUNS (fraction, seed, order) at once; a later call with FITS_WAIT waits again.

@@ -11,6 +11,13 @@ at the shipped operating point, classifier alone and whole filter, is what a ref
     # here, with the fold files that came back
     .venv/bin/python benchmarks/safety_seeds.py report DIR --json benchmarks/results/X.json
 
+`fit --batch N --lr-scale X` changes the recipe for a speed trial: a fit is ~82 ms a step at batch 32 on the H200
+whatever the batch's few thousand tokens (launch-bound), so a larger batch with its learning rates scaled is the
+cheap way to fit more data in a session's device time; whether it reads as well is what `report` shows (one
+folder per variant, `SEED_RECIPES` in gpu_session.sh: "32:1 128:2" runs fold 1 with seed 0 at each at once):
+
+    SEED_RECIPES="32:1 64:1.41 128:2 256:2.83" bash benchmarks/gpu_session.sh safety-seeds
+
 `soups` compares, out of fold on dev, each fit of a soup (encoder.SEEDS; `gpu_session.sh safety-fits` leaves their
 own scores in safety_oof.npz, `oof_seeds`) with their scores averaged and with the soup itself (`oof`):
 
@@ -33,9 +40,18 @@ def _fit_file(folder: Path, seed: int) -> Path:
     return train.part_file(folder / "safety_oof.npz", str(FOLD + 1), seed)
 
 
-def fit(seed: int, out: Path) -> None:
-    """Fold FOLD fitted once with `seed`; its adapter and held-out scores go to _fit_file(out, seed)."""
+def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0) -> None:
+    """Fold FOLD fitted once with `seed` (and `batch` examples a step, the base's learning rates times `lr_scale`:
+    the recipe's own unless given); its adapter and held-out scores go to _fit_file(out, seed), the recipe to
+    out/recipe.json."""
     from toonark.prompt_safety import encoder, train
+    encoder.BATCH = batch or encoder.BATCH
+    base = encoder.SHIPPED
+    base.learning_rate, base.head_learning_rate = base.learning_rate * lr_scale, base.head_learning_rate * lr_scale
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale,
+                                                 "learning_rate": base.learning_rate,
+                                                 "head_learning_rate": base.head_learning_rate}) + "\n")
     train.build(out, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz", base=encoder.SHIPPED,
                 seeds=(seed,), seed=seed)
 
@@ -45,8 +61,10 @@ def _rates(refused, unsafe) -> dict:
 
 
 def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict:
-    """Per seed (folder/s<seed>/, the fit() files): the held-out quarter's rates at the shipped point; the
-    spread across seeds; and, with `reference` (the shipped fits' safety_oof.npz), how seed 0 compares with it."""
+    """Per fit (folder/s<seed>/ or a recipe's folder/b<batch>/, the fit() files): the held-out quarter's rates at
+    the shipped point and the fit's seconds (its fit.log); the spread across fits; and, with `reference` (the
+    shipped fits' safety_oof.npz), how seed 0 compares with it."""
+    import re
     import numpy as np
 
     from toonark.prompt_safety import evalset, train
@@ -58,34 +76,40 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
     point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
              if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
     seeds = {}
-    for path in sorted(folder.glob("s*")):
-        seed = int(path.name[1:])
+    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+        recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").exists() else {}
+        seed = recipe.get("seed", int(path.name[1:]) if path.name[1:].isdigit() else 0)
         if not _fit_file(path, seed).exists():
             continue
         scores = np.load(_fit_file(path, seed))["held"]
         whole = train.decisions(point, scores, readings)
-        seeds[seed] = {
+        log = (path / "fit.log").read_text() if (path / "fit.log").exists() else ""
+        seconds = [int(n) for n in re.findall(r"^rc 0 after (\d+) s$", log, re.M)]
+        seeds[path.name] = {"recipe": recipe, "fit_seconds": seconds[-1] if seconds else None,
             "classifier_alone": _rates(scores >= point["threshold"], unsafe),
             "whole_filter": {**_rates(whole, unsafe), "recall_blind": round(float(whole[unsafe & blind].mean()), 4)},
+            "classifier_alone_recall_at_harmless_refused_pct": recall_curves(scores, readings, HARMLESS_REFUSED, ())[0],
             "scores": scores}
     if not seeds:
         raise SystemExit(f"{folder}: no s<seed>/{_fit_file(Path('.'), 0).name.replace('seed0', 'seed<seed>')} (the files "
                          f"`gpu_session.sh safety-seeds` writes)")
     spread = {part: {m: round(max(s[part][m] for s in seeds.values()) - min(s[part][m] for s in seeds.values()), 4)
-                     for m in seeds[min(seeds)][part]} for part in ("classifier_alone", "whole_filter")}
+                     for m in seeds[min(seeds)][part]} for part in ("classifier_alone", "whole_filter",
+                                                                    "classifier_alone_recall_at_harmless_refused_pct")}
     result = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "fold": FOLD + 1, "held_out_prompts": len(held),
               "unsafe": int(unsafe.sum()), "harmless": int((~unsafe).sum()), "point": point,
               "seeds": {s: {k: v for k, v in r.items() if k != "scores"} for s, r in sorted(seeds.items())},
               "spread_max_minus_min": spread}
-    if reference is not None and 0 in seeds:
+    if reference is not None and "s0" in seeds:
         shipped = np.load(reference)["oof"][held]
-        result["seed0_vs_shipped_fits_max_abs_diff"] = float(np.abs(seeds[0]["scores"] - shipped).max())
+        result["seed0_vs_shipped_fits_max_abs_diff"] = float(np.abs(seeds["s0"]["scores"] - shipped).max())
     print(f"fold {FOLD + 1}: {len(held)} held-out dev prompts ({result['unsafe']} unsafe); point {point}")
-    print("| seed | classifier alone: recall % / harmless refused % | whole filter | whole filter, blind recall % |")
-    print("|---|---|---|---|")
+    print("| fit | seconds | classifier alone: recall % / harmless refused % | its recall % at 1 / 2 % harmless "
+          "refused | whole filter | whole filter, blind recall % |")
+    print("|---|---|---|---|---|---|")
     for s, r in sorted(seeds.items()):
-        a, w = r["classifier_alone"], r["whole_filter"]
-        print(f"| {s} | {100 * a['recall']:.2f} / {100 * a['harmless_refused']:.2f} | "
+        a, w, c = r["classifier_alone"], r["whole_filter"], r["classifier_alone_recall_at_harmless_refused_pct"]
+        print(f"| {s} | {r['fit_seconds']} | {100 * a['recall']:.2f} / {100 * a['harmless_refused']:.2f} | {c['1']} / {c['2']} | "
               f"{100 * w['recall']:.2f} / {100 * w['harmless_refused']:.2f} | {100 * w['recall_blind']:.2f} |")
     print("spread (max - min):", spread)
     if json_path is not None:
@@ -173,6 +197,8 @@ def main() -> None:
     one = sub.add_parser("fit", help="fit fold 1 with one seed (on the GPU machine)")
     one.add_argument("--seed", type=int, required=True)
     one.add_argument("--out", type=Path, required=True)
+    one.add_argument("--batch", type=int, help="examples a step (default: the recipe's, encoder.BATCH)")
+    one.add_argument("--lr-scale", type=float, default=1.0, help="the base's learning rates times this")
     rep = sub.add_parser("report", help="the seeds' rates on the held-out quarter, here")
     rep.add_argument("folder", type=Path)
     rep.add_argument("--json", type=Path)
@@ -182,7 +208,7 @@ def main() -> None:
     many.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "fit":
-        fit(args.seed, args.out)
+        fit(args.seed, args.out, args.batch, args.lr_scale)
     elif args.command == "soups":
         soups({name: Path(folder) for name, folder in (run.split("=", 1) for run in args.runs)}, args.json)
     else:
