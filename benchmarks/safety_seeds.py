@@ -56,6 +56,11 @@ def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0) -
                 seeds=(seed,), seed=seed)
 
 
+def _paragraph(start: str) -> str:
+    """The paragraph of this module's docstring that begins with `start`, on one line (a result's "what")."""
+    return next(p for p in __doc__.split("\n\n") if p.startswith(start)).replace("\n", " ")
+
+
 def _rates(refused, unsafe) -> dict:
     return {"recall": round(float(refused[unsafe].mean()), 4), "harmless_refused": round(float(refused[~unsafe].mean()), 4)}
 
@@ -76,7 +81,7 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
     point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
              if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
     seeds = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for path in sorted(p for p in folder.glob("*") if p.is_dir()):
         recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").exists() else {}
         seed = recipe.get("seed", int(path.name[1:]) if path.name[1:].isdigit() else 0)
         if not _fit_file(path, seed).exists():
@@ -91,12 +96,14 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
             "classifier_alone_recall_at_harmless_refused_pct": recall_curves(scores, readings, HARMLESS_REFUSED, ())[0],
             "scores": scores}
     if not seeds:
-        raise SystemExit(f"{folder}: no s<seed>/{_fit_file(Path('.'), 0).name.replace('seed0', 'seed<seed>')} (the files "
-                         f"`gpu_session.sh safety-seeds` writes)")
+        raise SystemExit(f"{folder}: no s<seed>/ or b<batch>/ folder with "
+                         f"{_fit_file(Path('.'), 0).name.replace('seed0', 'seed<seed>')} (the files `gpu_session.sh "
+                         f"safety-seeds` writes)")
     spread = {part: {m: round(max(s[part][m] for s in seeds.values()) - min(s[part][m] for s in seeds.values()), 4)
                      for m in seeds[min(seeds)][part]} for part in ("classifier_alone", "whole_filter",
                                                                     "classifier_alone_recall_at_harmless_refused_pct")}
-    result = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "fold": FOLD + 1, "held_out_prompts": len(held),
+    result = {"what": _paragraph("Round 11's final model") + (" " + _paragraph("`fit --batch N") if any(
+                  r["recipe"] for r in seeds.values()) else ""), "fold": FOLD + 1, "held_out_prompts": len(held),
               "unsafe": int(unsafe.sum()), "harmless": int((~unsafe).sum()), "point": point,
               "seeds": {s: {k: v for k, v in r.items() if k != "scores"} for s, r in sorted(seeds.items())},
               "spread_max_minus_min": spread}
@@ -159,7 +166,7 @@ def soups(runs: dict[str, Path], json_path: Path | None) -> dict:
     dev = [e for e in evalset.load() if e.split == "dev"]
     readings = train.rule_readings(dev)
     unsafe, blind = readings["unsafe"], readings["blind"]
-    result = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "dev_prompts": len(dev),
+    result = {"what": _paragraph("`soups` compares"), "dev_prompts": len(dev),
               "blind_unsafe": int((unsafe & blind).sum()), "harmless": int((~unsafe).sum()), "runs": {}}
     for name, folder in runs.items():
         stored = np.load(folder / "safety_oof.npz")
