@@ -10,6 +10,7 @@
 #                                                  # (FIT_FROM=.stage/fit-X, carry=[".stage/fit-X"]) to safety-fits
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #                                                  # SEED_RECIPES="32:1 128:2": seed 0 at each batch:lr-scale instead
+#                                                  # ("128:2:bf16": under bf16 autocast, in b128bf16/)
 #                                                  # SEED_DATA=FILE: fit on that safety_prompts.json (FITS_WAIT=0: start only)
 #   bash benchmarks/gpu_session.sh safety-curve    # fold 1 on fractions of its training bases at once: $OUT/curve.tgz
 #                                                  # (safety_learning_curve.py; CURVE_DATA / CURVE_BATCHES: the labelled
@@ -91,7 +92,9 @@ case "$phase" in
     # SEED_RECIPES="32:1 128:2" (batch:learning-rate scale): fold 1 with seed 0 at each recipe instead, in b<batch>/.
     join_safety_kit || exit 3
     if [ -n "${SEED_RECIPES:-}" ]; then
-      runs=$(for r in $SEED_RECIPES; do echo "b${r%%:*}:0:--batch ${r%%:*} --lr-scale ${r#*:}${SEED_DATA:+ --data $SEED_DATA}"; done)
+      # batch:lr-scale[:bf16] -> a folder b<batch>[bf16]/ and its fit's options
+      runs=$(for r in $SEED_RECIPES; do IFS=: read -r b scale extra <<< "$r"
+        echo "b$b$extra:0:--batch $b --lr-scale $scale${extra:+ --$extra}${SEED_DATA:+ --data $SEED_DATA}"; done)
     else
       runs=$(for seed in 0 1 2 3; do echo "s$seed:$seed:"; done)
     fi

@@ -17,6 +17,7 @@ cheap way to fit more data in a session's device time; whether it reads as well 
 folder per variant, `SEED_RECIPES` in gpu_session.sh: "32:1 128:2" runs fold 1 with seed 0 at each at once):
 
     SEED_RECIPES="32:1 64:1.41 128:2 256:2.83" bash benchmarks/gpu_session.sh safety-seeds
+    SEED_RECIPES="128:2 128:2:bf16" ...   # a third field "bf16": the forward pass under bf16 autocast
     SEED_DATA=PATH ...   # fit on that safety_prompts.json (another branch's data, carried as a file)
 
 `soups` compares, out of fold on dev, each fit of a soup (encoder.SEEDS; `gpu_session.sh safety-fits` leaves their
@@ -41,16 +42,19 @@ def _fit_file(folder: Path, seed: int) -> Path:
     return train.part_file(folder / "safety_oof.npz", str(FOLD + 1), seed)
 
 
-def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0, data: Path | None = None) -> None:
+def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0, data: Path | None = None,
+        bf16: bool = False) -> None:
     """Fold FOLD fitted once with `seed` (and `batch` examples a step, the base's learning rates times `lr_scale`:
     the recipe's own unless given) on `data` (a safety_prompts.json; default the checkout's); its adapter and
-    held-out scores go to _fit_file(out, seed), the recipe to out/recipe.json."""
+    held-out scores go to _fit_file(out, seed), the recipe to out/recipe.json. `bf16`: the forward pass under
+    bf16 autocast (encoder.AUTOCAST_BF16)."""
     from toonark.prompt_safety import encoder, train
     encoder.BATCH = batch or encoder.BATCH
+    encoder.AUTOCAST_BF16 = bf16
     base = encoder.SHIPPED
     base.learning_rate, base.head_learning_rate = base.learning_rate * lr_scale, base.head_learning_rate * lr_scale
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale,
+    (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale, "bf16": bf16,
                                                  "learning_rate": base.learning_rate,
                                                  "head_learning_rate": base.head_learning_rate}) + "\n")
     train.build(out, data_path=data, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz", base=encoder.SHIPPED,
@@ -207,6 +211,7 @@ def main() -> None:
     one.add_argument("--out", type=Path, required=True)
     one.add_argument("--batch", type=int, help="examples a step (default: the recipe's, encoder.BATCH)")
     one.add_argument("--lr-scale", type=float, default=1.0, help="the base's learning rates times this")
+    one.add_argument("--bf16", action="store_true", help="the forward pass under bf16 autocast")
     one.add_argument("--data", type=Path, help="the labelled set to fit on (default: the checkout's; a trial on "
                                                "another branch's data carries it as a file)")
     rep = sub.add_parser("report", help="the seeds' rates on the held-out quarter, here")
@@ -218,7 +223,7 @@ def main() -> None:
     many.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "fit":
-        fit(args.seed, args.out, args.batch, args.lr_scale, args.data)
+        fit(args.seed, args.out, args.batch, args.lr_scale, args.data, args.bf16)
     elif args.command == "soups":
         soups({name: Path(folder) for name, folder in (run.split("=", 1) for run in args.runs)}, args.json)
     else:

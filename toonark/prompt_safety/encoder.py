@@ -54,6 +54,9 @@ LORA_DROPOUT = 0.1
 EPOCHS = 3
 BATCH = 32
 WEIGHT_DECAY = 0.01
+# bf16 autocast of the forward pass on CUDA (the loss in fp32). Off in the recipe: a speed trial's option
+# (benchmarks/safety_seeds.py fit --bf16), recorded in a fit's training settings only when on.
+AUTOCAST_BF16 = False
 # The fits each model is the uniform soup of (soup()); they share SEEDS[0]'s initialisation, the seed sets dropout
 # and the batch order. One fit as shipped (round 10; a soup of one is that fit, byte for byte). Two, measured on
 # round 11's data (`--seeds 0,1`): a refit moves recall ~0.2 and harmless refused ~0.5 points by the seed alone;
@@ -326,7 +329,9 @@ def fit(texts: Sequence[str], labels: Sequence[str], label_names: list[str], bas
         for start in range(0, len(order), BATCH):
             chunk = order[start:start + BATCH]
             ids, mask = _batch(tok, [texts[k] for k in chunk], device)
-            loss = nn.functional.cross_entropy(model(ids, mask), targets[chunk])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=AUTOCAST_BF16 and device == "cuda"):
+                logits = model(ids, mask)
+            loss = nn.functional.cross_entropy(logits.float(), targets[chunk])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -370,7 +370,7 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     training = {"epochs": epochs, "batch": encoder.BATCH, "learning_rate": base.learning_rate,
                 "head_learning_rate": base.head_learning_rate, "weight_decay": encoder.WEIGHT_DECAY,
                 "seeds": list(seeds), "threads": encoder.TRAIN_THREADS, "schedule": "one-cycle, 10 % warm-up",
-                "device": encoder.training_device()}
+                "device": encoder.training_device()} | ({"autocast": "bf16"} if encoder.AUTOCAST_BF16 else {})
     record = _fit_record(data_path, training, base, limit)
     if adapter_from is not None:
         adapter_blob, training = _adopted_adapter(Path(adapter_from), record)
