@@ -54,11 +54,12 @@ def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0, d
     base = encoder.SHIPPED
     base.learning_rate, base.head_learning_rate = base.learning_rate * lr_scale, base.head_learning_rate * lr_scale
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale, "bf16": bf16,
+    (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale,
+                                                 "bf16": bf16,
                                                  "learning_rate": base.learning_rate,
                                                  "head_learning_rate": base.head_learning_rate}) + "\n")
-    train.build(out, data_path=data, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz", base=encoder.SHIPPED,
-                seeds=(seed,), seed=seed)
+    train.build(out, data_path=data, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz",
+                base=encoder.SHIPPED, seeds=(seed,), seed=seed)
 
 
 def _paragraph(start: str) -> str:

@@ -54,8 +54,9 @@ LORA_DROPOUT = 0.1
 EPOCHS = 3
 BATCH = 32
 WEIGHT_DECAY = 0.01
-# bf16 autocast of the forward pass on CUDA (the loss in fp32). Off in the recipe: a speed trial's option
-# (benchmarks/safety_seeds.py fit --bf16), recorded in a fit's training settings only when on.
+# bf16 autocast of the forward pass on CUDA (the loss in fp32), recorded in a fit's training settings only when on.
+# Off: in the batch trial it was slower, not faster (the fits are launch-bound and the casts add kernels;
+# benchmarks/safety_seeds.py fit --bf16, docs/prompt-safety.md "The batch trial").
 AUTOCAST_BF16 = False
 # The fits each model is the uniform soup of (soup()); they share SEEDS[0]'s initialisation, the seed sets dropout
 # and the batch order. One fit as shipped (round 10; a soup of one is that fit, byte for byte). Two, measured on

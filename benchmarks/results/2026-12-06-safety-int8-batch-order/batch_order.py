@@ -29,7 +29,8 @@ if __name__ == "__main__":
     single = run_graph(session, tok, texts[:1000], batch=1)     # as served: one prompt a call
     unsafe = lambda p: 1.0 - p[:, list(json.loads(default_paths()[1].read_text())["labels"]).index(evalset.SAFE)]
     a, b, s = unsafe(in_order), unsafe(sorted_back), unsafe(single)
-    result = {"prompts": len(texts), "seconds_data_order": round(t_order, 1), "seconds_sorted_by_length": round(t_sorted, 1),
+    result = {"prompts": len(texts), "seconds_data_order": round(t_order, 1),
+              "seconds_sorted_by_length": round(t_sorted, 1),
               "p_unsafe_max_abs_diff_sorted_vs_data_order": round(float(np.abs(a - b).max()), 4),
               "share_moved_over_0.05": round(float((np.abs(a - b) > 0.05).mean()), 4),
               "verdicts_flipped_at_threshold": int(((a >= threshold) != (b >= threshold)).sum()),
