@@ -75,7 +75,6 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
     """Per fit (folder/s<seed>/ or a recipe's folder/b<batch>/, the fit() files): the held-out quarter's rates at
     the shipped point and the fit's seconds (its fit.log); the spread across fits; and, with `reference` (the
     shipped fits' safety_oof.npz), how seed 0 compares with it."""
-    import re
     import numpy as np
 
     from toonark.prompt_safety import evalset, train
@@ -95,8 +94,7 @@ def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict
         scores = np.load(_fit_file(path, seed))["held"]
         whole = train.decisions(point, scores, readings)
         log = (path / "fit.log").read_text() if (path / "fit.log").exists() else ""
-        seconds = [int(n) for n in re.findall(r"^rc 0 after (\d+) s$", log, re.M)]
-        seeds[path.name] = {"recipe": recipe, "fit_seconds": seconds[-1] if seconds else None,
+        seeds[path.name] = {"recipe": recipe, "fit_seconds": _seconds(log),
             "classifier_alone": _rates(scores >= point["threshold"], unsafe),
             "whole_filter": {**_rates(whole, unsafe), "recall_blind": round(float(whole[unsafe & blind].mean()), 4)},
             "classifier_alone_recall_at_harmless_refused_pct": recall_curves(scores, readings, HARMLESS_REFUSED, ())[0],
@@ -134,16 +132,22 @@ HARMLESS_REFUSED = (0.005, 0.01, 0.02, 0.03, 0.05)       # the classifier alone,
 BUDGETS = (0.02, 0.025, 0.03, 0.035, 0.04, 0.05)           # the whole filter's best recall within these
 
 
-def _fit_seconds(logs: Path) -> dict:
-    """{part log: seconds} from the "rc 0 after N s" line gpu_session.sh's fits end their logs with."""
+def _seconds(log: str) -> int | None:
+    """A fit's seconds from the "rc 0 after N s" line gpu_session.sh's fits end their logs with (None: no such line)."""
     import re
+    found = re.findall(r"^rc 0 after (\d+) s$", log, re.M)
+    return int(found[-1]) if found else None
+
+
+def _fit_seconds(logs: Path) -> dict:
+    """{part log: seconds} of a tar of fit logs (_seconds)."""
     import tarfile
     if not logs.exists():
         return {}
     with tarfile.open(logs) as archive:
         texts = {m.name: archive.extractfile(m).read().decode("utf-8", "replace") for m in archive.getmembers() if m.isfile()}
-    return {name.removesuffix(".log"): int(found[-1]) for name, text in sorted(texts.items())
-            if (found := re.findall(r"^rc 0 after (\d+) s$", text, re.M))}
+    return {name.removesuffix(".log"): seconds for name, text in sorted(texts.items())
+            if (seconds := _seconds(text)) is not None}
 
 
 def recall_curves(scores, readings: dict, rates, budgets) -> tuple[dict, dict, list]:

@@ -560,7 +560,7 @@ def test_a_build_reads_kept_scores_only_for_the_same_model_and_prompts(tmp_path)
 
 def test_bulk_readings_go_by_token_count_and_come_back_in_the_prompts_order():
     """A build reads its ~200 k prompts in batches of like token counts (little padding: half the time) and gets
-    each prompt's row back in place; the shipped graph reads a prompt the same through it as alone."""
+    each prompt's row back in place; through it the shipped graph reads each prompt as it reads it alone."""
     import numpy as np
     from toonark.prompt_safety import encoder
     from toonark.prompt_safety.classifier import by_length, run_graph
@@ -576,9 +576,10 @@ def test_bulk_readings_go_by_token_count_and_come_back_in_the_prompts_order():
     assert [len(tok.encode(t).ids) for t in handed[0]] == sorted(len(tok.encode(t).ids) for t in texts)
     assert rows[:, 0].tolist() == [float(len(t)) for t in texts]
     clf = SafetyClassifier()
-    alone = [clf.probabilities(["a fox"])[0][label] for label in clf.labels]    # loads the graph and its tokenizer
-    one = by_length(clf._tokenizer, ["a fox"], lambda batch: run_graph(clf._session, clf._tokenizer, batch))
-    assert np.allclose(one[0], alone, atol=1e-6)
+    alone = [[clf.probabilities([t])[0][label] for label in clf.labels] for t in texts]   # loads graph and tokenizer
+    # One prompt a graph call (int8 scales activations per call): each row must be its own prompt's, in place.
+    rows = by_length(clf._tokenizer, texts, lambda batch: run_graph(clf._session, clf._tokenizer, batch, batch=1))
+    assert np.allclose(rows, alone, atol=1e-6)
 
 
 def test_encoder_bases_are_named_pinned_and_installed_by_setup(tmp_path):

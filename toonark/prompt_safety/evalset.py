@@ -187,8 +187,8 @@ def add_batch(new: dict, written: str, path: Path | None = None, batches_path: P
     {group: [...]}}) into the labelled set as one new writing batch; returns {"batch", "added",
     "duplicates"}. A prompt already in the set (case-insensitively, or twice in `new`) is skipped; an
     unknown category or group is refused, naming the known ones. "{style}" in `written` stands for the file's
-    style. Both files are rewritten whole (temp file, then rename). The batch's commit is left as "pending": the commit that adds it is
-    named afterwards."""
+    style. Both files are rewritten whole (temp file, then rename). The batch's commit is left as "pending": the
+    commit that adds it is named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
     data = _read_set(path)

@@ -463,8 +463,9 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     kept = oof_cache if limit is None else None
     # Both readings in order of token count (classifier.by_length: half the time); the int8 one under its own
     # name, since its per-batch quantisation scores a prompt a little otherwise than a data-order reading kept before.
-    onnx_read = kept_scores(kept, "onnx-int8-by-length", [hashlib.sha256(blob).hexdigest(), _versions()["onnxruntime"],
-                                                _host()], read_x, lambda t: _onnx_probabilities(session, t, base))
+    onnx_read = kept_scores(kept, "onnx-int8-by-length",
+                            [hashlib.sha256(blob).hexdigest(), _versions()["onnxruntime"], _host()], read_x,
+                            lambda t: _onnx_probabilities(session, t, base))
     onnx_p = onnx_read[[position[i] for i in parity]]
     reference = reference_model(adapter_blob, labels, base)
     parity_x = [read_x[position[i]] for i in parity]
@@ -624,11 +625,8 @@ def _export(adapter_blob: bytes, sidecar: dict, base: encoder.EncoderBase) -> by
 
 
 def _onnx_probabilities(session, texts, base: encoder.EncoderBase):
-    from tokenizers import Tokenizer
-
     from toonark.prompt_safety.classifier import run_graph
-    tokenizer = Tokenizer.from_str(base.tokenizer_json().decode("utf-8"))
-    tokenizer.enable_truncation(encoder.MAX_TOKENS)
+    tokenizer = encoder._tokenizer(base)
     return by_length(tokenizer, texts, lambda batch: run_graph(session, tokenizer, batch))
 
 
