@@ -206,7 +206,8 @@ def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure
     """With a recall tolerance of one standard error (0.31 points at 1,000 unsafe prompts), a point with 0.1
     point more recall but 2.5 points more harmless refused is not chosen, and one with 1.9 points more recall
     (six errors) for 0.5 point more harmless refused is; with none (the shipped sidecar's rule), the highest
-    recall within the budget is."""
+    recall within the budget is, unless it is over the recall target by an error: then the fewest harmless
+    refused at or over that."""
     import numpy as np
 
     from toonark.prompt_safety import train
@@ -231,6 +232,17 @@ def test_operating_point_spends_harmless_refusals_only_on_recall_dev_can_measure
     # 7 errors, 2.2 points: 97.0 % / 1.0 % (thresholds 0.45-0.90 decide alike; the grid's order takes the highest)
     monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 7.0)
     assert train.choose_operating_point(*args)[0]["threshold"] == 0.9
+    # Recall past the target is not bought: with the target at 97.2 % (best 99.0 %, one error 0.31 point) the
+    # fewest harmless refused at or over 97.51 % is 0.40 (98.9 % / 1.5 %) under any tolerance; at 96.5 % (over
+    # 96.81 %) it is 0.90 (97.0 % / 1.0 %), and the metrics name the target.
+    monkeypatch.setattr(train, "RECALL_TOLERANCE_SE", 0.0)
+    monkeypatch.setattr(train, "RECALL_TARGET", 0.972)
+    assert train.choose_operating_point(*args)[0]["threshold"] == 0.4
+    monkeypatch.setattr(train, "RECALL_TARGET", 0.965)
+    point, metrics = train.choose_operating_point(*args)
+    assert point["threshold"] == 0.9 and metrics["recall_target"] == 0.965
+    assert (metrics["recall_on_prompts_the_rules_were_not_written_from"], metrics["harmless_refused_all_dev"]) == \
+        (0.97, 0.01)
 
 
 def test_every_base_prompt_belongs_to_one_writing_batch(examples):

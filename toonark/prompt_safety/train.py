@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from toonark.files import atomic_file
-from toonark.prompt_safety import encoder, evalset, templates
+from toonark.prompt_safety import encoder, evalset, evaluate, templates
 from toonark.prompt_safety.classifier import ADAPTER_NAME, MODEL_NAME, SIDECAR_NAME, TOKENIZER_NAME, by_length
 from toonark.prompts import normalize
 
@@ -78,6 +78,13 @@ FALSE_REFUSAL_BUDGET = 0.05
 # two fits: 98.57 / 2.92 on batches 1-44), but neither reached round 10's recall (98.89 / 4.65), chosen at 0,
 # which this stays at so that it rebuilds the shipped sidecar (docs/prompt-safety.md, rounds 11-12).
 RECALL_TOLERANCE_SE = 0.0
+# The issue's recall target (the test part's, evaluate.MIN_RECALL). Once dev reaches it by RECALL_TARGET_MARGIN_SE standard errors, recall past it is not
+# bought with harmless refusals: the point refusing the fewest harmless prompts among those at or over the target
+# (plus the margin) is chosen. Round 16's grid (169,719 dev prompts, its classifier far better than round 13's) was
+# flat at the top: the highest recall, 99.31 %, cost 4.86 % harmless refused, 99.26 % 1.98 % and 99.03 % 1.36 %;
+# the highest-recall rule alone read 99.3 % / 5.1 % on batches 1-38's test part (docs/prompt-safety.md, round 16).
+RECALL_TARGET = evaluate.MIN_RECALL
+RECALL_TARGET_MARGIN_SE = 1.0
 
 
 def _refused(score, layer, words, point: dict):
@@ -100,8 +107,9 @@ def _refused(score, layer, words, point: dict):
 def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
     """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, among the grid
     points whose harmless-refused rate is within FALSE_REFUSAL_BUDGET, the one refusing the fewest harmless prompts
-    whose recall is within RECALL_TOLERANCE_SE standard errors of the best recall (ties: higher recall, then the
-    grid's order: higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
+    whose recall is within RECALL_TOLERANCE_SE standard errors of the best recall, or at least RECALL_TARGET plus
+    RECALL_TARGET_MARGIN_SE errors where the best is over that (ties: higher recall, then the grid's order:
+    higher threshold, lower vetoes), from out-of-fold classifier scores and the rules' verdicts on
     dev. Recall is counted on the unsafe dev prompts the rules were NOT written from (`blind`: batches whose dev
     half no rule came from, safety_batches.json `dev_used_for_rules` false): on the other dev prompts the rules
     are fitted (they catch 99 %) and would say the classifier adds nothing. Harmless refused is counted on all
@@ -117,11 +125,12 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
                          f"rules alone refuse more; fix the rules' false refusals first")
     best = max(recall for recall, _, _ in within)
     error = float(np.sqrt(best * (1.0 - best) / max(int((unsafe & blind).sum()), 1)))
-    floor = best - RECALL_TOLERANCE_SE * error - 1e-12
+    floor = min(best - RECALL_TOLERANCE_SE * error, RECALL_TARGET + RECALL_TARGET_MARGIN_SE * error) - 1e-12
     recall, wrong, point = min((c for c in within if c[0] >= floor), key=lambda c: (c[1], -c[0]))
     return point, {"recall_on_prompts_the_rules_were_not_written_from": round(recall, 4),
                    "harmless_refused_all_dev": round(wrong, 4),
-                   "best_recall_within_budget": round(best, 4), "recall_standard_error": round(error, 4)}
+                   "best_recall_within_budget": round(best, 4), "recall_standard_error": round(error, 4),
+                   "recall_target": RECALL_TARGET}
 
 
 def operating_grid(oof, words, layers, unsafe, blind) -> list[tuple[float, float, dict]]:
@@ -443,7 +452,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                                  f"the classifier reads) and the fewest words the classifier reads "
                                  f"(min_words): among the points with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused, "
                                  f"the fewest harmless refused within {RECALL_TOLERANCE_SE:g} standard errors of the best "
-                                 f"recall (0: the highest recall), on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
+                                 f"recall (0: the highest recall) or, where the best is over it, at least the recall "
+                                 f"target {RECALL_TARGET:.0%} plus {RECALL_TARGET_MARGIN_SE:g} standard error(s), on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
                                  f"the dev prompts of batches whose dev half no rule was written from, harmless refused "
                                  f"on all dev"),
         "metrics": {"dev_out_of_fold_classifier_alone": dev_alone, "dev_out_of_fold_whole_filter": dev_filter},
