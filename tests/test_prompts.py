@@ -244,13 +244,17 @@ def test_harmless_lookalikes_pass_the_rules(rules_only, text):
     ("hotgluegunforcrafts", None),
     ("accidentmaryland", None),
 ])
-def test_a_prompt_typed_as_one_run_of_letters_is_also_read_split(policy, text, refused):
+def test_a_prompt_typed_as_one_run_of_letters_is_also_read_split(policy, rules_only, text, refused):
     """Typed without spaces, a prompt is one word to every layer (blind batch 110: 41 % of its unsafe prompts
     passed); LayeredFilter.joined_words splits it with wordninja and the filter refuses when either reading is
-    refused. The whole filter, classifier included (make setup builds it)."""
+    refused. The rule layers alone find the rule word in the split reading; the whole filter, classifier
+    included (make setup builds it), decides alike (round 16, trained on batch 110's dev half, reads
+    "bigknifeinhishand" itself as weapons, 0.87)."""
     from toonark.prompt_safety.layered import filter_for
+    rule = rules_only.verdict(text)
+    assert (None if rule is None else (rule.category, rule.layer, rule.rule)) == refused
     verdict = filter_for(policy._rules).verdict(text)
-    assert (None if verdict is None else (verdict.category, verdict.layer, verdict.rule)) == refused
+    assert (None if verdict is None else verdict.category) == (refused and refused[0])
 
 
 def test_harmless_count():
@@ -509,8 +513,9 @@ def test_numpy_bool_accepted_for_use_template(policy):
 
 
 # Format fields inside words a child might type; the classifier reads one-word prompts (min_words 1 since round 13)
-# and a bare "0" or "x" is no picture to it (read as hate, 0.51 and 0.93), so those come with a subject.
-@pytest.mark.parametrize("subject", ["{subject}", "a {cat}", "{0} kittens", "{}", "{{x}} marks the spot", "{__class__}",
+# and a bare "0" or "x" is no picture to it (round 13 read them as hate, 0.51 and 0.93; round 16 a bare "subject"
+# as child-harm, 0.74), so those come with a subject.
+@pytest.mark.parametrize("subject", ["a {subject}", "a {cat}", "{0} kittens", "{}", "{{x}} marks the spot", "{__class__}",
                                      "50% {off"])
 def test_braces_in_subject_stay_text(policy, subject):
     prompt, _ = policy.compose(subject)

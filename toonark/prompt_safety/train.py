@@ -58,7 +58,10 @@ PHRASE_VETOES = (0.0, 0.01, 0.05)
 # 3-6-word prompts: under 0.002 excuses 71 of 127 harmless and none of 387 unsafe, under 0.003 also 3 unsafe;
 # "a bloody unicorn", refused by name in tests/test_prompts.py, reads 0.0036. Phrase hits: under 0.002 excuses
 # 12 harmless and 7 unsafe, so the grid keeps the phrase layer's short veto off unless the data moves.
-SHORT_WORD_VETOES = (0.0, 0.001, 0.002)
+# Round 16's classifier (2.4x the data) is surer of itself: it reads "a bloody unicorn" 0.0015, so 0.002 went (dev,
+# out of fold: 0.002 excuses 369 harmless and 5 unsafe short word hits, 0.001 340 and 4; the chosen point's harmless
+# refused 1.36 -> 1.40 %, recall the same).
+SHORT_WORD_VETOES = (0.0, 0.001)
 SHORT_PHRASE_VETOES = (0.0, 0.001)
 MIN_WORDS = (1, 2, 3, 5)
 VETO_MIN_WORDS = (7,)
