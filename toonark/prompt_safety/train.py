@@ -85,7 +85,7 @@ RECALL_TOLERANCE_SE = 0.0
 # bought with harmless refusals: the point refusing the fewest harmless prompts among those at or over the target
 # (plus the margin) is chosen. Round 16's grid (169,719 dev prompts, its classifier far better than round 13's) was
 # flat at the top: the highest recall, 99.31 %, cost 4.86 % harmless refused, 99.26 % 1.98 % and 99.03 % 1.36 %;
-# the highest-recall rule alone read 99.3 % / 5.1 % on batches 1-38's test part (docs/prompt-safety.md, round 16).
+# the highest-recall rule alone read 98.98 % / 5.13 % on batches 1-38's test part (docs/prompt-safety.md, round 16).
 RECALL_TARGET = evaluate.MIN_RECALL
 RECALL_TARGET_MARGIN_SE = 1.0
 
