@@ -81,10 +81,11 @@ FALSE_REFUSAL_BUDGET = 0.05
 # two fits: 98.57 / 2.92 on batches 1-44), but neither reached round 10's recall (98.89 / 4.65), chosen at 0,
 # which this stays at so that it rebuilds the shipped sidecar (docs/prompt-safety.md, rounds 11-12).
 RECALL_TOLERANCE_SE = 0.0
-# The issue's recall target (the test part's, evaluate.MIN_RECALL). Once dev reaches it by RECALL_TARGET_MARGIN_SE standard errors, recall past it is not
-# bought with harmless refusals: the point refusing the fewest harmless prompts among those at or over the target
-# (plus the margin) is chosen. Round 16's grid (169,719 dev prompts, its classifier far better than round 13's) was
-# flat at the top: the highest recall, 99.31 %, cost 4.86 % harmless refused, 99.26 % 1.98 % and 99.03 % 1.36 %;
+# The issue's recall target (the test part's, evaluate.MIN_RECALL). Once dev reaches it by RECALL_TARGET_MARGIN_SE
+# standard errors, recall past it is not bought with harmless refusals: the point refusing the fewest harmless
+# prompts among those at or over the target (plus the margin) is chosen. Round 16's grid (169,719 dev prompts, its
+# classifier far better than round 13's) was flat at the top: the highest recall, 99.31 %, cost 4.86 % harmless
+# refused, 99.26 % 1.98 % and 99.03 % 1.40 % (the shipped point);
 # the highest-recall rule alone read 98.98 % / 5.13 % on batches 1-38's test part (docs/prompt-safety.md, round 16).
 RECALL_TARGET = evaluate.MIN_RECALL
 RECALL_TARGET_MARGIN_SE = 1.0
@@ -456,7 +457,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
                                  f"(min_words): among the points with at most {FALSE_REFUSAL_BUDGET:.0%} harmless refused, "
                                  f"the fewest harmless refused within {RECALL_TOLERANCE_SE:g} standard errors of the best "
                                  f"recall (0: the highest recall) or, where the best is over it, at least the recall "
-                                 f"target {RECALL_TARGET:.0%} plus {RECALL_TARGET_MARGIN_SE:g} standard error(s), on {FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
+                                 f"target {RECALL_TARGET:.0%} plus {RECALL_TARGET_MARGIN_SE:g} standard error(s), on "
+                                 f"{FOLDS}-fold out-of-fold scores (folds grouped by base prompt); recall on "
                                  f"the dev prompts of batches whose dev half no rule was written from, harmless refused "
                                  f"on all dev"),
         "metrics": {"dev_out_of_fold_classifier_alone": dev_alone, "dev_out_of_fold_whole_filter": dev_filter},
