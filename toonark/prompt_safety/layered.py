@@ -203,8 +203,9 @@ class LayeredFilter:
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
         # chosen with the threshold out of fold on dev: see train.choose_operating_point). The classifier
         # (~10 ms on one CPU thread) runs only when its score can change the verdict and remembers what it read.
+        # No veto for a phrase hit beside an allowed idiom (beside_idiom).
         for refusal, reading in self.rule_hits(text):
-            if self._excused(refusal, reading):
+            if not self.beside_idiom(refusal, reading) and self._excused(refusal, reading):
                 log.debug("classifier excused %s rule %s in %r", refusal.layer, refusal.rule, reading)
                 continue
             return refusal
@@ -227,6 +228,26 @@ class LayeredFilter:
             if found is not None:
                 refusal, found_in = found
                 yield refusal, primary if primary in found_in or not found_in else min(found_in)
+
+    def beside_idiom(self, refusal: SafetyRefused, reading: str) -> bool:
+        """Whether `refusal` is a phrase-rule hit lying wholly outside every match of a word-list allow-rule (an
+        idiom such as "killer workout") in `reading`, where one matched. No veto excuses such a hit: the classifier
+        reads the idiom as harmless and lets it vouch for the clause beside it ("a killer workout then she kills her
+        mom" read 0.024, and the phrase veto, 0.05, excused "kills her mom"). A hit overlapping the idiom ("a killer
+        whale mom nuzzling her baby", "take a stab at it, a kid guessing") and word hits (mostly the idiom's own word
+        again: "a water gun fight, no real guns") keep their veto: on dev, taking it from every hit beside an idiom
+        refused 95 more harmless prompts and caught no unsafe one; from these alone, 17 ("a blood orange sliced in
+        half", "a drill making a hole": allow-rules fruit-in-half and making-a-hole since; docs/prompt-safety.md,
+        "Round 17")."""
+        if refusal.layer != "phrase":
+            return False
+        idioms = [m.span() for pattern in self.words.allow for m in pattern.finditer(reading)]
+        rule = next((r for r in self.phrases.rules if r.id == refusal.rule and not r.raw), None)
+        if not idioms or rule is None:
+            return False
+        hit = next((m.span() for m in rule.pattern.finditer(reading)
+                    if self.phrases.excused(rule.id, m.span(), reading) is None), None)
+        return hit is not None and all(hit[1] <= start or end <= hit[0] for start, end in idioms)
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""

@@ -91,13 +91,14 @@ RECALL_TARGET = evaluate.MIN_RECALL
 RECALL_TARGET_MARGIN_SE = 1.0
 
 
-def _refused(score, layer, words, point: dict):
+def _refused(score, layer, words, point: dict, beside_idiom=None):
     """The layered filter's decisions from its parts, for many prompts at once (numpy arrays; mirrors
     LayeredFilter.verdict with classifier.OperatingPoint): a rule hit stands unless the classifier's score is
     under that rule layer's veto (its short veto in a prompt under veto_min_words words); otherwise the
     classifier refuses at the threshold. score -1: no classifier reading (fewer words than it reads). The served
     filter scores the reading the rule matched in; `score` is the primary reading's, the same text unless a rule
-    matched in another reading alone (a corrected misspelling, a split-off article: 1.8 % of dev prompts)."""
+    matched in another reading alone (a corrected misspelling, a split-off article: 1.8 % of dev prompts).
+    `beside_idiom` (bool array, LayeredFilter.beside_idiom): no veto excuses a hit in those prompts."""
     import numpy as np
     long = words >= point["veto_min_words"]
     excused = np.zeros(len(score), bool)
@@ -105,10 +106,12 @@ def _refused(score, layer, words, point: dict):
         for name, veto in table.items():
             excused |= band & (layer == name) & (score < veto)
     excused &= score >= 0
+    if beside_idiom is not None:
+        excused &= ~beside_idiom
     return ((layer != "") & ~excused) | (score >= point["threshold"])
 
 
-def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dict]:
+def choose_operating_point(oof, words, layers, unsafe, blind, beside_idiom=None) -> tuple[dict, dict]:
     """(point, metrics): point = {threshold, vetoes, short_vetoes, min_words, veto_min_words}, among the grid
     points whose harmless-refused rate is within FALSE_REFUSAL_BUDGET, the one refusing the fewest harmless prompts
     whose recall is within RECALL_TOLERANCE_SE standard errors of the best recall, or at least RECALL_TARGET plus
@@ -121,9 +124,10 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
     the rules' own false refusals. A budget and a tolerance rather than a weighted sum: recall and harmless
     refused trade almost linearly over the useful thresholds, so any fixed weight near that rate makes the chosen
     point jump with each new batch. Arguments are numpy arrays over the dev prompts (oof: scores; words: word
-    counts; bool masks)."""
+    counts; bool masks; beside_idiom: rule_readings' hits no veto excuses)."""
     import numpy as np
-    within = [c for c in operating_grid(oof, words, layers, unsafe, blind) if c[1] <= FALSE_REFUSAL_BUDGET]
+    within = [c for c in operating_grid(oof, words, layers, unsafe, blind, beside_idiom)
+              if c[1] <= FALSE_REFUSAL_BUDGET]
     if not within:
         raise ValueError(f"no threshold and vetoes keep harmless refusals within {FALSE_REFUSAL_BUDGET:.0%} on dev: the "
                          f"rules alone refuse more; fix the rules' false refusals first")
@@ -137,7 +141,7 @@ def choose_operating_point(oof, words, layers, unsafe, blind) -> tuple[dict, dic
                    "recall_target": RECALL_TARGET}
 
 
-def operating_grid(oof, words, layers, unsafe, blind) -> list[tuple[float, float, dict]]:
+def operating_grid(oof, words, layers, unsafe, blind, beside_idiom=None) -> list[tuple[float, float, dict]]:
     """(recall on the blind unsafe dev prompts, harmless refused on all dev, point) of every grid point, in the
     grid's order (higher threshold first, then lower vetoes)."""
     import itertools
@@ -152,7 +156,7 @@ def operating_grid(oof, words, layers, unsafe, blind) -> list[tuple[float, float
             point = {"threshold": threshold, "vetoes": {"word": word, "phrase": phrase},
                      "short_vetoes": {"word": short_word, "phrase": short_phrase}, "min_words": min_words,
                      "veto_min_words": veto_min_words}
-            refused = _refused(scores, layers, words, point)
+            refused = _refused(scores, layers, words, point, beside_idiom)
             grid.append((float(refused[unsafe & blind].mean()), float(refused[~unsafe].mean()), point))
     return grid
 
@@ -162,7 +166,8 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     `words` (normalised word count), `unsafe`, `blind` (its batch's dev half never fed the rules): what
     choose_operating_point and decisions() read; and `veto_reads_primary` (False where the first rule hit
     was found in another reading than the primary one alone: there the served veto scores that reading, and
-    decisions() the primary reading's score, the only one with out-of-fold scores)."""
+    decisions() the primary reading's score, the only one with out-of-fold scores); `beside_idiom` (a rule
+    phrase hit outside a word-list idiom in a prompt with one: no veto excuses it, LayeredFilter.beside_idiom)."""
     import numpy as np
 
     from toonark.prompt_safety import evaluate
@@ -170,9 +175,10 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     from toonark.prompts import PromptPolicy
     rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
     fitted = {h for b in evaluate.batches() if b.get("dev_used_for_rules", True) for h in b["bases"]}
-    layers, primary_read = [], []
+    layers, primary_read, beside_idiom = [], [], []
     for e in examples:
         hit = next(rules.rule_hits(e.text), None)
+        beside_idiom.append(hit is not None and rules.beside_idiom(*hit))
         refusal = hit[0] if hit else rules.language_verdict(e.text)
         layers.append(getattr(refusal, "layer", None) or "")
         primary_read.append(hit is None or hit[1] == normalize(e.text))
@@ -180,14 +186,15 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
             "words": np.array([len(normalize(e.text).split()) for e in examples]),
             "unsafe": np.array([e.unsafe for e in examples]),
             "blind": np.array([evalset.sha12(e.base) not in fitted for e in examples]),
-            "veto_reads_primary": np.array(primary_read)}
+            "veto_reads_primary": np.array(primary_read), "beside_idiom": np.array(beside_idiom)}
 
 
 def decisions(point: dict, scores, readings: dict):
     """The whole filter's refusals (bool array) at an operating point, from classifier scores and rule_readings."""
     import numpy as np
     words = readings["words"]
-    return _refused(np.where(words >= point["min_words"], scores, -1.0), readings["layers"], words, point)
+    return _refused(np.where(words >= point["min_words"], scores, -1.0), readings["layers"], words, point,
+                    readings.get("beside_idiom"))
 
 
 def _metrics(scores, labels, threshold) -> dict:
@@ -421,7 +428,8 @@ def build(out_dir: Path, data_path: Path | None = None, limit: int | None = None
     if limit is None:
         readings = rule_readings(dev)
         unsafe = readings["unsafe"]
-        point, chosen = choose_operating_point(oof, readings["words"], readings["layers"], unsafe, readings["blind"])
+        point, chosen = choose_operating_point(oof, readings["words"], readings["layers"], unsafe, readings["blind"],
+                                               readings["beside_idiom"])
         refused = decisions(point, oof, readings)
         dev_filter = {**chosen, "all_dev": {"prompts": len(dev), "recall": round(float(refused[unsafe].mean()), 4),
                                             "harmless_refused": round(float(refused[~unsafe].mean()), 4)}}
