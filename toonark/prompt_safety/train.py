@@ -166,8 +166,9 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     `words` (normalised word count), `unsafe`, `blind` (its batch's dev half never fed the rules): what
     choose_operating_point and decisions() read; and `veto_reads_primary` (False where the first rule hit
     was found in another reading than the primary one alone: there the served veto scores that reading, and
-    decisions() the primary reading's score, the only one with out-of-fold scores); `beside_idiom` (a rule
-    phrase hit outside a word-list idiom in a prompt with one: no veto excuses it, LayeredFilter.beside_idiom)."""
+    decisions() the primary reading's score, the only one with out-of-fold scores); `beside_idiom` (the first
+    rule hit is a phrase hit outside every word-list idiom in the prompt: no veto excuses it;
+    LayeredFilter.beside_idiom)."""
     import numpy as np
 
     from toonark.prompt_safety import evaluate
