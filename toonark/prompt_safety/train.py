@@ -171,7 +171,6 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     LayeredFilter.beside_idiom)."""
     import numpy as np
 
-    from toonark.prompt_safety import evaluate
     from toonark.prompt_safety.layered import LayeredFilter
     from toonark.prompts import PromptPolicy
     rules = LayeredFilter.build(PromptPolicy.load()._rules, classifier=None)
