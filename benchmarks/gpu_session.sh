@@ -92,17 +92,24 @@ case "$phase" in
     # SEED_RECIPES="32:1 128:2" (batch:learning-rate scale): fold 1 with seed 0 at each recipe instead, in b<batch>/.
     join_safety_kit || exit 3
     if [ -n "${SEED_RECIPES:-}" ]; then
-      # batch:lr-scale[:bf16] -> a folder b<batch>[bf16]/ and its fit's options
+      # batch:lr-scale[:options] -> a folder b<batch><options>/ and its fit's options; options: comma-separated
+      # flags or key=value ("bf16", "rank=64,epochs=5" -> --rank 64 --epochs 5, in b256rank64epochs5/; "seed=1":
+      # that seed instead of 0)
       runs=$(for r in $SEED_RECIPES; do IFS=: read -r b scale extra <<< "$r"
-        echo "b$b$extra:0:--batch $b --lr-scale $scale${extra:+ --$extra}${SEED_DATA:+ --data $SEED_DATA}"; done)
+        seed=0; opts=""
+        for o in ${extra//,/ }; do case $o in seed=*) seed=${o#seed=} ;; *) opts="$opts --${o/=/ }" ;; esac; done
+        echo "b$b${extra//[=,]/}:$seed:--batch $b --lr-scale $scale$opts${SEED_DATA:+ --data $SEED_DATA}"; done)
     else
       runs=$(for seed in 0 1 2 3; do echo "s$seed:$seed:"; done)
     fi
-    while IFS=: read -r name seed recipe; do
-      mkdir -p /tmp/seeds/$name
-      setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/$name $recipe; \
-        echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/$name/fit.log 2>&1 < /dev/null &
-    done <<< "$runs"
+    # Started once: a later call (the fits outlive it while the machine stays warm) waits for them again.
+    if ! pgrep -f "safety_seeds.py fit" > /dev/null && ! ls /tmp/seeds/*/fit.log > /dev/null 2>&1; then
+      while IFS=: read -r name seed recipe; do
+        mkdir -p /tmp/seeds/$name
+        setsid sh -c "start=\$(date +%s); python3 benchmarks/safety_seeds.py fit --seed $seed --out /tmp/seeds/$name $recipe; \
+          echo \"rc \$? after \$(( \$(date +%s) - start )) s\"" > /tmp/seeds/$name/fit.log 2>&1 < /dev/null &
+      done <<< "$runs"
+    fi
     wait_for "safety_seeds.py fit" /tmp/seeds/*/fit.log; finished=$?
     tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls */fit.log */recipe.json */safety_oof.1.seed*.npz 2>/dev/null)
     exit $finished ;;

@@ -43,23 +43,28 @@ def _fit_file(folder: Path, seed: int) -> Path:
 
 
 def fit(seed: int, out: Path, batch: int | None = None, lr_scale: float = 1.0, data: Path | None = None,
-        bf16: bool = False) -> None:
+        bf16: bool = False, rank: int | None = None, epochs: int | None = None) -> None:
     """Fold FOLD fitted once with `seed` (and `batch` examples a step, the base's learning rates times `lr_scale`:
     the recipe's own unless given) on `data` (a safety_prompts.json; default the checkout's); its adapter and
     held-out scores go to _fit_file(out, seed), the recipe to out/recipe.json. `bf16`: the forward pass under
-    bf16 autocast (encoder.AUTOCAST_BF16)."""
+    bf16 autocast (encoder.AUTOCAST_BF16). `rank`: LoRA's rank, its alpha scaled with it (alpha / rank, the
+    update's scale, stays the recipe's); `epochs`: passes over the data (default encoder.EPOCHS)."""
     from toonark.prompt_safety import encoder, train
     encoder.BATCH = batch or encoder.BATCH
     encoder.AUTOCAST_BF16 = bf16
+    if rank:
+        encoder.LORA_ALPHA, encoder.LORA_RANK = encoder.LORA_ALPHA * rank // encoder.LORA_RANK, rank
+    epochs = epochs or encoder.EPOCHS
     base = encoder.SHIPPED
     base.learning_rate, base.head_learning_rate = base.learning_rate * lr_scale, base.head_learning_rate * lr_scale
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps({"seed": seed, "batch": encoder.BATCH, "lr_scale": lr_scale,
-                                                 "bf16": bf16,
+                                                 "bf16": bf16, "lora_rank": encoder.LORA_RANK,
+                                                 "lora_alpha": encoder.LORA_ALPHA, "epochs": epochs,
                                                  "learning_rate": base.learning_rate,
                                                  "head_learning_rate": base.head_learning_rate}) + "\n")
     train.build(out, data_path=data, fits_only=True, fit_part=str(FOLD + 1), oof_cache=out / "safety_oof.npz",
-                base=encoder.SHIPPED, seeds=(seed,), seed=seed)
+                base=encoder.SHIPPED, seeds=(seed,), seed=seed, epochs=epochs)
 
 
 def _paragraph(start: str) -> str:
@@ -219,6 +224,8 @@ def main() -> None:
     one.add_argument("--bf16", action="store_true", help="the forward pass under bf16 autocast")
     one.add_argument("--data", type=Path, help="the labelled set to fit on (default: the checkout's; a trial on "
                                                "another branch's data carries it as a file)")
+    one.add_argument("--rank", type=int, help="LoRA's rank, alpha scaled with it (default: encoder.LORA_RANK)")
+    one.add_argument("--epochs", type=int, help="passes over the data (default: encoder.EPOCHS)")
     rep = sub.add_parser("report", help="the seeds' rates on the held-out quarter, here")
     rep.add_argument("folder", type=Path)
     rep.add_argument("--json", type=Path)
@@ -228,7 +235,7 @@ def main() -> None:
     many.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "fit":
-        fit(args.seed, args.out, args.batch, args.lr_scale, args.data, args.bf16)
+        fit(args.seed, args.out, args.batch, args.lr_scale, args.data, args.bf16, args.rank, args.epochs)
     elif args.command == "soups":
         soups({name: Path(folder) for name, folder in (run.split("=", 1) for run in args.runs)}, args.json)
     else:

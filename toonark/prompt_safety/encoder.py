@@ -248,9 +248,10 @@ def _module(base: EncoderBase, n_labels: int, folder: Path | None = None):
     return SafetyEncoder()
 
 
-def _lora_config(base: EncoderBase, rank: int = LORA_RANK):
+def _lora_config(base: EncoderBase, rank: int | None = None):
     from peft import LoraConfig
-    return LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
+    # LORA_RANK / LORA_ALPHA read at call time: benchmarks/safety_seeds.py fit --rank sets them for a trial.
+    return LoraConfig(r=rank or LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
                       modules_to_save=["head"])
 
 
