@@ -42,14 +42,23 @@ wait_for() {
 }
 wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
 ALL_PARTS="final 1 2 3 4"
+# bring DIR FILE...: copy the files into $OUT/DIR; one over 15 MiB (a call returns files of 16 MiB at most: a
+# rank-64 adapter or part file is 21 MB) comes back cut into FILE.part.aa, .ab, ... (`cat FILE.part.* > FILE` here).
+bring() {
+  local dir="$OUT/$1"; shift; mkdir -p "$dir"
+  for f in "$@"; do
+    if [ "$(stat -c %s "$f")" -gt $((15 * 1024 * 1024)) ]; then split -b 15M "$f" "$dir/$(basename "$f").part."
+    else cp "$f" "$dir/"; fi
+  done
+}
 collect_fits() {
   if [ "${FIT_PARTS:-$ALL_PARTS}" != "$ALL_PARTS" ]; then
-    # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz, 5.4 MB each) and the logs come back,
-    # one file each (a call returns 8 files of 16 MiB at most: four folds tarred together were 21 MB); a later
-    # safety-fits with FIT_FROM starts from them (train._one_fit finds a part file of the same data and settings).
+    # Some parts only: their part files (safety_oof.<part>.seed<seed>.npz, 5.4 MB each at rank 16, 21 MB at 64)
+    # and the logs come back (a call returns 8 files of 16 MiB at most: four folds tarred together were 21 MB); a
+    # later safety-fits with FIT_FROM starts from them (train._one_fit finds a part file of the same data and settings).
     mkdir -p "$OUT/fit"
     tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
-    cp $FIT/safety_oof.*.seed*.npz "$OUT/fit/"
+    bring fit $FIT/safety_oof.*.seed*.npz
     return
   fi
   # Nothing left to fit: this run soups each part's fits, scores the held-out quarters with the fold soups (on the
@@ -59,7 +68,7 @@ collect_fits() {
   # Four files come back (a call returns a few files only): the fits' own scores are in safety_oof.npz (oof_seeds).
   mkdir -p "$OUT/fit"
   tar czf "$OUT/fit/logs.tgz" -C $FIT $(cd $FIT && ls part-*.log)
-  cp $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz "$OUT/fit/"
+  bring fit $FIT/safety_adapter.safetensors $FIT/safety_fit.json $FIT/safety_oof.npz
 }
 safety_env() { export TOONARK_SAFETY_BASES=/tmp/bases PYTHONPATH=/tmp/site:.; }
 # The fits each model is the soup of: SAFETY_SEEDS (e.g. "0,1"), else encoder.SEEDS.
@@ -111,7 +120,8 @@ case "$phase" in
       done <<< "$runs"
     fi
     wait_for "safety_seeds.py fit" /tmp/seeds/*/fit.log; finished=$?
-    tar czf "$OUT/seeds.tgz" -C /tmp/seeds $(cd /tmp/seeds && ls */fit.log */recipe.json */safety_oof.1.seed*.npz 2>/dev/null)
+    tar czf /tmp/seeds.tgz -C /tmp/seeds $(cd /tmp/seeds && ls */fit.log */recipe.json */safety_oof.1.seed*.npz 2>/dev/null)
+    bring . /tmp/seeds.tgz      # cut in parts when over 15 MiB (four rank-64 fits: ~80 MB)
     exit $finished ;;
   safety-curve)
     # benchmarks/safety_learning_curve.py: its RUNS (fraction, seed, order) at once; a later call with FITS_WAIT waits again.

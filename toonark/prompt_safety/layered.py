@@ -156,14 +156,20 @@ class LayeredFilter:
         prompt under veto_min_words words), in a prompt long enough to read and of a category the classifier
         knows (a custom rules file keeps its own hits). `reading` is the text the rule matched in, so the
         classifier judges the word in its context: a spelled-out "a puppy with a g u n" is normalised to "a
-        puppy with agun", which reads as harmless (0.001), while the rule matched "a puppy with a gun" (0.98)."""
-        if self.classifier is None or refusal.category not in self.classifier.labels:
+        puppy with agun", which reads as harmless (0.001), while the rule matched "a puppy with a gun" (0.98).
+        A phrase hit beside an allowed idiom is never excused (beside_idiom); a word hit beside one only when the
+        reading without the idiom reads as harmless too (idiom_free)."""
+        if self.classifier is None or refusal.category not in self.classifier.labels \
+                or self.beside_idiom(refusal, reading):
             return False
         veto = self.classifier.point.veto(refusal.layer, len(reading.split()))
         if veto <= 0.0:     # nothing a score could excuse: the ~11 ms read is skipped
             return False
         read = self._score(reading)
-        return read is not None and read.unsafe < veto
+        if read is None or read.unsafe >= veto:
+            return False
+        alone = self.idiom_free(refusal, reading)
+        return alone is None or self.classifier.score(alone).unsafe < veto
 
     def _classifier(self, score) -> SafetyRefused | None:
         if score is None or not score.refused or score.category not in self.categories:
@@ -203,9 +209,8 @@ class LayeredFilter:
         # A rule hit in a context the classifier reads as clearly harmless is excused (the layer's veto,
         # chosen with the threshold out of fold on dev: see train.choose_operating_point). The classifier
         # (~10 ms on one CPU thread) runs only when its score can change the verdict and remembers what it read.
-        # No veto for a phrase hit beside an allowed idiom (beside_idiom).
         for refusal, reading in self.rule_hits(text):
-            if not self.beside_idiom(refusal, reading) and self._excused(refusal, reading):
+            if self._excused(refusal, reading):
                 log.debug("classifier excused %s rule %s in %r", refusal.layer, refusal.rule, reading)
                 continue
             return refusal
@@ -234,20 +239,47 @@ class LayeredFilter:
         idiom such as "killer workout") in `reading`, where one matched. No veto excuses such a hit: the classifier
         reads the idiom as harmless and lets it vouch for the clause beside it ("a killer workout then she kills her
         mom" read 0.024, and the phrase veto, 0.05, excused "kills her mom"). A hit overlapping the idiom ("a killer
-        whale mom nuzzling her baby", "take a stab at it, a kid guessing") and word hits (mostly the idiom's own word
-        again: "a water gun fight, no real guns") keep their veto: on dev, taking it from every hit beside an idiom
+        whale mom nuzzling her baby", "take a stab at it, a kid guessing") keeps its veto, and word hits beside an
+        idiom are read without it instead (idiom_free): on dev, taking the veto from every hit beside an idiom
         refused 95 more harmless prompts and caught no unsafe one; from these alone, 17 ("a blood orange sliced in
         half", "a drill making a hole": allow-rules fruit-in-half and making-a-hole since; docs/prompt-safety.md,
         "Round 17")."""
         if refusal.layer != "phrase":
             return False
-        idioms = [m.span() for pattern in self.words.allow for m in pattern.finditer(reading)]
         rule = next((r for r in self.phrases.rules if r.id == refusal.rule and not r.raw), None)
-        if not idioms or rule is None:
-            return False
-        hit = next((m.span() for m in rule.pattern.finditer(reading)
-                    if self.phrases.excused(rule.id, m.span(), reading) is None), None)
-        return hit is not None and all(hit[1] <= start or end <= hit[0] for start, end in idioms)
+        return rule is not None and self._outside_idioms(rule.pattern, rule.id, reading, word=False) is not None
+
+    def idiom_free(self, refusal: SafetyRefused, reading: str) -> str | None:
+        """For a word-rule hit lying wholly outside every word-list allow-rule match (an idiom) in `reading`: the
+        reading with those idioms left out, which a veto must read as harmless too; else None. The idiom vouches for
+        the clause beside it ("a killer workout then he kills his trainer" read 0.041, under the word veto 0.3,
+        and "kill" was excused); without it the clause reads as itself ("a then he kills his trainer", 0.996).
+        Taking the veto from such hits outright would refuse all 43 harmless such dev prompts; reading both
+        refuses 3 (one base, "a hot glue gun for crafts not a real gun": a denial read without its idiom, as "a
+        water gun fight, no real guns" is too). The 22 unsafe such dev prompts were refused already, and on the
+        blind batches 173-196 (20 such prompts) nothing changes (docs/prompt-safety.md, "The idiom's clause")."""
+        if refusal.layer != "word":
+            return None
+        rule = next((r for r in self.words.candidates(reading) if r.term == refusal.rule), None)
+        idioms = None if rule is None else self._outside_idioms(rule.pattern, f"word:{rule.term}", reading, word=True)
+        if not idioms:
+            return None
+        for start, end in sorted(idioms, reverse=True):
+            reading = reading[:start] + " " + reading[end:]
+        return " ".join(reading.split())
+
+    def _outside_idioms(self, pattern, rule_id: str, reading: str, word: bool) -> list[tuple[int, int]] | None:
+        """The spans of the word-list allow-rules (idioms) matched in `reading` when the first match of `pattern`
+        that no allow-rule excuses lies wholly outside all of them; else None. The idioms excuse only word rules
+        (a `word` match inside one never fired); a phrase pattern runs again here because PhraseRules.find returns
+        the matched text, not its span."""
+        idioms = [m.span() for allow in self.words.allow for m in allow.finditer(reading)]
+        if not idioms:
+            return None
+        hit = next((m.span() for m in pattern.finditer(reading)
+                    if not (word and any(a <= m.start() and m.end() <= b for a, b in idioms))
+                    and self.phrases.excused(rule_id, m.span(), reading) is None), None)
+        return idioms if hit is not None and all(hit[1] <= a or b <= hit[0] for a, b in idioms) else None
 
     def _readings(self, text: str) -> set[str]:
         """The normaliser's readings of `text`, plus each with misspelt rule words corrected."""

@@ -165,7 +165,8 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
     """Per example, numpy arrays: `layers` (the layer that refuses it with the classifier off, "" for none),
     `words` (normalised word count), `unsafe`, `blind` (its batch's dev half never fed the rules): what
     choose_operating_point and decisions() read; and `veto_reads_primary` (False where the first rule hit
-    was found in another reading than the primary one alone: there the served veto scores that reading, and
+    was found in another reading than the primary one alone, or is a word hit beside an allowed idiom: there the
+    served veto scores that reading, or the reading without the idiom too (LayeredFilter.idiom_free), and
     decisions() the primary reading's score, the only one with out-of-fold scores); `beside_idiom` (the first
     rule hit is a phrase hit outside every word-list idiom in the prompt: no veto excuses it;
     LayeredFilter.beside_idiom)."""
@@ -181,7 +182,7 @@ def rule_readings(examples: list[evalset.Example]) -> dict:
         beside_idiom.append(hit is not None and rules.beside_idiom(*hit))
         refusal = hit[0] if hit else rules.language_verdict(e.text)
         layers.append(getattr(refusal, "layer", None) or "")
-        primary_read.append(hit is None or hit[1] == normalize(e.text))
+        primary_read.append(hit is None or (hit[1] == normalize(e.text) and rules.idiom_free(*hit) is None))
     return {"layers": np.array(layers),
             "words": np.array([len(normalize(e.text).split()) for e in examples]),
             "unsafe": np.array([e.unsafe for e in examples]),
