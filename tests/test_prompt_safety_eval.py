@@ -299,11 +299,15 @@ def test_a_build_whose_int8_graph_decides_otherwise_than_fp32_is_refused():
         check_int8_parity(77682, 142061)
 
 
-def test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter(tmp_path):
+def test_classifier_graph_rebuilds_byte_for_byte_from_the_adapter(tmp_path, monkeypatch):
     """`make setup`'s build (adapter + pinned base -> int8 ONNX) gives the bytes the sidecar recorded when the
-    classifier was trained, and what setup built is that graph (about 15 s)."""
+    classifier was trained, and what setup built is that graph (about 15 s), also in a checkout whose LoRA recipe
+    has moved on (rank 64, alpha 128 here): the adapter merges with the alpha its sidecar names."""
     pytest.importorskip("peft", reason="needs the build-time extra: pip install -e '.[safety-model]'")
+    from toonark.prompt_safety import encoder
     from toonark.prompt_safety.train import build_onnx
+    monkeypatch.setattr(encoder, "LORA_RANK", 4 * encoder.LORA_RANK)
+    monkeypatch.setattr(encoder, "LORA_ALPHA", 4 * encoder.LORA_ALPHA)
     model, sidecar = default_paths()
     for name in (ADAPTER_NAME, sidecar.name):
         (tmp_path / name).write_bytes((model.parent / name).read_bytes())

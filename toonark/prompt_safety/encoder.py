@@ -248,10 +248,10 @@ def _module(base: EncoderBase, n_labels: int, folder: Path | None = None):
     return SafetyEncoder()
 
 
-def _lora_config(base: EncoderBase, rank: int | None = None):
+def _lora_config(base: EncoderBase, rank: int | None = None, alpha: float | None = None):
     from peft import LoraConfig
     # LORA_RANK / LORA_ALPHA read at call time: benchmarks/safety_seeds.py fit --rank sets them for a trial.
-    return LoraConfig(r=rank or LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
+    return LoraConfig(r=rank or LORA_RANK, lora_alpha=alpha or LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(base.lora_targets),
                       modules_to_save=["head"])
 
 
@@ -386,12 +386,14 @@ def load_adapter(blob: bytes) -> dict:
     return load(blob)
 
 
-def merged(adapter_blob: bytes, n_labels: int, base: EncoderBase = SHIPPED):
-    """The base with the adapter merged in (plain torch module, eval mode, CPU)."""
+def merged(adapter_blob: bytes, n_labels: int, base: EncoderBase = SHIPPED, alpha: float | None = None):
+    """The base with the adapter merged in (plain torch module, eval mode, CPU). `alpha`: the LoRA alpha it was
+    trained with (the sidecar's `adapter.lora.alpha`; default this recipe's LORA_ALPHA): the update is scaled by
+    alpha / rank, so an adapter of another recipe merged with this one's alpha would be a different model."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
     state = {k: v.to(torch.float32) for k, v in load_adapter(adapter_blob).items()}
-    model = get_peft_model(_module(base, n_labels), _lora_config(base, adapter_rank(state)))
+    model = get_peft_model(_module(base, n_labels), _lora_config(base, adapter_rank(state), alpha))
     missing = set_peft_model_state_dict(model, state)
     if getattr(missing, "unexpected_keys", None):
         raise ValueError(f"adapter has tensors the model lacks: {missing.unexpected_keys[:3]}")
@@ -399,17 +401,17 @@ def merged(adapter_blob: bytes, n_labels: int, base: EncoderBase = SHIPPED):
 
 
 def export_onnx(adapter_blob: bytes, labels: list[str], adapter_sha256: str, base: EncoderBase = SHIPPED,
-                reduce_range: bool = False) -> bytes:
-    """The merged encoder as one ONNX graph (input_ids, attention_mask -> probabilities), int8 weights
-    (onnxruntime dynamic quantisation; `reduce_range`: 7-bit weights, the sidecar's `quantization`), with the
-    adapter's sha256 and the labels in its metadata so the
-    runtime can refuse a graph built from another adapter."""
+                reduce_range: bool = False, alpha: float | None = None) -> bytes:
+    """The merged encoder (`alpha`: merged()'s) as one ONNX graph (input_ids, attention_mask -> probabilities),
+    int8 weights (onnxruntime dynamic quantisation; `reduce_range`: 7-bit weights, the sidecar's `quantization`),
+    with the adapter's sha256 and the labels in its metadata so the runtime can refuse a graph built from another
+    adapter."""
     import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     torch.set_num_threads(TRAIN_THREADS)
-    model = merged(adapter_blob, len(labels), base)
+    model = merged(adapter_blob, len(labels), base, alpha)
 
     class WithSoftmax(torch.nn.Module):
         def __init__(self, inner):

@@ -644,8 +644,11 @@ def _versions() -> dict:
 
 def _export(adapter_blob: bytes, sidecar: dict, base: encoder.EncoderBase) -> bytes:
     # A sidecar without `quantization` (before 2026-12-04) was built with full-range weights: it rebuilds those bytes.
+    # The adapter merges with the LoRA alpha the sidecar names (its recipe's), not this code's: a checkout whose
+    # recipe changed (round 18: rank 64, alpha 128) still rebuilds the shipped graph of an older adapter.
     return encoder.export_onnx(adapter_blob, sidecar["labels"], hashlib.sha256(adapter_blob).hexdigest(), base,
-                               reduce_range=sidecar.get("quantization", {}).get("reduce_range", False))
+                               reduce_range=sidecar.get("quantization", {}).get("reduce_range", False),
+                               alpha=sidecar.get("adapter", {}).get("lora", {}).get("alpha"))
 
 
 def _onnx_probabilities(session, texts, base: encoder.EncoderBase):
