@@ -18,6 +18,7 @@ folder per variant, `SEED_RECIPES` in gpu_session.sh: "32:1 128:2" runs fold 1 w
 
     SEED_RECIPES="32:1 64:1.41 128:2 256:2.83" bash benchmarks/gpu_session.sh safety-seeds
     SEED_RECIPES="128:2 128:2:bf16" ...   # a third field "bf16": the forward pass under bf16 autocast
+    SEED_RECIPES="256:1:rank=64,epochs=5 256:1:seed=1" ...   # LoRA rank 64 (alpha scaled), five epochs; seed 1
     SEED_DATA=PATH ...   # fit on that safety_prompts.json (another branch's data, carried as a file)
 
 `soups` compares, out of fold on dev, each fit of a soup (encoder.SEEDS; `gpu_session.sh safety-fits` leaves their
