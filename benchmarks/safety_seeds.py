@@ -21,6 +21,11 @@ folder per variant, `SEED_RECIPES` in gpu_session.sh: "32:1 128:2" runs fold 1 w
     SEED_RECIPES="256:1:rank=64,epochs=5 256:1:seed=1" ...   # LoRA rank 64 (alpha scaled), five epochs; seed 1
     SEED_DATA=PATH ...   # fit on that safety_prompts.json (another branch's data, carried as a file)
 
+`recipes` reads the recipe trial's fits (rank, epochs; their fold-1 scores) against the shipped fold model:
+
+    .venv/bin/python benchmarks/safety_seeds.py recipes benchmarks/results/2026-12-06-nvidia-h100-safety-recipe-trial \\
+        --reference benchmarks/results/2026-12-06-nvidia-h100-safety-round16-fit/safety_oof.npz --json OUT.json
+
 `soups` compares, out of fold on dev, each fit of a soup (encoder.SEEDS; `gpu_session.sh safety-fits` leaves their
 own scores in safety_oof.npz, `oof_seeds`) with their scores averaged and with the soup itself (`oof`):
 
@@ -172,6 +177,49 @@ def recall_curves(scores, readings: dict, rates, budgets) -> tuple[dict, dict, l
     return alone, best, grid
 
 
+RECALL_LEVELS = (0.985, 0.99, 0.9925)     # the whole filter's fewest harmless refused at these blind recalls
+
+
+def recipes(folder: Path, reference: Path, json_path: Path | None) -> dict:
+    """The recipe trial, here: each NAME.npz in `folder` (fold 1's held-out scores, `held`, of one fit: what a
+    safety-seeds run's part files hold) and the shipped fits' fold-1 scores (`reference`, their safety_oof.npz),
+    read on fold 1's held-out quarter with the rules as they are: the classifier alone's recall at
+    HARMLESS_REFUSED, the whole filter at the sidecar's point, its fewest harmless refused at each of RECALL_LEVELS
+    (train.operating_grid) and the point train.choose_operating_point picks on this quarter alone."""
+    import numpy as np
+
+    from toonark.prompt_safety import evalset, train
+    from toonark.prompt_safety.classifier import default_paths
+    dev = [e for e in evalset.load() if e.split == "dev"]
+    held = train.fold_splits(dev)[FOLD][1]
+    readings = train.rule_readings([dev[i] for i in held])
+    unsafe, blind = readings["unsafe"], readings["blind"]
+    point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
+             if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
+    runs = {"shipped": np.load(reference)["oof"][held]} | {f.stem: np.load(f)["held"] for f in sorted(folder.glob("*.npz"))}
+    result = {"what": recipes.__doc__.replace("\n    ", " "), "fold": FOLD + 1, "held_out_prompts": len(held),
+              "blind_unsafe": int((unsafe & blind).sum()), "harmless": int((~unsafe).sum()), "point": point, "runs": {}}
+    for name, scores in runs.items():
+        alone, _, grid = recall_curves(scores, readings, HARMLESS_REFUSED, ())
+        whole = train.decisions(point, scores, readings)
+        fewest = {f"{100 * level:g}": min((round(100 * w, 3) for r, w, _ in grid if r >= level), default=None)
+                  for level in RECALL_LEVELS}
+        chosen, metrics = train.choose_operating_point(scores, readings["words"], readings["layers"], unsafe, blind,
+                                                       readings["beside_idiom"])
+        result["runs"][name] = {
+            "classifier_alone_recall_at_harmless_refused_pct": alone,
+            "whole_filter_at_point_pct": {"recall_blind": round(100 * float(whole[unsafe & blind].mean()), 2),
+                                          "harmless_refused": round(100 * float(whole[~unsafe].mean()), 3)},
+            "whole_filter_fewest_harmless_refused_pct_at_blind_recall": fewest,
+            "chosen_on_this_quarter": {**metrics, "point": chosen}}
+        print(f"{name:20s} alone {alone}  at the point {result['runs'][name]['whole_filter_at_point_pct']}  "
+              f"fewest harmless {fewest}  chosen {metrics['recall_on_prompts_the_rules_were_not_written_from']} / "
+              f"{metrics['harmless_refused_all_dev']} (threshold {chosen['threshold']})")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def soups(runs: dict[str, Path], json_path: Path | None) -> dict:
     """Per run (a fits folder with safety_oof.npz of a soup): for each fit alone, the fits' scores averaged and the
     soup, the classifier alone's recall at HARMLESS_REFUSED, the whole filter's best blind recall within each of
@@ -231,12 +279,18 @@ def main() -> None:
     rep.add_argument("folder", type=Path)
     rep.add_argument("--json", type=Path)
     rep.add_argument("--reference", type=Path, help="the shipped fits' safety_oof.npz (seed 0 should match it)")
+    trial = sub.add_parser("recipes", help="the recipe trial's fits vs the shipped fold model on fold 1, here")
+    trial.add_argument("folder", type=Path, help="NAME.npz files holding fold 1's held-out scores (`held`)")
+    trial.add_argument("--reference", type=Path, required=True, help="the shipped fits' safety_oof.npz")
+    trial.add_argument("--json", type=Path)
     many = sub.add_parser("soups", help="each fit of a soup vs their scores averaged vs the soup, on dev, here")
     many.add_argument("runs", nargs="+", help="NAME=FOLDER (a fits folder holding safety_oof.npz)")
     many.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "fit":
         fit(args.seed, args.out, args.batch, args.lr_scale, args.data, args.bf16, args.rank, args.epochs)
+    elif args.command == "recipes":
+        recipes(args.folder, args.reference, args.json)
     elif args.command == "soups":
         soups({name: Path(folder) for name, folder in (run.split("=", 1) for run in args.runs)}, args.json)
     else:
