@@ -82,20 +82,27 @@ def _rates(refused, unsafe) -> dict:
     return {"recall": round(float(refused[unsafe].mean()), 4), "harmless_refused": round(float(refused[~unsafe].mean()), 4)}
 
 
+def _held_quarter() -> tuple:
+    """(indices into dev, train.rule_readings of those prompts, the sidecar's operating point) of FOLD's held-out
+    quarter: what every fit of this benchmark is read on."""
+    from toonark.prompt_safety import evalset, train
+    from toonark.prompt_safety.classifier import default_paths
+    dev = [e for e in evalset.load() if e.split == "dev"]
+    held = train.fold_splits(dev)[FOLD][1]
+    point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
+             if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
+    return held, train.rule_readings([dev[i] for i in held]), point
+
+
 def report(folder: Path, json_path: Path | None, reference: Path | None) -> dict:
     """Per fit (folder/s<seed>/ or a recipe's folder/b<batch>/, the fit() files): the held-out quarter's rates at
     the shipped point and the fit's seconds (its fit.log); the spread across fits; and, with `reference` (the
     shipped fits' safety_oof.npz), how seed 0 compares with it."""
     import numpy as np
 
-    from toonark.prompt_safety import evalset, train
-    from toonark.prompt_safety.classifier import default_paths
-    dev = [e for e in evalset.load() if e.split == "dev"]
-    held = train.fold_splits(dev)[FOLD][1]
-    readings = train.rule_readings([dev[i] for i in held])
+    from toonark.prompt_safety import train
+    held, readings, point = _held_quarter()
     unsafe, blind = readings["unsafe"], readings["blind"]
-    point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
-             if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
     seeds = {}
     for path in sorted(p for p in folder.glob("*") if p.is_dir()):
         recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").exists() else {}
@@ -188,14 +195,9 @@ def recipes(folder: Path, reference: Path, json_path: Path | None) -> dict:
     (train.operating_grid) and the point train.choose_operating_point picks on this quarter alone."""
     import numpy as np
 
-    from toonark.prompt_safety import evalset, train
-    from toonark.prompt_safety.classifier import default_paths
-    dev = [e for e in evalset.load() if e.split == "dev"]
-    held = train.fold_splits(dev)[FOLD][1]
-    readings = train.rule_readings([dev[i] for i in held])
+    from toonark.prompt_safety import train
+    held, readings, point = _held_quarter()
     unsafe, blind = readings["unsafe"], readings["blind"]
-    point = {k: v for k, v in json.loads(default_paths()[1].read_text()).items()
-             if k in ("threshold", "vetoes", "short_vetoes", "min_words", "veto_min_words")}
     runs = {"shipped": np.load(reference)["oof"][held]} | {f.stem: np.load(f)["held"] for f in sorted(folder.glob("*.npz"))}
     result = {"what": recipes.__doc__.replace("\n    ", " "), "fold": FOLD + 1, "held_out_prompts": len(held),
               "blind_unsafe": int((unsafe & blind).sum()), "harmless": int((~unsafe).sum()), "point": point, "runs": {}}
