@@ -33,9 +33,8 @@ def beside_idiom(layered: LayeredFilter, examples) -> list[dict]:
             continue
         refusal, reading = hit
         veto = layered.classifier.point.veto(refusal.layer, len(reading.split()))
-        whole = layered._score(reading)
-        whole = None if whole is None else round(whole.unsafe, 4)
-        before = whole is not None and whole < veto
+        whole = round(layered.classifier.score(reading).unsafe, 4)
+        before = whole < veto
         rows.append({"text": e.text, "unsafe": e.unsafe, "split": e.split, "reading": reading, "idiom_free": alone,
                      "score": whole, "idiom_free_score": round(layered.classifier.score(alone).unsafe, 4),
                      "veto": veto, "excused_before": before, "refused_now": layered.verdict(e.text) is not None})
