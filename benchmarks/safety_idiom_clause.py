@@ -23,7 +23,7 @@ from toonark.prompt_safety.layered import LayeredFilter  # noqa: E402
 from toonark.prompts import PromptPolicy  # noqa: E402
 
 
-def beside_idiom(layered: LayeredFilter, examples) -> list[dict]:
+def word_hits_beside_idioms(layered: LayeredFilter, examples) -> list[dict]:
     """One row per example whose first rule hit is a word hit beside an idiom (see the module docstring)."""
     rows = []
     for e in examples:
@@ -64,7 +64,7 @@ def main() -> None:
                           for e in evalset.batch_examples(evalset.read_batch(folder / f"batch-{n}.json"), dedupe)]
     result = {"what": __doc__.split("\n\n")[1].replace("\n", " ")}
     for name, examples in parts.items():
-        rows = beside_idiom(layered, examples)
+        rows = word_hits_beside_idioms(layered, examples)
         result[name] = {"prompts": len(examples), "beside_idiom": summary(rows), "rows": rows}
         print(name, len(examples), "prompts:", json.dumps(result[name]["beside_idiom"]))
         for r in rows:

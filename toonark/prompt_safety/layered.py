@@ -159,11 +159,11 @@ class LayeredFilter:
         puppy with agun", which reads as harmless (0.001), while the rule matched "a puppy with a gun" (0.98).
         A phrase hit beside an allowed idiom is never excused (beside_idiom); a word hit beside one only when the
         reading without the idiom reads as harmless too (idiom_free)."""
-        if self.classifier is None or refusal.category not in self.classifier.labels \
-                or self.beside_idiom(refusal, reading):
+        if self.classifier is None or refusal.category not in self.classifier.labels:
             return False
         veto = self.classifier.point.veto(refusal.layer, len(reading.split()))
-        if veto <= 0.0:     # nothing a score could excuse: the ~11 ms read is skipped
+        # nothing a score could excuse (no veto, or a phrase hit beside an idiom): the ~11 ms read is skipped
+        if veto <= 0.0 or self.beside_idiom(refusal, reading):
             return False
         read = self._score(reading)
         if read is None or read.unsafe >= veto:
