@@ -252,12 +252,14 @@ class LayeredFilter:
     def idiom_free(self, refusal: SafetyRefused, reading: str) -> str | None:
         """For a word-rule hit lying wholly outside every word-list allow-rule match (an idiom) in `reading`: the
         reading with those idioms left out, which a veto must read as harmless too; else None. The idiom vouches for
-        the clause beside it ("a killer workout then he kills his trainer" read 0.041, under the word veto 0.3,
-        and "kill" was excused); without it the clause reads as itself ("a then he kills his trainer", 0.996).
-        Taking the veto from such hits outright would refuse all 43 harmless such dev prompts; reading both
-        refuses 3 (one base, "a hot glue gun for crafts not a real gun": a denial read without its idiom, as "a
-        water gun fight, no real guns" is too). The 22 unsafe such dev prompts were refused already, and on the
-        blind batches 173-196 (20 such prompts) nothing changes (docs/prompt-safety.md, "The idiom's clause")."""
+        the clause beside it (round 16 read "a killer workout then he kills his trainer" 0.041, under its word veto
+        0.3, and "kill" was excused; round 18 reads "a killer workout and he kills the coach with a dumbbell" 0.007);
+        without it the clause reads as itself ("a then he kills his trainer" 0.996, "a and he kills the coach with a
+        dumbbell" 0.83). Measured with round 16: taking the veto from such hits outright would refuse all 43
+        harmless such dev prompts; reading both refuses 3 (one base, "a hot glue gun for crafts not a real gun": a
+        denial read without its idiom, as "a water gun fight, no real guns" is too). The 22 unsafe such dev prompts
+        were refused already, and on the blind batches 173-196 (20 such prompts) nothing changes
+        (docs/prompt-safety.md, "The idiom's clause")."""
         if refusal.layer != "word":
             return None
         rule = next((r for r in self.words.candidates(reading) if r.term == refusal.rule), None)
