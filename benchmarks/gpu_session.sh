@@ -8,6 +8,9 @@
 #                                                  # parts and bring back their part files ($OUT/fit/), for a
 #                                                  # budget that cannot hold all five; a later session carries them
 #                                                  # (FIT_FROM=.stage/fit-X, carry=[".stage/fit-X"]) to safety-fits
+#   bash benchmarks/gpu_session.sh carry-fit FILE...  # after carrying FILE (a piece of a part file that came back
+#                                                  # cut, FILE.part.aa...): into /tmp/fit-from, one piece a call
+#                                                  # beside the tree; FIT_FROM=/tmp/fit-from joins the pieces
 #   bash benchmarks/gpu_session.sh safety-seeds    # fold 1 with four seeds at once: $OUT/seeds.tgz (safety_seeds.py)
 #                                                  # SEED_RECIPES="32:1 128:2": seed 0 at each batch:lr-scale instead
 #                                                  # ("128:2:bf16": under bf16 autocast, in b128bf16/)
@@ -42,12 +45,13 @@ wait_for() {
 }
 wait_fits() { wait_for "--fit-part" $FIT/part-*.log; }
 ALL_PARTS="final 1 2 3 4"
-# bring DIR FILE...: copy the files into $OUT/DIR; one over 15 MiB (a call returns files of 16 MiB at most: a
+# bring DIR FILE...: copy the files into $OUT/DIR; one over 12 MiB (a call returns files of 16 MiB at most: a
 # rank-64 adapter or part file is 21 MB) comes back cut into FILE.part.aa, .ab, ... (`cat FILE.part.* > FILE` here).
+# 12, not 15: a piece carried back (carry-fit) beside the tracked tree (52 MB on round 19's data) stays under 64 MiB.
 bring() {
   local dir="$OUT/$1"; shift; mkdir -p "$dir"
   for f in "$@"; do
-    if [ "$(stat -c %s "$f")" -gt $((15 * 1024 * 1024)) ]; then split -b 15M "$f" "$dir/$(basename "$f").part."
+    if [ "$(stat -c %s "$f")" -gt $((12 * 1024 * 1024)) ]; then split -b 12M "$f" "$dir/$(basename "$f").part."
     else cp "$f" "$dir/"; fi
   done
 }
@@ -81,12 +85,22 @@ join_safety_kit() {
 case "$phase" in
   carry)
     mkdir -p /tmp/parts && cp -r ".stage/${2:-gpu}/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
+  carry-fit)
+    # A 21 MB part file beside the tracked tree (48 MB since round 18's adapter) passes a call's 64 MiB, so it is
+    # carried as the pieces `bring` cut it into, one a call (carry=[".stage/fit-X/FILE.part.aa"]).
+    mkdir -p /tmp/fit-from && cp "$@" /tmp/fit-from/ && ls -la /tmp/fit-from | tail -n +2 ;;
   safety-fits)
     join_safety_kit || exit 3
     mkdir -p $FIT
     # Part files fitted in an earlier session (FIT_PARTS), carried as FIT_FROM (a folder of the checkout, e.g.
     # .stage/fit-round15): a part whose file holds this data's fit loads it and fits nothing.
-    [ -n "${FIT_FROM:-}" ] && { cp "$FIT_FROM"/safety_oof.*.seed*.npz $FIT/ || exit 3; }
+    if [ -n "${FIT_FROM:-}" ]; then
+      for first in "$FIT_FROM"/*.npz.part.aa; do   # pieces carried by carry-fit: joined back into the part file
+        [ -e "$first" ] && { cat "${first%.aa}".* > "$FIT/$(basename "${first%.part.aa}")" || exit 3; }
+      done
+      cp "$FIT_FROM"/safety_oof.*.seed*.npz $FIT/ 2>/dev/null
+      ls $FIT/safety_oof.*.seed*.npz > /dev/null || { echo "no part file in $FIT_FROM"; exit 3; }
+    fi
     seeds=$(safety_seeds)
     for part in ${FIT_PARTS:-$ALL_PARTS}; do
       for seed in ${seeds//,/ }; do
@@ -121,7 +135,7 @@ case "$phase" in
     fi
     wait_for "safety_seeds.py fit" /tmp/seeds/*/fit.log; finished=$?
     tar czf /tmp/seeds.tgz -C /tmp/seeds $(cd /tmp/seeds && ls */fit.log */recipe.json */safety_oof.1.seed*.npz 2>/dev/null)
-    bring . /tmp/seeds.tgz      # cut in parts when over 15 MiB (four rank-64 fits: ~80 MB)
+    bring . /tmp/seeds.tgz      # cut in parts when over 12 MiB (four rank-64 fits: ~80 MB)
     exit $finished ;;
   safety-curve)
     # benchmarks/safety_learning_curve.py: its RUNS (fraction, seed, order) at once; a later call with FITS_WAIT waits again.
