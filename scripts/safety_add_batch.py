@@ -17,13 +17,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--written", default="committed before the filter ran on them",
                         help="how the batch was written (recorded in safety_batches.json); {style} stands for "
                              "each file's style, so one call merges many blind batches (in the order given)")
+    parser.add_argument("--number", type=int, default=None,
+                        help="the first file's batch number (the number it was written under; the next file takes "
+                             "the next), when later batches are kept out to stay blind; default: after the highest")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     from toonark.prompt_safety import evalset
-    for path in args.files:
-        result = evalset.add_batch(evalset.read_batch(path), args.written)
+    for i, path in enumerate(args.files):
+        number = None if args.number is None else args.number + i
+        result = evalset.add_batch(evalset.read_batch(path), args.written, number=number)
         print(f"{path}: batch {result['batch']}, {result['added']} base prompts added, "
               f"{result['duplicates']} already in the set")
 

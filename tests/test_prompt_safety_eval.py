@@ -434,7 +434,18 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
     before = prompts.read_bytes(), batches.read_bytes()
     with pytest.raises(ValueError, match=r"unsafe.arson: no such category; use one of violence, child-harm"):
         evalset.add_batch({"unsafe": {"arson": ["a burning barn"]}}, "in a test", prompts, batches)
+    # a batch merged under the number it was written under (later ones kept out to stay blind); a number in use
+    # is refused by name
+    with pytest.raises(ValueError, match=rf"batch {result['batch']} is in the set already; give a number no batch has "
+                                         rf"\(the highest is {result['batch']}\)"):
+        evalset.add_batch({"unsafe": {"violence": ["a second new brawl"]}}, "in a test", prompts, batches,
+                          number=result["batch"])
     assert (prompts.read_bytes(), batches.read_bytes()) == before
+    later = evalset.add_batch({"unsafe": {"violence": ["a second new brawl"]}}, "in a test", prompts, batches,
+                              number=result["batch"] + 9)
+    assert later["batch"] == evaluate.batches(batches)[-1]["batch"] == result["batch"] + 9
+    assert evalset.add_batch({"unsafe": {"violence": ["a third new brawl"]}}, "in a test", prompts,
+                             batches)["batch"] == result["batch"] + 10
 
 
 def test_staged_folders_round_trip_and_a_missing_or_damaged_part_is_named(tmp_path):

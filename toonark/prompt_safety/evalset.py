@@ -182,22 +182,29 @@ def sha12(text: str) -> str:
     return _digest(text)[:12]
 
 
-def add_batch(new: dict, written: str, path: Path | None = None, batches_path: Path | None = None) -> dict:
+def add_batch(new: dict, written: str, path: Path | None = None, batches_path: Path | None = None,
+              number: int | None = None) -> dict:
     """Merge a file of new labelled base prompts ({"author": ..., "unsafe": {category: [...]}, "harmless":
     {group: [...]}}) into the labelled set as one new writing batch; returns {"batch", "added",
     "duplicates"}. A prompt already in the set (case-insensitively, or twice in `new`) is skipped; an
     unknown category or group is refused, naming the known ones. "{style}" in `written` stands for the file's
-    style. Both files are rewritten whole (temp file, then rename). The batch's commit is left as "pending": the
-    commit that adds it is named afterwards."""
+    style. The batch takes `number` (the number it was written under, when batches written later were merged
+    first or are kept out to stay blind; one already in the set is refused) or the next after the highest. Both
+    files are rewritten whole (temp file, then rename). The batch's commit is left as "pending": the commit that
+    adds it is named afterwards."""
     path = Path(path or data_path())
     batches_path = Path(batches_path or path.with_name("safety_batches.json"))
     data = _read_set(path)
     prompts, duplicates = _new_prompts(new, data)
     batches = json.loads(batches_path.read_text(encoding="utf-8"))
+    used = {b["batch"] for b in batches["batches"]}
+    if number is not None and (number in used or number < 1):
+        raise ValueError(f"batch {number} is {'in the set already' if number in used else 'no batch number'}; "
+                         f"give a number no batch has (the highest is {max(used)}) or none for the next")
     for section, group, prompt in prompts:
         data[section][group].append(prompt)
     added = [p for _, _, p in prompts]
-    number = max(b["batch"] for b in batches["batches"]) + 1
+    number = number or max(used) + 1
     # dev_used_for_rules: false until a rule is written from the batch's dev half; while false, that half
     # is where the classifier's operating point is chosen (train.choose_operating_point).
     batches["batches"].append({"batch": number, "commit": "pending", "author": str(new.get("author", "unknown")),
