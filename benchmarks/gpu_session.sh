@@ -86,7 +86,7 @@ case "$phase" in
   carry)
     mkdir -p /tmp/parts && cp -r ".stage/${2:-gpu}/p$1" /tmp/parts/ && du -sh "/tmp/parts/p$1" ;;
   carry-fit)
-    # A 21 MB part file beside the tracked tree (48 MB since round 18's adapter) passes a call's 64 MiB, so it is
+    # A 21 MB part file beside the tracked tree (51-53 MB since round 18's 21 MB adapter) passes a call's 64 MiB, so it is
     # carried as the pieces `bring` cut it into, one a call (carry=[".stage/fit-X/FILE.part.aa"]).
     mkdir -p /tmp/fit-from && cp "$@" /tmp/fit-from/ && ls -la /tmp/fit-from | tail -n +2 ;;
   safety-fits)

@@ -24,9 +24,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from toonark.prompt_safety import evalset
-    for i, path in enumerate(args.files):
-        number = None if args.number is None else args.number + i
+    from toonark.prompt_safety import evalset, evaluate
+    numbers = [None] * len(args.files) if args.number is None else [args.number + i for i in range(len(args.files))]
+    taken = sorted(set(numbers) & {b["batch"] for b in evaluate.batches()})
+    if taken:    # checked for every file first: no file merged when a later one would be refused
+        raise ValueError(f"batch {taken[0]} is in the set already; give --number a first number from which "
+                         f"{len(numbers)} numbers are free")
+    for path, number in zip(args.files, numbers):
         result = evalset.add_batch(evalset.read_batch(path), args.written, number=number)
         print(f"{path}: batch {result['batch']}, {result['added']} base prompts added, "
               f"{result['duplicates']} already in the set")

@@ -448,6 +448,26 @@ def test_add_batch_merges_new_prompts_as_one_batch(tmp_path):
                              batches)["batch"] == result["batch"] + 10
 
 
+def test_add_batch_cli_refuses_numbers_in_use_before_merging_any_file(tmp_path, capsys):
+    """scripts/safety_add_batch.py --number N merges its files as batches N, N+1, ...; when any of them is taken,
+    it says which and merges none (the labelled set and its batch list keep their bytes)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("safety_add_batch", Path(__file__).parents[1] / "scripts" / "safety_add_batch.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"batch-{i}.json")
+        files[-1].write_text(json.dumps({"author": "a test", "unsafe": {"violence": [f"a brand new brawl number {i}"]}}))
+    highest = max(b["batch"] for b in evaluate.batches())
+    data = evalset.data_path()
+    before = data.read_bytes(), data.with_name("safety_batches.json").read_bytes()
+    assert cli.main(["--number", str(highest), *map(str, files)]) == 1
+    assert (f"error: batch {highest} is in the set already; give --number a first number from which 2 numbers "
+            "are free") in capsys.readouterr().err
+    assert (data.read_bytes(), data.with_name("safety_batches.json").read_bytes()) == before
+
+
 def test_staged_folders_round_trip_and_a_missing_or_damaged_part_is_named(tmp_path):
     """Training data, model folders and wheels go to the GPU in parts of bounded size (toonark.staging, used by
     scripts/stage_wheels.py and benchmarks/safety_encoders.py): join() gives back every file at its nested path,
