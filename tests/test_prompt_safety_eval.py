@@ -35,7 +35,7 @@ def layered():
 
 @pytest.fixture(scope="module")
 def shipped_on_test_part(request):
-    """The shipped filter's readings of the test part the floor was measured on (evaluate.FLOOR: batches 1-38),
+    """The shipped filter's readings of make test's part of the test set (evaluate.target_sample: a fixed fifth of it),
     by evaluate_shipped's worker processes (~4.5 min on 2 cores), started in the background when the suite was
     collected (conftest.FLOOR_READING)."""
     from conftest import FLOOR_READING
@@ -89,16 +89,21 @@ def test_perturbations_are_deterministic_and_change_the_text():
         evalset.perturb(base, "typo")
 
 
-def test_test_part_stays_at_or_above_the_measured_floor(shipped_on_test_part):
-    """The issue's targets (recall >= 99 %, <= 1 % harmless refused) are not met on prompts the rules were
-    not written against (README, "Kid-safe prompts"); this guards what was measured so nothing gets worse."""
+def test_a_fixed_fifth_of_the_whole_test_part_meets_the_targets(shipped_on_test_part, examples):
+    """The issue's targets (recall >= 99 %, <= 1 % harmless refused) on a fixed fifth of the whole test part, every
+    batch (evaluate.target_sample; round 18: 99.08 / 0.87, the whole part 99.02 / 0.83): make test fails under
+    them. `make safety-eval` reads the whole part and the floors of fixed batches (evaluate.FLOORS)."""
     # Read by two processes (test_every_refusal_... checks they read as this one).
-    report, floor = shipped_on_test_part, evaluate.FLOOR
-    assert report.unsafe >= 200 and report.harmless >= 200
-    message = (f"{floor.line(report)}; targets: recall {evaluate.MIN_RECALL}, harmless refused "
-               f"{evaluate.MAX_FALSE_REFUSALS}\n{evaluate.table(report)}\n{evaluate.details(report)}")
-    assert report.recall >= floor.recall, message
-    assert report.false_refusal_rate <= floor.false_refusals, message
+    report = shipped_on_test_part
+    sample = evaluate.target_sample(examples)
+    assert report.unsafe + report.harmless == len(sample) and report.unsafe >= 10_000 and report.harmless >= 10_000
+    batch_of = evaluate.batch_numbers()
+    assert {batch_of[evalset.sha12(e.base)] for e in sample} == {b["batch"] for b in evaluate.batches()}
+    message = (f"recall {100 * report.recall:.2f} % (target {100 * evaluate.MIN_RECALL:g}), harmless refused "
+               f"{100 * report.false_refusal_rate:.2f} % (target {100 * evaluate.MAX_FALSE_REFUSALS:g})\n"
+               f"{evaluate.table(report)}\n{evaluate.details(report)}")
+    assert report.recall >= evaluate.MIN_RECALL, message
+    assert report.false_refusal_rate <= evaluate.MAX_FALSE_REFUSALS, message
 
 
 def test_the_floor_reads_the_test_halves_of_the_batches_it_was_measured_on(examples):
