@@ -71,21 +71,21 @@ def pytest_collection_modifyitems(config, items):
 # time as served: ~141 s alone on two processes on 2 cores) starts when the suite is collected, its workers at
 # niceness 19: it takes the CPU the server and build tests leave idle, and the targets test collects it
 # (test_prompt_safety_eval.py).
-FLOOR_READING = pytest.StashKey()
-FLOOR_FIXTURE = "shipped_on_test_part"
+TARGETS_READING = pytest.StashKey()
+TARGETS_FIXTURE = "shipped_on_test_part"
 
 
 def pytest_collection_finish(session):
-    if session.config.option.collectonly or not any(FLOOR_FIXTURE in getattr(item, "fixturenames", ())
+    if session.config.option.collectonly or not any(TARGETS_FIXTURE in getattr(item, "fixturenames", ())
                                                     for item in session.items):
         return
     from toonark.prompt_safety import evalset, evaluate
-    session.config.stash[FLOOR_READING] = evaluate.ShippedEvaluation(evaluate.target_sample(evalset.load()), "test",
-                                                                      nice=19)
+    session.config.stash[TARGETS_READING] = evaluate.ShippedEvaluation(evaluate.target_sample(evalset.load()),
+                                                                        "test", nice=19)
 
 
 def pytest_sessionfinish(session):
-    pending = session.config.stash.get(FLOOR_READING, None)
+    pending = session.config.stash.get(TARGETS_READING, None)
     if pending is not None:
         pending.reading.close()
 
